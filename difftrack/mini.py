@@ -1,0 +1,236 @@
+"""The embedded default model: a small text-to-video DiT built from diffusers' own ``CogVideoXTransformer3DModel``.
+
+* **Transformer**: ``diffusers.CogVideoXTransformer3DModel`` (the class of CogVideoX-2B/5B) with full 3D attention
+  over ``[text, video]`` tokens, 2B-style 3D sin-cos positions (no RoPE), 12 blocks of 3 heads x 64.
+* **No VAE**: a fixed invertible patching (``pixel_unshuffle`` by 2) turns a 64x64 RGB frame into a 32x32x12
+  "latent"; the transformer's 2x2 patch then gives 16x16 tokens per frame, each covering 4x4 pixels. 13 frames,
+  no temporal compression (latent frame f is video frame f).
+* **Text encoder**: a closed-vocabulary tokenizer for the world's prompts and a small embedding + transformer
+  encoder (``WorldTextEncoder``), trained jointly. Unknown words raise ``ValueError``.
+* **Scheduler**: ``CogVideoXDDIMScheduler`` configured like CogVideoX-2B (v-prediction, zero-terminal-SNR,
+  ``snr_shift_scale=3``, "trailing" spacing).
+
+``MiniVideoPipeline`` is a ``diffusers.DiffusionPipeline``: ``save_pretrained`` / ``from_pretrained`` work as for any
+diffusers pipeline, and ``load_default()`` loads the committed weights from inside the package, offline.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel, DiffusionPipeline, ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.utils import BaseOutput
+
+from . import world as _world
+
+WEIGHTS_DIR = Path(__file__).parent / "weights" / "mini-cogvideox"
+PATCH = 2  # pixel_unshuffle factor of the fixed invertible patching
+FRAMES, HEIGHT, WIDTH = 13, 64, 64
+TEXT_LEN = 24
+
+
+def world_vocabulary() -> list[str]:
+    """Every word the world's prompts use (index 0 = padding)."""
+    words = ["<pad>", "a", "and", "on", "moving", "background", "still", "drifting", "scene", ",", "camera",
+             "panning", "zooming", "in", "out", "rotating", "clockwise", "counterclockwise"]
+    words += list(_world.COLOURS) + list(_world.SHAPES) + list(_world.DIRECTIONS)
+    return list(dict.fromkeys(words))
+
+
+def transformer_config() -> dict:
+    """Config of the embedded transformer (a CogVideoX-2B layout, scaled down)."""
+    return dict(num_attention_heads=3, attention_head_dim=64, in_channels=3 * PATCH * PATCH,
+                out_channels=3 * PATCH * PATCH, time_embed_dim=192, text_embed_dim=128, num_layers=12,
+                sample_width=WIDTH // PATCH, sample_height=HEIGHT // PATCH, sample_frames=FRAMES, patch_size=2,
+                temporal_compression_ratio=1, max_text_seq_length=TEXT_LEN, use_rotary_positional_embeddings=False,
+                flip_sin_to_cos=True, freq_shift=0, activation_fn="gelu-approximate", norm_elementwise_affine=True,
+                norm_eps=1e-5, spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0)
+
+
+def scheduler_config() -> dict:
+    """CogVideoX-2B's scheduler settings."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
+                timestep_spacing="trailing", rescale_betas_zero_snr=True, snr_shift_scale=3.0)
+
+
+class WorldTextEncoder(ModelMixin, ConfigMixin):
+    """Closed-vocabulary text encoder: ``tokenize`` then ``forward``.
+
+    Args:
+        vocab: the word list (index 0 is padding).
+        max_length: tokens per prompt (prompts are padded to exactly this length, as CogVideoX pads to 226).
+        dim: output embedding size (the transformer's ``text_embed_dim``).
+    """
+
+    @register_to_config
+    def __init__(self, vocab: list[str] | None = None, max_length: int = TEXT_LEN, dim: int = 128,
+                 num_layers: int = 2, num_heads: int = 4):
+        super().__init__()
+        vocab = list(vocab or world_vocabulary())
+        self.word_to_id = {w: i for i, w in enumerate(vocab)}
+        self.embed = nn.Embedding(len(vocab), dim)
+        self.pos = nn.Parameter(torch.zeros(1, max_length, dim))
+        layer = nn.TransformerEncoderLayer(dim, num_heads, dim * 4, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
+        """``long [B, max_length]`` token ids; raises ``ValueError`` naming an unknown word or a too-long prompt."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = []
+        for p in prompts:
+            words = re.findall(r"[a-z]+|,", p.lower())
+            unknown = [w for w in words if w not in self.word_to_id]
+            if unknown:
+                raise ValueError(f"unknown word(s) {unknown} in prompt {p!r}; the embedded model knows only: "
+                                 f"{sorted(w for w in self.word_to_id if w != '<pad>')}")
+            if len(words) > self.config.max_length:
+                raise ValueError(f"prompt {p!r} has {len(words)} words; at most {self.config.max_length} allowed")
+            row = [self.word_to_id[w] for w in words]
+            ids.append(row + [0] * (self.config.max_length - len(row)))
+        return torch.tensor(ids, dtype=torch.long, device=self.embed.weight.device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids [B, L]`` -> ``[B, L, dim]``."""
+        x = self.embed(input_ids) + self.pos[:, : input_ids.shape[1]]
+        return self.norm(self.encoder(x))
+
+
+def pixels_to_latents(video: torch.Tensor) -> torch.Tensor:
+    """``float [B, T, 3, H, W]`` in ``[0, 1]`` -> ``[B, T, 12, H/2, W/2]`` in ``[-1, 1]`` (fixed invertible patching)."""
+    if video.dim() != 5 or video.shape[2] != 3:
+        raise ValueError(f"video must be [B, T, 3, H, W]; got {tuple(video.shape)}")
+    B, T, C, H, W = video.shape
+    if H % (2 * PATCH) or W % (2 * PATCH):
+        raise ValueError(f"frame size {H}x{W} must be divisible by {2 * PATCH} (patching x transformer patch)")
+    x = F.pixel_unshuffle(video.reshape(B * T, C, H, W) * 2 - 1, PATCH)
+    return x.reshape(B, T, C * PATCH * PATCH, H // PATCH, W // PATCH)
+
+
+def latents_to_pixels(latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pixels_to_latents`: ``[B, T, 12, h, w]`` -> ``[B, T, 3, 2h, 2w]`` in ``[0, 1]``."""
+    B, T, C, h, w = latents.shape
+    x = F.pixel_shuffle(latents.reshape(B * T, C, h, w), PATCH)
+    return ((x + 1) / 2).reshape(B, T, 3, h * PATCH, w * PATCH)
+
+
+def video_uint8_to_latents(video: np.ndarray, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """``uint8 [T, H, W, 3]`` -> latents ``[1, T, 12, H/2, W/2]``."""
+    v = torch.from_numpy(np.ascontiguousarray(video)).to(device=device, dtype=dtype).permute(0, 3, 1, 2) / 255.0
+    return pixels_to_latents(v.unsqueeze(0))
+
+
+@dataclass
+class MiniVideoPipelineOutput(BaseOutput):
+    """``frames``: ``uint8 [B, T, H, W, 3]``."""
+
+    frames: np.ndarray
+
+
+class MiniVideoPipeline(DiffusionPipeline):
+    """Prompt -> video with the embedded mini CogVideoX, classifier-free guidance as in ``CogVideoXPipeline``
+    (batch ``[uncond, cond]``)."""
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(self, transformer: CogVideoXTransformer3DModel, text_encoder: WorldTextEncoder,
+                 scheduler: CogVideoXDDIMScheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, do_cfg: bool) -> torch.Tensor:
+        """Text embeddings ``[B, L, D]``, or ``[2B, L, D]`` ordered ``[uncond, cond]`` under CFG."""
+        cond = self.text_encoder(self.text_encoder.tokenize(prompt))
+        if not do_cfg:
+            return cond
+        neg = negative_prompt if negative_prompt is not None else [""] * len(prompt)
+        return torch.cat([self.text_encoder(self.text_encoder.tokenize(neg)), cond])
+
+    def rotary_embedding(self, frames: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """3D RoPE tensors as ``CogVideoXPipeline`` builds them, or ``None`` for a sin-cos transformer."""
+        cfg = self.transformer.config
+        if not cfg.use_rotary_positional_embeddings:
+            return None
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        p = cfg.patch_size
+        cos, sin = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=((0, 0), (h // p, w // p)),
+                                           grid_size=(h // p, w // p), temporal_size=frames, device=device)
+        return cos, sin
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH,
+                 num_inference_steps: int = 50, guidance_scale: float = 6.0,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "np", callback_on_step_end=None, progress: bool = True):
+        """Generate videos.
+
+        Args:
+            prompt: one prompt or a list (world vocabulary only).
+            num_frames, height, width: video size; height and width divisible by 4.
+            num_inference_steps: denoising steps (the paper uses 50).
+            guidance_scale: classifier-free guidance weight (> 1 enables CFG, batch ``[uncond, cond]``).
+            generator: seeds the initial noise (drawn on the CPU, so results match across devices).
+            output_type: ``"np"`` for ``uint8 [B, T, H, W, 3]``, ``"latent"`` for the final latents.
+            callback_on_step_end: ``f(pipe, step, timestep, {"latents": ...})`` after each step, as in diffusers.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negs = None if negative_prompt is None else (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+        if num_frames < 2:
+            raise ValueError(f"num_frames={num_frames}; at least 2 frames are needed")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps}; must be >= 1")
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        do_cfg = guidance_scale > 1.0
+        emb = self.encode_prompt(prompts, negs, do_cfg).to(dtype)
+        B = len(prompts)
+        shape = (B, num_frames, 3 * PATCH * PATCH, height // PATCH, width // PATCH)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        rope = self.rotary_embedding(num_frames, height // PATCH, width // PATCH, device)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps):
+            x = torch.cat([latents] * 2) if do_cfg else latents
+            tt = t.expand(x.shape[0])
+            out = self.transformer(hidden_states=x.to(dtype), encoder_hidden_states=emb, timestep=tt,
+                                   image_rotary_emb=rope, return_dict=False)[0].float()
+            if do_cfg:
+                u, c = out.chunk(2)
+                out = u + guidance_scale * (c - u)
+            latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, i, t, {"latents": latents})
+        if output_type == "latent":
+            return MiniVideoPipelineOutput(frames=latents)
+        video = latents_to_pixels(latents).clamp(0, 1)
+        frames = (video * 255 + 0.5).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+        return MiniVideoPipelineOutput(frames=frames)
+
+
+def build_untrained(seed: int = 0) -> MiniVideoPipeline:
+    """The embedded architecture with random weights (the paper's "untrained" control)."""
+    torch.manual_seed(seed)
+    return MiniVideoPipeline(CogVideoXTransformer3DModel(**transformer_config()),
+                             WorldTextEncoder(world_vocabulary(), dim=transformer_config()["text_embed_dim"]),
+                             CogVideoXDDIMScheduler(**scheduler_config()))
+
+
+def load_default(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MiniVideoPipeline:
+    """Load the committed embedded model from inside the package (offline)."""
+    if not (WEIGHTS_DIR / "model_index.json").exists():
+        raise FileNotFoundError(f"embedded weights missing at {WEIGHTS_DIR}; train them with scripts/train_mini.py")
+    pipe = MiniVideoPipeline.from_pretrained(str(WEIGHTS_DIR), torch_dtype=dtype, local_files_only=True)
+    return pipe.to(device)

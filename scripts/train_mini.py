@@ -1,0 +1,149 @@
+"""Train the embedded mini video DiT on the procedural world. Read top to bottom; the config is right below.
+
+    python scripts/train_mini.py                    # full run (one H100: about 17 minutes)
+    python scripts/train_mini.py --smoke            # a few CPU steps, used by the tests
+    python scripts/train_mini.py --minutes 5 --out /tmp/w
+
+Every batch is rendered fresh from the world (train split: held-out photographs never appear), so there is no
+data set on disk and no over-fitting to a fixed set of clips. Loss: v-prediction MSE at uniform timesteps, as
+CogVideoX. Prompts are dropped 10% of the time for classifier-free guidance. Weights are saved in fp16
+safetensors (EMA copy), with the training log and loss curve, in the diffusers pipeline layout.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from difftrack import mini, world as W  # noqa: E402
+
+# ----------------------------------------------------------------------------- config
+minutes = 17.0  # wall-clock training budget (the run stops at whichever of minutes / max_steps comes first)
+max_steps = 100_000
+batch_size = 48
+lr = 6e-4
+min_lr_frac = 0.05
+warmup = 300
+weight_decay = 0.01
+grad_clip = 1.0
+p_uncond = 0.1  # prompt dropout for classifier-free guidance
+p_scenes = 0.4  # share of scene videos (the rest are object videos)
+ema_decay = 0.999
+log_every = 50
+seed = 1234
+out = str(mini.WEIGHTS_DIR)
+dtype = "bf16"  # autocast dtype on GPU
+smoke = False
+# -----------------------------------------------------------------------------
+
+p = argparse.ArgumentParser()
+p.add_argument("--smoke", action="store_true")
+p.add_argument("--minutes", type=float)
+p.add_argument("--max-steps", type=int)
+p.add_argument("--batch-size", type=int)
+p.add_argument("--out")
+args = p.parse_args()
+smoke = args.smoke
+if smoke:
+    minutes, max_steps, batch_size, log_every, warmup = 2.0, 3, 2, 1, 1
+minutes = args.minutes or minutes
+max_steps = args.max_steps or max_steps
+batch_size = args.batch_size or batch_size
+out = Path(args.out or out)
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(seed)
+rng = np.random.default_rng(seed)
+world = W.World(mini.FRAMES, mini.HEIGHT, mini.WIDTH)
+pipe = mini.build_untrained(seed)
+model, text_encoder, scheduler = pipe.transformer.to(device), pipe.text_encoder.to(device), pipe.scheduler
+params = list(model.parameters()) + list(text_encoder.parameters())
+ema = [q.detach().clone().float() for q in params]
+opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), fused=device == "cuda")
+alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and dtype == "bf16" else torch.autocast(
+    "cpu", enabled=False)
+if device == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+print(f"device {device}, transformer {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M params, "
+      f"batch {batch_size}, budget {minutes} min", flush=True)
+
+
+def batch():
+    """Render a fresh batch: latents [B, T, 12, 32, 32] and prompts."""
+    layers, prompts = [], []
+    for _ in range(batch_size):
+        fam = "scenes" if rng.random() < p_scenes else "objects"
+        ls, pr = world.sample_layers(rng, fam, "train")
+        layers.append(ls)
+        prompts.append("" if rng.random() < p_uncond else pr)
+    video = world.render(layers, device=device)
+    # light photometric jitter so the model does not memorise exact texture colours
+    video = (video * torch.empty(batch_size, 1, 1, 1, 1, device=device).uniform_(0.85, 1.15)).clamp(0, 1)
+    return mini.pixels_to_latents(video), prompts
+
+
+def lr_at(step, frac):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+log, t0, step = [], time.time(), 0
+while step < max_steps and (time.time() - t0) < minutes * 60:
+    x0, prompts = batch()
+    ids = text_encoder.tokenize(prompts)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device)
+    noise = torch.randn_like(x0)
+    a = alphas[t].view(-1, 1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction target
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, (time.time() - t0) / (minutes * 60))
+    with amp:
+        emb = text_encoder(ids)
+        pred = model(hidden_states=xt, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), v)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    with torch.no_grad():
+        d = min(ema_decay, (1 + step) / (10 + step))
+        for e, q in zip(ema, params):
+            e.mul_(d).add_(q.detach().float(), alpha=1 - d)
+    if step % log_every == 0:
+        rec = dict(step=step, loss=round(loss.item(), 5), grad_norm=round(gn.item(), 4),
+                   lr=opt.param_groups[0]["lr"], seconds=round(time.time() - t0, 1))
+        log.append(rec)
+        print(json.dumps(rec), flush=True)
+    step += 1
+
+# ----------------------------------------------------------------------------- save (EMA weights, fp16)
+with torch.no_grad():
+    for e, q in zip(ema, params):
+        q.copy_(e.to(q.dtype))
+out.mkdir(parents=True, exist_ok=True)
+pipe.transformer.to("cpu", torch.float16)
+pipe.text_encoder.to("cpu", torch.float16)
+pipe.save_pretrained(str(out), safe_serialization=True)
+try:
+    commit = os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                           text=True).stdout.strip() or None
+except Exception:
+    commit = None
+meta = dict(steps=step, batch_size=batch_size, minutes=round((time.time() - t0) / 60, 2), lr=lr,
+            p_uncond=p_uncond, p_scenes=p_scenes, ema_decay=ema_decay, seed=seed, device=device,
+            device_name=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+            torch=torch.__version__, commit=commit, final_loss=log[-1]["loss"] if log else None, smoke=smoke)
+(out / "training_log.json").write_text(json.dumps(dict(meta=meta, log=log), indent=1))
+print("saved", out, json.dumps(meta), flush=True)
