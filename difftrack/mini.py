@@ -232,5 +232,5 @@ def load_default(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
     """Load the committed embedded model from inside the package (offline)."""
     if not (WEIGHTS_DIR / "model_index.json").exists():
         raise FileNotFoundError(f"embedded weights missing at {WEIGHTS_DIR}; train them with scripts/train_mini.py")
-    pipe = MiniVideoPipeline.from_pretrained(str(WEIGHTS_DIR), torch_dtype=dtype, local_files_only=True)
+    pipe = MiniVideoPipeline.from_pretrained(str(WEIGHTS_DIR), dtype=dtype, local_files_only=True)
     return pipe.to(device)

@@ -51,6 +51,8 @@ p.add_argument("--minutes", type=float)
 p.add_argument("--max-steps", type=int)
 p.add_argument("--batch-size", type=int)
 p.add_argument("--out")
+p.add_argument("--init", help="start from these weights (a saved pipeline folder)")
+p.add_argument("--lr", type=float)
 args = p.parse_args()
 smoke = args.smoke
 if smoke:
@@ -59,12 +61,16 @@ minutes = args.minutes or minutes
 max_steps = args.max_steps or max_steps
 batch_size = args.batch_size or batch_size
 out = Path(args.out or out)
+lr = args.lr or lr
+init = args.init
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(seed)
 rng = np.random.default_rng(seed)
 world = W.World(mini.FRAMES, mini.HEIGHT, mini.WIDTH)
 pipe = mini.build_untrained(seed)
+if init:  # continue training from a saved pipeline
+    pipe = mini.MiniVideoPipeline.from_pretrained(init, dtype=torch.float32)
 model, text_encoder, scheduler = pipe.transformer.to(device), pipe.text_encoder.to(device), pipe.scheduler
 params = list(model.parameters()) + list(text_encoder.parameters())
 ema = [q.detach().clone().float() for q in params]
@@ -86,7 +92,7 @@ def batch():
         ls, pr = world.sample_layers(rng, fam, "train")
         layers.append(ls)
         prompts.append("" if rng.random() < p_uncond else pr)
-    video = world.render(layers, device=device)
+    video = world.render_fast(layers, device=device)
     # light photometric jitter so the model does not memorise exact texture colours
     video = (video * torch.empty(batch_size, 1, 1, 1, 1, device=device).uniform_(0.85, 1.15)).clamp(0, 1)
     return mini.pixels_to_latents(video), prompts
@@ -141,7 +147,7 @@ try:
                                                            text=True).stdout.strip() or None
 except Exception:
     commit = None
-meta = dict(steps=step, batch_size=batch_size, minutes=round((time.time() - t0) / 60, 2), lr=lr,
+meta = dict(init=init, steps=step, batch_size=batch_size, minutes=round((time.time() - t0) / 60, 2), lr=lr,
             p_uncond=p_uncond, p_scenes=p_scenes, ema_decay=ema_decay, seed=seed, device=device,
             device_name=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
             torch=torch.__version__, commit=commit, final_loss=log[-1]["loss"] if log else None, smoke=smoke)

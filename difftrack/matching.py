@@ -1,0 +1,235 @@
+"""Memory-bounded frame-to-frame matching from captured query/key (or block features).
+
+For a source frame ``s`` and a target frame ``k`` (shared reference section 4.3, defects fixed):
+
+    S_fwd[i, j] = mean_h softmax_j(q^s_i . k^k_j / tau)      # source token i -> target tokens j
+    S_bwd[i, j] = mean_h softmax_i(q^k_j . k^s_i / tau)      # target token j -> source tokens i
+    C[i, j]     = (S_fwd[i, j] + S_bwd[i, j]) / 2            # the paper's bidirectional cost (optional)
+
+``tau = sqrt(head_dim)`` by default (the analysis code); the published tracking code used ``sqrt(num_heads)`` [B2],
+available as ``tau="heads"``. Only one frame pair is materialised at a time (``[M_s, M_k]`` with ``M`` tokens per
+frame, heads reduced in chunks), never an attention map over the whole sequence.
+
+From cost to position (all in **token units** ``u = x / stride - 0.5``, i.e. token centres at integers, fixing the
+corner convention and border hack [B4]):
+
+* the source row of a query point is the bilinear blend of the cost rows of its 4 neighbouring source tokens
+  (border-clamped, so no zero padding);
+* ``refine="argmax"``: the best target token;
+* ``refine="softargmax"`` (default): probability-weighted mean position in a ``(2r+1)^2`` window around the argmax,
+  with the window's values raised to ``1 / sharpen`` (``sharpen > 1`` flattens, ``< 1`` sharpens);
+* ``refine="paper"``: the published recipe -- argmax per source token, then bilinear interpolation of the integer
+  match map at the query location.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+REFINE = ("argmax", "softargmax", "paper")
+
+
+def temperature(tau: float | str | None, heads: int, head_dim: int) -> float:
+    """Resolve ``tau``: a number, ``None``/``"dim"`` = sqrt(head_dim), ``"heads"`` = sqrt(num_heads) [B2]."""
+    if tau is None or tau == "dim":
+        return math.sqrt(head_dim)
+    if tau == "heads":
+        return math.sqrt(heads)
+    if isinstance(tau, (int, float)) and tau > 0:
+        return float(tau)
+    raise ValueError(f"tau={tau!r}; allowed: a positive number, 'dim' (sqrt(head_dim)) or 'heads' (sqrt(heads))")
+
+
+def qk_cost(q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor, k_tgt: torch.Tensor,
+            tau: float | str | None = None, bidirectional: bool = True, head_chunk: int = 8) -> torch.Tensor:
+    """Head-averaged matching probabilities between two frames.
+
+    Args:
+        q_src, k_src: ``[H, M_s, D]`` query/key of the source frame's tokens.
+        q_tgt, k_tgt: ``[H, M_k, D]`` of the target frame.
+        tau: softmax temperature (see :func:`temperature`).
+        bidirectional: average with the target->source direction (the paper's cost).
+        head_chunk: heads processed at once (bounds memory to ``head_chunk * M_s * M_k`` floats).
+
+    Returns:
+        ``float32 [M_s, M_k]``; each row sums to 1 when ``bidirectional=False``.
+    """
+    H, Ms, D = q_src.shape
+    if k_tgt.shape[0] != H or k_tgt.shape[-1] != D:
+        raise ValueError(f"source {tuple(q_src.shape)} and target {tuple(k_tgt.shape)} descriptors disagree")
+    t = temperature(tau, H, D)
+    out = torch.zeros(Ms, k_tgt.shape[1], dtype=torch.float32, device=q_src.device)
+    for h0 in range(0, H, head_chunk):
+        hs = slice(h0, h0 + head_chunk)
+        fwd = torch.softmax(q_src[hs].float() @ k_tgt[hs].float().transpose(-1, -2) / t, dim=-1)
+        if bidirectional:
+            bwd = torch.softmax(q_tgt[hs].float() @ k_src[hs].float().transpose(-1, -2) / t, dim=-1)
+            out += 0.5 * (fwd.sum(0) + bwd.sum(0).T)
+        else:
+            out += fwd.sum(0)
+    return out / H
+
+
+def feature_cost(f_src: torch.Tensor, f_tgt: torch.Tensor, tau: float = 0.05, bidirectional: bool = True
+                 ) -> torch.Tensor:
+    """Matching probabilities from block features by cosine similarity.
+
+    Args:
+        f_src: ``[M_s, C]``; f_tgt: ``[M_k, C]``.
+        tau: temperature on the cosine similarity.
+
+    Returns:
+        ``float32 [M_s, M_k]``.
+    """
+    a = F.normalize(f_src.float(), dim=-1)
+    b = F.normalize(f_tgt.float(), dim=-1)
+    sim = a @ b.T / tau
+    fwd = torch.softmax(sim, -1)
+    return 0.5 * (fwd + torch.softmax(sim, 0)) if bidirectional else fwd
+
+
+def px_to_tokens(points_px: torch.Tensor, stride: float) -> torch.Tensor:
+    """Pixels (edge convention) -> token units (token centres at integers): ``u = x / stride - 0.5``."""
+    return points_px / stride - 0.5
+
+
+def tokens_to_px(points_tok: torch.Tensor, stride: float) -> torch.Tensor:
+    return (points_tok + 0.5) * stride
+
+
+def _bilinear_rows(cost: torch.Tensor, rows: int, cols: int, pts: torch.Tensor) -> torch.Tensor:
+    """Blend the cost rows of the 4 source tokens around each point. cost ``[M_s, M_k]``, pts ``[n, 2]`` token
+    units -> ``[n, M_k]``."""
+    u = pts[:, 0].clamp(0, cols - 1)
+    v = pts[:, 1].clamp(0, rows - 1)
+    u0, v0 = u.floor().long().clamp(max=cols - 2 if cols > 1 else 0), v.floor().long().clamp(
+        max=rows - 2 if rows > 1 else 0)
+    u1, v1 = (u0 + 1).clamp(max=cols - 1), (v0 + 1).clamp(max=rows - 1)
+    fu, fv = (u - u0).unsqueeze(1), (v - v0).unsqueeze(1)
+    r = lambda vv, uu: cost[vv * cols + uu]  # noqa: E731
+    return (r(v0, u0) * (1 - fu) * (1 - fv) + r(v0, u1) * fu * (1 - fv) + r(v1, u0) * (1 - fu) * fv
+            + r(v1, u1) * fu * fv)
+
+
+def refine_peak(prob: torch.Tensor, rows: int, cols: int, method: str = "softargmax", radius: int = 1,
+                sharpen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position of the match in each row of ``prob [n, rows*cols]``.
+
+    Returns:
+        ``(positions [n, 2] token units (u, v), confidence [n])`` where confidence is the peak value.
+    """
+    if method not in ("argmax", "softargmax"):
+        raise ValueError(f"unknown refine {method!r}; allowed: {REFINE}")
+    n = prob.shape[0]
+    peak, idx = prob.max(-1)
+    pv, pu = (idx // cols).float(), (idx % cols).float()
+    if method == "argmax" or radius == 0:
+        return torch.stack([pu, pv], -1), peak
+    maps = prob.view(n, 1, rows, cols)
+    k = 2 * radius + 1
+    padded = F.pad(maps, (radius, radius, radius, radius), value=0.0)
+    win = F.unfold(padded, k)  # [n, k*k, rows*cols]
+    w = win[torch.arange(n), :, idx]  # [n, k*k] window around the argmax (zeros outside the frame)
+    if sharpen != 1.0:
+        w = w.clamp_min(0) ** (1.0 / sharpen)
+    off = torch.arange(-radius, radius + 1, device=prob.device, dtype=torch.float32)
+    dv, du = torch.meshgrid(off, off, indexing="ij")
+    s = w.sum(-1).clamp_min(1e-12)
+    u = pu + (w * du.reshape(1, -1)).sum(-1) / s
+    v = pv + (w * dv.reshape(1, -1)).sum(-1) / s
+    return torch.stack([u, v], -1), peak
+
+
+def match_from_cost(cost: torch.Tensor, rows: int, cols: int, points_tok: torch.Tensor, refine: str = "softargmax",
+                    radius: int = 1, sharpen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Match query points through one frame pair's cost.
+
+    Args:
+        cost: ``[M_s, M_k]`` from :func:`qk_cost` / :func:`feature_cost` (``M = rows * cols``).
+        points_tok: ``[n, 2]`` source positions in token units.
+
+    Returns:
+        ``(positions [n, 2] token units in the target frame, confidence [n])``.
+    """
+    if refine == "paper":
+        peak, idx = cost.max(-1)  # per source token
+        mm = torch.stack([(idx % cols).float(), (idx // cols).float()], 0).view(1, 2, rows, cols)
+        g = torch.stack([points_tok[:, 0] / max(cols - 1, 1) * 2 - 1, points_tok[:, 1] / max(rows - 1, 1) * 2 - 1],
+                        -1).view(1, 1, -1, 2)
+        pos = F.grid_sample(mm, g, mode="bilinear", padding_mode="border", align_corners=True)[0, :, 0].T
+        conf = F.grid_sample(peak.view(1, 1, rows, cols), g, mode="bilinear", padding_mode="border",
+                             align_corners=True)[0, 0, 0]
+        return pos, conf
+    rows_prob = _bilinear_rows(cost, rows, cols, points_tok)
+    return refine_peak(rows_prob, rows, cols, refine, radius, sharpen)
+
+
+def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, stride: float, src_frame: int = 0,
+                tau: float | str | None = None, bidirectional: bool = True, refine: str = "softargmax",
+                radius: int = 1, sharpen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Match points of one frame to every frame of a clip from one layer's query/key.
+
+    Args:
+        q, k: ``[H, F, rows, cols, D]`` (one sample of :meth:`difftrack.capture.Capture.q`).
+        points_px: ``[n, 2]`` pixel positions ``(x, y)`` in frame ``src_frame``.
+        stride: pixels per token.
+
+    Returns:
+        ``(tracks [n, F, 2] pixels, confidence [n, F])``; the source frame holds the points themselves.
+    """
+    if q.dim() != 5:
+        raise ValueError(f"q must be [H, F, rows, cols, D]; got {tuple(q.shape)}")
+    H, Fr, rows, cols, D = q.shape
+    if not 0 <= src_frame < Fr:
+        raise ValueError(f"src_frame {src_frame} out of range for {Fr} frames")
+    pts = px_to_tokens(points_px.to(q.device).float(), stride)
+    qf, kf = q.reshape(H, Fr, rows * cols, D), k.reshape(H, Fr, rows * cols, D)
+    tracks = torch.zeros(points_px.shape[0], Fr, 2, device=q.device)
+    conf = torch.ones(points_px.shape[0], Fr, device=q.device)
+    for f in range(Fr):
+        if f == src_frame:
+            tracks[:, f] = pts
+            continue
+        c = qk_cost(qf[:, src_frame], kf[:, src_frame], qf[:, f], kf[:, f], tau, bidirectional)
+        tracks[:, f], conf[:, f] = match_from_cost(c, rows, cols, pts, refine, radius, sharpen)
+    return tokens_to_px(tracks, stride), conf
+
+
+def match_video_features(feat: torch.Tensor, points_px: torch.Tensor, stride: float, src_frame: int = 0,
+                         tau: float = 0.05, bidirectional: bool = True, refine: str = "softargmax", radius: int = 1,
+                         sharpen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`match_video` from block features ``feat [F, rows, cols, C]`` (cosine similarity)."""
+    Fr, rows, cols, C = feat.shape
+    pts = px_to_tokens(points_px.to(feat.device).float(), stride)
+    ff = feat.reshape(Fr, rows * cols, C)
+    tracks = torch.zeros(points_px.shape[0], Fr, 2, device=feat.device)
+    conf = torch.ones(points_px.shape[0], Fr, device=feat.device)
+    for f in range(Fr):
+        if f == src_frame:
+            tracks[:, f] = pts
+            continue
+        c = feature_cost(ff[src_frame], ff[f], tau, bidirectional)
+        tracks[:, f], conf[:, f] = match_from_cost(c, rows, cols, pts, refine, radius, sharpen)
+    return tokens_to_px(tracks, stride), conf
+
+
+def attention_rows(q: torch.Tensor, k: torch.Tensor, rows_idx: torch.Tensor, tau: float | str | None = None,
+                   head_chunk: int = 8) -> torch.Tensor:
+    """Head-averaged attention of selected query tokens over the whole sequence (for confidence/attention scores).
+
+    Args:
+        q, k: ``[H, N, D]`` full sequence of one sample.
+        rows_idx: ``long [n]`` sequence indices of the query tokens.
+
+    Returns:
+        ``float32 [n, N]`` rows summing to 1 (never a full ``N x N`` map).
+    """
+    H, N, D = q.shape
+    t = temperature(tau, H, D)
+    out = torch.zeros(rows_idx.numel(), N, device=q.device)
+    for h0 in range(0, H, head_chunk):
+        hs = slice(h0, h0 + head_chunk)
+        out += torch.softmax(q[hs][:, rows_idx].float() @ k[hs].float().transpose(-1, -2) / t, -1).sum(0)
+    return out / H
