@@ -1,0 +1,296 @@
+"""Backbone adapters on tiny random configurations of the real diffusers classes (CPU, fp32).
+
+For each adapter: bit-identical outputs under capture, captured q/k equal an independent recomputation from the
+module weights (projections, QK norms and RoPE recomputed with diffusers' helpers; RoPE tables rebuilt from a
+frame-major (frame, row, col) meshgrid so that the token order is checked too), layer range errors.
+"""
+import pytest
+import torch
+from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed, get_3d_rotary_pos_embed
+
+from difftrack.backbones import adapter_for
+from difftrack.capture import capture
+
+F_, R_, C_ = 2, 4, 3  # token grid of every test: 2 frames x 4 rows x 3 cols (non-square: catches row/col swaps)
+
+
+# ------------------------------------------------------------------------------------------------ builders
+def tiny_hunyuan(seed=0, dual=2, single=1):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=dual,
+        num_single_layers=single, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), guidance_embeds=True).eval()
+
+
+def hunyuan_inputs(batch=1, seed=0, text=6, pad=2):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[:, text - pad:] = 0  # right padding, masked out of the attention as in the pipeline
+    return dict(hidden_states=torch.randn(batch, 4, F_, 2 * R_, 2 * C_, generator=g),
+                timestep=torch.full((batch,), 700.0), encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
+                encoder_attention_mask=mask, pooled_projections=torch.randn(batch, 8, generator=g),
+                guidance=torch.full((batch,), 6000.0), return_dict=False)
+
+
+def tiny_wan(seed=0, layers=2):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers, cross_attn_norm=True, rope_max_seq_len=32).eval()
+
+
+def wan_inputs(batch=1, seed=0, t=700.0, text_seed=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, F_, 2 * R_, 2 * C_, generator=g)
+    e = torch.randn(batch, 5, 16, generator=torch.Generator().manual_seed(seed + 1 if text_seed is None else text_seed))
+    return dict(hidden_states=x, timestep=torch.full((batch,), t), encoder_hidden_states=e, return_dict=False)
+
+
+def tiny_cogvideox15(seed=0, i2v=False):
+    """CogVideoX 1.5 layout: temporal patch 2, RoPE, no patch bias; ``i2v``: doubled input channels + ofs."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=8 if i2v else 4, out_channels=4, time_embed_dim=4,
+        ofs_embed_dim=4 if i2v else None, text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8,
+        sample_frames=8, patch_size=2, patch_size_t=2, temporal_compression_ratio=4, max_text_seq_length=8,
+        use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False, patch_bias=False).eval()
+
+
+def cog15_inputs(batch=2, seed=0, i2v=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 2 * F_, 8 if i2v else 4, 2 * R_, 2 * C_, generator=g)  # 4 latent frames -> 2 token frames
+    kw = dict(hidden_states=x, encoder_hidden_states=torch.randn(batch, 8, 8, generator=g),
+              timestep=torch.full((batch,), 500, dtype=torch.long), return_dict=False,
+              image_rotary_emb=get_3d_rotary_pos_embed(embed_dim=16, crops_coords=((0, 0), (R_, C_)),
+                                                       grid_size=(R_, C_), temporal_size=F_))
+    if i2v:
+        kw["ofs"] = torch.full((batch,), 2.0)
+    return kw
+
+
+def tiny_ltx(seed=0):
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=16).eval()
+
+
+def ltx_inputs(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, F_ * R_ * C_, 8, generator=g),
+                encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
+                timestep=torch.full((batch,), 700.0), encoder_attention_mask=torch.ones(batch, 5),
+                num_frames=F_, height=R_, width=C_, rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)
+
+
+CASES = {
+    "hunyuan": (tiny_hunyuan, hunyuan_inputs, 3),
+    "wan": (tiny_wan, wan_inputs, 2),
+    "cogvideox15": (tiny_cogvideox15, cog15_inputs, 2),
+    "cogvideox15-i2v": (lambda: tiny_cogvideox15(i2v=True), lambda: cog15_inputs(i2v=True), 2),
+    "ltx": (tiny_ltx, ltx_inputs, 2),
+}
+
+
+# ------------------------------------------------------------------------------------------- recomputation
+def grab_attn_inputs(attn):
+    """Forward pre-hook storing the attention module's keyword inputs."""
+    got = {}
+    return got, attn.register_forward_pre_hook(lambda m, a, k: got.update(k, _args=a), with_kwargs=True)
+
+
+def to_grid(x_bnhd, n_video, video_first=True):
+    """[B, N, H, D] -> video tokens as [B, H, F, rows, cols, D]."""
+    v = x_bnhd[:, :n_video] if video_first else x_bnhd[:, -n_video:]
+    return v.transpose(1, 2).reshape(v.shape[0], v.shape[2], F_, R_, C_, v.shape[-1])
+
+
+def rope_table(dims, theta, sizes=(F_, R_, C_), dtype=torch.float32):
+    """cos/sin ``[F*R*C, sum(dims)]`` for a frame-major token order, per-axis tables of diffusers' 1-D helper."""
+    cos, sin = [], []
+    for axis, (d, n) in enumerate(zip(dims, sizes)):
+        c, s = get_1d_rotary_pos_embed(d, torch.arange(n, dtype=dtype), theta, use_real=True, freqs_dtype=dtype)
+        shape = [1, 1, 1, d]
+        shape[axis] = n
+        cos.append(c.reshape(shape).expand(*sizes, d))
+        sin.append(s.reshape(shape).expand(*sizes, d))
+    return torch.cat(cos, -1).reshape(-1, sum(dims)), torch.cat(sin, -1).reshape(-1, sum(dims))
+
+
+def check_close(cache, layer, q, k):
+    assert cache.q(layer).shape == q.shape, (cache.q(layer).shape, q.shape)
+    torch.testing.assert_close(cache.q(layer), q, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache.k(layer), k, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- the tests
+@pytest.mark.parametrize("case", list(CASES))
+def test_bit_identical_with_and_without_capture(case):
+    build, inputs, n_blocks = CASES[case]
+    m, kw = build(), inputs()
+    with torch.no_grad():
+        ref = m(**kw)[0]
+        with capture(m, layers="all", what=("q", "k", "features"), branch="all") as cache:
+            out = m(**kw)[0]
+        after = m(**kw)[0]
+    assert torch.equal(ref, out) and torch.equal(ref, after)
+    assert len(cache.keys()) == 3 * n_blocks
+    B = kw["hidden_states"].shape[0]
+    for l in range(n_blocks):
+        assert cache.q(l).shape[:2] == (B, 2) and cache.q(l).shape[2:5] == (F_, R_, C_)
+        assert cache.features(l).shape[:4] == (B, F_, R_, C_)
+    assert (cache.grid.frames, cache.grid.rows, cache.grid.cols) == (F_, R_, C_)
+    assert not any(type(p).__name__.startswith("Capturing") for p in m.attn_processors.values())
+
+
+def test_hunyuan_layout_and_flat_layers():
+    m = tiny_hunyuan()
+    a = adapter_for(m)
+    assert [n for n, _ in a.blocks(m)] == ["transformer_blocks.0", "transformer_blocks.1",
+                                          "single_transformer_blocks.0"]
+    with torch.no_grad(), capture(m, layers=[0]) as cache:
+        m(**hunyuan_inputs())
+    g = cache.grid
+    assert g.text_len == 6 and not g.text_first and g.stride == 2 and g.video_slice(24 + 6) == slice(0, 24)
+    with pytest.raises(ValueError, match=r"layer 3 out of range: HunyuanVideoTransformer3DModel has 3 blocks, "
+                                         r"allowed 0\.\.2"):
+        with capture(m, layers=[3]):
+            pass
+    # names of the flat list work too
+    with torch.no_grad(), capture(m, layers="blocks.2") as cache:
+        m(**hunyuan_inputs())
+    assert cache.keys() == [("blocks.2.attn.q", 0), ("blocks.2.attn.k", 0)]
+
+
+def test_hunyuan_qk_equal_recomputation_dual_and_single():
+    m = tiny_hunyuan()
+    kw = hunyuan_inputs()
+    dual, single = m.transformer_blocks[1].attn, m.single_transformer_blocks[0].attn
+    got_d, h1 = grab_attn_inputs(dual)
+    got_s, h2 = grab_attn_inputs(single)
+    with torch.no_grad(), capture(m, layers=[1, 2]) as cache:
+        m(**kw)
+    h1.remove(), h2.remove()
+    n = F_ * R_ * C_
+    rope = rope_table((4, 6, 6), 256.0)
+    with torch.no_grad():
+        # dual-stream: video q/k from to_q/to_k -> RMSNorm -> RoPE (text has its own projections, appended after)
+        x = got_d["hidden_states"]
+        assert x.shape[1] == n
+        q = apply_rotary_emb(dual.norm_q(dual.to_q(x).unflatten(2, (2, -1))), rope, sequence_dim=1)
+        k = apply_rotary_emb(dual.norm_k(dual.to_k(x).unflatten(2, (2, -1))), rope, sequence_dim=1)
+        check_close(cache, 1, to_grid(q, n), to_grid(k, n))
+        # single-stream: [video, text] projected jointly, RoPE on the video part
+        x = torch.cat([got_s["hidden_states"], got_s["encoder_hidden_states"]], 1)
+        assert x.shape[1] == n + 6
+        q = single.norm_q(single.to_q(x).unflatten(2, (2, -1)))
+        k = single.norm_k(single.to_k(x).unflatten(2, (2, -1)))
+        q, k = (apply_rotary_emb(t[:, :n], rope, sequence_dim=1) for t in (q, k))
+        check_close(cache, 2, to_grid(q, n), to_grid(k, n))
+
+
+def test_wan_qk_equal_recomputation():
+    m = tiny_wan()
+    kw = wan_inputs()
+    attn = m.blocks[1].attn1
+    got, h = grab_attn_inputs(attn)
+    with torch.no_grad(), capture(m, layers=[1]) as cache:
+        m(**kw)
+    h.remove()
+    x, n = got["_args"][0], F_ * R_ * C_  # WanTransformerBlock calls attn1(norm_hidden_states, None, None, rope)
+    assert x.shape[1] == n and cache.grid.text_len == 0
+    # Wan RoPE: head_dim 16 -> t 8, h 4, w 4 (h = w = 2 * (16 // 6)), pairs interleaved
+    rope = rope_table((8, 4, 4), 10000.0, dtype=torch.float64)
+    with torch.no_grad():
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (2, -1))  # RMSNorm across heads, then split
+        k = attn.norm_k(attn.to_k(x)).unflatten(2, (2, -1))
+        q, k = (apply_rotary_emb(t, rope, sequence_dim=1) for t in (q, k))
+    check_close(cache, 1, to_grid(q, n), to_grid(k, n))
+
+
+def test_cogvideox15_temporal_patch_qk_equal_recomputation():
+    m = tiny_cogvideox15()
+    kw = cog15_inputs()
+    attn = m.transformer_blocks[1].attn1
+    got, h = grab_attn_inputs(attn)
+    with torch.no_grad(), capture(m, layers=[1], branch="all") as cache:
+        m(**kw)
+    h.remove()
+    assert (cache.grid.frames, cache.grid.text_len, cache.grid.text_first) == (F_, 8, True)
+    x = torch.cat([got["encoder_hidden_states"], got["hidden_states"]], 1)
+    n = F_ * R_ * C_
+    with torch.no_grad():
+        q = attn.norm_q(attn.to_q(x).unflatten(2, (2, -1)).transpose(1, 2))
+        k = attn.norm_k(attn.to_k(x).unflatten(2, (2, -1)).transpose(1, 2))
+        q, k = (apply_rotary_emb(t[:, :, 8:], kw["image_rotary_emb"]).transpose(1, 2) for t in (q, k))
+    check_close(cache, 1, to_grid(q, n), to_grid(k, n))
+
+
+def test_ltx_qk_equal_recomputation():
+    from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as ltx_rope
+
+    m = tiny_ltx()
+    kw = ltx_inputs()
+    attn = m.transformer_blocks[0].attn1
+    got, h = grab_attn_inputs(attn)
+    with torch.no_grad(), capture(m, layers=[0]) as cache:
+        m(**kw)
+    h.remove()
+    x, n = got["hidden_states"], F_ * R_ * C_
+    with torch.no_grad():
+        q = ltx_rope(attn.norm_q(attn.to_q(x)), got["image_rotary_emb"]).unflatten(2, (2, -1))
+        k = ltx_rope(attn.norm_k(attn.to_k(x)), got["image_rotary_emb"]).unflatten(2, (2, -1))
+    check_close(cache, 0, to_grid(q, n)[1:], to_grid(k, n)[1:])  # default branch: cond half of [uncond, cond]
+    bad = dict(kw)
+    del bad["num_frames"]
+    with pytest.raises(ValueError, match="num_frames="):
+        with torch.no_grad(), capture(m, layers=[0]):
+            m(**bad)
+
+
+def _wan_loop(m, timesteps=(900.0, 500.0)):
+    """The Wan pipeline's loop: per step, cond call then uncond call with the same timestep."""
+    for t in timesteps:
+        m(**wan_inputs(t=t, text_seed=11))  # cond
+        m(**wan_inputs(t=t, text_seed=22))  # uncond
+
+
+def test_wan_sequential_cfg_branches():
+    m = tiny_wan()
+    with torch.no_grad():
+        refs = {}
+        for name, seed in (("cond", 11), ("uncond", 22)):
+            for t in (900.0, 500.0):
+                with capture(m, layers=[1]) as c:
+                    m(**wan_inputs(t=t, text_seed=seed))
+                refs[name, t] = c.q(1)
+        assert not torch.equal(refs["cond", 900.0], refs["uncond", 900.0])  # layer 1 sees the text
+        for branch in ("cond", "uncond"):
+            with capture(m, layers=[1], branch=branch, num_steps=2) as cache:
+                _wan_loop(m)
+            assert cache.timesteps == {0: 900.0, 1: 500.0}
+            assert torch.equal(cache.q(1, step=0), refs[branch, 900.0])
+            assert torch.equal(cache.q(1, step=1), refs[branch, 500.0])
+        with pytest.raises(ValueError, match=r"branch 'uncond' requested, but step 0 had a single transformer call"):
+            with capture(m, layers=[1], branch="uncond"):
+                for t in (900.0, 500.0):
+                    m(**wan_inputs(t=t))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_out_of_range_names_flat_count(case):
+    build, _, n_blocks = CASES[case]
+    m = build()
+    with pytest.raises(ValueError, match=rf"layer {n_blocks} out of range: {type(m).__name__} has {n_blocks} "
+                                         rf"blocks, allowed 0\.\.{n_blocks - 1}"):
+        with capture(m, layers=[n_blocks]):
+            pass
