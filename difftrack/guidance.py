@@ -1,0 +1,594 @@
+"""Cross-Attention Guidance (CAG): guide sampling away from a model whose selected layers cannot attend across frames.
+
+The paper's CAG is perturbed-attention guidance (PAG) with one specific perturbation: in the chosen blocks' joint
+self-attention, each **video query attends only to the keys of its own latent frame and to the text tokens**
+(text queries still attend to everything). The guided velocity is
+
+    v = v_u + w_cfg (v_c - v_u) + s_cag (v_c - v_p)        (with CFG)
+    v = v_c + s_cag (v_c - v_p)                           (without CFG)
+
+with ``v_p`` the conditional prediction of the perturbed model. Two perturbations are offered, each by name:
+
+* ``"renormalized"`` (**default**): softmax over the allowed keys only, i.e. SDPA with the block mask. Each video
+  query's weights sum to 1; this is what a block mask means and what the published non-CFG processor does.
+* ``"zero_after_softmax"``: the published CFG-path behaviour (defect [B20] in ``difftrack_method.md`` section 8):
+  full softmax over all keys, then cross-frame probabilities set to zero without renormalising, so a video query's
+  weights sum to < 1. The official default run (CFG 6) uses this one; pick it to reproduce their numbers.
+
+Neither builds an ``N x N`` mask. ``"renormalized"`` runs one SDPA call with the frames as an extra batch dimension
+(queries of frame f against keys ``[text, frame f]``). ``"zero_after_softmax"`` uses the identity
+
+    sum_{j allowed} exp(s_j - LSE_all) v_j = exp(LSE_allowed - LSE_all) * renormalized_output
+
+and computes both log-sum-exps in query x key chunks (memory ``O(query_chunk x key_chunk)`` per head).
+
+Batch slots. Under CFG the guided forward uses one batch of three slots ``[uncond, cond, perturbed-cond]`` (each of
+size B); without CFG ``[cond, perturbed-cond]``. Only the perturbed slot goes through the new attention; the other
+slots are handed to the **original processor unchanged**. Which slots are perturbed is held by a :class:`CAGState`
+shared by all installed processors (default outside the guided samplers: one slot, perturbed, i.e. the forward is
+the perturbed model).
+
+Entry points:
+
+* :class:`CAGConfig` -- layers, scale, variant, schedule, step window; ``to_dict`` / ``from_dict``.
+* :func:`apply_cag` -- context manager installing the perturbed processors (restored in ``finally``).
+* :func:`cag_combine` -- the guidance formula.
+* :func:`generate_with_cag` -- the embedded :class:`~difftrack.mini.MiniVideoPipeline` loop with CAG.
+* :func:`cag_hooks` / :func:`generate_with_cag_diffusers` -- CAG for an unmodified ``diffusers.CogVideoXPipeline``
+  (forward hooks on its transformer expand the batch to three slots and fold the CAG term into the pipeline's own
+  CFG combine).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import TokenGrid, adapter_for, resolve_transformer
+
+VARIANTS = ("renormalized", "zero_after_softmax")
+SCHEDULES = ("constant", "linear_decay")
+QUERY_CHUNK = 1024  # video query rows per chunk in the "zero_after_softmax" log-sum-exp pass
+KEY_CHUNK = 4096  # keys per chunk in that pass; scores held at once: B x heads x QUERY_CHUNK x KEY_CHUNK fp32
+
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass
+class CAGConfig:
+    """What CAG perturbs and how strongly.
+
+    Attributes:
+        layers: transformer block indices (0-based) whose self-attention is perturbed (paper: 13, 17, 21 for
+            CogVideoX-2B; 15, 17, 18 for 5B).
+        scale: ``s_cag``; 0 disables the guidance (the sampler then computes exactly the unguided result).
+        variant: ``"renormalized"`` (default; masked softmax) or ``"zero_after_softmax"`` (published CFG path).
+        schedule: ``"constant"``; ``"linear_decay"`` (``scale`` at ``start_step`` falling linearly to 0 at
+            ``stop_step``); or a callable ``step -> factor`` whose value multiplies ``scale`` (leave ``scale=1.0`` to
+            make the callable the scale itself). The published ``pag_adaptive_scale`` ``s(t) = max(0, s - a(1000-t))``
+            is a callable over the scheduler's timesteps.
+        start_step, stop_step: CAG is active for denoising steps ``start_step <= i < stop_step`` (``None`` = to the
+            end); the scale is 0 outside.
+    """
+
+    layers: list[int]
+    scale: float = 1.0
+    variant: str = "renormalized"
+    schedule: str | Callable[[int], float] = "constant"
+    start_step: int = 0
+    stop_step: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple)):
+            raise ValueError(f"layers={self.layers!r} must be a list of block indices, e.g. [13, 17, 21]")
+        if not self.layers:
+            raise ValueError("layers=[] is empty; give at least one block index, e.g. [13, 17, 21]")
+        bad = [l for l in self.layers if not isinstance(l, int) or isinstance(l, bool) or l < 0]
+        if bad:
+            raise ValueError(f"layers {bad} are not non-negative ints; allowed: block indices 0..num_blocks-1")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers={list(self.layers)} contains duplicates")
+        self.layers = list(self.layers)
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"scale={self.scale!r} must be a finite number (0 disables CAG)")
+        self.scale = float(self.scale)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; allowed: {VARIANTS}")
+        if not callable(self.schedule) and self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; allowed: {SCHEDULES} or a callable step -> factor")
+        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
+            raise ValueError(f"start_step={self.start_step!r} must be an int >= 0")
+        if self.stop_step is not None and (not isinstance(self.stop_step, int) or isinstance(self.stop_step, bool)
+                                           or self.stop_step <= self.start_step):
+            raise ValueError(f"stop_step={self.stop_step!r} must be None or an int > start_step={self.start_step}")
+
+    def scale_at(self, step: int, num_steps: int) -> float:
+        """``s_cag`` at denoising step ``step`` (0 = noisiest) of ``num_steps``."""
+        stop = num_steps if self.stop_step is None else self.stop_step
+        if not self.start_step <= step < stop:
+            return 0.0
+        if callable(self.schedule):
+            return self.scale * float(self.schedule(step))
+        if self.schedule == "linear_decay":
+            return self.scale * (1.0 - (step - self.start_step) / (stop - self.start_step))
+        return self.scale
+
+    def to_dict(self) -> dict:
+        """Plain-JSON dict; a callable schedule cannot be serialised (``ValueError``)."""
+        if callable(self.schedule):
+            raise ValueError(f"schedule {self.schedule!r} is a callable and cannot be serialised; "
+                             f"use one of {SCHEDULES} to save the config")
+        return dict(layers=list(self.layers), scale=self.scale, variant=self.variant, schedule=self.schedule,
+                    start_step=self.start_step, stop_step=self.stop_step)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CAGConfig":
+        allowed = ("layers", "scale", "variant", "schedule", "start_step", "stop_step")
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown CAGConfig key(s) {unknown}; allowed: {allowed}")
+        if "layers" not in d:
+            raise ValueError("CAGConfig dict needs 'layers'")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------- frame-local attention
+def _frame_ids(n: int, text_len: int, frames: int, text_first: bool, device) -> tuple[torch.Tensor, slice, slice]:
+    """``long [n]`` latent frame of each token (-1 for text), and the text / video slices."""
+    nv = n - text_len
+    tpf = nv // frames
+    vid = torch.arange(nv, device=device) // tpf
+    txt = torch.full((text_len,), -1, dtype=torch.long, device=device)
+    if text_first:
+        return torch.cat([txt, vid]), slice(0, text_len), slice(text_len, n)
+    return torch.cat([vid, txt]), slice(nv, n), slice(0, nv)
+
+
+def frame_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, frames: int, text_len: int,
+                          variant: str = "renormalized", text_first: bool = True, query_chunk: int = QUERY_CHUNK,
+                          key_chunk: int = KEY_CHUNK) -> torch.Tensor:
+    """Self-attention in which each video query sees only its own latent frame and the text; text queries see all.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` over the joint sequence ``N = text_len + frames * tokens_per_frame`` (video tokens
+            frame-major), text first (CogVideoX) or last (``text_first=False``). Scale ``1/sqrt(D)`` as SDPA.
+        frames: latent frames in the sequence.
+        text_len: text tokens (0 allowed: then video queries see their own frame only).
+        variant: ``"renormalized"`` (softmax over allowed keys) or ``"zero_after_softmax"`` (full softmax, then
+            cross-frame probabilities zeroed without renormalising).
+        query_chunk, key_chunk: chunk sizes of the ``"zero_after_softmax"`` log-sum-exp pass.
+
+    Returns:
+        ``[B, H, N, D]`` in ``v``'s dtype. No ``N x N`` tensor is built: peak extra memory is ``O(B H N D)`` for the
+        per-frame keys plus ``B H query_chunk key_chunk`` scores in the log-sum-exp pass.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; allowed: {VARIANTS}")
+    B, H, N, D = q.shape
+    nv = N - text_len
+    if frames < 1 or nv <= 0 or nv % frames:
+        raise ValueError(f"{nv} video tokens (sequence {N} - text {text_len}) do not split into {frames} frames")
+    P = nv // frames
+    col_frame, ts, vs = _frame_ids(N, text_len, frames, text_first, q.device)
+    out = v.new_empty(B, H, N, v.shape[-1])
+    if text_len:
+        out[:, :, ts] = F.scaled_dot_product_attention(q[:, :, ts], k, v)  # text rows: ordinary full attention
+
+    # video rows, renormalised: frames as an extra batch dimension, keys [text, own frame]
+    def per_frame(x):  # [B, H, nv, d] -> [B, F, H, P, d]
+        return x.reshape(B, H, frames, P, x.shape[-1]).transpose(1, 2)
+
+    def with_text(x, xv):  # -> [B*F, H, text_len + P, d]
+        xf = per_frame(xv)
+        if text_len:
+            xt = x[:, :, ts].unsqueeze(1).expand(B, frames, H, text_len, x.shape[-1])
+            xf = torch.cat([xt, xf], dim=3)
+        return xf.reshape(B * frames, H, -1, x.shape[-1])
+
+    qf = per_frame(q[:, :, vs]).reshape(B * frames, H, P, D)
+    of = F.scaled_dot_product_attention(qf, with_text(k, k[:, :, vs]), with_text(v, v[:, :, vs]))
+    ov = of.reshape(B, frames, H, P, -1).transpose(1, 2).reshape(B, H, nv, -1)
+    if variant == "zero_after_softmax":
+        lse_all, lse_allowed = _video_row_lse(q, k, col_frame, vs, P, query_chunk, key_chunk)  # [B, H, nv]
+        ov = (ov.float() * torch.exp(lse_allowed - lse_all).unsqueeze(-1)).to(ov.dtype)
+    out[:, :, vs] = ov
+    return out
+
+
+def _video_row_lse(q, k, col_frame, vs, P, query_chunk, key_chunk):
+    """Log-sum-exp of the video rows' scaled scores over all keys and over the allowed keys, ``fp32 [B, H, nv]``,
+    in chunks of ``query_chunk`` rows x ``key_chunk`` keys."""
+    B, H, N, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    qv = q[:, :, vs]
+    nv = qv.shape[2]
+    row_frame = torch.arange(nv, device=q.device) // P
+    lse_all = torch.empty(B, H, nv, dtype=torch.float32, device=q.device)
+    lse_ok = torch.empty_like(lse_all)
+    for i in range(0, nv, query_chunk):
+        qc = qv[:, :, i:i + query_chunk].float() * scale
+        rf = row_frame[i:i + query_chunk, None]
+        parts_all, parts_ok = [], []
+        for j in range(0, N, key_chunk):
+            s = qc @ k[:, :, j:j + key_chunk].float().transpose(-1, -2)  # [B, H, qc, kc]
+            cf = col_frame[None, j:j + key_chunk]
+            allowed = (cf == -1) | (cf == rf)  # [qc, kc]
+            parts_all.append(torch.logsumexp(s, -1))
+            parts_ok.append(torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1))
+        lse_all[:, :, i:i + query_chunk] = torch.logsumexp(torch.stack(parts_all), 0)
+        lse_ok[:, :, i:i + query_chunk] = torch.logsumexp(torch.stack(parts_ok), 0)
+    return lse_all, lse_ok
+
+
+# ------------------------------------------------------------------------------------------------ processors
+@dataclass
+class CAGState:
+    """Shared by the processors installed by one :func:`apply_cag`.
+
+    Attributes:
+        num_slots: the batch is ``num_slots`` equal contiguous slots (``[uncond, cond, perturbed]`` = 3).
+        perturbed: indices of the slots that get the perturbed attention (empty: none; every processor then calls
+            the original processor on the whole batch).
+        grid: token layout of the current transformer call (set by a forward pre-hook).
+        calls: perturbed attention calls so far (for tests and sanity checks).
+        step: next denoising step index (counted by :func:`cag_hooks`).
+    """
+
+    num_slots: int = 1
+    perturbed: tuple[int, ...] = (0,)
+    grid: TokenGrid | None = None
+    calls: int = 0
+    step: int = 0
+
+    def set_slots(self, num_slots: int, perturbed: Sequence[int]) -> None:
+        perturbed = tuple(sorted(set(perturbed)))
+        if num_slots < 1 or any(not 0 <= p < num_slots for p in perturbed):
+            raise ValueError(f"perturbed slots {perturbed} out of range for {num_slots} slots; "
+                             f"allowed 0..{num_slots - 1}")
+        self.num_slots, self.perturbed = num_slots, perturbed
+
+    @contextmanager
+    def slots(self, num_slots: int, perturbed: Sequence[int]):
+        """Temporarily set the slot layout."""
+        old = (self.num_slots, self.perturbed)
+        self.set_slots(num_slots, perturbed)
+        try:
+            yield self
+        finally:
+            self.num_slots, self.perturbed = old
+
+
+class CogVideoXCAGAttnProcessor:
+    """Attention processor for a CogVideoX block's ``attn1`` under CAG.
+
+    Unperturbed batch slots are passed to ``original`` (the processor found on the module, normally
+    ``CogVideoXAttnProcessor2_0``) untouched. The perturbed slots are recomputed here exactly as upstream computes
+    its attention input -- ``to_q/to_k/to_v`` on ``[text, video]``, ``norm_q/norm_k``, RoPE on the video slice via
+    ``diffusers.models.embeddings.apply_rotary_emb`` -- and then :func:`frame_local_attention` replaces SDPA, followed
+    by ``to_out``. Recomputing is needed because the perturbed branch is a different attention, not a different
+    input; it mirrors ``CogVideoXAttnProcessor2_0`` line by line.
+
+    The ``__call__`` signature is upstream's: diffusers' ``Attention`` drops keyword arguments that the processor's
+    signature lacks.
+    """
+
+    def __init__(self, original, state: CAGState, variant: str, layer: int, query_chunk: int = QUERY_CHUNK,
+                 key_chunk: int = KEY_CHUNK):
+        self.original, self.state, self.variant, self.layer = original, state, variant, layer
+        self.query_chunk, self.key_chunk = query_chunk, key_chunk
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``hidden_states [S*B, N_video, C]``, ``encoder_hidden_states [S*B, L, C]`` ->
+        ``(hidden_states [S*B, N_video, C], encoder_hidden_states [S*B, L, C])`` as upstream."""
+        st = self.state
+        if not st.perturbed:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask,
+                                 image_rotary_emb=image_rotary_emb)
+        if attention_mask is not None:
+            raise ValueError("CAG's perturbed attention does not take an attention_mask (CogVideoX passes none)")
+        n = hidden_states.shape[0]
+        if n % st.num_slots:
+            raise ValueError(f"batch {n} does not split into {st.num_slots} CAG slots")
+        b = n // st.num_slots
+        rows = torch.arange(n, device=hidden_states.device).view(st.num_slots, b)
+        pert = rows[list(st.perturbed)].flatten()
+        keep = rows[[i for i in range(st.num_slots) if i not in st.perturbed]].flatten()
+        hp, ep = self._perturbed(attn, hidden_states[pert], encoder_hidden_states[pert], image_rotary_emb)
+        st.calls += 1
+        if keep.numel() == 0:
+            return hp, ep
+        hk, ek = self.original(attn, hidden_states[keep], encoder_hidden_states[keep], attention_mask=None,
+                               image_rotary_emb=image_rotary_emb)
+        h = hk.new_empty((n,) + hk.shape[1:])
+        e = ek.new_empty((n,) + ek.shape[1:])
+        h[keep], h[pert] = hk, hp
+        e[keep], e[pert] = ek, ep
+        return h, e
+
+    def _perturbed(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        grid = self.state.grid
+        if grid is None:
+            raise RuntimeError(f"CAG processor of layer {self.layer} called outside a transformer forward (token "
+                               f"grid unknown); run the transformer itself inside apply_cag")
+        L = encoder_hidden_states.size(1)
+        if hidden_states.shape[1] != grid.num_video:
+            raise ValueError(f"layer {self.layer}: {hidden_states.shape[1]} video tokens do not match the grid "
+                             f"{grid.frames} frames x {grid.rows} x {grid.cols}")
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, L + N_video, C]
+        B = x.shape[0]
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        d = k.shape[-1] // attn.heads
+        q = q.view(B, -1, attn.heads, d).transpose(1, 2)
+        k = k.view(B, -1, attn.heads, d).transpose(1, 2)
+        v = v.view(B, -1, attn.heads, d).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if image_rotary_emb is not None:
+            q[:, :, L:] = apply_rotary_emb(q[:, :, L:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                k[:, :, L:] = apply_rotary_emb(k[:, :, L:], image_rotary_emb)
+        o = frame_local_attention(q, k, v, frames=grid.frames, text_len=L, variant=self.variant, text_first=True,
+                                  query_chunk=self.query_chunk, key_chunk=self.key_chunk)
+        o = o.transpose(1, 2).reshape(B, -1, attn.heads * d)
+        o = attn.to_out[1](attn.to_out[0](o))
+        e, h = o.split([L, o.size(1) - L], dim=1)
+        return h, e
+
+
+@contextmanager
+def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUNK, key_chunk: int = KEY_CHUNK):
+    """Install the CAG processors on ``config.layers`` (restored in ``finally``, even when the body raises).
+
+    Args:
+        model_or_pipe: a ``CogVideoXTransformer3DModel`` or a pipeline with ``.transformer``.
+        config: the :class:`CAGConfig` (its ``layers`` and ``variant`` are used here; ``scale`` by the samplers).
+        query_chunk, key_chunk: chunking of the ``"zero_after_softmax"`` log-sum-exp pass.
+
+    Yields:
+        the shared :class:`CAGState`. By default the whole batch is one perturbed slot (the forward is the perturbed
+        model); set ``state.set_slots(3, [2])`` for ``[uncond, cond, perturbed]``.
+    """
+    if not isinstance(config, CAGConfig):
+        raise ValueError(f"config must be a CAGConfig; got {type(config).__name__}")
+    transformer = resolve_transformer(model_or_pipe)
+    adapter = adapter_for(transformer)
+    if adapter.name != "cogvideox":
+        raise ValueError(f"CAG is implemented for CogVideoX transformers only; got {type(transformer).__name__} "
+                         f"({adapter.name})")
+    blocks = adapter.blocks(transformer)
+    bad = [l for l in config.layers if l >= len(blocks)]
+    if bad:
+        raise ValueError(f"CAG layer(s) {bad} out of range: {type(transformer).__name__} has {len(blocks)} blocks, "
+                         f"allowed 0..{len(blocks) - 1}")
+    attns = [adapter.self_attention(blocks[l][1]) for l in config.layers]
+    fused = [l for l, a in zip(config.layers, attns) if getattr(a, "fused_projections", False)]
+    if fused:
+        raise ValueError(f"layers {fused} use fused QKV projections; call transformer.unfuse_qkv_projections() "
+                         f"before CAG")
+    state = CAGState()
+    originals = []
+    handle = None
+    try:
+        def pre(m, args, kwargs):
+            state.grid = adapter.grid(m, args, kwargs)
+
+        handle = transformer.register_forward_pre_hook(pre, with_kwargs=True)
+        for l, attn in zip(config.layers, attns):
+            originals.append((attn, attn.processor))
+            attn.set_processor(CogVideoXCAGAttnProcessor(attn.processor, state, config.variant, l, query_chunk,
+                                                         key_chunk))
+        yield state
+    finally:
+        for attn, proc in reversed(originals):
+            attn.set_processor(proc)
+        if handle is not None:
+            handle.remove()
+        state.grid = None
+
+
+# -------------------------------------------------------------------------------------------------- guidance
+def cag_combine(v_uncond: torch.Tensor | None, v_cond: torch.Tensor, v_perturbed: torch.Tensor, cfg_scale: float,
+                cag_scale: float) -> torch.Tensor:
+    """``v_u + w_cfg (v_c - v_u) + s_cag (v_c - v_p)``; with ``v_uncond=None`` (no CFG) ``v_c + s_cag (v_c - v_p)``.
+
+    All tensors ``[B, ...]`` alike. With ``cag_scale == 0`` the CAG term is skipped, so the result is bitwise the plain
+    CFG combine ``v_u + w (v_c - v_u)`` (and ``v_c`` without CFG).
+    """
+    out = v_cond if v_uncond is None else v_uncond + cfg_scale * (v_cond - v_uncond)
+    if cag_scale != 0:
+        out = out + cag_scale * (v_cond - v_perturbed)
+    return out
+
+
+@torch.no_grad()
+def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, guidance_scale: float = 6.0,
+                      num_inference_steps: int = 50, generator: torch.Generator | None = None,
+                      negative_prompt: str | list[str] | None = None, num_frames: int | None = None,
+                      height: int | None = None, width: int | None = None, latents: torch.Tensor | None = None,
+                      output_type: str = "np", callback_on_step_end=None, progress: bool = True):
+    """Sample from a :class:`~difftrack.mini.MiniVideoPipeline` with CAG.
+
+    The loop is ``MiniVideoPipeline.__call__``'s (same prompt encoding, noise, scheduler, RoPE, decoding), with one
+    change: on steps whose CAG scale is non-zero the transformer gets **one** forward over the 3-slot batch
+    ``[uncond, cond, perturbed-cond]`` (``[cond, perturbed-cond]`` without CFG) and :func:`cag_combine` mixes the
+    three predictions. One extra batch slot shares the weight pass and the pipeline's structure, so it is the simplest
+    correct choice. (Possible improvement: the perturbed and conditional slots are identical up to the first CAG
+    layer, so their shared prefix could be computed once.)
+
+    Exactness guarantee: on steps whose scale is 0 (all steps when ``config.scale == 0``, outside
+    ``start_step..stop_step``, or ``config=None``) the step runs the unguided 2-slot forward with the processors in
+    pass-through, i.e. exactly the operations of ``MiniVideoPipeline.__call__``; so ``scale=0`` reproduces the
+    unguided output bit for bit (tested). ``config=None`` simply calls the pipeline.
+
+    Args:
+        pipe: the embedded pipeline.
+        prompt, negative_prompt, num_frames, height, width, generator, latents, callback_on_step_end, progress:
+            as ``MiniVideoPipeline.__call__`` (``None`` sizes = its defaults).
+        config: the :class:`CAGConfig`, or ``None`` for no CAG.
+        guidance_scale: CFG weight (> 1 enables CFG).
+        output_type: ``"np"`` for ``uint8 [B, T, H, W, 3]`` or ``"latent"`` for ``[B, T, 12, H/2, W/2]``.
+
+    Returns:
+        ``MiniVideoPipelineOutput`` as the pipeline.
+    """
+    from . import mini
+
+    num_frames = mini.FRAMES if num_frames is None else num_frames
+    height = mini.HEIGHT if height is None else height
+    width = mini.WIDTH if width is None else width
+    common = dict(negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
+                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+                  latents=latents, output_type=output_type, callback_on_step_end=callback_on_step_end,
+                  progress=progress)
+    if config is None:
+        return pipe(prompt, **common)
+    # --- the same preamble as MiniVideoPipeline.__call__
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negs = None if negative_prompt is None else (
+        [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+    if num_frames < 2:
+        raise ValueError(f"num_frames={num_frames}; at least 2 frames are needed")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps}; must be >= 1")
+    device = pipe._execution_device
+    dtype = pipe.transformer.dtype
+    do_cfg = guidance_scale > 1.0
+    emb = pipe.encode_prompt(prompts, negs, do_cfg).to(dtype)  # [uncond, cond] or [cond]
+    B = len(prompts)
+    emb3 = torch.cat([emb, emb[-B:]])  # + perturbed-cond slot
+    shape = (B, num_frames, 3 * mini.PATCH * mini.PATCH, height // mini.PATCH, width // mini.PATCH)
+    if latents is None:
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    latents = latents.to(device=device, dtype=torch.float32) * pipe.scheduler.init_noise_sigma
+    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+    rope = pipe.rotary_embedding(num_frames, height // mini.PATCH, width // mini.PATCH, device)
+    n_plain = 2 if do_cfg else 1
+    with apply_cag(pipe.transformer, config) as state:
+        timesteps = pipe.scheduler.timesteps
+        for i, t in enumerate(pipe.progress_bar(timesteps) if progress else timesteps):
+            s = config.scale_at(i, num_inference_steps)
+            slots = n_plain + (1 if s != 0 else 0)
+            state.set_slots(slots, [slots - 1] if s != 0 else [])
+            x = torch.cat([latents] * slots) if slots > 1 else latents
+            tt = t.expand(x.shape[0])
+            out = pipe.transformer(hidden_states=x.to(dtype), encoder_hidden_states=emb3 if s != 0 else emb,
+                                   timestep=tt, image_rotary_emb=rope, return_dict=False)[0].float()
+            if s != 0:
+                parts = out.chunk(slots)
+                out = cag_combine(parts[0] if do_cfg else None, parts[-2], parts[-1], guidance_scale, s)
+            elif do_cfg:  # exactly MiniVideoPipeline's combine
+                u, c = out.chunk(2)
+                out = u + guidance_scale * (c - u)
+            latents = pipe.scheduler.step(out, t, latents, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                callback_on_step_end(pipe, i, t, {"latents": latents})
+    if output_type == "latent":
+        return mini.MiniVideoPipelineOutput(frames=latents)
+    video = mini.latents_to_pixels(latents).clamp(0, 1)
+    frames = (video * 255 + 0.5).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+    return mini.MiniVideoPipelineOutput(frames=frames)
+
+
+# ------------------------------------------------------------------------------------- unmodified diffusers loop
+_EXPANDED = ("hidden_states", "encoder_hidden_states", "timestep")
+
+
+@contextmanager
+def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_inference_steps: int, **apply_kwargs):
+    """CAG inside any pipeline that calls the transformer once per step with ``[uncond, cond]`` (CFG) or ``[cond]``
+    and then combines ``u + w (c - u)`` -- e.g. ``diffusers.CogVideoXPipeline`` or ``MiniVideoPipeline`` -- without
+    modifying the pipeline.
+
+    A forward pre-hook on the transformer turns the batch into ``[uncond, cond, cond]`` (``hidden_states``,
+    ``encoder_hidden_states`` and a batched ``timestep`` get the cond half appended; other arguments, such as the
+    batch-free ``image_rotary_emb``, pass unchanged); the last slot is perturbed. A forward hook then returns, in
+    fp32, ``[v_u, v_c + (s/w)(v_c - v_p)]``, so the pipeline's own combine yields
+    ``v_u + w (v_c - v_u) + s (v_c - v_p)``; without CFG it returns ``v_c + s (v_c - v_p)``. Steps are counted as
+    transformer calls (one per step); steps with scale 0 pass through untouched (bitwise the plain pipeline).
+    The folding through ``s/w`` equals :func:`cag_combine` up to float rounding.
+
+    Yields:
+        the :class:`CAGState` (``state.step`` holds the next step index).
+    """
+    do_cfg = guidance_scale > 1.0
+    transformer = resolve_transformer(model_or_pipe)
+    sig = inspect.signature(transformer.forward)
+    handles = []
+    with apply_cag(transformer, config, **apply_kwargs) as state:
+        state.set_slots(1, [])
+        state.step = 0
+        n_plain = 2 if do_cfg else 1
+        pending: dict[str, Any] = {}
+
+        def pre(m, args, kwargs):
+            s = config.scale_at(state.step, num_inference_steps)
+            state.step += 1
+            pending["s"] = s
+            if s == 0:
+                state.set_slots(1, [])
+                return None
+            bound = sig.bind(*args, **kwargs).arguments
+            x = bound["hidden_states"]
+            if x.shape[0] % n_plain:
+                raise ValueError(f"batch {x.shape[0]} is not [uncond, cond] halves (guidance_scale={guidance_scale})")
+            b = x.shape[0] // n_plain
+            for name in _EXPANDED:
+                val = bound.get(name)
+                if isinstance(val, torch.Tensor) and val.dim() > 0 and val.shape[0] == x.shape[0]:
+                    bound[name] = torch.cat([val, val[-b:]])
+            state.set_slots(n_plain + 1, [n_plain])
+            return (), dict(bound)
+
+        def post(m, args, kwargs, output):
+            s = pending.pop("s")
+            if s == 0:
+                return None
+            state.set_slots(1, [])
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            parts = sample.float().chunk(n_plain + 1)
+            if do_cfg:
+                u, c, p = parts
+                new = torch.cat([u, c + (s / guidance_scale) * (c - p)])
+            else:
+                c, p = parts
+                new = cag_combine(None, c, p, 1.0, s)
+            if isinstance(output, tuple):
+                return (new,) + tuple(output[1:])
+            output.sample = new
+            return output
+
+        try:
+            handles.append(transformer.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(transformer.register_forward_hook(post, with_kwargs=True))
+            yield state
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_scale: float = 6.0,
+                                num_inference_steps: int = 50, use_dynamic_cfg: bool = False, **kwargs):
+    """Run an unmodified ``diffusers.CogVideoXPipeline`` (or any pipeline of the same loop shape) with CAG.
+
+    ``*args`` / ``**kwargs`` go to ``pipe(...)`` unchanged (prompt, generator, output_type, ...); the return value is
+    the pipeline's. Implemented with :func:`cag_hooks` on ``pipe.transformer``. ``use_dynamic_cfg=True`` is refused:
+    the pipeline changes ``w`` only after the transformer call, so the hook could not fold ``s/w`` correctly (the
+    published CAG code ignores dynamic CFG too).
+    """
+    if use_dynamic_cfg:
+        raise ValueError("use_dynamic_cfg=True is not supported with CAG (the CFG weight changes after the "
+                         "transformer call); pass use_dynamic_cfg=False")
+    if config is None:
+        return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
+    with cag_hooks(pipe, config, guidance_scale, num_inference_steps):
+        return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
