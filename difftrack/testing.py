@@ -1,0 +1,202 @@
+"""Tiny random pipelines of the real diffusers classes, built entirely offline (no Hub, no downloads).
+
+``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline``
+whose every component (tokenizers included) is constructed in code from a config, with random weights. They run a
+full denoising loop and VAE decode on CPU in well under a second per step and round-trip through
+``save_pretrained`` / ``from_pretrained``. They exist to test the capture against the real pipelines' calling
+conventions (CFG layout, number of transformer calls per step, keyword names, dtypes), not to generate anything.
+
+Sizes: 9 frames of 32x32 pixels -> 3 latent frames of 4x4 -> 3 x 2 x 2 tokens (patch 2).
+
+Tokenizers are small closed vocabularies (:data:`WORDS`) built with the ``tokenizers`` library:
+
+* ``cogvideox`` / ``wan``: ``T5Tokenizer`` (a Unigram model with whole-word pieces plus single letters, so any
+  lower-case ASCII prompt tokenizes).
+* ``hunyuanvideo``: a word-level ``PreTrainedTokenizerFast`` for the Llama encoder (it knows every word of diffusers'
+  default HunyuanVideo prompt template, plus its three special tokens) and a character-level ``CLIPTokenizer``. The
+  template prefix is not 95 tokens long with this tokenizer, so pass :func:`hunyuan_prompt_template` as
+  ``prompt_template=`` to crop it correctly (the default template also runs, it just crops differently).
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+KINDS = ("cogvideox", "wan", "hunyuanvideo")
+WORDS = ("a red green blue yellow white black circle square triangle star moving left right up down on still "
+         "background drifting scene camera panning zooming in out rotating and the of with").split()
+FRAMES, HEIGHT, WIDTH = 9, 32, 32
+
+
+def _t5_tokenizer(extra_words=()):
+    from transformers import T5Tokenizer
+
+    words = list(dict.fromkeys(list(WORDS) + list(extra_words)))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words]
+    vocab += [("\u2581", -5.0)] + [(c, -8.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _t5_config(vocab_size: int, d_model: int, umt5: bool = False):
+    from transformers import T5Config, UMT5Config
+
+    cls = UMT5Config if umt5 else T5Config
+    return cls(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+               num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+# ---------------------------------------------------------------------------------------------- CogVideoX
+def _cogvideox():
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+    from transformers import T5EncoderModel
+
+    tok = _t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(_t5_config(len(tok), 16)).eval()
+    torch.manual_seed(1)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4).eval()
+    torch.manual_seed(2)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=WIDTH // 8, sample_height=HEIGHT // 8,
+        sample_frames=FRAMES, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226).eval()
+    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
+                                       rescale_betas_zero_snr=True, snr_shift_scale=3.0, clip_sample=False,
+                                       beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       set_alpha_to_one=True)
+    return CogVideoXPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+
+
+# ---------------------------------------------------------------------------------------------------- Wan
+def _wan():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    tok = _t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(_t5_config(len(tok), 16, umt5=True)).eval()
+    torch.manual_seed(1)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    torch.manual_seed(2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=scheduler)
+
+
+# ------------------------------------------------------------------------------------------- HunyuanVideo
+_LLAMA_SPECIALS = ["<unk>", "<pad>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def _llama_tokenizer():
+    """Word-level tokenizer with Llama-3's chat special tokens and every word of the default HunyuanVideo template."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    text = DEFAULT_PROMPT_TEMPLATE["template"]
+    for sp in _LLAMA_SPECIALS:
+        text = text.replace(sp, " ")
+    words = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())] + list(WORDS)
+    words += list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = {sp: i for i, sp in enumerate(_LLAMA_SPECIALS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(_LLAMA_SPECIALS)
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+        special_tokens=[("<|begin_of_text|>", vocab["<|begin_of_text|>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def _clip_tokenizer():
+    """Character-level CLIP BPE (no merges): every lower-case ASCII prompt tokenizes."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + string.punctuation:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def hunyuan_prompt_template(tokenizer=None) -> dict:
+    """diffusers' default HunyuanVideo prompt template with ``crop_start`` counted for the tiny Llama tokenizer
+    (the real Llama-3 tokenizer gives 95; this word-level one gives fewer)."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    tokenizer = tokenizer or _llama_tokenizer()
+    prefix = DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]
+    return {"template": DEFAULT_PROMPT_TEMPLATE["template"], "crop_start": len(tokenizer(prefix).input_ids)}
+
+
+def _hunyuanvideo():
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    tok, tok2 = _llama_tokenizer(), _clip_tokenizer()
+    torch.manual_seed(0)
+    # the pipeline reads hidden_states[-3] (num_hidden_layers_to_skip=2): at least 2 layers
+    text_encoder = LlamaModel(LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok2), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=tok2.bos_token_id, eos_token_id=tok2.eos_token_id,
+        pad_token_id=tok2.pad_token_id, projection_dim=8)).eval()
+    torch.manual_seed(2)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True).eval()
+    torch.manual_seed(3)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), guidance_embeds=True).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tok, transformer=transformer, vae=vae,
+                                scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tok2)
+
+
+_BUILDERS = {"cogvideox": _cogvideox, "wan": _wan, "hunyuanvideo": _hunyuanvideo}
+
+
+def build_tiny_pipeline(kind: str, path: str | Path | None = None):
+    """A tiny random pipeline of the real diffusers classes, built offline.
+
+    Args:
+        kind: ``"cogvideox"``, ``"wan"`` or ``"hunyuanvideo"``.
+        path: if given, the pipeline is also written there with ``save_pretrained`` (reload it with the pipeline
+            class's ``from_pretrained(path)``).
+
+    Returns:
+        the pipeline (fp32, CPU, progress bar off).
+    """
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown tiny pipeline kind {kind!r}; allowed: {sorted(_BUILDERS)}")
+    pipe = _BUILDERS[kind]()
+    pipe.set_progress_bar_config(disable=True)
+    if path is not None:
+        pipe.save_pretrained(str(path))
+    return pipe
