@@ -199,8 +199,13 @@ class Capture:
 
     def _pre_forward(self, module, args, kwargs):
         self.grid = self.adapter.grid(module, args, kwargs)
-        t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
-        tv = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
+        t = kwargs.get("timestep")
+        if t is None:
+            params = list(inspect.signature(type(module).forward).parameters)[1:]  # drop self
+            i = params.index("timestep") if "timestep" in params else None
+            t = args[i] if i is not None and len(args) > i else None
+        # per-token timesteps (Wan 2.2 TI2V, LTX I2V) hold 0 for conditioning frames: the max is the step's value
+        tv = float(t.max()) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
         if self._manual_step is not None:
             if self._manual_step != self.step:
                 self._call_in_step = 0

@@ -166,6 +166,56 @@ def match_from_cost(cost: torch.Tensor, rows: int, cols: int, points_tok: torch.
     return refine_peak(rows_prob, rows, cols, refine, radius, sharpen)
 
 
+def qk_cost_frames(q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor, k_tgt: torch.Tensor,
+                   tau: float | str | None = None, bidirectional: bool = True, head_chunk: int = 8) -> torch.Tensor:
+    """:func:`qk_cost` for several target frames at once (one matmul per head chunk instead of one per pair).
+
+    Args:
+        q_src, k_src: ``[H, M_s, D]``; q_tgt, k_tgt: ``[H, F, M_k, D]``.
+
+    Returns:
+        ``float32 [F, M_s, M_k]`` (memory: ``head_chunk * F * M_s * M_k`` floats at a time).
+    """
+    H, Ms, D = q_src.shape
+    _, Fr, Mk, _ = k_tgt.shape
+    t = temperature(tau, H, D)
+    out = torch.zeros(Fr, Ms, Mk, dtype=torch.float32, device=q_src.device)
+    for h0 in range(0, H, head_chunk):
+        hs = slice(h0, h0 + head_chunk)
+        kt = k_tgt[hs].float().reshape(-1, Fr * Mk, D)
+        fwd = (q_src[hs].float() @ kt.transpose(-1, -2) / t).view(-1, Ms, Fr, Mk).softmax(-1)  # [h, Ms, F, Mk]
+        if bidirectional:
+            qt = q_tgt[hs].float().reshape(-1, Fr * Mk, D)
+            bwd = (qt @ k_src[hs].float().transpose(-1, -2) / t).view(-1, Fr, Mk, Ms).softmax(-1)  # [h, F, Mk, Ms]
+            out += 0.5 * (fwd.sum(0).permute(1, 0, 2) + bwd.sum(0).transpose(-1, -2))
+        else:
+            out += fwd.sum(0).permute(1, 0, 2)
+    return out / H
+
+
+def feature_cost_frames(f_src: torch.Tensor, f_tgt: torch.Tensor, tau: float = 0.05, bidirectional: bool = True
+                        ) -> torch.Tensor:
+    """:func:`feature_cost` for several target frames: ``f_src [M_s, C]``, ``f_tgt [F, M_k, C]`` -> ``[F, M_s, M_k]``."""
+    a = F.normalize(f_src.float(), dim=-1)
+    b = F.normalize(f_tgt.float(), dim=-1)
+    sim = torch.einsum("sc,fkc->fsk", a, b) / tau
+    fwd = sim.softmax(-1)
+    return 0.5 * (fwd + sim.softmax(-2)) if bidirectional else fwd
+
+
+def _match_frames(costs: torch.Tensor, rows: int, cols: int, pts: torch.Tensor, refine: str, radius: int,
+                  sharpen: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """costs ``[F, M_s, M_k]`` -> positions ``[n, F, 2]`` token units and confidence ``[n, F]``."""
+    Fr = costs.shape[0]
+    if refine == "paper":
+        res = [match_from_cost(costs[f], rows, cols, pts, refine, radius, sharpen) for f in range(Fr)]
+        return torch.stack([r[0] for r in res], 1), torch.stack([r[1] for r in res], 1)
+    rows_prob = torch.stack([_bilinear_rows(costs[f], rows, cols, pts) for f in range(Fr)], 1)  # [n, F, Mk]
+    n = pts.shape[0]
+    pos, conf = refine_peak(rows_prob.reshape(n * Fr, -1), rows, cols, refine, radius, sharpen)
+    return pos.view(n, Fr, 2), conf.view(n, Fr)
+
+
 def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, stride: float, src_frame: int = 0,
                 tau: float | str | None = None, bidirectional: bool = True, refine: str = "softargmax",
                 radius: int = 1, sharpen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,16 +234,15 @@ def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, strid
     H, Fr, rows, cols, D = q.shape
     if not 0 <= src_frame < Fr:
         raise ValueError(f"src_frame {src_frame} out of range for {Fr} frames")
+    if refine not in REFINE:
+        raise ValueError(f"unknown refine {refine!r}; allowed: {REFINE}")
     pts = px_to_tokens(points_px.to(q.device).float(), stride)
     qf, kf = q.reshape(H, Fr, rows * cols, D), k.reshape(H, Fr, rows * cols, D)
-    tracks = torch.zeros(points_px.shape[0], Fr, 2, device=q.device)
-    conf = torch.ones(points_px.shape[0], Fr, device=q.device)
-    for f in range(Fr):
-        if f == src_frame:
-            tracks[:, f] = pts
-            continue
-        c = qk_cost(qf[:, src_frame], kf[:, src_frame], qf[:, f], kf[:, f], tau, bidirectional)
-        tracks[:, f], conf[:, f] = match_from_cost(c, rows, cols, pts, refine, radius, sharpen)
+    others = [f for f in range(Fr) if f != src_frame]
+    costs = qk_cost_frames(qf[:, src_frame], kf[:, src_frame], qf[:, others], kf[:, others], tau, bidirectional)
+    tracks = pts.unsqueeze(1).repeat(1, Fr, 1)
+    conf = torch.ones(pts.shape[0], Fr, device=q.device)
+    tracks[:, others], conf[:, others] = _match_frames(costs, rows, cols, pts, refine, radius, sharpen)
     return tokens_to_px(tracks, stride), conf
 
 
@@ -204,14 +253,11 @@ def match_video_features(feat: torch.Tensor, points_px: torch.Tensor, stride: fl
     Fr, rows, cols, C = feat.shape
     pts = px_to_tokens(points_px.to(feat.device).float(), stride)
     ff = feat.reshape(Fr, rows * cols, C)
-    tracks = torch.zeros(points_px.shape[0], Fr, 2, device=feat.device)
-    conf = torch.ones(points_px.shape[0], Fr, device=feat.device)
-    for f in range(Fr):
-        if f == src_frame:
-            tracks[:, f] = pts
-            continue
-        c = feature_cost(ff[src_frame], ff[f], tau, bidirectional)
-        tracks[:, f], conf[:, f] = match_from_cost(c, rows, cols, pts, refine, radius, sharpen)
+    others = [f for f in range(Fr) if f != src_frame]
+    costs = feature_cost_frames(ff[src_frame], ff[others], tau, bidirectional)
+    tracks = pts.unsqueeze(1).repeat(1, Fr, 1)
+    conf = torch.ones(pts.shape[0], Fr, device=feat.device)
+    tracks[:, others], conf[:, others] = _match_frames(costs, rows, cols, pts, refine, radius, sharpen)
     return tokens_to_px(tracks, stride), conf
 
 

@@ -1,0 +1,328 @@
+"""Correspondence analysis over layers and denoising steps (the paper's section 3, reference section 4).
+
+During one denoising run, every (layer, step) self-attention call is turned into small per-point results on the
+fly (nothing of size ``N x N`` and no query/key is kept):
+
+* predicted tracks of grid points of frame 0 from query-key matching and from block-feature matching
+  (:mod:`difftrack.matching`);
+* the head-averaged attention of each point's frame-0 token over the whole sequence, reduced to the maxima and sums
+  per part (text, own frame, each other frame) for the confidence and attention scores.
+
+Ground truth comes afterwards: exact tracks for world videos, or pseudo ground truth from an off-the-shelf tracker
+(OpenCV pyramidal Lucas-Kanade with a forward-backward check) for generated videos, as the paper used CoTracker.
+:func:`score_tables` then gives per-(step, layer) tables.
+
+Defects of the published code that are fixed here: query tokens indexed (row = y, col = x) [B3]; cell-centre
+coordinates and border clamping [B4]; frame 0 (trivially correct) excluded from accuracy; the "feature" is the block
+output (post-``to_out``, the residual stream) [B12].
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import matching as M
+from .backbones import resolve_transformer
+from .capture import FeatureEvent, QKEvent, capture
+
+SCORE_PARTS = ("text", "self", "cross")
+
+
+@dataclass
+class AnalysisRecord:
+    """Per-(step, layer) raw results of one video. Arrays (``S`` steps, ``L`` layers, ``n`` points, ``F`` frames):
+
+    * ``qk_tracks``, ``feat_tracks``: ``float32 [S, L, n, F, 2]`` pixels;
+    * ``max_text``, ``sum_text``: ``[S, L, n]``; ``max_frame``, ``sum_frame``: ``[S, L, n, F]`` (attention of the
+      point's frame-0 token, head-averaged).
+    """
+
+    queries: np.ndarray  # [n, 2] pixels (x, y) in frame 0
+    stride: float
+    num_steps: int
+    num_layers: int
+    frames: int
+    timesteps: list = field(default_factory=list)
+    qk_tracks: np.ndarray | None = None
+    feat_tracks: np.ndarray | None = None
+    max_text: np.ndarray | None = None
+    sum_text: np.ndarray | None = None
+    max_frame: np.ndarray | None = None
+    sum_frame: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        """Atomic write (``.npz``): a crash never leaves a half-written result."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+        scalars = {k: v for k, v in self.__dict__.items() if not isinstance(v, np.ndarray)}
+        np.savez_compressed(tmp, _scalars=json.dumps(scalars, default=float), **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AnalysisRecord":
+        with np.load(path, allow_pickle=False) as z:
+            kw = json.loads(str(z["_scalars"]))
+            kw.update({k: z[k] for k in z.files if k != "_scalars"})
+        return cls(**kw)
+
+
+class Recorder:
+    """Capture callbacks filling an :class:`AnalysisRecord`.
+
+    Args:
+        queries_px: ``[n, 2]`` pixel positions (x, y) of the points in frame 0.
+        stride: pixels per token.
+        num_steps, num_layers: table size.
+        tau, bidirectional, refine, radius: matching settings (:mod:`difftrack.matching`).
+        feature_tau: temperature of block-feature cosine matching.
+    """
+
+    def __init__(self, queries_px: np.ndarray, stride: float, num_steps: int, num_layers: int, frames: int,
+                 tau=None, bidirectional: bool = True, refine: str = "softargmax", radius: int = 1,
+                 feature_tau: float = 0.05, scores: bool = True):
+        n = len(queries_px)
+        S, L, F = num_steps, num_layers, frames
+        self.rec = AnalysisRecord(queries=np.asarray(queries_px, np.float32), stride=float(stride), num_steps=S,
+                                  num_layers=L, frames=F,
+                                  qk_tracks=np.full((S, L, n, F, 2), np.nan, np.float32),
+                                  feat_tracks=np.full((S, L, n, F, 2), np.nan, np.float32),
+                                  max_text=np.full((S, L, n), np.nan, np.float32),
+                                  sum_text=np.full((S, L, n), np.nan, np.float32),
+                                  max_frame=np.full((S, L, n, F), np.nan, np.float32),
+                                  sum_frame=np.full((S, L, n, F), np.nan, np.float32))
+        self.kw = dict(tau=tau, bidirectional=bidirectional, refine=refine, radius=radius)
+        self.feature_kw = dict(tau=feature_tau, bidirectional=bidirectional, refine=refine, radius=radius)
+        self.scores = scores
+        self._pts = torch.from_numpy(self.rec.queries)
+
+    def _check(self, step: int, layer: int):
+        if step >= self.rec.num_steps:
+            raise ValueError(f"step {step} beyond the {self.rec.num_steps} steps the recorder was sized for")
+
+    @torch.no_grad()
+    def on_qk(self, ev: QKEvent) -> None:
+        self._check(ev.step, ev.layer)
+        q, k = ev.q_video[0], ev.k_video[0]  # [H, F, rows, cols, D]
+        tr, _ = M.match_video(q, k, self._pts, self.rec.stride, **self.kw)
+        self.rec.qk_tracks[ev.step, ev.layer] = tr.cpu().numpy()
+        if not self.scores:
+            return
+        g = ev.grid
+        col = (self._pts[:, 0] / self.rec.stride).floor().long().clamp(0, g.cols - 1)
+        row = (self._pts[:, 1] / self.rec.stride).floor().long().clamp(0, g.rows - 1)  # [B3] fixed: row from y
+        N = ev.q.shape[2]
+        vs = g.video_slice(N)
+        idx = (vs.start + row * g.cols + col).to(ev.q.device)
+        A = M.attention_rows(ev.q[0], ev.k[0], idx, tau=self.kw["tau"])  # [n, N]
+        video = A[:, vs].reshape(len(idx), g.frames, g.tokens_per_frame)
+        text_mask = torch.ones(N, dtype=torch.bool, device=A.device)
+        text_mask[vs] = False
+        text = A[:, text_mask]
+        self.rec.max_text[ev.step, ev.layer] = (text.max(-1).values if text.shape[1] else torch.zeros(len(idx))
+                                                ).cpu().numpy()
+        self.rec.sum_text[ev.step, ev.layer] = text.sum(-1).cpu().numpy()
+        self.rec.max_frame[ev.step, ev.layer] = video.max(-1).values.cpu().numpy()
+        self.rec.sum_frame[ev.step, ev.layer] = video.sum(-1).cpu().numpy()
+
+    @torch.no_grad()
+    def on_features(self, ev: FeatureEvent) -> None:
+        self._check(ev.step, ev.layer)
+        tr, _ = M.match_video_features(ev.features[0], self._pts, self.rec.stride, **self.feature_kw)
+        self.rec.feat_tracks[ev.step, ev.layer] = tr.cpu().numpy()
+
+
+def pseudo_ground_truth(video: np.ndarray, queries_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo ground truth for generated videos from OpenCV pyramidal Lucas-Kanade with a forward-backward check
+    (:class:`difftrack.baselines.LucasKanadeTracker`), queries at frame 0.
+
+    Returns ``(tracks [n, T, 2], visible [n, T])``."""
+    from .baselines import LucasKanadeTracker
+
+    q = np.concatenate([np.zeros((len(queries_px), 1), np.float32), queries_px], 1)
+    return LucasKanadeTracker()(video, q)
+
+
+def score_tables(rec: AnalysisRecord, gt_tracks: np.ndarray, gt_visible: np.ndarray,
+                 threshold_tokens: float = 0.5) -> dict[str, np.ndarray]:
+    """Per-(step, layer) tables ``[S, L]`` from one video's record and its ground truth.
+
+    * ``qk_acc`` / ``feat_acc``: PCK at ``threshold_tokens`` tokens (the paper's half token; 8 px at 480x720),
+      visible points, frames 1.. only;
+    * ``conf_{text,self,cross}``: confidence score -- max attention on text keys / on frame-0 keys / mean over
+      visible later frames of the max over that frame's keys (all points; never-visible points count 0 for cross);
+    * ``attn_{text,self,cross}``: attention score -- summed attention on text / frame 0 / frames 1.., points
+      visible at frame 0.
+    """
+    thr = threshold_tokens * rec.stride
+    vis = np.asarray(gt_visible, bool).copy()
+    v_later = vis.copy()
+    v_later[:, 0] = False
+    out = {}
+    for name, tr in (("qk_acc", rec.qk_tracks), ("feat_acc", rec.feat_tracks)):
+        d = np.linalg.norm(tr - gt_tracks[None, None], axis=-1)  # [S, L, n, F]
+        ok = (d < thr) & v_later[None, None]
+        out[name] = ok.sum((-1, -2)) / max(v_later.sum(), 1)
+    vf = v_later.astype(np.float32)  # [n, F]
+    out["conf_text"] = rec.max_text.mean(-1)
+    out["conf_self"] = rec.max_frame[..., 0].mean(-1)
+    cross = (rec.max_frame * vf[None, None]).sum(-1) / np.maximum(vf.sum(-1), 1e-8)[None, None]
+    out["conf_cross"] = cross.mean(-1)
+    v0 = vis[:, 0]
+    out["attn_text"] = rec.sum_text[..., v0].mean(-1)
+    out["attn_self"] = rec.sum_frame[..., v0, 0].mean(-1)
+    out["attn_cross"] = rec.sum_frame[..., v0, 1:].sum(-1).mean(-1)
+    return out
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    lo, hi = np.nanmin(x), np.nanmax(x)
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def harmonic_mean(acc: np.ndarray, conf_cross: np.ndarray, attn_cross: np.ndarray) -> np.ndarray:
+    """The paper's harmonic mean of min-max-normalised (over the whole step x layer table) accuracy, cross-frame
+    confidence and cross-frame attention; 0 where any term is 0."""
+    a, c, s = minmax(acc), minmax(conf_cross), minmax(attn_cross)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hm = 3.0 / (1.0 / a + 1.0 / c + 1.0 / s)
+    return np.nan_to_num(hm, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def top_layers(hm: np.ndarray, k: int = 3, step: int | None = -1) -> list[int]:
+    """The ``k`` layers with the highest harmonic mean at ``step`` (``None``: mean over steps)."""
+    if not 1 <= k <= hm.shape[1]:
+        raise ValueError(f"k={k}; allowed 1..{hm.shape[1]}")
+    v = hm.mean(0) if step is None else hm[step]
+    return [int(i) for i in np.argsort(-v)[:k]]
+
+
+def mean_tables(tables: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Average per-video tables (equal weight per video, as the paper)."""
+    if not tables:
+        raise ValueError("no tables to average")
+    return {k: np.nanmean(np.stack([t[k] for t in tables]), 0) for k in tables[0]}
+
+
+# ---------------------------------------------------------------------------------------------- runners
+def _layers_count(pipe) -> int:
+    from .backbones import adapter_for
+
+    tr = resolve_transformer(pipe)
+    return len(adapter_for(tr).blocks(tr))
+
+
+@torch.no_grad()
+def analyze_generation(pipe, prompt: str, seed: int, num_steps: int = 50, grid_size: int = 10,
+                       guidance_scale: float = 6.0, features: bool = True, **match_kw) -> tuple[np.ndarray,
+                                                                                               AnalysisRecord]:
+    """Generate one video with the embedded-style pipeline while recording every (layer, step).
+
+    Returns ``(video uint8 [T, H, W, 3], record)``; ground truth is added later (:func:`pseudo_ground_truth`)."""
+    from .world import World
+
+    T, H, W = pipe_frames(pipe)
+    w = World(T, H, W)
+    q = w.grid_queries(grid_size)[:, 1:]
+    stride = W / (W // token_px(pipe))
+    rec = Recorder(q, stride, num_steps, _layers_count(pipe), T, **match_kw)
+    with capture(pipe, layers="all", store=False, on_qk=rec.on_qk,
+                 on_features=rec.on_features if features else None, num_steps=num_steps):
+        out = pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance_scale,
+                   generator=torch.Generator().manual_seed(seed), progress=False)
+    rec.rec.meta = dict(kind="generated", prompt=prompt, seed=seed, guidance_scale=guidance_scale)
+    return out.frames[0], rec.rec
+
+
+@torch.no_grad()
+def analyze_exact(pipe, sample, num_steps: int = 50, steps: list[int] | None = None, grid_size: int = 10,
+                  noise_seed: int = 0, features: bool = True, **match_kw) -> AnalysisRecord:
+    """A world video noised to each denoising step (one forward per step, conditional branch with the video's
+    prompt), as the paper's real-video analysis, recording every layer."""
+    from .mini import video_uint8_to_latents
+    from .world import World
+
+    T, H, W = sample.video.shape[:3]
+    q = World(T, H, W).grid_queries(grid_size)[:, 1:]
+    stride = W / (W // token_px(pipe))
+    rec = Recorder(q, stride, num_steps, _layers_count(pipe), T, **match_kw)
+    sched = pipe.scheduler
+    sched.set_timesteps(num_steps)
+    dev = pipe.transformer.device
+    x0 = video_uint8_to_latents(sample.video, device=dev)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(noise_seed)).to(dev)
+    emb = pipe.text_encoder(pipe.text_encoder.tokenize([sample.prompt]).to(dev)).to(pipe.transformer.dtype)
+    steps = list(range(num_steps)) if steps is None else steps
+    with capture(pipe, layers="all", store=False, on_qk=rec.on_qk,
+                 on_features=rec.on_features if features else None) as cap:
+        for s in steps:
+            t = sched.timesteps[s].to(dev).view(1)
+            xt = sched.add_noise(x0, noise, t).to(pipe.transformer.dtype)
+            cap.set_step(s)
+            pipe.transformer(hidden_states=xt, encoder_hidden_states=emb, timestep=t, return_dict=False)
+    rec.rec.timesteps = [int(sched.timesteps[s]) for s in range(num_steps)]
+    rec.rec.meta = dict(kind="exact", prompt=sample.prompt, seed=sample.seed, family=sample.family)
+    return rec.rec
+
+
+def pipe_frames(pipe) -> tuple[int, int, int]:
+    """Default (frames, height, width) of the embedded pipeline."""
+    from . import mini
+
+    return mini.FRAMES, mini.HEIGHT, mini.WIDTH
+
+
+def token_px(pipe) -> int:
+    """Pixels per token side of the embedded pipeline (patching x transformer patch)."""
+    from . import mini
+
+    return mini.PATCH * resolve_transformer(pipe).config.patch_size
+
+
+def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int = 50, grid_size: int = 10,
+                progress: bool = True, **kw) -> list[tuple[dict, dict]]:
+    """Analyse a list of videos with per-video caching (resumes after an interruption; finished videos are not
+    recomputed). ``items``: dicts with ``kind`` ``"generated"`` (``prompt``, ``seed``) or ``"exact"`` (``family``,
+    ``seed``, ``split``). Returns ``[(item, tables)]``."""
+    from tqdm.auto import tqdm
+
+    from .world import World
+
+    cache_dir = Path(cache_dir)
+    out = []
+    it = tqdm(items, desc="analysis") if progress else items
+    for item in it:
+        key = f"{item['kind']}_{item.get('family', 'x')}_{item['seed']}_s{num_steps}_g{grid_size}"
+        path = cache_dir / f"{key}.npz"
+        vid_path = cache_dir / f"{key}_video.npy"
+        if path.exists():
+            rec = AnalysisRecord.load(path)
+            video = np.load(vid_path) if vid_path.exists() else None
+        else:
+            t0 = time.time()
+            if item["kind"] == "generated":
+                video, rec = analyze_generation(pipe, item["prompt"], item["seed"], num_steps, grid_size, **kw)
+            elif item["kind"] == "exact":
+                s = World().sample(item["seed"], item["family"], item.get("split", "heldout"))
+                rec, video = analyze_exact(pipe, s, num_steps, grid_size=grid_size, **kw), s.video
+            else:
+                raise ValueError(f"unknown item kind {item['kind']!r}; allowed: 'generated', 'exact'")
+            rec.meta["seconds"] = time.time() - t0
+            np.save(vid_path, video)
+            rec.save(path)
+        if rec.meta.get("kind") == "exact":
+            s = World().sample(item["seed"], item["family"], item.get("split", "heldout"))
+            q = np.concatenate([np.zeros((len(rec.queries), 1), np.float32), rec.queries], 1)
+            gt, vis = World().tracks(s, q)
+        else:
+            gt, vis = pseudo_ground_truth(video, rec.queries)
+        out.append((item, score_tables(rec, gt, vis)))
+    return out

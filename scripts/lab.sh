@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The project's two commands (see README):
+#   bash scripts/lab.sh run    set up .venv if needed, then execute every notebook headless (papermill) on the
+#                              embedded model: executed copies -> build/notebooks/, figures -> figures/, numbers -> results/
+#   bash scripts/lab.sh test   same set-up, then the whole test suite: pytest (tests/) + nbval (notebooks/)
+# Extra: bash scripts/lab.sh setup | browser (JupyterLab in headless Chromium only) | notebook NAME [papermill args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+PY="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "[lab] creating virtual environment in .venv"
+    "$PY" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.difftrack-installed"
+  local want
+  want="$(cat constraints.txt pyproject.toml | sha1sum | cut -d' ' -f1)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[lab] installing pinned dependencies (constraints.txt)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[notebooks,test]" \
+      2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    echo "$want" > "$stamp"
+  fi
+  export MPLBACKEND=Agg PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+}
+
+run_notebooks() {
+  mkdir -p build/notebooks figures results
+  for nb in notebooks/0*.ipynb; do
+    name="$(basename "$nb")"
+    echo "[lab] papermill $name"
+    "$VENV/bin/python" -m papermill "$nb" "build/notebooks/$name" --cwd notebooks -k python3 --log-output \
+      --no-progress-bar "$@"
+  done
+  echo "[lab] done: executed notebooks in build/notebooks/, figures in figures/, numbers in results/"
+}
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  setup) setup ;;
+  run) setup; start=$(date +%s); run_notebooks "$@"; echo "[lab] main job took $(( $(date +%s) - start )) s" ;;
+  notebook) setup; nb="$1"; shift; mkdir -p build/notebooks
+    "$VENV/bin/python" -m papermill "notebooks/$nb" "build/notebooks/$nb" --cwd notebooks -k python3 "$@" ;;
+  test)
+    setup
+    "$VENV/bin/python" -m nbstripout --verify notebooks/*.ipynb
+    start=$(date +%s)
+    "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests notebooks --nbval-lax --nbval-current-env \
+      --nbval-cell-timeout=1200 "$@"
+    echo "[lab] test suite took $(( $(date +%s) - start )) s" ;;
+  browser) setup; "$VENV/bin/python" -m pytest -p no:cacheprovider -q -m browser tests "$@" ;;
+  *) echo "usage: bash scripts/lab.sh run|test|setup|browser|notebook NAME" >&2; exit 2 ;;
+esac
