@@ -1,0 +1,88 @@
+"""Write the embedded model's card (difftrack/weights/mini-cogvideox/README.md) and its loss curve from the training
+logs and the measured results (results/mini_model.json, results/mini_prompt_agreement.json)."""
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+W = ROOT / "difftrack/weights/mini-cogvideox"
+sys.path.insert(0, str(ROOT))
+from difftrack import mini  # noqa: E402
+
+runs = [json.loads((W / f).read_text()) for f in ("training_log_run1.json", "training_log.json") if (W / f).exists()]
+steps0, xs, ys = 0, [], []
+for r in runs:
+    for rec in r["log"]:
+        xs.append(steps0 + rec["step"])
+        ys.append(rec["loss"])
+    steps0 += r["meta"]["steps"]
+fig, ax = plt.subplots(figsize=(6, 3.2))
+ax.plot(xs, ys, lw=0.8)
+if len(runs) > 1:
+    ax.axvline(runs[0]["meta"]["steps"], color="grey", ls="--", lw=0.8, label="run 2 resumes")
+    ax.legend()
+ax.set(xlabel="optimizer step", ylabel="v-prediction MSE", yscale="log", title="Embedded mini CogVideoX: training loss")
+fig.tight_layout()
+(ROOT / "figures").mkdir(exist_ok=True)
+fig.savefig(ROOT / "figures/mini_loss_curve.png", dpi=120)
+fig.savefig(W / "loss_curve.png", dpi=100)
+
+res = json.loads((ROOT / "results/mini_model.json").read_text()) if (ROOT / "results/mini_model.json").exists() else {}
+pa = (json.loads((ROOT / "results/mini_prompt_agreement.json").read_text())
+      if (ROOT / "results/mini_prompt_agreement.json").exists() else {})
+cfg = mini.transformer_config()
+meta = [r["meta"] for r in runs]
+lines = [
+    "# mini-cogvideox: the embedded default model of difftrack", "",
+    "A small text-to-video diffusion transformer built from diffusers' own `CogVideoXTransformer3DModel` (the class of "
+    "CogVideoX-2B/5B), trained by `scripts/train_mini.py` on the procedural world of `difftrack.world`.", "",
+    "## Architecture",
+    f"- Transformer: `CogVideoXTransformer3DModel`, {cfg['num_layers']} blocks, {cfg['num_attention_heads']} heads x "
+    f"{cfg['attention_head_dim']}, full 3D attention over `[text ({mini.TEXT_LEN} tokens), video]`, 2B-style 3D sin-cos "
+    "positions (no RoPE), patch 2.",
+    f"- Video: {mini.FRAMES} frames of {mini.HEIGHT}x{mini.WIDTH} px. **No VAE**: a fixed invertible patching "
+    "(`pixel_unshuffle` by 2) maps each frame to 32x32x12; with the transformer patch this gives 16x16 = 256 tokens a "
+    "frame, each covering 4x4 px; no temporal compression.",
+    "- Text encoder: `WorldTextEncoder`, closed vocabulary of the world's prompts (unknown words raise `ValueError`), "
+    "2-layer transformer, trained jointly.",
+    "- Scheduler: `CogVideoXDDIMScheduler` with CogVideoX-2B's settings (v-prediction, zero terminal SNR, "
+    "snr_shift_scale 3, trailing spacing).",
+    "- Weights: fp16 safetensors (EMA of the training weights).", "",
+    "## Data", "Every batch is rendered fresh by `difftrack.world` (train split): 60% object videos (1-3 colour-tinted "
+    "textured shapes moving, rotating, scaling, occluding, entering/leaving over a photo background that may drift) "
+    "and 40% scene videos (a photo under camera pan, zoom or rotation). Textures: 12 photographs of scikit-image's "
+    "bundled data plus 5 procedural textures; 4 photographs (chelsea, gravel, clock, retina) are held out for "
+    "evaluation. Prompts are generated from the parameters (10% dropped for classifier-free guidance).", "",
+    "## Training",
+]
+for i, m in enumerate(meta, 1):
+    lines.append(f"- Run {i}: {m['steps']} steps, batch {m['batch_size']}, lr {m['lr']} (cosine), "
+                 f"{m['minutes']} min on {m.get('device_name')}, torch {m['torch']}, commit {m.get('commit')}, "
+                 f"final logged loss {m.get('final_loss')}" + (f", resumed from run {i - 1}" if m.get("init") else ""))
+lines += ["", "![loss](loss_curve.png)", "", "## Results (measured)"]
+if res:
+    lines += [
+        f"Held-out world videos ({res['videos']}, photographs never seen in training), noised to the last of "
+        f"{res['num_steps']} steps (t = {res['timestep']}), one forward, frame 0 -> every other frame, 10x10 grid, "
+        "visible points (`scripts/eval_mini.py`, CPU):", "",
+        "| measure | value |", "|---|---|",
+        f"| query-key matching within half a token (2 px), best layer ({res['best_layer']}) | **{res['qk_best_acc']}** |",
+        f"| same within one token (4 px) | {res['qk_best_acc_1tok']} |",
+        f"| block features, best layer ({res['feat_best_layer']}), half a token | {res['feat_best_acc']} |",
+        f"| same architecture, random weights, half a token | {res['untrained_qk_best_acc']} |",
+        f"| one forward at CFG batch 2 on the 2-core CPU | {res['cpu_forward_s_cfg2']} s |", "",
+        "Per-layer query-key accuracy (half a token): " + ", ".join(f"L{i}: {a}" for i, a in
+                                                                   enumerate(res["per_layer_qk_acc"])), ""]
+if pa:
+    lines += [f"Prompt agreement: {pa.get('agreement')} over {pa.get('n_videos')} generated videos "
+              f"(see results/mini_prompt_agreement.json for the measure).", "",
+              "![samples](../../../figures/mini_samples_grid.png)", ""]
+lines += ["## Load", "```python", "from difftrack.mini import load_default", "pipe = load_default()  # offline",
+          "video = pipe('a red circle moving left on a still background', num_inference_steps=50).frames[0]", "```"]
+(W / "README.md").write_text("\n".join(lines) + "\n")
+print("wrote", W / "README.md")
