@@ -1,0 +1,173 @@
+"""The notebooks as a person sees them: JupyterLab in headless Chromium, all cells run, widgets driven.
+
+For each notebook: copy it (papermill --prepare-only, CI-sized parameters injected) into a scratch Jupyter root,
+start JupyterLab on a free localhost port with a random token, open the notebook in Debian's Chromium through
+Playwright, Run > Run All Cells, check that every code cell ran and no output shows an error, then move the "layer"
+and "step"/"timestep" sliders with the keyboard and check that the figure in the widget's Output area changed
+(different PNG) without an error. A screenshot of the widget cell with the moved slider goes to
+figures/browser_<notebook>.png. JupyterLab (and its kernels) is shut down even when the test fails.
+
+Run alone:   bash scripts/lab.sh browser            (= pytest -m browser tests)
+Set-up:      bash scripts/install_browser.sh        (Debian chromium + pinned playwright; never `playwright install`)
+Other notebooks (e.g. a copy with a broken callback):
+             DIFFTRACK_BROWSER_NOTEBOOKS=/tmp/x/02_layer_analysis_broken.ipynb bash scripts/lab.sh browser
+Without Chromium/Playwright the test skips, except under CI=true, where it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import browser_helpers as bh
+
+pytestmark = pytest.mark.browser
+
+NOTEBOOKS = ["02_layer_analysis", "04_tracking"]
+# CI-sized parameters injected into the copy JupyterLab opens (only names the parameters cell defines are used).
+# Override with DIFFTRACK_BROWSER_PARAMS='{"name": value, ...}' (applies to every notebook).
+PARAMS: dict[str, dict] = {
+    "02_layer_analysis": {},
+    "04_tracking": {},
+}
+# Slider description patterns (case-insensitive) and which sliders each notebook must have.
+SLIDERS = {"layer": r"\blayer\b", "step": r"\b(time[ _-]?)?step\b"}
+REQUIRED = {"02_layer_analysis": ("layer",), "04_tracking": ("step",)}
+
+RUN_TIMEOUT = float(os.environ.get("DIFFTRACK_BROWSER_RUN_TIMEOUT", "480"))
+SLIDER_TIMEOUT = float(os.environ.get("DIFFTRACK_BROWSER_SLIDER_TIMEOUT", "120"))
+FAILURE_DIR = bh.ROOT / "build" / "browser"
+
+
+def _notebook_cases():
+    override = os.environ.get("DIFFTRACK_BROWSER_NOTEBOOKS", "").strip()
+    if override:
+        paths = [Path(p).expanduser().resolve() for p in override.split(",") if p.strip()]
+        return [pytest.param(p, True, id=p.stem) for p in paths]
+    return [pytest.param(bh.ROOT / "notebooks" / f"{n}.ipynb", False, id=n) for n in NOTEBOOKS]
+
+
+def _known_name(stem: str) -> str | None:
+    return next((n for n in NOTEBOOKS if stem.startswith(n)), None)
+
+
+@pytest.fixture(scope="session")
+def lab_server(tmp_path_factory):
+    problems = bh.browser_problems()
+    if problems:
+        msg = ("browser test needs Debian's chromium and Playwright for Python: " + "; ".join(problems)
+               + " (install both with: bash scripts/install_browser.sh)")
+        if bh.ci_is_set():
+            pytest.fail("CI is set, so not skipping: " + msg)
+        pytest.skip(msg)
+    base = tmp_path_factory.mktemp("jlab")
+    server = bh.LabServer(root=base / "root", home=base / "home")
+    bh.prepare_root(server.root)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        if server.log_path and server.log_path.exists():
+            FAILURE_DIR.mkdir(parents=True, exist_ok=True)
+            shutil.copy(server.log_path, FAILURE_DIR / "jupyterlab.log")
+
+
+@pytest.fixture(scope="session")
+def chromium(lab_server):
+    from playwright.sync_api import sync_playwright
+
+    pw = sync_playwright().start()
+    try:
+        browser = pw.chromium.launch(executable_path=bh.CHROMIUM, headless=True, args=bh.CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+    finally:
+        pw.stop()
+
+
+@pytest.mark.parametrize("notebook, overridden", _notebook_cases())
+def test_notebook_in_jupyterlab(notebook: Path, overridden: bool, request, tmp_path):
+    if not notebook.exists():
+        pytest.skip(f"{notebook.relative_to(bh.ROOT) if notebook.is_relative_to(bh.ROOT) else notebook} "
+                    "does not exist yet")
+    server = request.getfixturevalue("lab_server")
+    browser = request.getfixturevalue("chromium")
+
+    name = _known_name(notebook.stem)
+    params = dict(PARAMS.get(name, {}))
+    params.update(json.loads(os.environ.get("DIFFTRACK_BROWSER_PARAMS", "{}")))
+    rel = f"notebooks/{notebook.stem}.ipynb"
+    injected = bh.prepare_notebook(notebook, server.root / rel, params)
+    shot_dir = Path(os.environ.get("DIFFTRACK_BROWSER_FIGURES", "") or (tmp_path if overridden else bh.ROOT / "figures"))
+    required = REQUIRED.get(name, ())
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, device_scale_factor=1)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    log = [f"{notebook.name}: injected {injected}"]
+    try:
+        t0 = time.monotonic()
+        bh.open_notebook(page, server, rel)
+        log.append(f"opened, kernel idle after {time.monotonic() - t0:.1f} s")
+        took = bh.run_all_cells(page, RUN_TIMEOUT)
+        log.append(f"Run All Cells: {took:.1f} s")
+
+        errors = bh.error_outputs(page)
+        assert not errors, f"{notebook.name}: cell output shows an error after Run All Cells:\n" + "\n---\n".join(errors)
+        not_run = bh.unexecuted_code_cells(page)
+        assert not not_run, f"{notebook.name}: code cells {not_run} did not run (Run All stopped early?)"
+
+        moved = []
+        for key, pattern in SLIDERS.items():
+            slider, label = bh.find_slider(page, pattern)
+            if slider is None:
+                assert key not in required, (f"{notebook.name}: no slider described like {pattern!r} "
+                                             f"(slider labels seen: {label})")
+                continue
+            cell = page.locator(".jp-Cell").filter(has=slider)
+            before = bh.widget_images(cell)
+            assert before, f"{notebook.name}: no figure in the widget output of the {label!r} slider's cell"
+            old, new = bh.move_slider(slider)
+            assert new != old, f"{notebook.name}: could not move the {label!r} slider (stuck at {old})"
+            after, errs = bh.wait_for_new_figure(page, cell, before, SLIDER_TIMEOUT)
+            assert not errs, (f"{notebook.name}: moving {label!r} {old} -> {new} made the callback fail:\n"
+                              + "\n---\n".join(errs))
+            assert after, f"{notebook.name}: moving {label!r} {old} -> {new} left no figure in the widget output"
+            assert after != before, (f"{notebook.name}: moving {label!r} {old} -> {new} did not change the figure "
+                                     f"(the callback did not redraw)")
+            log.append(f"slider {label!r}: {old} -> {new}, figure changed")
+            moved.append((key, cell))
+        assert moved, f"{notebook.name}: no 'layer' or 'step'/'timestep' slider found"
+
+        errors = bh.error_outputs(page)
+        assert not errors, f"{notebook.name}: an output shows an error after moving sliders:\n" + "\n---\n".join(errors)
+
+        shot_dir.mkdir(parents=True, exist_ok=True)
+        shot = shot_dir / f"browser_{notebook.stem}.png"
+        cell = moved[0][1]
+        cell.scroll_into_view_if_needed()
+        page.mouse.move(0, 0)  # no hover highlight / cell toolbar in the picture
+        cell.screenshot(path=str(shot))
+        log.append(f"screenshot: {shot}")
+        print("\n".join(log))
+    except BaseException:
+        FAILURE_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            page.screenshot(path=str(FAILURE_DIR / f"{notebook.stem}-failure.png"), full_page=True)
+        except Exception:
+            pass
+        print("\n".join(log))
+        print(f"failure screenshot: {FAILURE_DIR / (notebook.stem + '-failure.png')}; "
+              f"JupyterLab log tail:\n{server.log_tail()}")
+        raise
+    finally:
+        context.close()
+        server.shutdown_kernels()
