@@ -1,0 +1,75 @@
+"""results/capture_check.json: capture never changes what the model computes.
+
+For every backbone adapter (tiny random configs of the real diffusers classes) and for pipeline loops, the max abs
+difference of outputs with and without `capture(layers="all", what=q/k/features)`, in fp32 on the CPU (must be 0.0),
+plus the seconds of the CPU test suite (`--suite` runs `pytest tests -m "not browser"` and times it).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from conftest import tiny_cogvideox, tiny_inputs  # noqa: E402
+from test_backbones import CASES  # noqa: E402
+
+from difftrack.capture import capture  # noqa: E402
+from difftrack.testing import build_tiny_pipeline  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--suite", action="store_true", help="also time the CPU test suite")
+p.add_argument("--out", default=str(ROOT / "results/capture_check.json"))
+args = p.parse_args()
+
+rows = {}
+with torch.no_grad():
+    for name, rope in (("CogVideoX-2B-style (sin-cos)", False), ("CogVideoX-5B-style (RoPE)", True)):
+        m, kw = tiny_cogvideox(rope=rope), tiny_inputs(rope=rope)
+        ref = m(**kw)[0]
+        with capture(m, layers="all", what=("q", "k", "features"), branch="all"):
+            out = m(**kw)[0]
+        rows[name + " bare forward"] = float((out - ref).abs().max())
+    for case, (build, inputs, _) in CASES.items():
+        m, kw = build(), inputs()
+        ref = m(**kw)[0]
+        with capture(m, layers="all", what=("q", "k", "features"), branch="all"):
+            out = m(**kw)[0]
+        rows[f"{case} bare forward"] = float((out - ref).abs().max())
+
+
+from test_real_pipelines import call_kwargs, run  # noqa: E402
+
+for kind in ("cogvideox", "wan", "hunyuanvideo"):
+    pipe = build_tiny_pipeline(kind)
+    kw = call_kwargs(kind, pipe, output_type="latent")
+    ref = run(pipe, kw)
+    with capture(pipe, layers="all", what=("q", "k", "features"), branch="all"):
+        out = run(pipe, kw)
+    rows[f"{kind} tiny pipeline loop (2 steps)"] = float((out - ref).abs().max())
+
+from difftrack import mini  # noqa: E402
+
+pipe = mini.load_default()
+kw = dict(prompt="a red circle moving left on a still background", num_inference_steps=3, num_frames=5,
+          progress=False, output_type="latent")
+ref = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+with capture(pipe, layers="all", what=("q", "k", "features")):
+    out = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+rows["embedded MiniVideoPipeline loop (CFG 6, 3 steps)"] = float((out - ref).abs().max())
+
+res = dict(max_abs_diff=rows, all_zero=all(v == 0.0 for v in rows.values()), dtype="float32", device="cpu",
+           backbones_tested=sorted({k.split(" ")[0] for k in rows}), torch=torch.__version__)
+if args.suite:
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-m", "not browser"],
+                       cwd=ROOT, capture_output=True, text=True)
+    res["cpu_test_suite_seconds"] = round(time.time() - t0, 1)
+    res["cpu_test_suite_summary"] = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
+res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+Path(args.out).write_text(json.dumps(res, indent=1))
+print(json.dumps(res, indent=1))
