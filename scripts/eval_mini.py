@@ -27,6 +27,9 @@ p = argparse.ArgumentParser()
 p.add_argument("--videos", type=int, default=40)
 p.add_argument("--steps", type=int, default=50)
 p.add_argument("--out", default="results/mini_model.json")
+p.add_argument("--device", default="cpu")
+p.add_argument("--cpu-forward", choices=["measure", "skip", "only"], default="measure",
+               help="time one CFG-batch-2 forward on this machine's CPU (skip on a GPU box; 'only' merges it into --out)")
 args = p.parse_args()
 
 
@@ -63,10 +66,19 @@ def cpu_forward_seconds(pipe, reps=3):
 
 
 t0 = time.time()
-pipe = mini.load_default()
+if args.cpu_forward == "only":
+    fmin, fmed = cpu_forward_seconds(mini.load_default())
+    res = json.loads(Path(args.out).read_text())
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    res.update(cpu_forward_s_cfg2=round(fmin, 3), cpu_forward_s_cfg2_median=round(fmed, 3), cpu=cpu,
+               cpu_threads=torch.get_num_threads())
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    sys.exit(0)
+pipe = mini.load_default().to(args.device)
 trained, n_pts = evaluate(pipe, args.videos)
-untrained, _ = evaluate(mini.build_untrained(0), args.videos)
-fmin, fmed = cpu_forward_seconds(pipe)
+untrained, _ = evaluate(mini.build_untrained(0).to(args.device), args.videos)
+fmin, fmed = cpu_forward_seconds(mini.load_default()) if args.cpu_forward == "measure" else (float("nan"),) * 2
 L = int(np.argmax(trained["qk_half"]))
 sched = pipe.scheduler
 sched.set_timesteps(args.steps)
@@ -91,7 +103,8 @@ res = dict(
     matching="bidirectional, tau=sqrt(head_dim)=8, bilinear source rows, softargmax radius 1",
     features="block output (residual stream), cosine, tau 0.05, same refinement",
     cpu_forward_s_cfg2=round(fmin, 3), cpu_forward_s_cfg2_median=round(fmed, 3), cpu=cpu,
-    cpu_threads=torch.get_num_threads(), torch=torch.__version__,
+    cpu_threads=torch.get_num_threads(), torch=torch.__version__, eval_device=args.device,
+    eval_device_name=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
     commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
     seconds=round(time.time() - t0, 1),
 )
