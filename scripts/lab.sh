@@ -47,11 +47,12 @@ case "$cmd" in
     "$VENV/bin/python" -m papermill "notebooks/$nb" "build/notebooks/$nb" --cwd notebooks -k python3 "$@" ;;
   test)
     setup
+    bash scripts/install_browser.sh
     "$VENV/bin/python" -m nbstripout --verify notebooks/*.ipynb
     start=$(date +%s)
     "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests notebooks --nbval-lax --nbval-current-env \
       --nbval-cell-timeout=1200 "$@"
     echo "[lab] test suite took $(( $(date +%s) - start )) s" ;;
-  browser) setup; "$VENV/bin/python" -m pytest -p no:cacheprovider -q -m browser tests "$@" ;;
+  browser) setup; bash scripts/install_browser.sh; "$VENV/bin/python" -m pytest -p no:cacheprovider -q -m browser tests "$@" ;;
   *) echo "usage: bash scripts/lab.sh run|test|setup|browser|notebook NAME" >&2; exit 2 ;;
 esac
