@@ -1,0 +1,729 @@
+"""Zero-shot point tracking from the query/key of a video diffusion transformer (DiffTrack, shared reference section 7).
+
+A CoTracker-style callable::
+
+    tracker = DiffTracker()                      # the embedded model, defaults measured on train-split world videos
+    tracks, visible = tracker(video, queries)   # uint8 [T, H, W, 3], float32 [N, 3] (t, x, y) pixels
+    # tracks float32 [N, T, 2] pixels (x, y), visible bool [N, T]
+
+The recipe (published defaults in brackets, defects of the published code fixed by default):
+
+1. **Per-frame encoding.** Every frame is encoded on its own (the embedded model: its fixed patching; a VAE backbone:
+   :func:`vae_encode_frames`, each frame as a 1-frame video times ``vae.config.scaling_factor``), **once per video**:
+   the query frame is not re-encoded for every chunk [B11].
+2. **Chunks that re-insert the query frame** (:func:`plan_chunks`): for each query frame ``tq``, chunks
+   ``[tq] + targets`` of at most ``chunk_len - 1`` other frames, interleaved with the stride ``(T-1) // (chunk_len-1)``
+   [13, interleaved]. Unlike the published loop it works for any ``T >= 2`` (the published one divides by zero for
+   ``T < 12``) and never needs more chunks than necessary; every chunk is full, and frames seen by several chunks get
+   the mean of their costs [``--average_overlapped_corr``].
+3. **One forward per chunk and timestep** at the timestep embedding ``scheduler.timesteps[step]`` of a
+   ``num_steps``-step schedule [t = 19 of 50], on the clean latent [published] or on a forward-noised latent
+   (``noise="add"``, seeded, the same noise for a frame in every chunk). Batch 1, conditional branch only (no
+   duplicated CFG pass), the forward stops after the deepest needed block (:func:`difftrack.capture.run_until`), no
+   scheduler step, no VAE decode [B11].
+4. **Cost** (:func:`difftrack.matching.qk_cost`): head-averaged softmax of ``q . k / tau`` between the query frame
+   and each target frame, bidirectional [as published], ``tau = sqrt(head_dim)`` [the published tracking code used
+   ``sqrt(num_heads)``, B2: ``tau="heads"``]. Several layers / timesteps are fused by averaging their costs
+   (``fuse="mean"``) or, as published, by concatenating the descriptors (sum of logits, ``fuse="concat"``).
+5. **Cost to position** (:func:`difftrack.matching.match_from_cost`) in token-centre units (fixes the
+   normalisation hack and border bug B4): bilinear blend of the cost rows of the 4 source tokens around the query,
+   then a soft-argmax in a ``(2 radius + 1)^2`` window around the peak [published: argmax then bilinear
+   interpolation of the integer match map, ``refine="paper"``].
+6. **Occlusion** (not in any published code): a point is visible in frame ``k`` when the cycle ``query -> k ->
+   query`` (forward match, then the transposed cost back to the query frame) returns within ``cycle_threshold``
+   tokens of the query, and/or the matched cost peak is at least ``confidence_threshold``. The default thresholds
+   were calibrated on **train-split** world videos only (``scripts/calibrate_occlusion.py``).
+
+Queries may sit at any frame (a chunk plan per distinct query frame); videos of any length ``T >= 2`` and any size
+divisible by the backbone's token stride (4 px for the embedded model, 16 px for CogVideoX) are accepted.
+
+Backbones: the embedded model (``mini.load_default()``, default), any ``MiniVideoPipeline``, a diffusers
+``CogVideoXPipeline`` (its VAE encodes the frames, its T5 encodes ``prompt``) or a bare transformer of a class
+supported by :mod:`difftrack.backbones` (CogVideoX, Wan, HunyuanVideo layouts; pass ``encode=``, ``token_stride=``
+and ``encoder_hidden_states=`` for a bare transformer without the embedded model's 12-channel input).
+
+:class:`FeatureTracker` is the same tracker on block-output features (cosine similarity), the paper's "intermediate
+features" control; the random-weights control is ``DiffTracker(mini.build_untrained())``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import adapter_for, resolve_transformer
+from .capture import capture, run_until
+from .matching import (REFINE, _bilinear_rows, feature_cost, match_from_cost, px_to_tokens, qk_cost,
+                       tokens_to_px)
+
+__all__ = ["DiffTracker", "FeatureTracker", "plan_chunks", "vae_encode_frames", "check_video", "check_queries",
+           "OCCLUSION"]
+
+REFINE_ALL = tuple(REFINE) + ("interp",)
+OCCLUSION = ("cycle", "confidence", "cycle+confidence", "none")
+NOISE = ("none", "add")
+FUSE = ("mean", "concat")
+
+# Defaults chosen on TRAIN-split world videos only (scripts/calibrate_occlusion.py; held-out never used):
+# * settings sweep, 16 + 16 train videos, 64 grid queries, delta_avg at 256x256 with occlusion off (H100 run,
+#   cache/occlusion_calibration.json, stage "select"): clean latent 0.424 vs forward-noised 0.390 (t=19; the gap grows
+#   at earlier steps: t=219 0.371 vs 0.308) -> noise="none" (the published default); layer 8 best single layer
+#   (11: 0.375, 7: 0.277); fusing 8+11 0.408 (mean) / 0.422 (concat): no gain; refine="paper" (argmax per source
+#   token + bilinear interpolation of the match map, with the B4 coordinate fix) 0.485 vs soft-argmax 0.424 and
+#   displacement interpolation 0.468 -> "paper"; tau=sqrt(heads) 0.449 vs sqrt(head_dim) 0.424 with soft-argmax
+#   but 0.479 vs 0.485 with refine="paper" -> sqrt(head_dim) kept.
+# * occlusion, same 32 videos, thresholds maximising the mean average Jaccard (ties within 0.002 broken by OA):
+#   cycle error <= 1.0 token: AJ 0.398 (0.3982 at 0.75), OA 0.833; without occlusion AJ 0.358, OA 0.899; the cost
+#   peak adds nothing with refine="paper" (best threshold 0); for refine="softargmax" it is best at 0.041.
+# * pixel_refine="ncc" (CPU run, 8 + 8 train videos): cycle <= 2.0 tokens and NCC >= 0.75: AJ 0.577, OA 0.843.
+DEFAULT_NOISE = "none"
+DEFAULT_REFINE = "paper"
+DEFAULT_OCCLUSION = "cycle"
+DEFAULT_CYCLE_THRESHOLD = 1.0
+DEFAULT_CONFIDENCE_THRESHOLD = 0.04
+DEFAULT_NCC_CYCLE_THRESHOLD = 2.0
+DEFAULT_NCC_THRESHOLD = 0.75
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def check_video(video, min_frames: int = 2) -> np.ndarray:
+    """Validate a public-API video: ``uint8 [T, H, W, 3]`` with ``T >= min_frames``; returns it as an ndarray."""
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu().numpy()
+    video = np.asarray(video)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"video has shape {video.shape}; expected uint8 [T, H, W, 3] (RGB)")
+    if video.dtype != np.uint8:
+        raise ValueError(f"video has dtype {video.dtype}; expected uint8 [T, H, W, 3] (values 0..255)")
+    T, H, W, _ = video.shape
+    if T < min_frames:
+        raise ValueError(f"video has {T} frame(s); at least {min_frames} frames are needed to track")
+    if H == 0 or W == 0:
+        raise ValueError(f"video has an empty frame size {H}x{W}")
+    return video
+
+
+def check_queries(queries, num_frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``float [N, 3]`` queries ``(t, x, y)``; returns ``(queries float32 [N, 3], frames int64 [N])``.
+
+    ``t`` must be an integer frame index in ``[0, T-1]``; ``(x, y)`` edge-convention pixels in ``[0, W] x [0, H]``.
+    """
+    if isinstance(queries, torch.Tensor):
+        queries = queries.detach().cpu().numpy()
+    queries = np.asarray(queries)
+    if queries.ndim != 2 or queries.shape[1] != 3:
+        raise ValueError(f"queries has shape {queries.shape}; expected float32 [N, 3] as (t, x, y) pixels")
+    if queries.shape[0] == 0:
+        raise ValueError("queries is empty; expected at least one (t, x, y) query")
+    if queries.dtype == np.bool_ or not (np.issubdtype(queries.dtype, np.floating)
+                                         or np.issubdtype(queries.dtype, np.integer)):
+        raise ValueError(f"queries has dtype {queries.dtype}; expected float32 [N, 3] as (t, x, y) pixels")
+    q = queries.astype(np.float32)
+    if not np.isfinite(q).all():
+        raise ValueError("queries contains non-finite values; expected finite (t, x, y)")
+    frames = np.round(q[:, 0]).astype(np.int64)
+    bad = (np.abs(q[:, 0] - frames) > 1e-3) | (frames < 0) | (frames >= num_frames)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"query {i} has frame t={float(q[i, 0])!r}; allowed: an integer frame index in "
+                         f"[0, {num_frames - 1}]")
+    out = (q[:, 1] < 0) | (q[:, 1] > width) | (q[:, 2] < 0) | (q[:, 2] > height)
+    if out.any():
+        i = int(np.argmax(out))
+        raise ValueError(f"query {i} at (x, y)=({float(q[i, 1])!r}, {float(q[i, 2])!r}) lies outside the frame; "
+                         f"allowed: x in [0, {width}], y in [0, {height}] (edge-convention pixels)")
+    return q, frames
+
+
+# ----------------------------------------------------------------------------------------------- chunk planning
+def plan_chunks(num_frames: int, query_frame: int, chunk_len: int = 13, interleave: bool = True
+                ) -> list[list[int]]:
+    """Chunks of frame indices, each ``[query_frame] + targets`` (targets in increasing order).
+
+    With ``n = T - 1`` targets and ``m = chunk_len - 1`` targets per chunk:
+
+    * ``n <= m``: one chunk with every frame (query frame first).
+    * ``interleave=True`` (the published ``--chunk_frame_interval``): targets are taken with the stride
+      ``I = n // m`` (``T // (chunk_len - 1)`` in the published code). The smallest target not yet covered starts a
+      window of ``m`` targets with that stride; a window that would run past the last target is shifted back by
+      whole strides (same residue, so it still covers the target) to stay full. For ``T = 50`` this gives the
+      published five chunks ``{1,5,..,45}, {2,..,46}, {3,..}, {4,..}, {5,..,49}``; unlike the published loop it
+      does not crash for ``T < 12`` and does not slide one frame at a time when ``n`` is not a multiple of ``m``.
+    * ``interleave=False``: consecutive blocks of ``m`` targets, the last one shifted back to stay full.
+
+    Frames appearing in several chunks have their costs averaged by the tracker.
+
+    Raises:
+        ValueError: ``num_frames < 2``, ``query_frame`` out of range or ``chunk_len < 2``.
+    """
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 2:
+        raise ValueError(f"num_frames={num_frames!r}; at least 2 frames are needed")
+    if isinstance(chunk_len, bool) or not isinstance(chunk_len, (int, np.integer)) or chunk_len < 2:
+        raise ValueError(f"chunk_len={chunk_len!r}; allowed: an int >= 2 (the query frame + at least one target)")
+    if not 0 <= query_frame < num_frames:
+        raise ValueError(f"query_frame={query_frame!r}; allowed: 0..{num_frames - 1}")
+    targets = [f for f in range(num_frames) if f != query_frame]
+    n, m = len(targets), int(chunk_len) - 1
+    if n <= m:
+        return [[int(query_frame)] + targets]
+    step = max(1, n // m) if interleave else 1
+    span = (m - 1) * step  # positions covered by a full window: s, s+step, ..., s+span
+    covered = np.zeros(n, bool)
+    chunks = []
+    while not covered.all():
+        p = int(np.argmax(~covered))
+        if interleave:
+            back = max(0, math.ceil((p + span - (n - 1)) / step))
+            s = max(p - back * step, p % step)
+            pos = list(range(s, min(s + span, n - 1) + 1, step))
+        else:
+            s = min(p, n - m)
+            pos = list(range(s, s + m))
+        covered[pos] = True
+        chunks.append([int(query_frame)] + [targets[i] for i in pos])
+    return chunks
+
+
+# ----------------------------------------------------------------------------------------------- encoders
+@torch.no_grad()
+def vae_encode_frames(vae, frames: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+                      batch_size: int = 4) -> torch.Tensor:
+    """Encode every frame independently as a 1-frame video (the published ``frame_as_latent=True``).
+
+    Args:
+        vae: a diffusers video VAE whose ``encode`` takes ``[B, 3, F, H, W]`` in ``[-1, 1]``
+            (``AutoencoderKLCogVideoX``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLWan``).
+        frames: ``float [T, 3, H, W]`` in ``[-1, 1]`` or ``uint8 [T, H, W, 3]`` (numpy or torch).
+        sample: draw from the posterior (the published code) instead of taking its mean (default, deterministic).
+        generator: for ``sample=True``.
+        batch_size: frames encoded at once (memory bound).
+
+    Returns:
+        ``[T, C, h, w]`` latents in the transformer's scale: multiplied by ``vae.config.scaling_factor`` (CogVideoX,
+        HunyuanVideo), or normalised by ``latents_mean`` / ``latents_std`` where the config has them (Wan). The
+        published code forgets the scaling for HunyuanVideo [B6]; here it is always applied.
+    """
+    if isinstance(frames, np.ndarray) or (isinstance(frames, torch.Tensor) and frames.dtype == torch.uint8):
+        v = torch.as_tensor(np.asarray(frames) if isinstance(frames, np.ndarray) else frames)
+        if v.dim() != 4 or v.shape[-1] != 3:
+            raise ValueError(f"uint8 frames must be [T, H, W, 3]; got {tuple(v.shape)}")
+        frames = v.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if frames.dim() != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames must be float [T, 3, H, W] in [-1, 1]; got {tuple(frames.shape)}")
+    p = next(vae.parameters())
+    out = []
+    for i in range(0, frames.shape[0], batch_size):
+        x = frames[i:i + batch_size].to(device=p.device, dtype=p.dtype).unsqueeze(2)  # [b, 3, 1, H, W]
+        dist = vae.encode(x).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        out.append(z[:, :, 0].float())  # [b, C, h, w]
+    z = torch.cat(out)
+    cfg = vae.config
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean, device=z.device).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=z.device).view(1, -1, 1, 1)
+        return (z - mean) / std
+    return z * float(getattr(cfg, "scaling_factor", 1.0))
+
+
+def _mini_encode(video: np.ndarray) -> torch.Tensor:
+    from .mini import video_uint8_to_latents
+
+    return video_uint8_to_latents(video)[0]  # [T, 12, H/2, W/2]
+
+
+# ----------------------------------------------------------------------------------------------- the tracker
+class DiffTracker:
+    """Zero-shot point tracker from a video diffusion transformer's query/key (see the module docstring).
+
+    Args:
+        pipe_or_transformer: ``None`` (the embedded model, ``mini.load_default()``), a ``MiniVideoPipeline``, a
+            diffusers ``CogVideoXPipeline`` (VAE + T5 are used) or a supported bare transformer.
+        layers: block indices whose descriptors are matched (0-based; several are fused, see ``fuse``).
+            Default 8: the best single layer of the embedded model on world videos (layer 11 second).
+        step: denoising-loop index (or a sequence of them, fused) into a ``num_steps`` schedule; the timestep
+            embedding used is ``scheduler.timesteps[step]`` (``-1``: the last step, t = 19 of 50, as published).
+        num_steps: length of that schedule (50 as published for CogVideoX).
+        noise: ``"none"`` -- the clean latent with the timestep embedding (the published default) -- or ``"add"``
+            -- ``scheduler.add_noise(x0, eps, t)`` with ``eps`` drawn from a generator seeded by ``noise_seed``.
+            Default chosen by measurement on train-split world videos (``scripts/calibrate_occlusion.py``).
+        noise_seed: seed of that noise.
+        chunk_len: frames per transformer call (query frame + ``chunk_len - 1`` targets), see :func:`plan_chunks`.
+        interleave: interleaved chunks (the published setting) or consecutive blocks.
+        tau: softmax temperature: ``None``/``"dim"`` = sqrt(head_dim) (default), ``"heads"`` = sqrt(num_heads)
+            (reproduces [B2]) or a number.
+        bidirectional: average the forward and backward softmax (the paper's cost).
+        refine: ``"softargmax"`` (default), ``"argmax"`` or ``"paper"`` (argmax + bilinear match-map sampling).
+        radius: soft-argmax window radius in tokens.
+        fuse: how several (layer, step) descriptors combine: ``"mean"`` of their costs (default) or ``"concat"``
+            (the published channel concatenation = sum of logits per head; QK only).
+        occlusion: ``"cycle"``, ``"confidence"``, ``"cycle+confidence"`` (both must pass) or ``"none"`` (always
+            visible, as published).
+        cycle_threshold: largest cycle error, tokens, of a visible point (default 1.0; 2.0 with
+            ``pixel_refine="ncc"``).
+        confidence_threshold: smallest cost peak of a visible point.
+        prompt: text for the transformer (``""``: the unconditional-looking empty prompt, used as the cond branch
+            of a batch of 1; there is no CFG pass).
+        encoder_hidden_states: ``[1, L, D]`` text embeddings to use instead of encoding ``prompt`` (required for a
+            bare transformer that is not the embedded layout).
+        transformer_kwargs: extra keyword arguments of every transformer call (e.g. HunyuanVideo's
+            ``pooled_projections``, ``encoder_attention_mask``, ``guidance``).
+        encode: ``video uint8 [T, H, W, 3] -> latents [T, C, h, w]`` (or ``[1, T, C, h, w]``) per frame. Default:
+            the embedded model's patching (``mini.video_uint8_to_latents``) for a 12-channel CogVideoX layout,
+            :func:`vae_encode_frames` with the pipeline's VAE otherwise.
+        token_stride: pixels per token side; inferred for the embedded layout (4) and for VAE pipelines
+            (VAE factor x patch size), needed with a custom ``encode`` on other layouts.
+        scheduler: supplies ``timesteps`` and ``add_noise``; default the pipeline's, else CogVideoX-2B's
+            ``CogVideoXDDIMScheduler`` configuration.
+        feature_tau: cosine-similarity temperature of :class:`FeatureTracker`.
+        pixel_refine: ``None`` (pure DiffTrack, default) or ``"ncc"``: **our extension, not the paper's** -- refine
+            each match to sub-pixel precision by normalised cross-correlation of the query's ``ncc_patch``-pixel
+            patch (on frames upsampled ``ncc_upsample`` times) in a window of one token plus one pixel around the
+            DiffTrack estimate (the transformer supplies the coarse, drift-free correspondence, the pixels the last
+            fraction of a token).
+        ncc_patch, ncc_upsample: template side (upsampled pixels) and upsampling factor of that refinement.
+        ncc_threshold: with ``pixel_refine="ncc"``, a visible point must also reach this NCC peak (``None``: no
+            test).
+        device, dtype: where / in which dtype the transformer runs (default: where it is).
+
+    Calibration (``scripts/calibrate_occlusion.py``, train-split world videos only): see the module constants
+    ``DEFAULT_OCCLUSION``, ``DEFAULT_CYCLE_THRESHOLD``, ``DEFAULT_CONFIDENCE_THRESHOLD``, ``DEFAULT_NOISE``.
+    """
+
+    descriptor = "qk"
+
+    def __init__(self, pipe_or_transformer=None, layers: int | Sequence[int] = (8,), step: int | Sequence[int] = -1,
+                 num_steps: int = 50, noise: str | None = None, noise_seed: int = 0, chunk_len: int = 13,
+                 interleave: bool = True, tau: float | str | None = None, bidirectional: bool = True,
+                 refine: str = DEFAULT_REFINE, radius: int = 1, fuse: str = "mean",
+                 occlusion: str = DEFAULT_OCCLUSION, cycle_threshold: float | None = None,
+                 confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD, prompt: str = "",
+                 encoder_hidden_states: torch.Tensor | None = None, transformer_kwargs: dict | None = None,
+                 encode: Callable[[np.ndarray], torch.Tensor] | None = None, token_stride: int | None = None,
+                 scheduler=None, feature_tau: float = 0.05, pixel_refine: str | None = None,
+                 ncc_patch: int = 21, ncc_upsample: int = 4, ncc_threshold: float | None = DEFAULT_NCC_THRESHOLD,
+                 device=None, dtype: torch.dtype | None = None):
+        if pipe_or_transformer is None:
+            from .mini import load_default
+
+            pipe_or_transformer = load_default()
+        self.pipe = pipe_or_transformer
+        self.transformer = resolve_transformer(pipe_or_transformer)
+        self.adapter = adapter_for(self.transformer)
+        if self.adapter.name not in ("cogvideox", "wan", "hunyuanvideo"):
+            raise ValueError(f"backbone {self.adapter.name!r} is not supported for tracking; allowed: cogvideox, wan, "
+                             f"hunyuanvideo layouts")
+        n_blocks = len(self.adapter.blocks(self.transformer))
+        self.layers = sorted({int(l) for l in ([layers] if isinstance(layers, (int, np.integer)) else layers)})
+        if not self.layers or any(not 0 <= l < n_blocks for l in self.layers):
+            raise ValueError(f"layers={layers!r}; allowed: block indices in 0..{n_blocks - 1}")
+        steps = [step] if isinstance(step, (int, np.integer)) else list(step)
+        if not steps or any(not -num_steps <= int(s) < num_steps for s in steps):
+            raise ValueError(f"step={step!r}; allowed: indices in -{num_steps}..{num_steps - 1} of a {num_steps}-step "
+                             f"schedule")
+        self.steps = sorted({int(s) % num_steps for s in steps})
+        self.num_steps = int(num_steps)
+        noise = DEFAULT_NOISE if noise is None else noise
+        if noise not in NOISE:
+            raise ValueError(f"noise={noise!r}; allowed: {NOISE}")
+        if refine not in REFINE_ALL:
+            raise ValueError(f"refine={refine!r}; allowed: {REFINE_ALL}")
+        if occlusion not in OCCLUSION:
+            raise ValueError(f"occlusion={occlusion!r}; allowed: {OCCLUSION}")
+        if fuse not in FUSE:
+            raise ValueError(f"fuse={fuse!r}; allowed: {FUSE}")
+        if fuse == "concat" and self.descriptor != "qk":
+            raise ValueError("fuse='concat' concatenates query/key channels; allowed for features: 'mean'")
+        if isinstance(chunk_len, bool) or not isinstance(chunk_len, (int, np.integer)) or chunk_len < 2:
+            raise ValueError(f"chunk_len={chunk_len!r}; allowed: an int >= 2")
+        if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+            raise ValueError(f"radius={radius!r}; allowed: an int >= 0")
+        self.noise, self.noise_seed = noise, int(noise_seed)
+        self.chunk_len, self.interleave = int(chunk_len), bool(interleave)
+        self.tau, self.bidirectional, self.refine, self.radius, self.fuse = tau, bidirectional, refine, radius, fuse
+        self.occlusion = occlusion
+        if cycle_threshold is None:
+            cycle_threshold = DEFAULT_NCC_CYCLE_THRESHOLD if pixel_refine == "ncc" else DEFAULT_CYCLE_THRESHOLD
+        self.cycle_threshold, self.confidence_threshold = float(cycle_threshold), float(confidence_threshold)
+        self.feature_tau = float(feature_tau)
+        if pixel_refine not in (None, "ncc"):
+            raise ValueError(f"pixel_refine={pixel_refine!r}; allowed: None or 'ncc'")
+        if isinstance(ncc_patch, bool) or not isinstance(ncc_patch, (int, np.integer)) or ncc_patch < 3 or \
+                ncc_patch % 2 == 0:
+            raise ValueError(f"ncc_patch={ncc_patch!r}; allowed: an odd int >= 3")
+        if isinstance(ncc_upsample, bool) or not isinstance(ncc_upsample, (int, np.integer)) or ncc_upsample < 1:
+            raise ValueError(f"ncc_upsample={ncc_upsample!r}; allowed: an int >= 1")
+        self.pixel_refine, self.ncc_patch, self.ncc_upsample = pixel_refine, int(ncc_patch), int(ncc_upsample)
+        self.ncc_threshold = ncc_threshold
+        self.prompt = prompt
+        self.transformer_kwargs = dict(transformer_kwargs or {})
+        self.device = torch.device(device) if device is not None else next(self.transformer.parameters()).device
+        self.dtype = dtype or next(self.transformer.parameters()).dtype
+        if device is not None:
+            self.transformer.to(device=self.device)
+        if dtype is not None:
+            self.transformer.to(dtype=self.dtype)
+        self.transformer.eval()
+        self._ehs_cache: dict[str, torch.Tensor] = {}
+        if encoder_hidden_states is not None:
+            self._ehs_cache[prompt] = encoder_hidden_states
+        self._fixed_ehs = encoder_hidden_states
+        self._setup_encoder(encode, token_stride)
+        if scheduler is None:
+            scheduler = getattr(self.pipe, "scheduler", None)
+        if scheduler is None:
+            from diffusers import CogVideoXDDIMScheduler
+
+            from .mini import scheduler_config
+
+            scheduler = CogVideoXDDIMScheduler(**scheduler_config())
+        self.scheduler = scheduler
+        scheduler.set_timesteps(self.num_steps)
+        self.timesteps = [scheduler.timesteps[s].clone() for s in self.steps]
+
+    # ------------------------------------------------------------------ setup helpers
+    def _setup_encoder(self, encode, token_stride):
+        cfg = self.transformer.config
+        p = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[-1]
+        pt = getattr(cfg, "patch_size_t", None) or 1
+        if isinstance(cfg.patch_size, (tuple, list)):
+            pt = cfg.patch_size[0]
+        if pt != 1:
+            raise ValueError(f"temporal patch size {pt}: per-frame tracking needs one latent frame per token frame "
+                             f"(CogVideoX 1.0 / Wan / HunyuanVideo layouts; not CogVideoX 1.5)")
+        self.patch = p
+        vae = getattr(self.pipe, "vae", None)
+        from .mini import PATCH
+
+        mini_layout = self.adapter.name == "cogvideox" and cfg.in_channels == 3 * PATCH * PATCH and vae is None
+        if encode is not None:
+            self.encode = encode
+            self.token_stride = token_stride
+        elif mini_layout:
+            self.encode = _mini_encode
+            self.token_stride = PATCH * p
+        elif vae is not None:
+            self.encode = lambda video: vae_encode_frames(vae, video)
+            factor = getattr(self.pipe, "vae_scale_factor_spatial", None) or getattr(
+                self.pipe, "vae_scale_factor", None) or 2 ** (len(vae.config.block_out_channels) - 1)
+            self.token_stride = int(factor) * p
+        else:
+            raise ValueError(f"cannot encode frames for {type(self.transformer).__name__} with "
+                             f"{cfg.in_channels} input channels and no VAE; pass encode= (video uint8 -> latents "
+                             f"[T, C, h, w]) and token_stride=")
+        if token_stride is not None:
+            self.token_stride = int(token_stride)
+
+    def text_embeddings(self, prompt: str | None = None) -> torch.Tensor:
+        """``[1, L, D]`` conditional text embeddings of ``prompt`` (cached)."""
+        prompt = self.prompt if prompt is None else prompt
+        if self._fixed_ehs is not None:
+            return self._fixed_ehs.to(self.device, self.dtype)
+        if prompt not in self._ehs_cache:
+            te = getattr(self.pipe, "text_encoder", None)
+            if te is not None and hasattr(te, "tokenize"):  # the embedded model
+                e = te(te.tokenize([prompt]).to(next(te.parameters()).device))
+            elif hasattr(self.pipe, "encode_prompt") and self.adapter.name == "cogvideox":
+                e = self.pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False,
+                                            num_videos_per_prompt=1, device=self.device)[0]
+            else:
+                raise ValueError(f"no text encoder for {type(self.pipe).__name__}; pass encoder_hidden_states= "
+                                 f"([1, L, D] text embeddings) to DiffTracker")
+            self._ehs_cache[prompt] = e.detach()
+        return self._ehs_cache[prompt].to(self.device, self.dtype)
+
+    def _rope(self, frames: int, rows: int, cols: int):
+        """CogVideoX 3D RoPE for a chunk, built as ``CogVideoXPipeline`` builds it (``None`` without RoPE)."""
+        cfg = self.transformer.config
+        if self.adapter.name != "cogvideox" or not cfg.use_rotary_positional_embeddings:
+            return None
+        if hasattr(self.pipe, "rotary_embedding"):  # MiniVideoPipeline
+            return self.pipe.rotary_embedding(frames, rows * self.patch, cols * self.patch, self.device)
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        crops = get_resize_crop_region_for_grid((rows, cols), cfg.sample_width // self.patch,
+                                                cfg.sample_height // self.patch)
+        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=(rows, cols),
+                                       temporal_size=frames, device=self.device)
+
+    def _latents(self, video: np.ndarray) -> torch.Tensor:
+        z = self.encode(video)
+        z = torch.as_tensor(z)
+        if z.dim() == 5 and z.shape[0] == 1:
+            z = z[0]
+        if z.dim() != 4 or z.shape[0] != video.shape[0]:
+            raise ValueError(f"encode returned latents of shape {tuple(z.shape)}; expected [T={video.shape[0]}, C, h, "
+                             f"w] (one latent frame per video frame)")
+        return z.to(self.device, torch.float32)
+
+    def _check_size(self, H: int, W: int):
+        s = self.token_stride
+        if s is None:
+            return
+        if H % s or W % s:
+            raise ValueError(f"frame size {H}x{W} (HxW) is not a multiple of this backbone's token stride {s} px; "
+                             f"allowed: heights and widths divisible by {s} (e.g. resize to "
+                             f"{max(s, round(H / s) * s)}x{max(s, round(W / s) * s)})")
+
+    # ------------------------------------------------------------------ descriptors of one chunk
+    def _forward_chunk(self, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Run the transformer on chunk latents ``x [F, C, h, w]`` up to ``max(layers)``; returns per layer
+        ``(q, k) [H, F, M, D]`` each, or features ``[F, M, C]``."""
+        F_, C, h, w = x.shape
+        rows, cols = h // self.patch, w // self.patch
+        tt = t.reshape(1).to(self.device)
+        if self.adapter.name == "cogvideox":
+            kw = dict(hidden_states=x[None].to(self.dtype), encoder_hidden_states=ehs, timestep=tt,
+                      image_rotary_emb=self._rope(F_, rows, cols), return_dict=False)
+        else:  # wan / hunyuanvideo: [B, C, F, H, W]
+            kw = dict(hidden_states=x.permute(1, 0, 2, 3)[None].to(self.dtype), encoder_hidden_states=ehs,
+                      timestep=tt, return_dict=False)
+        kw.update(self.transformer_kwargs)
+        what = ("q", "k") if self.descriptor == "qk" else ("features",)
+        with capture(self.transformer, layers=self.layers, what=what, cfg=False, dtype=torch.float32) as cap:
+            run_until(self.transformer, max(self.layers), **kw)
+        out = {}
+        for l in self.layers:
+            if self.descriptor == "qk":
+                q, k = cap.q(l)[0], cap.k(l)[0]  # [H, F, rows, cols, D]
+                H, Fq, r, c, D = q.shape
+                out[l] = (q.reshape(H, Fq, r * c, D), k.reshape(H, Fq, r * c, D))
+            else:
+                f = cap.features(l)[0]  # [F, rows, cols, C]
+                out[l] = f.reshape(f.shape[0], -1, f.shape[-1])
+        cap.clear()
+        return out, (rows, cols)
+
+    def _chunk_costs(self, desc: dict, j: int) -> torch.Tensor:
+        """Fused cost ``[M, M]`` between chunk frame 0 (the query frame) and chunk frame ``j``."""
+        if self.descriptor == "features":
+            return sum(feature_cost(f[0], f[j], self.feature_tau, self.bidirectional) for f in desc.values()) / len(desc)
+        if self.fuse == "concat":
+            q = torch.cat([desc[l][0] for l in self.layers], -1)
+            k = torch.cat([desc[l][1] for l in self.layers], -1)
+            return qk_cost(q[:, 0], k[:, 0], q[:, j], k[:, j], self.tau, self.bidirectional)
+        return sum(qk_cost(q[:, 0], k[:, 0], q[:, j], k[:, j], self.tau, self.bidirectional)
+                   for q, k in desc.values()) / len(desc)
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def __call__(self, video, queries, prompt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Track ``queries [N, 3] (t, x, y)`` in ``video uint8 [T, H, W, 3]``.
+
+        Returns:
+            ``(tracks float32 [N, T, 2] pixels (x, y), visible bool [N, T])``; at its query frame a point is the
+            query itself and visible.
+        """
+        out = self.track(video, queries, prompt=prompt)
+        return out["tracks"], out["visible"]
+
+    @torch.no_grad()
+    def track(self, video, queries, prompt: str | None = None) -> dict:
+        """As :meth:`__call__`, returning a dict with ``tracks``, ``visible`` and the raw occlusion scores
+        ``cycle_error [N, T]`` (tokens; 0 at the query frame) and ``confidence [N, T]`` (cost peak; ``inf`` at the
+        query frame)."""
+        video = check_video(video)
+        T, H, W, _ = video.shape
+        q, qframes = check_queries(queries, T, H, W)
+        self._check_size(H, W)
+        z0 = self._latents(video)
+        if self.token_stride is None:  # custom encoder without a declared stride: infer from the latent size
+            s = H / (z0.shape[2] // self.patch)
+            if s != int(s) or W / (z0.shape[3] // self.patch) != s:
+                raise ValueError(f"frame size {H}x{W} does not map to a whole token grid with latents "
+                                 f"{tuple(z0.shape[2:])} and patch {self.patch}; pass token_stride=")
+            self.token_stride = int(s)
+        stride = self.token_stride
+        ehs = self.text_embeddings(prompt)
+        gen = torch.Generator("cpu").manual_seed(self.noise_seed)
+        inputs = []
+        for t in self.timesteps:
+            if self.noise == "add":
+                eps = torch.randn(z0.shape, generator=gen).to(self.device)
+                x = _add_noise(self.scheduler, z0, eps, t)
+            else:
+                x = z0
+            inputs.append((x, t))
+
+        N = q.shape[0]
+        tracks = np.zeros((N, T, 2), np.float32)
+        cyc = np.zeros((N, T), np.float32)
+        conf = np.full((N, T), np.inf, np.float32)
+        pts_px_all = torch.from_numpy(q[:, 1:]).to(self.device)
+        for tq in sorted(set(qframes.tolist())):
+            idx = np.flatnonzero(qframes == tq)
+            pts_tok = px_to_tokens(pts_px_all[idx], stride)
+            tracks[idx, tq] = q[idx, 1:]
+            cyc[idx, tq] = 0.0
+            plan = plan_chunks(T, tq, self.chunk_len, self.interleave)
+            expected = {f: sum(f in c[1:] for c in plan) for f in range(T) if f != tq}
+            acc: dict[int, torch.Tensor] = {}
+            seen = {f: 0 for f in expected}
+            for chunk in plan:
+                for x, t in inputs:
+                    desc, (rows, cols) = self._forward_chunk(x[chunk], t, ehs)
+                    for j, f in enumerate(chunk[1:], start=1):
+                        c = self._chunk_costs(desc, j)
+                        acc[f] = c if f not in acc else acc[f] + c
+                    del desc
+                for f in chunk[1:]:
+                    seen[f] += 1
+                    if seen[f] == expected[f]:  # every chunk holding f is done: finalise and free its cost
+                        cost = acc.pop(f) / (expected[f] * len(inputs))
+                        pos, pk, ce = self._match(cost, rows, cols, pts_tok)
+                        tracks[idx, f] = tokens_to_px(pos, stride).cpu().numpy()
+                        conf[idx, f] = pk.cpu().numpy()
+                        cyc[idx, f] = ce.cpu().numpy()
+        out = {"cycle_error": cyc, "confidence": conf}
+        if self.pixel_refine == "ncc":
+            out["coarse_tracks"] = tracks.copy()
+            tracks, out["ncc"] = _ncc_refine(video, q, qframes, tracks, self.ncc_patch, self.ncc_upsample,
+                                             stride * self.ncc_upsample + self.ncc_upsample)
+        visible = self.decide_visible(cyc, conf, ncc=out.get("ncc"))
+        visible[np.arange(N), qframes] = True
+        out.update(tracks=tracks, visible=visible)
+        return out
+
+    def _match(self, cost: torch.Tensor, rows: int, cols: int, pts_tok: torch.Tensor):
+        """Forward match, its confidence, and the cycle error (tokens) through the transposed cost."""
+        pos, peak = _match(cost, rows, cols, pts_tok, self.refine, self.radius)
+        back, _ = _match(cost.T.contiguous(), rows, cols, pos, self.refine, self.radius)
+        return pos, peak, (back - pts_tok).norm(dim=-1)
+
+    def decide_visible(self, cycle_error: np.ndarray, confidence: np.ndarray, occlusion: str | None = None,
+                       cycle_threshold: float | None = None, confidence_threshold: float | None = None,
+                       ncc: np.ndarray | None = None, ncc_threshold: float | None = None) -> np.ndarray:
+        """Visibility from the raw scores (used by the calibration to sweep thresholds without re-running)."""
+        occlusion = occlusion or self.occlusion
+        ct = self.cycle_threshold if cycle_threshold is None else cycle_threshold
+        pt = self.confidence_threshold if confidence_threshold is None else confidence_threshold
+        vis = np.ones(cycle_error.shape, bool)
+        if "cycle" in occlusion:
+            vis &= cycle_error <= ct
+        if "confidence" in occlusion:
+            vis &= confidence >= pt
+        nt = self.ncc_threshold if ncc_threshold is None else ncc_threshold
+        if ncc is not None and nt is not None and occlusion != "none":
+            vis &= ncc >= nt
+        return vis
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({type(self.transformer).__name__}, layers={self.layers}, steps={self.steps}/"
+                f"{self.num_steps}, noise={self.noise!r}, tau={self.tau!r}, occlusion={self.occlusion!r})")
+
+
+def _refine_peak(prob: torch.Tensor, rows: int, cols: int, method: str, radius: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`difftrack.matching.refine_peak` (window values outside the frame count as 0), by a direct gather of
+    the window (``F.unfold`` of the whole map is ~100x slower on CPU for this use)."""
+    n = prob.shape[0]
+    peak, idx = prob.max(-1)
+    pv, pu = idx // cols, idx % cols
+    if method == "argmax" or radius == 0:
+        return torch.stack([pu.float(), pv.float()], -1), peak
+    off = torch.arange(-radius, radius + 1, device=prob.device)
+    vv = pv.view(n, 1, 1) + off.view(1, -1, 1)
+    uu = pu.view(n, 1, 1) + off.view(1, 1, -1)
+    valid = ((vv >= 0) & (vv < rows) & (uu >= 0) & (uu < cols)).reshape(n, -1)
+    flat = (vv.clamp(0, rows - 1) * cols + uu.clamp(0, cols - 1)).reshape(n, -1)
+    w = prob.gather(1, flat) * valid
+    s = w.sum(-1).clamp_min(1e-12)
+    du = off.view(1, 1, -1).expand(1, off.numel(), off.numel()).reshape(1, -1).float()
+    dv = off.view(1, -1, 1).expand(1, off.numel(), off.numel()).reshape(1, -1).float()
+    return torch.stack([pu.float() + (w * du).sum(-1) / s, pv.float() + (w * dv).sum(-1) / s], -1), peak
+
+
+def _match(cost: torch.Tensor, rows: int, cols: int, pts_tok: torch.Tensor, refine: str, radius: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``[n, 2]`` (token units) and confidence ``[n]`` (the cost peak of the bilinear source row divided by
+    the row's mass) of points ``pts_tok`` through ``cost [M_src, M_tgt]``."""
+    if refine == "paper":
+        return match_from_cost(cost, rows, cols, pts_tok, refine, radius)
+    if refine == "interp":  # match every source token, then interpolate the displacement field at the points
+        pos_all, peak_all = _refine_peak(cost, rows, cols, "softargmax", radius)
+        peak_all = peak_all / cost.sum(-1).clamp_min(1e-12)
+        blended = _bilinear_rows(torch.cat([pos_all, peak_all[:, None]], 1), rows, cols, pts_tok)
+        return blended[:, :2], blended[:, 2]
+    row = _bilinear_rows(cost, rows, cols, pts_tok)
+    pos, peak = _refine_peak(row, rows, cols, refine, radius)
+    return pos, peak / row.sum(-1).clamp_min(1e-12)
+
+
+def _parabola(left: float, centre: float, right: float) -> float:
+    denom = left - 2.0 * centre + right
+    if not np.isfinite(denom) or denom >= 0:
+        return 0.0
+    return float(np.clip(0.5 * (left - right) / denom, -0.5, 0.5))
+
+
+def _ncc_refine(video: np.ndarray, q: np.ndarray, qframes: np.ndarray, tracks: np.ndarray, patch: int,
+                upsample: int, search: int) -> tuple[np.ndarray, np.ndarray]:
+    """Local sub-pixel refinement of coarse tracks by NCC template matching (see ``pixel_refine``).
+
+    Frames are converted to gray and enlarged ``upsample`` times (bilinear); the template is the ``patch``-square
+    around the query (sub-pixel, ``cv2.getRectSubPix``); each target frame is searched within ``+-search``
+    upsampled pixels of the coarse estimate; the NCC peak is refined by a parabola fit. Returns the refined tracks
+    (pixels, edge convention) and the NCC peak ``[N, T]`` (1 at the query frame; -1 for a flat template).
+    """
+    import cv2
+
+    T, H, W, _ = video.shape
+    s = int(upsample)
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in video]
+    big = [cv2.resize(g, (W * s, H * s), interpolation=cv2.INTER_LINEAR).astype(np.float32) if s > 1
+           else g.astype(np.float32) for g in gray]
+    half = patch // 2
+    pad = half + search + 2
+    padded = [cv2.copyMakeBorder(b, pad, pad, pad, pad, cv2.BORDER_REPLICATE) for b in big]
+    out = tracks.copy()
+    ncc = np.ones(tracks.shape[:2], np.float32)
+    for i in range(q.shape[0]):
+        t0 = int(qframes[i])
+        # edge-convention pixels -> OpenCV centre-at-integer pixels of the upsampled frame
+        tmpl = cv2.getRectSubPix(big[t0], (patch, patch), (float(q[i, 1]) * s - 0.5, float(q[i, 2]) * s - 0.5))
+        if float(tmpl.std()) < 1e-6:
+            ncc[i, np.arange(T) != t0] = -1.0
+            continue
+        for k in range(T):
+            if k == t0:
+                continue
+            cx = int(np.clip(np.round(tracks[i, k, 0] * s - 0.5), 0, W * s - 1))
+            cy = int(np.clip(np.round(tracks[i, k, 1] * s - 0.5), 0, H * s - 1))
+            y0, x0 = cy - search - half + pad, cx - search - half + pad
+            region = padded[k][y0:y0 + 2 * search + patch, x0:x0 + 2 * search + patch]
+            score = np.nan_to_num(cv2.matchTemplate(region, tmpl, cv2.TM_CCOEFF_NORMED), nan=-1.0)
+            r, c = np.unravel_index(int(np.argmax(score)), score.shape)
+            dx = _parabola(score[r, c - 1], score[r, c], score[r, c + 1]) if 0 < c < score.shape[1] - 1 else 0.0
+            dy = _parabola(score[r - 1, c], score[r, c], score[r + 1, c]) if 0 < r < score.shape[0] - 1 else 0.0
+            out[i, k, 0] = (cx - search + c + dx + 0.5) / s
+            out[i, k, 1] = (cy - search + r + dy + 0.5) / s
+            ncc[i, k] = score[r, c]
+    return out, ncc
+
+
+def _add_noise(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if hasattr(scheduler, "add_noise"):
+        return scheduler.add_noise(x0, eps, t.reshape(1).to(x0.device))
+    if hasattr(scheduler, "scale_noise"):  # flow matching (Wan, HunyuanVideo)
+        return scheduler.scale_noise(x0, t.reshape(1).to(x0.device), eps)
+    raise ValueError(f"scheduler {type(scheduler).__name__} has neither add_noise nor scale_noise; use noise='none'")
+
+
+class FeatureTracker(DiffTracker):
+    """:class:`DiffTracker` on block-output features of the same model (cosine similarity / ``feature_tau``),
+    same chunking, matching and occlusion logic. ``fuse`` must be ``"mean"``."""
+
+    descriptor = "features"
+
+    def __init__(self, pipe_or_transformer=None, layers: int | Sequence[int] = (5,), feature_tau: float = 0.05,
+                 occlusion: str = "cycle", cycle_threshold: float = 1.0, **kwargs):
+        # layer 5 / tau 0.05: the best block-feature setting on 32 train-split world videos (calibrate_occlusion.py
+        # select stage, soft-argmax: delta_avg 0.285 vs 0.274 at layer 8, tau 0.1 always worse); cycle <= 1 token:
+        # train AJ 0.329 (best 0.331 at 0.875 tokens, OA 0.826 vs 0.815; no occlusion: AJ 0.302).
+        super().__init__(pipe_or_transformer, layers=layers, feature_tau=feature_tau, occlusion=occlusion,
+                         cycle_threshold=cycle_threshold, **kwargs)
+
+
