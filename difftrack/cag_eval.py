@@ -319,7 +319,7 @@ def object_direction(video: np.ndarray, colour: str) -> dict:
     return dict(found_frames=int(found.sum()), displacement=tuple(float(d) for d in disp), centroids=cent)
 
 
-def prompt_agreement(video: np.ndarray, prompt: str) -> dict:
+def prompt_agreement(video: np.ndarray, prompt: str, flows: np.ndarray | None = None) -> dict:
     """Does ``video`` (``uint8 [T, H, W, 3]``) show what ``prompt`` (world grammar) asks for?
 
     * Objects family (first object only): ``colour_ok`` -- a blob of the named hue (``colour_mask``, at least
@@ -330,12 +330,13 @@ def prompt_agreement(video: np.ndarray, prompt: str) -> dict:
 
     Returns:
         ``{"colour_ok": bool | None, "direction_ok": bool, "agree": bool, "family", "measured"}`` where ``measured``
-        is the object's displacement ``[dx, dy]`` (px) or the classified camera motion.
+        is the object's displacement ``[dx, dy]`` (px) or the classified camera motion. ``flows``: the video's
+        :func:`dense_flows`, if already computed.
     """
     video = _check_video(video)
     pp = parse_prompt(prompt)
     if pp.family == "scenes":
-        label, params = classify_camera(video)
+        label, params = classify_camera(video, flows)
         ok = label == pp.camera
         return dict(colour_ok=None, direction_ok=bool(ok), agree=bool(ok), family="scenes", measured=label,
                     expected=pp.camera, params=params)
@@ -414,13 +415,16 @@ def object_integrity(video: np.ndarray, prompt: str | None = None, fb_threshold:
     return float(track_survival(video, pts, fb_threshold).mean())
 
 
-def warp_error(video: np.ndarray, fb_threshold: float = 1.0) -> float:
+def warp_error(video: np.ndarray, fb_threshold: float = 1.0, flows: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> float:
     """Mean absolute difference (RGB in ``[0, 1]``) between frame ``t+1`` and frame ``t`` warped to it by the DIS flow,
     over pixels whose flow passes a forward-backward check (``fb_threshold`` px) and stays inside; mean over the
-    frame pairs. Lower is better; 0 for a static video."""
+    frame pairs. Lower is better; 0 for a static video. ``flows``: ``(forward, backward)`` :func:`dense_flows` if
+    already computed."""
     video = _check_video(video)
-    bwd = dense_flows(video, backward=True)  # pixel of t+1 -> position in t
-    fwd = dense_flows(video)  # pixel of t -> position in t+1
+    if flows is None:
+        flows = dense_flows(video), dense_flows(video, backward=True)
+    fwd, bwd = flows  # pixel of t -> position in t+1; pixel of t+1 -> position in t
     errs = []
     vid = video.astype(np.float32) / 255.0
     for t in range(len(video) - 1):
@@ -434,9 +438,11 @@ def warp_error(video: np.ndarray, fb_threshold: float = 1.0) -> float:
     return float(np.mean(errs)) if errs else float("nan")
 
 
-def motion_magnitude(video: np.ndarray) -> float:
-    """Mean DIS flow magnitude between consecutive frames, pixels per frame."""
-    return float(np.linalg.norm(dense_flows(video), axis=-1).mean())
+def motion_magnitude(video: np.ndarray, flows: np.ndarray | None = None) -> float:
+    """Mean DIS flow magnitude between consecutive frames, pixels per frame (``flows``: forward
+    :func:`dense_flows` if already computed)."""
+    flows = dense_flows(video) if flows is None else flows
+    return float(np.linalg.norm(flows, axis=-1).mean())
 
 
 def sharpness(video: np.ndarray) -> float:
@@ -455,12 +461,14 @@ def frame_contrast(video: np.ndarray) -> float:
 
 def score_video(video: np.ndarray, prompt: str) -> dict:
     """Every measure of :data:`MEASURES` for one video (``colour_ok`` is ``nan`` for scenes)."""
-    pa = prompt_agreement(video, prompt)
+    video = _check_video(video)
+    fwd, bwd = dense_flows(video), dense_flows(video, backward=True)
+    pa = prompt_agreement(video, prompt, fwd)
     return dict(
         agree=float(pa["agree"]), colour_ok=float("nan") if pa["colour_ok"] is None else float(pa["colour_ok"]),
         direction_ok=float(pa["direction_ok"]), object_integrity=object_integrity(video, prompt),
-        frame_integrity=object_integrity(video, None), warp_error=warp_error(video),
-        motion_magnitude=motion_magnitude(video), sharpness=sharpness(video), frame_contrast=frame_contrast(video))
+        frame_integrity=object_integrity(video, None), warp_error=warp_error(video, flows=(fwd, bwd)),
+        motion_magnitude=motion_magnitude(video, fwd), sharpness=sharpness(video), frame_contrast=frame_contrast(video))
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -522,7 +530,8 @@ DEFAULT_BOTTOM3 = [0, 6, 9]
 def layer_sets(summary_path: str | Path | None = None) -> dict:
     """The dominant and least-dominant 3 layers of the embedded model.
 
-    From ``results/analysis_summary.json`` when it exists: ``best_layers_top3``; the bottom 3 from
+    From ``results/analysis_summary.json`` (``scripts/run_analysis.py``) when it exists: ``best_layers_top3`` (top
+    level, else its ``combined`` block); the bottom 3 from
     ``worst_layers_bottom3`` / ``least_dominant_layers``, else from a ``layer_ranking`` list (best first) or a
     ``harmonic_mean`` table ``[steps, layers]`` ranked with :func:`difftrack.analysis.top_layers`. Otherwise the
     colleague's analysis defaults ``[8, 11, 5]`` and ``[0, 6, 9]``.
@@ -538,15 +547,23 @@ def layer_sets(summary_path: str | Path | None = None) -> dict:
         return dict(top3=list(DEFAULT_TOP3), bottom3=list(DEFAULT_BOTTOM3),
                     source=f"defaults ({p.name} not found): top [8, 11, 5], bottom [0, 6, 9]")
     d = json.loads(p.read_text())
-    top = d.get("best_layers_top3")
-    bottom = d.get("worst_layers_bottom3") or d.get("least_dominant_layers") or d.get("bottom_layers_3")
-    ranking = d.get("layer_ranking")
+
+    def find(*keys):  # top level first, then the combined (generated + exact) block of scripts/run_analysis.py
+        for block in (d, d.get("combined"), d.get("all"), (d.get("summary") or {}).get("all")):
+            for k in keys:
+                if isinstance(block, dict) and block.get(k) is not None:
+                    return block[k]
+        return None
+
+    top = find("best_layers_top3")
+    bottom = find("worst_layers_bottom3", "least_dominant_layers", "bottom_layers_3")
+    ranking = find("layer_ranking")
     if bottom is None and ranking:
         bottom = list(ranking)[-3:]
-    if (top is None or bottom is None) and d.get("harmonic_mean") is not None:
+    if (top is None or bottom is None) and find("harmonic_mean") is not None:
         from .analysis import top_layers
 
-        hm = np.asarray(d["harmonic_mean"], np.float64)
+        hm = np.asarray(find("harmonic_mean"), np.float64)
         order = top_layers(hm, k=hm.shape[1])
         top = top if top is not None else order[:3]
         bottom = bottom if bottom is not None else order[-3:]
@@ -585,12 +602,14 @@ def initial_noise(seed: int, num_frames: int | None = None, height: int | None =
 
 def generate_videos(pipe, prompts: Sequence[str], seeds: Sequence[int], layers: Sequence[int] = (),
                     scale: float = 0.0, num_inference_steps: int = 50, guidance_scale: float = 6.0,
-                    variant: str = "renormalized", step_times: list | None = None) -> np.ndarray:
+                    variant: str = "renormalized", step_times: list | None = None, autocast: str | None = None
+                    ) -> np.ndarray:
     """Generate one batch: ``uint8 [B, T, H, W, 3]`` for ``prompts`` with per-video noise :func:`initial_noise`.
 
     ``scale == 0`` or no ``layers``: the plain pipeline (CFG batch ``2B``); else
     :func:`difftrack.guidance.generate_with_cag` (3-slot batch). ``step_times``, if given, receives the wall-clock
-    seconds of every denoising step (synchronised on CUDA).
+    seconds of every denoising step (synchronised on CUDA). ``autocast``: ``None`` (run in the weights' dtype) or
+    ``"bf16"`` / ``"fp16"`` (``torch.autocast`` on the pipeline's device, as the embedded model was trained).
     """
     import torch
 
@@ -613,10 +632,25 @@ def generate_videos(pipe, prompts: Sequence[str], seeds: Sequence[int], layers: 
     config = CAGConfig(list(layers), scale=float(scale), variant=variant) if (layers and scale != 0) else None
     sync()
     last[0] = time.perf_counter()
-    out = generate_with_cag(pipe, list(prompts), config, guidance_scale=guidance_scale,
-                            num_inference_steps=num_inference_steps, latents=latents, callback_on_step_end=cb,
-                            progress=False)
+    with autocast_context(device, autocast):
+        out = generate_with_cag(pipe, list(prompts), config, guidance_scale=guidance_scale,
+                                num_inference_steps=num_inference_steps, latents=latents, callback_on_step_end=cb,
+                                progress=False)
     return np.asarray(out.frames)
+
+
+def autocast_context(device, name: str | None):
+    """``torch.autocast`` for ``name`` in ``{"bf16", "fp16"}`` on ``device``'s type, or a no-op for ``None``."""
+    import contextlib
+
+    import torch
+
+    if name in (None, "none"):
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"autocast={name!r}; allowed: None, 'bf16', 'fp16'")
+    return torch.autocast(torch.device(device).type, dtype=dtypes[name])
 
 
 # --------------------------------------------------------------------------------------------- plotting
@@ -715,8 +749,8 @@ def video_path(directory: str | Path, index: int, seed: int) -> Path:
 
 def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: Sequence[int] = (),
                     scale: float = 0.0, num_inference_steps: int = 50, guidance_scale: float = 6.0,
-                    variant: str = "renormalized", batch_size: int = 100, log: Callable[[str], None] | None = print
-                    ) -> list[dict]:
+                    variant: str = "renormalized", batch_size: int = 100, log: Callable[[str], None] | None = print,
+                    autocast: str | None = None) -> list[dict]:
     """Generate every item (``{"index", "prompt", "noise_seed"}``) whose video is not cached yet under
     ``directory``, ``batch_size`` videos per pipeline call; each video is saved as soon as its batch ends, so an
     interrupted run resumes. Returns one timing record per batch: ``{"batch", "steps", "step_seconds" (median over
@@ -730,7 +764,8 @@ def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: 
         times: list[float] = []
         t0 = time.perf_counter()
         vids = generate_videos(pipe, [it["prompt"] for it in chunk], [it["noise_seed"] for it in chunk], layers,
-                               scale, num_inference_steps, guidance_scale, variant, step_times=times)
+                               scale, num_inference_steps, guidance_scale, variant, step_times=times,
+                               autocast=autocast)
         total = time.perf_counter() - t0
         for it, v in zip(chunk, vids):
             np.save(video_path(directory, it["index"], it["noise_seed"]), v)
@@ -756,7 +791,8 @@ def load_cached(directory: str | Path, items: Sequence[dict]) -> list[np.ndarray
 
 
 def time_steps(pipe, layers: Sequence[int], batch_size: int = 1, num_inference_steps: int = 3, scale: float = 1.0,
-               variant: str = "renormalized", prompt: str = "a red circle moving left on a still background") -> dict:
+               variant: str = "renormalized", prompt: str = "a red circle moving left on a still background",
+               autocast: str | None = None) -> dict:
     """Seconds per denoising step of the plain CFG pipeline and of CAG (3-slot batch) for ``batch_size`` videos:
     median over the steps after the first of one ``num_inference_steps`` run each (``num_inference_steps >= 2``)."""
     import platform
@@ -768,11 +804,12 @@ def time_steps(pipe, layers: Sequence[int], batch_size: int = 1, num_inference_s
     for name, (ls, s) in {"plain_cfg": ((), 0.0), "cag": (tuple(layers), scale)}.items():
         times: list[float] = []
         generate_videos(pipe, [prompt] * batch_size, list(range(batch_size)), ls, s, num_inference_steps,
-                        variant=variant, step_times=times)
+                        variant=variant, step_times=times, autocast=autocast)
         out[name] = float(np.median(times[1:] if len(times) > 1 else times))
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return dict(device=str(dev), device_name=name, batch=batch_size, steps_timed=max(1, num_inference_steps - 1),
+    return dict(device=str(dev), device_name=name, autocast=autocast, batch=batch_size,
+                steps_timed=max(1, num_inference_steps - 1),
                 plain_cfg_s_per_step=out["plain_cfg"], cag_s_per_step=out["cag"],
                 cag_over_plain=out["cag"] / out["plain_cfg"], torch_threads=torch.get_num_threads())
 

@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance weight")
     p.add_argument("--variant", default="renormalized", choices=("renormalized", "zero_after_softmax"))
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype")
+    p.add_argument("--autocast", default="none", choices=("none", "bf16", "fp16"),
+                   help="torch.autocast dtype (the embedded model was trained under bf16 autocast; use bf16 on GPU)")
     p.add_argument("--batch", type=int, default=100, help="videos per pipeline call")
     p.add_argument("--layers-top", type=int, nargs=3, default=None, help="override the dominant layers")
     p.add_argument("--layers-bottom", type=int, nargs=3, default=None, help="override the least-dominant layers")
@@ -54,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--time-batch", type=int, default=1, help="videos per step in the 'time' phase")
     p.add_argument("--time-steps", type=int, default=4, help="steps timed in the 'time' phase (first is warm-up)")
     p.add_argument("--pack-dir", default=None)
+    p.add_argument("--pack-prompts", type=int, default=None, help="pack only the videos of the first N prompts")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
 
@@ -68,7 +71,8 @@ def _cuda() -> bool:
 
 
 def run_tag(a) -> str:
-    return f"steps{a.steps}_cfg{a.cfg:g}_{a.variant}" + ("" if a.dtype == "fp32" else f"_{a.dtype}")
+    return (f"steps{a.steps}_cfg{a.cfg:g}_{a.variant}" + ("" if a.dtype == "fp32" else f"_{a.dtype}")
+            + ("" if a.autocast == "none" else f"_amp{a.autocast}"))
 
 
 def plan(a):
@@ -104,13 +108,18 @@ def device_tag(a) -> str:
     return "cpu"
 
 
+def setting_dir(run_dir: Path, name: str, s: dict) -> Path:
+    """Cache folder of one setting; the layers are part of the name, so a new layer ranking never reuses videos."""
+    return run_dir / (name if not s["layers"] else f"{name}_L{'-'.join(str(l) for l in s['layers'])}")
+
+
 def generate(a):
     items, layers, settings = plan(a)
     run_dir = Path(a.cache) / run_tag(a)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "manifest.json").write_text(json.dumps(dict(items=items, layers=layers, settings=settings,
                                                            steps=a.steps, cfg=a.cfg, variant=a.variant,
-                                                           dtype=a.dtype), indent=1))
+                                                           dtype=a.dtype, autocast=a.autocast), indent=1))
     pipe = load_pipe(a)
     tag = device_tag(a)
     tpath = run_dir / f"timing_generate_{tag}.json"
@@ -119,8 +128,8 @@ def generate(a):
     print(f"[cag] generate {len(items)} prompts x {len(settings)} settings, {a.steps} steps on {a.device} "
           f"({tag}); layers {layers}")
     for name, s in settings.items():
-        recs = E.generate_cached(pipe, items, run_dir / name, s["layers"], s["scale"], a.steps, a.cfg, a.variant,
-                                 a.batch)
+        recs = E.generate_cached(pipe, items, setting_dir(run_dir, name, s), s["layers"], s["scale"], a.steps,
+                                 a.cfg, a.variant, a.batch, autocast=None if a.autocast == "none" else a.autocast)
         if recs:
             timing.setdefault(name, []).extend(recs)
             tpath.write_text(json.dumps(timing, indent=1))
@@ -130,17 +139,19 @@ def generate(a):
 def time_phase(a):
     _, layers, _ = plan(a)
     pipe = load_pipe(a)
-    r = E.time_steps(pipe, layers["top3"], a.time_batch, a.time_steps, variant=a.variant)
+    r = E.time_steps(pipe, layers["top3"], a.time_batch, a.time_steps, variant=a.variant,
+                     autocast=None if a.autocast == "none" else a.autocast)
     r.update(dtype=a.dtype, measured_at=time.strftime("%Y-%m-%d %H:%M:%S"), load_average=_loadavg())
     tag = device_tag(a)
     Path(a.cache).mkdir(parents=True, exist_ok=True)
-    (Path(a.cache) / f"timing_{tag}_b{a.time_batch}.json").write_text(json.dumps(r, indent=1))
+    key = f"{tag}_b{a.time_batch}" + ("" if a.autocast == "none" else f"_amp{a.autocast}")
+    (Path(a.cache) / f"timing_{key}.json").write_text(json.dumps(r, indent=1))
     print(f"[cag] time per step on {tag} at batch {a.time_batch}: plain CFG {r['plain_cfg_s_per_step']:.3f} s, "
           f"CAG {r['cag_s_per_step']:.3f} s (x{r['cag_over_plain']:.2f})")
     out = Path(a.out)
-    if out.exists():
+    if out.exists() and json.loads(out.read_text()).get("source") != "notebook":
         d = json.loads(out.read_text())
-        d.setdefault("timing", {}).setdefault("per_step", {})[f"{tag}_b{a.time_batch}"] = r
+        d.setdefault("timing", {}).setdefault("per_step", {})[key] = r
         out.write_text(json.dumps(d, indent=1))
         print(f"[cag] merged into {out}")
 
@@ -176,9 +187,10 @@ def score(a):
             raise SystemExit(f"{man} was generated for other prompts (--prompts {len(m['items'])}?)")
         layers, settings = m["layers"], m["settings"]
     tasks = [("world", it["world_seed"], it["prompt"], it["family"]) for it in items]
-    for name in settings:
-        tasks += [("video", str(E.video_path(run_dir / name, it["index"], it["noise_seed"])), it["prompt"],
-                   it["family"]) for it in items]
+    for name, s in settings.items():
+        d = setting_dir(run_dir, name, s)
+        tasks += [("video", str(E.video_path(d, it["index"], it["noise_seed"])), it["prompt"], it["family"])
+                  for it in items]
     missing = [t[1] for t in tasks if t[0] == "video" and not Path(t[1]).exists()]
     if missing:
         raise SystemExit(f"{len(missing)} videos missing (first: {missing[0]}); run --phase generate first")
@@ -201,8 +213,10 @@ def score(a):
                                   summary=E.summarize(per[name], None if name == "none" else base))
     timing = {}
     out = Path(a.out)
-    if out.exists():
-        timing = json.loads(out.read_text()).get("timing", {})
+    if out.exists():  # keep per-step timings measured earlier (e.g. --phase time on a CPU), not a notebook run's
+        old = json.loads(out.read_text())
+        if old.get("source") != "notebook":
+            timing = {k: v for k, v in old.get("timing", {}).items() if k == "per_step"}
     for f in sorted(Path(a.cache).glob("timing_*.json")):
         timing.setdefault("per_step", {})[f.stem.replace("timing_", "")] = json.loads(f.read_text())
     for f in sorted(run_dir.glob("timing_generate_*.json")):
@@ -221,6 +235,7 @@ def score(a):
     import cv2
 
     result = dict(
+        source="scripts/run_cag_eval.py",
         description="CAG on the embedded mini CogVideoX (64x64, 13 frames, 12 blocks): no CAG vs CAG on the 3 "
                     "dominant layers vs CAG on the 3 least-dominant layers, same prompts and noise seeds; our own "
                     "measures (the paper's evaluation code is not published). See difftrack/cag_eval.py.",
@@ -245,7 +260,8 @@ def score(a):
                       families={f: sum(it["family"] == f for it in items) for f in ("objects", "scenes")},
                       prompt_source="difftrack.cag_eval.eval_prompts (world prompts, held-out split, families "
                                     "alternating); noise seed 1000 + index, drawn on the CPU",
-                      steps=a.steps, cfg=a.cfg, cag_variant=a.variant, dtype=a.dtype, layers=layers,
+                      steps=a.steps, cfg=a.cfg, cag_variant=a.variant, dtype=a.dtype, autocast=a.autocast,
+                      layers=layers,
                       scales=list(a.scales), opencv=cv2.__version__,
                       summary_statistics="mean, standard error over videos; for CAG settings the paired "
                                          "difference to no CAG (delta) with a 95% normal interval"),
@@ -299,6 +315,8 @@ def pack(a):
     dst = Path(a.pack_dir)
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(run_dir.glob("*/*.npy"))
+    if a.pack_prompts is not None:
+        files = [f for f in files if int(f.stem.split("_")[0]) < a.pack_prompts]
     shard, size, k = {}, 0, 0
 
     def flush():

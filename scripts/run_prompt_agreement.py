@@ -37,7 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=6.0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype")
+    p.add_argument("--autocast", default="none", choices=("none", "bf16", "fp16"),
+                   help="torch.autocast dtype (the embedded model was trained under bf16 autocast; use bf16 on GPU)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--world-extra", type=int, default=200, help="extra world videos for the validation")
     p.add_argument("--cache", default=str(ROOT / "cache" / "prompt_agreement"))
@@ -49,7 +51,8 @@ def parse_args(argv=None):
 
 
 def run_dir(a) -> Path:
-    return Path(a.cache) / (f"steps{a.steps}_cfg{a.cfg:g}" + ("" if a.dtype == "fp32" else f"_{a.dtype}"))
+    return Path(a.cache) / (f"steps{a.steps}_cfg{a.cfg:g}" + ("" if a.dtype == "fp32" else f"_{a.dtype}")
+                            + ("" if a.autocast == "none" else f"_amp{a.autocast}"))
 
 
 def generate(a):
@@ -66,9 +69,11 @@ def generate(a):
     items = E.eval_prompts(a.videos, seed0=SEED0)
     d = run_dir(a)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "manifest.json").write_text(json.dumps(dict(items=items, steps=a.steps, cfg=a.cfg, dtype=a.dtype), indent=1))
+    (d / "manifest.json").write_text(json.dumps(dict(items=items, steps=a.steps, cfg=a.cfg, dtype=a.dtype,
+                                                     autocast=a.autocast), indent=1))
     t0 = time.time()
-    recs = E.generate_cached(pipe, items, d / "videos", (), 0.0, a.steps, a.cfg, batch_size=a.batch)
+    recs = E.generate_cached(pipe, items, d / "videos", (), 0.0, a.steps, a.cfg, batch_size=a.batch,
+                             autocast=None if a.autocast == "none" else a.autocast)
     if recs:
         tp = d / "timing_generate.json"
         old = json.loads(tp.read_text()) if tp.exists() else []
@@ -147,7 +152,8 @@ def score(a):
         protocol=dict(prompts="difftrack.cag_eval.eval_prompts(n, seed0=%d): random world prompts of the "
                               "held-out split, families alternating" % SEED0,
                       noise_seeds="1000 + index, drawn on the CPU (difftrack.cag_eval.initial_noise)",
-                      steps=a.steps, cfg=a.cfg, dtype=a.dtype, pipeline="MiniVideoPipeline (plain CFG, no CAG)",
+                      steps=a.steps, cfg=a.cfg, dtype=a.dtype, autocast=a.autocast,
+                      pipeline="MiniVideoPipeline (plain CFG, no CAG)",
                       world_videos="ground-truth world renders of the same prompts plus %d more" % a.world_extra,
                       opencv=cv2.__version__,
                       thresholds=dict(hue_tolerance_deg=E.HUE_TOLERANCE_DEG, min_saturation=E.MIN_SATURATION,

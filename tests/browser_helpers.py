@@ -142,7 +142,7 @@ class LabServer:
         env.update({
             "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
             "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
-            "IPYTHONDIR": str(home / "ipython"),
+            "IPYTHONDIR": str(home / "ipython"), "DIFFTRACK_ROOT": str(self.root),
             "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
         })
         env.pop("MPLBACKEND", None)  # the notebooks use %matplotlib inline; Agg from lab.sh would not hurt either
@@ -296,13 +296,17 @@ def unexecuted_code_cells(page) -> list[int]:
 
 
 def find_slider(page, pattern: str):
-    """The first ipywidgets slider whose description label matches `pattern` (case-insensitive regex)."""
-    sliders = page.locator(".widget-slider")
-    labels = sliders.evaluate_all("els => els.map(e => (e.querySelector('.widget-label') || {}).innerText || '')")
-    for i, label in enumerate(labels):
-        if re.search(pattern, label.strip(), re.IGNORECASE):
-            return sliders.nth(i), label.strip()
-    return None, labels
+    """The first ipywidgets slider whose description label matches `pattern` (case-insensitive regex).
+    Returns (slider, its notebook cell, label), or (None, None, all slider labels seen)."""
+    found = page.evaluate(
+        """() => { const cells = Array.from(document.querySelectorAll('.jp-Notebook .jp-Cell'));
+                   return cells.flatMap((c, ci) => Array.from(c.querySelectorAll('.widget-slider')).map((s, si) =>
+                     [ci, si, ((s.querySelector('.widget-label') || {}).innerText || '').trim()])); }""")
+    for ci, si, label in found:
+        if re.search(pattern, label, re.IGNORECASE):
+            cell = page.locator(".jp-Notebook .jp-Cell").nth(ci)
+            return cell.locator(".widget-slider").nth(si), cell, label
+    return None, None, [label for _, _, label in found]
 
 
 def slider_value(slider) -> str:

@@ -32,8 +32,10 @@ NOTEBOOKS = ["02_layer_analysis", "04_tracking"]
 # CI-sized parameters injected into the copy JupyterLab opens (only names the parameters cell defines are used).
 # Override with DIFFTRACK_BROWSER_PARAMS='{"name": value, ...}' (applies to every notebook).
 PARAMS: dict[str, dict] = {
-    "02_layer_analysis": {},
-    "04_tracking": {},
+    # 2 denoising steps (the step slider still has two values), 4x4 query grid, no untrained-weights control
+    "02_layer_analysis": {"num_steps": 2, "grid_size": 4, "untrained_control": False},
+    # 2 x 2 precomputed (layer, step) runs for the sliders instead of 4 x 2; no FeatureTracker row in the table
+    "04_tracking": {"slider_layers": [5, 8], "slider_steps": [-1, -25], "include_features": False},
 }
 # Slider description patterns (case-insensitive) and which sliders each notebook must have.
 SLIDERS = {"layer": r"\blayer\b", "step": r"\b(time[ _-]?)?step\b"}
@@ -127,12 +129,11 @@ def test_notebook_in_jupyterlab(notebook: Path, overridden: bool, request, tmp_p
 
         moved = []
         for key, pattern in SLIDERS.items():
-            slider, label = bh.find_slider(page, pattern)
+            slider, cell, label = bh.find_slider(page, pattern)
             if slider is None:
                 assert key not in required, (f"{notebook.name}: no slider described like {pattern!r} "
                                              f"(slider labels seen: {label})")
                 continue
-            cell = page.locator(".jp-Cell").filter(has=slider)
             before = bh.widget_images(cell)
             assert before, f"{notebook.name}: no figure in the widget output of the {label!r} slider's cell"
             old, new = bh.move_slider(slider)
@@ -154,7 +155,8 @@ def test_notebook_in_jupyterlab(notebook: Path, overridden: bool, request, tmp_p
         shot = shot_dir / f"browser_{notebook.stem}.png"
         cell = moved[0][1]
         cell.scroll_into_view_if_needed()
-        page.mouse.move(0, 0)  # no hover highlight / cell toolbar in the picture
+        page.mouse.move(0, 0)  # no hover highlight in the picture, and no active-cell toolbar:
+        page.add_style_tag(content=".jp-cell-toolbar, .jp-toolbar-overlay { display: none !important; }")
         cell.screenshot(path=str(shot))
         log.append(f"screenshot: {shot}")
         print("\n".join(log))

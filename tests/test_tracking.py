@@ -282,3 +282,28 @@ def test_video_io_roundtrip(tmp_path):
         read_video(p, max_frames=0)
     with pytest.raises(ValueError, match="T, H, W, 3"):
         write_video(tmp_path / "x.mp4", v[0])
+
+
+def test_rope_cogvideox_layout():
+    """A CogVideoX-5B-style transformer (3D RoPE built per chunk) at a non-square size."""
+    model = tiny_cogvideox(rope=True, layers=2)
+    tr = DiffTracker(model, layers=(1,), encode=pool_encode, token_stride=16,
+                     encoder_hidden_states=torch.randn(1, 8, 8))
+    tracks, visible = tr(random_video(4, 64, 96), np.array([[1, 50.0, 30.0]], np.float32))
+    assert tracks.shape == (1, 4, 2) and visible[0, 1]
+
+
+def test_wan_pipeline_with_its_vae():
+    """Another backbone layout ([B, C, F, H, W], text by cross-attention) encoded by its own VAE per frame."""
+    from difftrack.testing import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("wan")
+    ehs = pipe.encode_prompt("", do_classifier_free_guidance=False, device="cpu")[0]
+    tr = DiffTracker(pipe, layers=(1,), encoder_hidden_states=ehs)
+    assert tr.token_stride == 16
+    video = random_video(3, 32, 32)
+    z = vae_encode_frames(pipe.vae, video)
+    assert z.shape[0] == 3 and z.shape[-2:] == (4, 4)
+    tracks, visible = tr(video, np.array([[2, 20.0, 10.0]], np.float32))
+    assert tracks.shape == (1, 3, 2)
+    np.testing.assert_allclose(tracks[0, 2], [20.0, 10.0])

@@ -1,0 +1,388 @@
+"""Inspection helpers for the analysis notebooks (01-03) and ``scripts/run_analysis.py``.
+
+Two computational helpers for the paper's visualisations (shared reference section 9), from captured query/key
+(:func:`difftrack.capture.capture`, post-norm/post-RoPE, i.e. what SDPA sees):
+
+* :func:`query_attention_maps` -- the cross-frame attention of a query point of the source frame over every frame:
+  per head ``softmax_j(q_src . k^f_j / tau)`` over **that frame's** video keys, then the mean over heads;
+* :func:`qk_pca` -- a 3-component PCA of the head-averaged video-token queries (or keys), fitted jointly over all
+  frames and shown as RGB per frame.
+
+:class:`QKInspector` is a ``capture(on_qk=...)`` callback that fills both for every (step, layer) of one run, so a
+notebook slider only indexes precomputed arrays (``float32``; a 13-frame 16x16-token video, 12 layers and 8 steps
+take about 20 MB).
+
+The rest is bookkeeping shared by the notebooks and the script, so that they stay thin: the list of analysed
+videos (:func:`analysis_items`), loading a cached record (:func:`load_cached`, same file names as
+:func:`difftrack.analysis.run_dataset`), the ground truth of an item (:func:`item_ground_truth`), model loading
+(:func:`load_pipeline`) and the headline numbers of a set of tables (:func:`summarize_tables`).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import matching as M
+
+PARTS = ("text", "self", "cross")
+
+
+# ---------------------------------------------------------------------------------------------- attention maps
+def point_tokens(points_px: np.ndarray | torch.Tensor, stride: float, rows: int, cols: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ``(row, col)`` holding each pixel point: ``row = floor(y / stride)``, ``col = floor(x / stride)``,
+    clamped to the grid (row from y, i.e. the published transposition [B3] fixed).
+
+    Args:
+        points_px: ``[n, 2]`` pixels ``(x, y)`` (edge convention).
+
+    Returns:
+        ``(row long [n], col long [n])``.
+    """
+    p = torch.as_tensor(np.asarray(points_px, np.float32))
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise ValueError(f"points_px must be [n, 2] pixels (x, y); got {tuple(p.shape)}")
+    col = (p[:, 0] / stride).floor().long().clamp(0, cols - 1)
+    row = (p[:, 1] / stride).floor().long().clamp(0, rows - 1)
+    return row, col
+
+
+@torch.no_grad()
+def query_attention_maps(q: torch.Tensor, k: torch.Tensor, points_px, stride: float, src_frame: int = 0,
+                         tau: float | str | None = None) -> torch.Tensor:
+    """Cross-frame attention maps of query points.
+
+    Args:
+        q, k: ``[H, F, rows, cols, D]`` one sample's video-token query/key (e.g. ``cache.q(l, s)[0]`` or
+            ``QKEvent.q_video[0]``).
+        points_px: ``[n, 2]`` pixels ``(x, y)`` in frame ``src_frame``; each uses the token holding it.
+        stride: pixels per token.
+        src_frame: the frame the points live in.
+        tau: softmax temperature (:func:`difftrack.matching.temperature`; default ``sqrt(head_dim)``).
+
+    Returns:
+        ``float32 [n, F, rows, cols]``: for every frame ``f``, ``mean_h softmax_j(q_src . k^f_j / tau)`` over the
+        ``rows * cols`` keys of frame ``f`` (each map sums to 1). Frame ``src_frame`` is the within-frame map.
+    """
+    if q.dim() != 5 or q.shape != k.shape:
+        raise ValueError(f"q and k must both be [H, F, rows, cols, D]; got {tuple(q.shape)} and {tuple(k.shape)}")
+    H, Fr, rows, cols, D = q.shape
+    if not 0 <= src_frame < Fr:
+        raise ValueError(f"src_frame={src_frame} out of range; allowed 0..{Fr - 1}")
+    row, col = point_tokens(points_px, stride, rows, cols)
+    t = M.temperature(tau, H, D)
+    qs = q[:, src_frame, row.to(q.device), col.to(q.device)].float()  # (H, n, D)
+    kk = k.float().reshape(H, Fr, rows * cols, D)  # (H, F, M, D)
+    logits = torch.einsum("hnd,hfmd->hnfm", qs, kk) / t  # (H, n, F, M)
+    maps = logits.softmax(-1).mean(0)  # (n, F, M)
+    return maps.reshape(len(row), Fr, rows, cols).cpu()
+
+
+@torch.no_grad()
+def qk_pca(x: torch.Tensor, n_components: int = 3, normalize: str = "joint", clip: float = 1.0) -> np.ndarray:
+    """PCA of head-averaged video-token descriptors, fitted jointly over frames, as RGB images.
+
+    Args:
+        x: ``[H, F, rows, cols, D]`` query or key of one sample (or ``[F, rows, cols, D]`` already averaged).
+        n_components: components kept (3 for RGB).
+        normalize: ``"joint"`` scales each component to ``[0, 1]`` with the same range for every frame, so a colour
+            means the same descriptor in every frame (what correspondence needs); ``"frame"`` min-max normalises
+            each frame separately, as the published code does.
+        clip: percentile clipped at each end before scaling (robust to a few outlying tokens).
+
+    Returns:
+        ``float32 [F, rows, cols, n_components]`` in ``[0, 1]``. Component signs are fixed so that each
+        component's largest loading is positive (deterministic colours).
+    """
+    if normalize not in ("joint", "frame"):
+        raise ValueError(f"normalize={normalize!r}; allowed: 'joint', 'frame'")
+    if x.dim() == 5:
+        x = x.float().mean(0)  # (F, rows, cols, D)
+    if x.dim() != 4:
+        raise ValueError(f"x must be [H, F, rows, cols, D] or [F, rows, cols, D]; got {tuple(x.shape)}")
+    Fr, rows, cols, D = x.shape
+    if not 1 <= n_components <= min(D, Fr * rows * cols):
+        raise ValueError(f"n_components={n_components}; allowed 1..{min(D, Fr * rows * cols)}")
+    flat = x.reshape(-1, D).double()
+    flat = flat - flat.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+    comps = vh[:n_components]  # (C, D)
+    sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    comps = comps * sign
+    proj = (flat @ comps.T).reshape(Fr, rows * cols, n_components).numpy()
+    if normalize == "joint":
+        lo = np.percentile(proj, clip, axis=(0, 1), keepdims=True)
+        hi = np.percentile(proj, 100 - clip, axis=(0, 1), keepdims=True)
+    else:
+        lo = np.percentile(proj, clip, axis=1, keepdims=True)
+        hi = np.percentile(proj, 100 - clip, axis=1, keepdims=True)
+    rgb = np.clip((proj - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
+    return rgb.reshape(Fr, rows, cols, n_components).astype(np.float32)
+
+
+class QKInspector:
+    """``capture(on_qk=...)`` callback storing, for every captured (step, layer), the attention maps of a few query
+    points and the q/k PCA images.
+
+    Args:
+        points_px: ``[P, 2]`` pixels ``(x, y)`` in frame ``src_frame``.
+        stride: pixels per token.
+        num_steps, num_layers: table size.
+        src_frame, tau: as :func:`query_attention_maps`.
+        pca: also compute :func:`qk_pca` of q and k.
+
+    Attributes (filled during the run; ``nan`` where nothing was captured):
+        attn: ``float32 [S, L, P, F, rows, cols]``;
+        pca_q, pca_k: ``float32 [S, L, F, rows, cols, 3]``;
+        timesteps: ``float64 [S]`` scheduler timestep of each step.
+    """
+
+    def __init__(self, points_px, stride: float, num_steps: int, num_layers: int, src_frame: int = 0,
+                 tau: float | str | None = None, pca: bool = True):
+        self.points = np.asarray(points_px, np.float32).reshape(-1, 2)
+        self.stride, self.S, self.L = float(stride), int(num_steps), int(num_layers)
+        self.src_frame, self.tau, self.pca = src_frame, tau, pca
+        self.attn = self.pca_q = self.pca_k = None
+        self.timesteps = np.full(self.S, np.nan)
+
+    def _alloc(self, frames: int, rows: int, cols: int) -> None:
+        S, L, P = self.S, self.L, len(self.points)
+        self.attn = np.full((S, L, P, frames, rows, cols), np.nan, np.float32)
+        if self.pca:
+            self.pca_q = np.full((S, L, frames, rows, cols, 3), np.nan, np.float32)
+            self.pca_k = np.full((S, L, frames, rows, cols, 3), np.nan, np.float32)
+
+    def on_qk(self, ev) -> None:
+        if not 0 <= ev.step < self.S or not 0 <= ev.layer < self.L:
+            raise ValueError(f"(step {ev.step}, layer {ev.layer}) outside the inspector's {self.S} steps x "
+                             f"{self.L} layers")
+        q, k = ev.q_video[0], ev.k_video[0]  # (H, F, rows, cols, D)
+        if self.attn is None:
+            self._alloc(*q.shape[1:4])
+        self.attn[ev.step, ev.layer] = query_attention_maps(q, k, self.points, self.stride, self.src_frame,
+                                                            self.tau).numpy()
+        if self.pca:
+            self.pca_q[ev.step, ev.layer] = qk_pca(q.cpu())
+            self.pca_k[ev.step, ev.layer] = qk_pca(k.cpu())
+        if ev.timestep is not None:
+            self.timesteps[ev.step] = ev.timestep
+
+
+@torch.no_grad()
+def inspect_generation(pipe, prompt: str, seed: int, points_px, num_steps: int, guidance_scale: float = 6.0,
+                       layers="all", **kw) -> tuple[np.ndarray, QKInspector]:
+    """Generate one video (same noise as :func:`difftrack.analysis.analyze_generation` for the same seed) while a
+    :class:`QKInspector` records every (step, layer). Returns ``(video uint8 [T, H, W, 3], inspector)``."""
+    from .analysis import _layers_count, token_px
+    from .capture import capture
+    from .mini import WIDTH
+
+    insp = QKInspector(points_px, WIDTH / (WIDTH // token_px(pipe)), num_steps, _layers_count(pipe), **kw)
+    with capture(pipe, layers=layers, store=False, on_qk=insp.on_qk, num_steps=num_steps):
+        out = pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance_scale,
+                   generator=torch.Generator().manual_seed(seed), progress=False)
+    return out.frames[0], insp
+
+
+@torch.no_grad()
+def inspect_exact(pipe, sample, points_px, num_steps: int, noise_seed: int = 0, layers="all", **kw) -> QKInspector:
+    """A world video noised to every denoising step (one conditional forward per step, the same noise as
+    :func:`difftrack.analysis.analyze_exact`) while a :class:`QKInspector` records every (step, layer)."""
+    from .analysis import _layers_count, token_px
+    from .capture import capture
+    from .mini import video_uint8_to_latents
+
+    W = sample.video.shape[2]
+    insp = QKInspector(points_px, W / (W // token_px(pipe)), num_steps, _layers_count(pipe), **kw)
+    sched = pipe.scheduler
+    sched.set_timesteps(num_steps)
+    dev = pipe.transformer.device
+    x0 = video_uint8_to_latents(sample.video, device=dev)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(noise_seed)).to(dev)
+    emb = pipe.text_encoder(pipe.text_encoder.tokenize([sample.prompt]).to(dev)).to(pipe.transformer.dtype)
+    with capture(pipe, layers=layers, store=False, on_qk=insp.on_qk) as cap:
+        for s in range(num_steps):
+            t = sched.timesteps[s].to(dev).view(1)
+            xt = sched.add_noise(x0, noise, t).to(pipe.transformer.dtype)
+            cap.set_step(s)
+            pipe.transformer(hidden_states=xt, encoder_hidden_states=emb, timestep=t, return_dict=False)
+    return insp
+
+
+# ---------------------------------------------------------------------------------------------- data set items
+def analysis_items(generated_per_family: int, exact_per_family: int, seed: int = 0, families=None,
+                   split: str = "heldout") -> list[dict]:
+    """The analysed videos, as :func:`difftrack.analysis.run_dataset` items.
+
+    * ``generated``: the embedded model generates from the prompt of world video ``seed + i`` of each family
+      (held-out textures, so the prompt is in the model's vocabulary but the video is new); noise seed ``seed + i``.
+    * ``exact``: world video ``seed + i`` of each family itself, with exact ground truth.
+    """
+    from .world import FAMILIES, World
+
+    families = FAMILIES if families is None else tuple(families)
+    w = World()
+    items = []
+    for fam in families:
+        for i in range(generated_per_family):
+            s = w.sample(seed + i, fam, split)
+            items.append(dict(kind="generated", family=fam, seed=seed + i, prompt=s.prompt, split=split))
+    for fam in families:
+        for i in range(exact_per_family):
+            items.append(dict(kind="exact", family=fam, seed=seed + i, split=split))
+    return items
+
+
+def cache_key(item: dict, num_steps: int, grid_size: int) -> str:
+    """File stem :func:`difftrack.analysis.run_dataset` uses for ``item`` (kept in step with it by a test)."""
+    return f"{item['kind']}_{item.get('family', 'x')}_{item['seed']}_s{num_steps}_g{grid_size}"
+
+
+def load_cached(cache_dir, item: dict, num_steps: int, grid_size: int):
+    """``(AnalysisRecord, video uint8 [T, H, W, 3])`` that :func:`difftrack.analysis.run_dataset` cached for
+    ``item``; raises ``FileNotFoundError`` naming the fix when it is not there."""
+    from .analysis import AnalysisRecord
+
+    stem = Path(cache_dir) / cache_key(item, num_steps, grid_size)
+    path, vid = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + "_video.npy")
+    if not path.exists() or not vid.exists():
+        raise FileNotFoundError(f"no cached analysis for {item} at {path}; run analysis.run_dataset(pipe, items, "
+                                f"cache_dir={cache_dir!s}, num_steps={num_steps}, grid_size={grid_size}) first")
+    return AnalysisRecord.load(path), np.load(vid)
+
+
+def item_ground_truth(item: dict, rec, video: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(tracks [n, T, 2], visible [n, T], source)`` for the record's queries: exact world tracks for ``exact``
+    items, pseudo ground truth (Lucas-Kanade, needs OpenCV) for ``generated`` ones; ``source`` is ``"exact"`` or
+    ``"pseudo"``."""
+    from .world import World
+
+    if item["kind"] == "exact":
+        w = World(*video.shape[:3])
+        s = w.sample(item["seed"], item["family"], item.get("split", "heldout"))
+        q = np.concatenate([np.zeros((len(rec.queries), 1), np.float32), rec.queries], 1)
+        return (*w.tracks(s, q), "exact")
+    from .analysis import pseudo_ground_truth
+
+    return (*pseudo_ground_truth(video, rec.queries), "pseudo")
+
+
+# ---------------------------------------------------------------------------------------------- models
+def model_tag(model: str, dtype: str = "float32") -> str:
+    """Short file-system-safe name of a model choice, used to keep caches of different models apart."""
+    if model == "embedded":
+        base = "embedded"
+    else:
+        p = Path(model).expanduser().resolve()
+        base = f"{p.name}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
+    return base if dtype == "float32" else f"{base}-{dtype}"
+
+
+def load_pipeline(model: str = "embedded", device: str = "cpu", dtype: str = "float32"):
+    """The notebooks' model parameter: ``"embedded"`` (the committed mini CogVideoX) or a local diffusers folder
+    holding a :class:`difftrack.mini.MiniVideoPipeline` (e.g. written by ``save_pretrained``).
+
+    Raises ``ValueError`` for any other pipeline: the analysis notebooks generate with the embedded pipeline's layout
+    (world-vocabulary text encoder, pixel patching, no VAE); real backbones go through their own runner."""
+    import json
+
+    from . import mini
+
+    dt = getattr(torch, dtype, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'float16', 'bfloat16'")
+    if model == "embedded":
+        return mini.load_default(device=device, dtype=dt)
+    folder = Path(model).expanduser()
+    index = folder / "model_index.json"
+    if not index.exists():
+        raise ValueError(f"model={model!r} is neither 'embedded' nor a local diffusers folder with model_index.json")
+    cls = json.loads(index.read_text()).get("_class_name")
+    if cls != mini.MiniVideoPipeline.__name__:
+        raise ValueError(f"{folder} holds a {cls}; these notebooks generate only with the embedded pipeline layout "
+                         f"(MiniVideoPipeline: world-vocabulary text encoder, pixel patching, no VAE). Use "
+                         f"model='embedded' or a MiniVideoPipeline folder; real backbones are analysed by their "
+                         f"own runner")
+    pipe = mini.MiniVideoPipeline.from_pretrained(str(folder), dtype=dt, local_files_only=True)
+    return pipe.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+@dataclass
+class Summary:
+    """Headline numbers of one set of mean tables (see :func:`summarize_tables`)."""
+
+    qk_best_acc: float
+    feat_best_acc: float
+    qk_best_layer: int
+    best_layers_top3: list
+    hm_top3_over_median: float
+    acc_last_over_first_step: float
+    acc_first_step: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def summarize_tables(tables: dict[str, np.ndarray], step: int = -1) -> Summary:
+    """Headline numbers of mean tables ``[S, L]`` (:func:`difftrack.analysis.mean_tables`), at ``step``:
+
+    * ``qk_best_acc`` / ``feat_best_acc``: best accuracy over layers (fraction in ``[0, 1]``);
+    * ``best_layers_top3``: layers with the highest harmonic mean;
+    * ``hm_top3_over_median``: mean harmonic mean of those three over the median layer's harmonic mean
+      (``inf`` when the median is 0, i.e. at least half the layers score the minimum);
+    * ``acc_last_over_first_step``: the best layer's (by QK accuracy at ``step``) accuracy at ``step`` over its
+      accuracy at step 0.
+    """
+    from .analysis import harmonic_mean, top_layers
+
+    hm = harmonic_mean(tables["qk_acc"], tables["conf_cross"], tables["attn_cross"])
+    qk, feat = tables["qk_acc"][step], tables["feat_acc"][step]
+    top3 = top_layers(hm, k=min(3, hm.shape[1]), step=step)
+    med = float(np.median(hm[step]))
+    top_mean = float(np.mean(hm[step][top3]))
+    best = int(np.nanargmax(qk))
+    first = float(tables["qk_acc"][0, best])
+    return Summary(qk_best_acc=float(np.nanmax(qk)), feat_best_acc=float(np.nanmax(feat)), qk_best_layer=best,
+                   best_layers_top3=top3, hm_top3_over_median=top_mean / med if med > 0 else float("inf"),
+                   acc_last_over_first_step=float(qk[best]) / first if first > 0 else float("inf"),
+                   acc_first_step=first)
+
+
+def group_tables(results: list[tuple[dict, dict]]) -> dict[str, dict[str, np.ndarray]]:
+    """Mean tables (:func:`difftrack.analysis.mean_tables`) of ``run_dataset`` results per subset: ``"generated"``
+    (pseudo ground truth), ``"exact"`` (world videos, exact ground truth) and ``"all"``; each table gains ``"hm"``,
+    the harmonic mean. Empty subsets are left out."""
+    from .analysis import harmonic_mean, mean_tables
+
+    groups = {"generated": [t for it, t in results if it["kind"] == "generated"],
+              "exact": [t for it, t in results if it["kind"] == "exact"],
+              "all": [t for _, t in results]}
+    out = {}
+    for name, tabs in groups.items():
+        if tabs:
+            m = mean_tables(tabs)
+            m["hm"] = harmonic_mean(m["qk_acc"], m["conf_cross"], m["attn_cross"])
+            out[name] = m
+    return out
+
+
+def tables_frame(grouped: dict[str, dict[str, np.ndarray]], timesteps=None):
+    """Long ``pandas.DataFrame`` of grouped tables: one row per (subset, step, layer), one column per table."""
+    import pandas as pd
+
+    rows = []
+    for name, tabs in grouped.items():
+        S, L = tabs["qk_acc"].shape
+        for s in range(S):
+            for l in range(L):
+                r = {"subset": name, "step": s, "layer": l}
+                if timesteps is not None:
+                    r["timestep"] = int(timesteps[s])
+                r.update({k: float(v[s, l]) for k, v in tabs.items()})
+                rows.append(r)
+    return pd.DataFrame(rows)

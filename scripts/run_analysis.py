@@ -1,0 +1,273 @@
+"""Full-scale layer/timestep analysis summary (issue 5): the numbers behind notebooks 02 and 03 at paper scale.
+
+    # everything on one machine (OpenCV needed for the pseudo ground truth of generated videos)
+    python scripts/run_analysis.py --videos-per-family 20 --exact 20 --steps 50 --grid 10 --device cuda
+
+    # split: record on a GPU box without OpenCV, score on a CPU box later (same --cache folder, copied over)
+    python scripts/run_analysis.py --phase record --device cuda --cache cache/analysis
+    python scripts/run_analysis.py --phase score --cache cache/analysis --out results/analysis_summary.json
+
+``record`` runs the model: every video of :func:`difftrack.inspect_attn.analysis_items` goes through
+:func:`difftrack.analysis.run_dataset` (one cached ``.npz`` record + video per file, resumable), and one extra
+video is timed against plain generation in separate subprocesses (``analysis_time_ratio``,
+``analysis_extra_peak_mib``). It imports only torch, numpy, diffusers and difftrack. ``score`` needs no model: it
+adds ground truth (exact world tracks; Lucas-Kanade pseudo GT, OpenCV) through ``run_dataset``'s cache and writes
+the summary. ``all`` does both.
+
+The summary (``--out``) holds, for the generated (pseudo GT), exact (world, exact GT) and combined sets:
+``qk_best_acc`` and ``feat_best_acc`` (best layer at the last step), ``best_layers_top3`` (harmonic mean at the last
+step), ``hm_top3_over_median``, ``acc_last_over_first_step`` (best layer); plus counts, settings, device, seconds and
+commit.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from difftrack import analysis  # noqa: E402
+from difftrack import inspect_attn as ia  # noqa: E402
+
+RECORD_META = "record_meta.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos-per-family", type=int, default=20, help="generated videos per family (pseudo GT)")
+    ap.add_argument("--exact", type=int, default=20, help="world videos per family with exact GT")
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps")
+    ap.add_argument("--grid", type=int, default=10, help="query grid side in frame 0")
+    ap.add_argument("--seed", type=int, default=0, help="first world-video / noise seed")
+    ap.add_argument("--model", default="embedded", help="'embedded' or a local MiniVideoPipeline folder")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--phase", default="all", choices=("record", "score", "all"))
+    ap.add_argument("--out", default="results/analysis_summary.json", help="summary JSON (score/all)")
+    ap.add_argument("--cache", default="cache/analysis", help="per-video records (shared by record and score)")
+    ap.add_argument("--timing-steps", type=int, default=None, help="steps of the timed video (default: --steps)")
+    ap.add_argument("--no-timing", action="store_true", help="skip the analysis-vs-generation timing")
+    ap.add_argument("--measure", choices=("plain", "analysis"), help=argparse.SUPPRESS)  # subprocess mode
+    args = ap.parse_args(argv)
+    for name in ("videos_per_family", "exact"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
+    if args.videos_per_family + args.exact == 0:
+        raise SystemExit("nothing to analyse: --videos-per-family and --exact are both 0")
+    if args.steps < 1 or args.grid < 1:
+        raise SystemExit("--steps and --grid must be >= 1")
+    return args
+
+
+def _resolve(p: str) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else ROOT / p
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _clean(x):
+    """JSON-safe: numpy scalars to Python, non-finite floats to None."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def measure(args) -> dict:
+    """Subprocess body: one plain generation or one recorded analysis of the first generated item's prompt."""
+    dev = args.device
+    pipe = ia.load_pipeline(args.model, dev, args.dtype)
+    steps = args.timing_steps or args.steps
+    prompt = ia.analysis_items(1, 0, args.seed)[0]["prompt"]
+    cuda = dev.startswith("cuda")
+
+    def once(n):
+        if args.measure == "plain":
+            pipe(prompt, num_inference_steps=n, generator=torch.Generator().manual_seed(args.seed), progress=False)
+        else:
+            analysis.analyze_generation(pipe, prompt, args.seed, num_steps=n, grid_size=args.grid)
+        if cuda:
+            torch.cuda.synchronize()
+
+    once(1)  # warm-up (kernels, allocator), the same for both modes
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    once(steps)
+    sec = time.perf_counter() - t0
+    out = dict(mode=args.measure, steps=steps, seconds=sec,
+               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    if cuda:
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def timing(args) -> dict:
+    """Plain generation vs recorded analysis of one video, each in a fresh subprocess (fair peak memory)."""
+    res = {}
+    for mode in ("plain", "analysis"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", mode, "--device", args.device,
+               "--dtype", args.dtype, "--model", args.model, "--steps", str(args.steps), "--grid", str(args.grid),
+               "--seed", str(args.seed)]
+        if args.timing_steps:
+            cmd += ["--timing-steps", str(args.timing_steps)]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if p.returncode:
+            raise RuntimeError(f"timing subprocess ({mode}) failed:\n{p.stderr[-3000:]}")
+        res[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+    out = dict(timing_steps=res["plain"]["steps"], plain_seconds=res["plain"]["seconds"],
+               analysis_seconds=res["analysis"]["seconds"],
+               analysis_time_ratio=res["analysis"]["seconds"] / res["plain"]["seconds"],
+               plain_peak_rss_mib=res["plain"]["peak_rss_mib"], analysis_peak_rss_mib=res["analysis"]["peak_rss_mib"],
+               analysis_extra_peak_mib=res["analysis"]["peak_rss_mib"] - res["plain"]["peak_rss_mib"],
+               memory_note="peak resident set size (ru_maxrss) of separate processes; CPU memory only")
+    if "peak_cuda_mib" in res["plain"]:
+        out.update(plain_peak_cuda_mib=res["plain"]["peak_cuda_mib"],
+                   analysis_peak_cuda_mib=res["analysis"]["peak_cuda_mib"],
+                   analysis_extra_peak_cuda_mib=res["analysis"]["peak_cuda_mib"] - res["plain"]["peak_cuda_mib"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- phases
+@contextlib.contextmanager
+def _no_pseudo_gt():
+    """``run_dataset`` scores every video right after recording it; generated videos need OpenCV for that. While
+    only recording, hand it a placeholder ground truth (the tables it returns are discarded)."""
+    orig = analysis.pseudo_ground_truth
+    analysis.pseudo_ground_truth = lambda video, q: (np.zeros((len(q), video.shape[0], 2), np.float32),
+                                                     np.ones((len(q), video.shape[0]), bool))
+    try:
+        yield
+    finally:
+        analysis.pseudo_ground_truth = orig
+
+
+def record(args, items, cache: Path) -> dict:
+    pipe = ia.load_pipeline(args.model, args.device, args.dtype)
+    t0 = time.time()
+    with _no_pseudo_gt():
+        analysis.run_dataset(pipe, items, cache, num_steps=args.steps, grid_size=args.grid)
+    meta = dict(device=args.device, device_name=device_name(args.device), dtype=args.dtype, model=args.model,
+                record_wall_seconds=time.time() - t0, commit=commit(), torch=torch.__version__)
+    del pipe
+    if not args.no_timing:
+        meta["timing"] = timing(args)
+    path = cache / RECORD_META
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old[f"s{args.steps}_g{args.grid}"] = meta
+    path.write_text(json.dumps(_clean(old), indent=2))
+    return meta
+
+
+def score(args, items, cache: Path, record_meta: dict | None) -> dict:
+    missing = [it for it in items if not (cache / f"{ia.cache_key(it, args.steps, args.grid)}.npz").exists()]
+    if missing and args.phase == "score":
+        raise SystemExit(f"{len(missing)} of {len(items)} videos have no record in {cache} (first: {missing[0]}); "
+                         f"run --phase record with the same --videos-per-family/--exact/--steps/--grid/--seed first")
+    t0 = time.time()
+    results = analysis.run_dataset(None, items, cache, num_steps=args.steps, grid_size=args.grid)
+    score_sec = time.time() - t0
+    grouped = ia.group_tables(results)
+    names = {"generated": "generated", "exact": "exact", "all": "combined"}
+    rec_sec = {k: [] for k in ("generated", "exact")}
+    for it in items:
+        rec, _ = ia.load_cached(cache, it, args.steps, args.grid)
+        rec_sec[it["kind"]].append(float(rec.meta.get("seconds", float("nan"))))
+    if record_meta is None:
+        meta_path = cache / RECORD_META
+        record_meta = json.loads(meta_path.read_text()).get(f"s{args.steps}_g{args.grid}") if meta_path.exists() \
+            else None
+    out = dict(
+        **{names[k]: dict(count=sum(1 for it in items if k == "all" or it["kind"] == k),
+                          **ia.summarize_tables(g).to_dict()) for k, g in grouped.items()},
+        counts=dict(generated=sum(it["kind"] == "generated" for it in items),
+                    exact=sum(it["kind"] == "exact" for it in items), total=len(items),
+                    points_per_video=args.grid ** 2),
+        settings=dict(videos_per_family=args.videos_per_family, exact_per_family=args.exact, steps=args.steps,
+                      grid=args.grid, seed=args.seed, model=args.model, dtype=args.dtype, guidance_scale=6.0,
+                      accuracy_threshold="half a token", families=sorted({it["family"] for it in items})),
+        device=(record_meta or {}).get("device_name", device_name(args.device)),
+        seconds=dict(record_per_video_generated=float(np.mean(rec_sec["generated"])) if rec_sec["generated"] else None,
+                     record_per_video_exact=float(np.mean(rec_sec["exact"])) if rec_sec["exact"] else None,
+                     record_total=float(np.nansum(rec_sec["generated"] + rec_sec["exact"])),
+                     score=score_sec),
+        commit=commit(), record_commit=(record_meta or {}).get("commit"),
+    )
+    timing_res = (record_meta or {}).get("timing")
+    if timing_res:
+        out.update(analysis_time_ratio=timing_res["analysis_time_ratio"],
+                   analysis_extra_peak_mib=timing_res["analysis_extra_peak_mib"], timing=timing_res)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(args)))
+        return 0
+    cache = _resolve(args.cache) / ia.model_tag(args.model, args.dtype)
+    cache.mkdir(parents=True, exist_ok=True)
+    items = ia.analysis_items(args.videos_per_family, args.exact, args.seed)
+    t0 = time.time()
+    meta = None
+    if args.phase in ("record", "all"):
+        meta = record(args, items, cache)
+        print(f"recorded {len(items)} videos in {meta['record_wall_seconds']:.1f} s on {meta['device_name']}")
+        if "timing" in meta:
+            t = meta["timing"]
+            print(f"one video, {t['timing_steps']} steps: analysis {t['analysis_seconds']:.1f} s vs plain "
+                  f"{t['plain_seconds']:.1f} s (x{t['analysis_time_ratio']:.2f}), extra peak RSS "
+                  f"{t['analysis_extra_peak_mib']:.0f} MiB")
+    if args.phase in ("score", "all"):
+        summary = score(args, items, cache, meta)
+        summary["seconds"]["this_run_wall"] = time.time() - t0
+        out = _resolve(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_clean(summary), indent=2))
+        for k in ("generated", "exact", "combined"):
+            if k in summary:
+                s = summary[k]
+                print(f"{k:9s} n={s['count']:3d}: qk best {100 * s['qk_best_acc']:.1f} %, feat best "
+                      f"{100 * s['feat_best_acc']:.1f} %, top-3 {s['best_layers_top3']}, HM top3/median "
+                      f"{s['hm_top3_over_median']:.2f}, acc last/first {s['acc_last_over_first_step']:.2f}")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""difftrack.viz (figures build, files written only when asked) and difftrack.inspect_attn (attention maps, q/k PCA,
+capture callback, cache key, model loading errors, summaries). CPU-only, seconds."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from difftrack import inspect_attn as ia
+from difftrack import viz
+
+
+@pytest.fixture
+def video():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def tracks():
+    t = np.arange(6, dtype=np.float32)
+    tr = np.stack([np.stack([2 + t + i, 3 + 0.5 * t + i], -1) for i in range(4)]).astype(np.float32)  # [4, 6, 2]
+    vis = np.ones((4, 6), bool)
+    vis[1, 3:] = False
+    return tr, vis
+
+
+def _check(fig, path=None):
+    assert isinstance(fig, Figure)
+    if path is not None:
+        assert path.exists() and path.stat().st_size > 1000
+
+
+def test_figures_build_and_save(tmp_path, video, tracks):
+    tr, vis = tracks
+    L, S = 5, 4
+    rng = np.random.default_rng(1)
+    tab = rng.random((S, L))
+    cases = {
+        "grid.png": lambda p: viz.video_grid([video, video], ["a", "b"], save=p),
+        "grid_tracks.png": lambda p: viz.video_grid([video], ["a"], frames=[0, 5], tracks=[tr], visible=[vis], save=p),
+        "frame.png": lambda p: viz.track_frame(video[2], tr, vis, 2, gt=(tr, vis), save=p),
+        "curves.png": lambda p: viz.threshold_curves((1, 2, 4, 8), {"x": [0.1, 0.5, 0.9, 1.0]}, marker_x=2, save=p),
+        "hist.png": lambda p: viz.histogram({"a": rng.random(50), "b": np.zeros(0)}, save=p),
+        "lines.png": lambda p: viz.layer_lines({"qk": tab[-1], "feat": tab[0]}, "acc (%)", highlight=[1], save=p),
+        "bars.png": lambda p: viz.layer_bars(tab[-1], "hm", highlight=[0, 2], save=p),
+        "heat.png": lambda p: viz.table_heatmap(tab, step_labels=[999, 600, 300, 100], highlight=[3], save=p),
+        "scores.png": lambda p: viz.score_bars({"self": tab[0], "cross": tab[1], "text": tab[2]}, "score", save=p),
+        "steps.png": lambda p: viz.step_lines({"layer 1": tab[:, 1]}, "acc (%)", [999, 600, 300, 100], save=p),
+        "share.png": lambda p: viz.attention_share({"self": [0.5] * S, "cross": [0.4] * S, "text": [0.1] * S},
+                                                   save=p),
+        "attn.png": lambda p: viz.attention_maps(video, rng.random((6, 4, 4)), (5.0, 6.0), track=tr[0], save=p),
+        "pca.png": lambda p: viz.pca_frames({"video": video, "q": rng.random((6, 4, 4, 3))}, frames=[0, 3], save=p),
+        "bar_table.png": lambda p: viz.bar_table({"a": 0.5, "b": 0.7}, "x", percent=True, save=p),
+    }
+    for name, make in cases.items():
+        path = tmp_path / "sub" / name
+        _check(make(path), path)
+
+
+def test_no_file_without_save(tmp_path, monkeypatch, video):
+    monkeypatch.chdir(tmp_path)
+    viz.video_grid([video])
+    viz.layer_bars(np.ones(3), "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_viz_errors(video):
+    with pytest.raises(ValueError, match="out of range"):
+        viz.video_grid([video], frames=[0, 99])
+    with pytest.raises(ValueError, match="no videos"):
+        viz.video_grid([])
+
+
+def test_library_does_not_import_widgets():
+    import difftrack.inspect_attn
+    import difftrack.viz
+
+    for mod in (difftrack.viz, difftrack.inspect_attn):
+        src = open(mod.__file__).read()
+        assert "ipywidgets" not in src.replace("No widget code", "")
+
+
+# ---------------------------------------------------------------------------------------------- inspect_attn
+def _qk(H=2, F=3, rows=4, cols=5, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(H, F, rows, cols, D, generator=g), torch.randn(H, F, rows, cols, D, generator=g)
+
+
+def test_attention_maps_match_full_softmax():
+    q, k = _qk()
+    H, F, rows, cols, D = q.shape
+    stride = 4.0
+    pts = np.array([[5.0, 9.0], [19.9, 0.1]], np.float32)  # tokens (row 2, col 1) and (row 0, col 4)
+    maps = ia.query_attention_maps(q, k, pts, stride)
+    assert maps.shape == (2, F, rows, cols)
+    assert torch.allclose(maps.sum((-1, -2)), torch.ones(2, F), atol=1e-5)
+    # reference: explicit loops
+    for n, (r, c) in enumerate([(2, 1), (0, 4)]):
+        for f in range(F):
+            ref = torch.stack([torch.softmax((q[h, 0, r, c] @ k[h, f].reshape(-1, D).T) / D ** 0.5, -1)
+                               for h in range(H)]).mean(0).reshape(rows, cols)
+            assert torch.allclose(maps[n, f], ref, atol=1e-6)
+
+
+def test_attention_map_peaks_at_identical_token():
+    """Keys equal to scaled queries: the point's own token wins in every frame (row from y, col from x)."""
+    q, _ = _qk(H=1, F=2, rows=4, cols=4, D=16)
+    q = torch.nn.functional.normalize(q, dim=-1) * 8
+    maps = ia.query_attention_maps(q, q.clone(), np.array([[13.0, 5.0]]), 4.0)  # col 3, row 1
+    assert maps[0, 0].argmax() == 1 * 4 + 3
+
+
+def test_attention_maps_errors():
+    q, k = _qk()
+    with pytest.raises(ValueError, match="src_frame"):
+        ia.query_attention_maps(q, k, np.zeros((1, 2)), 4.0, src_frame=7)
+    with pytest.raises(ValueError, match=r"\[n, 2\]"):
+        ia.query_attention_maps(q, k, np.zeros((1, 3)), 4.0)
+    with pytest.raises(ValueError, match="both be"):
+        ia.query_attention_maps(q, k[:, :2], np.zeros((1, 2)), 4.0)
+
+
+def test_qk_pca_joint_and_frame():
+    q, _ = _qk(F=3, rows=4, cols=4, D=8)
+    rgb = ia.qk_pca(q)
+    assert rgb.shape == (3, 4, 4, 3) and rgb.dtype == np.float32
+    assert rgb.min() >= 0 and rgb.max() <= 1
+    # one descriptor repeated in every frame gets the same colour in every frame under joint normalisation
+    x = q.mean(0, keepdim=True).expand(1, 3, 4, 4, 8).clone()
+    x[:, 1:] = x[:, :1]
+    same = ia.qk_pca(x)
+    assert np.allclose(same[0], same[1]) and np.allclose(same[0], same[2])
+    per_frame = ia.qk_pca(q, normalize="frame")
+    assert per_frame.shape == rgb.shape
+    with pytest.raises(ValueError, match="normalize"):
+        ia.qk_pca(q, normalize="bad")
+
+
+def test_qk_pca_recovers_dominant_direction():
+    """Data varying along one direction: the first component is that direction (up to sign)."""
+    g = torch.Generator().manual_seed(0)
+    d = torch.zeros(8)
+    d[3] = 1
+    a = torch.randn(2, 4, 4, 1, generator=g) * 10
+    x = a * d + 0.01 * torch.randn(2, 4, 4, 8, generator=g)
+    rgb = ia.qk_pca(x, clip=0.0)
+    r = rgb[..., 0].ravel()
+    assert abs(np.corrcoef(r, a.ravel().numpy())[0, 1]) > 0.99
+
+
+def test_inspector_on_tiny_model(tiny):
+    """QKInspector as a capture callback on diffusers' tiny CogVideoX: every layer filled, maps normalised."""
+    from conftest import tiny_inputs
+
+    from difftrack.capture import capture
+
+    model = tiny(layers=2)
+    kw = tiny_inputs(batch=2, frames=2)
+    insp = ia.QKInspector(np.array([[1.0, 1.0], [6.0, 5.0]]), 2.0, num_steps=1, num_layers=2)
+    with capture(model, layers="all", store=False, on_qk=insp.on_qk):
+        with torch.no_grad():
+            model(**kw)
+    assert insp.attn.shape[:3] == (1, 2, 2)
+    assert np.isfinite(insp.attn).all() and np.isfinite(insp.pca_q).all()
+    assert np.allclose(insp.attn.sum((-1, -2)), 1, atol=1e-4)
+    assert insp.timesteps[0] == 500
+
+
+def test_cache_key_matches_run_dataset(tmp_path, monkeypatch):
+    """load_cached reads exactly the files analysis.run_dataset writes (a fake analysis stands in for the model)."""
+    from difftrack import analysis
+
+    queries = np.array([[10.0, 10.0], [30.0, 20.0]], np.float32)
+
+    def fake_generation(pipe, prompt, seed, num_steps, grid_size, **kw):
+        rec = analysis.Recorder(queries, 4.0, num_steps, 2, 13).rec
+        rec.meta = dict(kind="generated", prompt=prompt, seed=seed)
+        return np.zeros((13, 64, 64, 3), np.uint8), rec
+
+    monkeypatch.setattr(analysis, "analyze_generation", fake_generation)
+    monkeypatch.setattr(analysis, "pseudo_ground_truth",
+                        lambda v, q: (np.zeros((len(q), 13, 2), np.float32), np.ones((len(q), 13), bool)))
+    item = dict(kind="generated", family="objects", seed=3, prompt="a red circle moving left on a still background")
+    analysis.run_dataset(None, [item], tmp_path, num_steps=2, grid_size=4, progress=False)
+    rec, vid = ia.load_cached(tmp_path, item, 2, 4)
+    assert vid.shape == (13, 64, 64, 3) and np.allclose(rec.queries, queries)
+    with pytest.raises(FileNotFoundError, match="run_dataset"):
+        ia.load_cached(tmp_path, dict(item, seed=4), 2, 4)
+
+
+def test_analysis_items_and_ground_truth():
+    items = ia.analysis_items(1, 2, seed=5)
+    kinds = [(it["kind"], it["family"], it["seed"]) for it in items]
+    assert kinds == [("generated", "objects", 5), ("generated", "scenes", 5), ("exact", "objects", 5),
+                     ("exact", "objects", 6), ("exact", "scenes", 5), ("exact", "scenes", 6)]
+    assert all(isinstance(it["prompt"], str) for it in items if it["kind"] == "generated")
+    # exact ground truth of an exact item starts at the queries
+    from difftrack.analysis import AnalysisRecord
+    from difftrack.world import World
+
+    w = World()
+    q = w.grid_queries(3)[:, 1:]
+    rec = AnalysisRecord(queries=q, stride=4.0, num_steps=1, num_layers=1, frames=13)
+    s = w.sample(5, "objects", "heldout")
+    tr, vis, src = ia.item_ground_truth(items[2], rec, s.video)
+    assert src == "exact" and tr.shape == (9, 13, 2) and np.allclose(tr[:, 0], q) and vis[:, 0].all()
+
+
+def test_load_pipeline_rejects_other_layouts(tmp_path):
+    with pytest.raises(ValueError, match="neither 'embedded'"):
+        ia.load_pipeline(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+    with pytest.raises(ValueError, match="CogVideoXPipeline.*embedded pipeline layout"):
+        ia.load_pipeline(str(tmp_path))
+    with pytest.raises(ValueError, match="dtype"):
+        ia.load_pipeline("embedded", dtype="float99")
+    assert ia.model_tag("embedded") == "embedded" and ia.model_tag("embedded", "float16") == "embedded-float16"
+    assert ia.model_tag(str(tmp_path)).startswith(tmp_path.name + "-")
+
+
+def test_summarize_and_group_tables():
+    S, L = 3, 5
+    acc = np.tile(np.linspace(0.1, 0.5, L), (S, 1)) * np.array([[0.5], [0.8], [1.0]])
+    acc[:, 2] += 0.4
+    tab = dict(qk_acc=acc, feat_acc=acc * 0.5, conf_cross=acc.copy(), attn_cross=acc.copy(),
+               conf_text=acc, conf_self=acc, attn_text=acc, attn_self=acc)
+    s = ia.summarize_tables(tab)
+    assert s.qk_best_layer == 2 and s.best_layers_top3[0] == 2
+    assert s.qk_best_acc == pytest.approx(acc[-1, 2]) and s.feat_best_acc == pytest.approx(acc[-1, 2] * 0.5)
+    assert s.acc_last_over_first_step == pytest.approx(acc[-1, 2] / acc[0, 2])
+    assert s.hm_top3_over_median > 1
+    grouped = ia.group_tables([(dict(kind="generated"), tab), (dict(kind="exact"), tab)])
+    assert set(grouped) == {"generated", "exact", "all"} and "hm" in grouped["all"]
+    df = ia.tables_frame(grouped, timesteps=[999, 500, 1])
+    assert len(df) == 3 * S * L and {"subset", "step", "layer", "timestep", "qk_acc", "hm"} <= set(df.columns)
