@@ -54,6 +54,8 @@ HUE_TOLERANCE_DEG = 15.0  # half-width of the hue window around a named colour (
 MIN_SATURATION = 0.6  # HSV saturation in [0, 1] a pixel needs to count as coloured (world objects: ~0.8)
 MIN_VALUE = 0.2  # HSV value in [0, 1] (excludes near-black pixels, whose hue is noise)
 MIN_AREA = 12  # pixels of the largest blob for an object to count as present in a frame
+MAX_AREA_FRACTION = 0.35  # a blob larger than this share of the frame is a colour wash, not an object
+MIN_EXTENT = 0.3  # blob area / bounding-box area (world shapes: >= 0.5 unoccluded); ragged smears fall below
 MIN_DISPLACEMENT = 3.0  # pixels over the clip for a motion to count (world objects move 8..35 px)
 MAX_ANGLE_DEG = 45.0  # largest angle between measured and prompted motion direction
 NONTRANSLATION_RATIO = 0.5  # scenes: zoom/rotation when their flow energy exceeds this share of the translation's
@@ -164,13 +166,16 @@ def colour_mask(video: np.ndarray, colour: str, hue_tol: float = HUE_TOLERANCE_D
     return (d <= hue_tol) & (hsv[..., 1] >= min_sat * 255) & (hsv[..., 2] >= min_val * 255)
 
 
-def blob_track(mask: np.ndarray, min_area: int = MIN_AREA) -> tuple[np.ndarray, np.ndarray]:
+def blob_track(mask: np.ndarray, min_area: int = MIN_AREA, max_area_fraction: float = MAX_AREA_FRACTION,
+               min_extent: float = MIN_EXTENT) -> tuple[np.ndarray, np.ndarray]:
     """Centroid ``float32 [T, 2]`` (x, y edge-convention pixels; ``nan`` where absent) and area ``int [T]`` of the
     tracked blob of ``mask [T, H, W]``.
 
-    Frame by frame, the blob is the connected component (8-connectivity) of at least ``min_area`` pixels that is
-    largest after discounting its distance to the previous centroid (``area - 4 * distance``), so a static patch of
-    similar colour in the background does not capture the track once the object is found.
+    Frame by frame, the candidates are the connected components (8-connectivity) that look like one object: at least
+    ``min_area`` pixels, at most ``max_area_fraction`` of the frame, and filling at least ``min_extent`` of their
+    bounding box. The blob is the candidate that is largest after discounting its distance to the previous centroid
+    (``area - 4 * distance``), so a static patch of similar colour in the background does not capture the track once
+    the object is found.
     """
     import cv2
 
@@ -183,8 +188,9 @@ def blob_track(mask: np.ndarray, min_area: int = MIN_AREA) -> tuple[np.ndarray, 
         if n <= 1:
             continue
         areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+        box = (stats[1:, cv2.CC_STAT_WIDTH] * stats[1:, cv2.CC_STAT_HEIGHT]).astype(np.float64)
         c = cents[1:] + 0.5  # OpenCV centre-at-integer -> edge convention
-        ok = areas >= min_area
+        ok = (areas >= min_area) & (areas <= max_area_fraction * mask[t].size) & (areas >= min_extent * box)
         if not ok.any():
             continue
         score = areas.copy()

@@ -10,13 +10,20 @@ Phases (videos are cached per (setting, prompt, seed) as .npy under ``--cache``,
     generate  needs torch + numpy + diffusers only (no OpenCV): runs on a GPU box
     score     needs OpenCV: scores the cached videos, writes --out (and results/cag_per_video.json)
     all       generate then score
-    time      seconds per denoising step, plain CFG vs CAG, at --time-batch videos (merged into --out if present)
+    time      seconds per denoising step, plain CFG vs CAG, at --time-batch videos: added to --timing-file
+              (results/cag_timing.json) and merged into --out if present
     pack      write the cached videos of this run as compressed shards (<= 15 MiB) into --pack-dir
     unpack    restore shards from --pack-dir into the cache
 
-Full run on one H100 (about 2-4 minutes of generation; scoring ~1 minute on 16 cores), from the repo root:
+Full run on one H100 (bf16 autocast, as the model was trained; generation expected ~1-3 minutes for the 700 videos,
+scoring ~1 minute on 16 cores), from the repo root:
 
-    python scripts/run_cag_eval.py --phase all --prompts 100 --steps 50 --scales 0.5 1 2 --device cuda --batch 100
+    python scripts/run_cag_eval.py --phase time --device cuda --time-batch 1 --time-steps 6
+    python scripts/run_cag_eval.py --phase all --prompts 100 --steps 50 --scales 0.5 1 2 --device cuda \
+        --autocast bf16 --batch 100
+
+On a GPU box without OpenCV: ``--phase generate`` there, ``--phase pack --pack-dir DIR`` to bring the videos back
+(~112 MB raw for 700 videos, compressed shards), ``--phase unpack --pack-dir DIR`` and ``--phase score`` here.
 
 Tiny CPU check:  python scripts/run_cag_eval.py --phase all --prompts 3 --steps 4 --scales 1 --batch 3
 """
@@ -54,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "results" / "cag.json"))
     p.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2))), help="score processes")
     p.add_argument("--time-batch", type=int, default=1, help="videos per step in the 'time' phase")
+    p.add_argument("--timing-file", default=str(ROOT / "results" / "cag_timing.json"),
+                   help="the 'time' phase adds its measurement here; 'score' copies it into --out")
     p.add_argument("--time-steps", type=int, default=4, help="steps timed in the 'time' phase (first is warm-up)")
     p.add_argument("--pack-dir", default=None)
     p.add_argument("--pack-prompts", type=int, default=None, help="pack only the videos of the first N prompts")
@@ -146,6 +155,11 @@ def time_phase(a):
     Path(a.cache).mkdir(parents=True, exist_ok=True)
     key = f"{tag}_b{a.time_batch}" + ("" if a.autocast == "none" else f"_amp{a.autocast}")
     (Path(a.cache) / f"timing_{key}.json").write_text(json.dumps(r, indent=1))
+    tfile = Path(a.timing_file)  # committed record of every per-step timing (travels with the tree)
+    book = json.loads(tfile.read_text()) if tfile.exists() else {}
+    book[key] = r
+    tfile.parent.mkdir(parents=True, exist_ok=True)
+    tfile.write_text(json.dumps(book, indent=1))
     print(f"[cag] time per step on {tag} at batch {a.time_batch}: plain CFG {r['plain_cfg_s_per_step']:.3f} s, "
           f"CAG {r['cag_s_per_step']:.3f} s (x{r['cag_over_plain']:.2f})")
     out = Path(a.out)
@@ -217,6 +231,8 @@ def score(a):
         old = json.loads(out.read_text())
         if old.get("source") != "notebook":
             timing = {k: v for k, v in old.get("timing", {}).items() if k == "per_step"}
+    if Path(a.timing_file).exists():
+        timing.setdefault("per_step", {}).update(json.loads(Path(a.timing_file).read_text()))
     for f in sorted(Path(a.cache).glob("timing_*.json")):
         timing.setdefault("per_step", {})[f.stem.replace("timing_", "")] = json.loads(f.read_text())
     for f in sorted(run_dir.glob("timing_generate_*.json")):
