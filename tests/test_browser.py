@@ -41,7 +41,7 @@ PARAMS: dict[str, dict] = {
 SLIDERS = {"layer": r"\blayer\b", "step": r"\b(time[ _-]?)?step\b"}
 REQUIRED = {"02_layer_analysis": ("layer",), "04_tracking": ("step",)}
 
-RUN_TIMEOUT = float(os.environ.get("DIFFTRACK_BROWSER_RUN_TIMEOUT", "480"))
+RUN_TIMEOUT = float(os.environ.get("DIFFTRACK_BROWSER_RUN_TIMEOUT", "900"))
 SLIDER_TIMEOUT = float(os.environ.get("DIFFTRACK_BROWSER_SLIDER_TIMEOUT", "120"))
 FAILURE_DIR = bh.ROOT / "build" / "browser"
 
