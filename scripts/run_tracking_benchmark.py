@@ -124,7 +124,7 @@ def run_method(name: str, size: int, factory, vids: list[dict], cache_dir: Path)
         f = cdir / f"{v['name']}.npz"
         if f.exists():
             z = np.load(f)
-            out.append(dict(tracks=z["tracks"], visible=z["visible"], seconds=float(z["seconds"])))
+            out.append(dict(tracks=z["tracks"], visible=z["visible"], seconds=float(z["seconds"]), cached=True))
             continue
         if tracker is None:
             t0 = time.time()
@@ -141,7 +141,35 @@ def run_method(name: str, size: int, factory, vids: list[dict], cache_dir: Path)
             tracks = tapvid.rescale_tracks(tracks, (size, size), (H, W))
         sec = time.perf_counter() - t0
         np.savez(f, tracks=tracks.astype(np.float32), visible=visible.astype(bool), seconds=sec)
-        out.append(dict(tracks=tracks, visible=visible, seconds=sec))
+        out.append(dict(tracks=tracks, visible=visible, seconds=sec, cached=False))
+    return out
+
+
+def motion_breakdown(vids: list[dict], preds: list[dict], token_px: float = 4.0) -> dict:
+    """Where the errors are: accuracy within one / half a token (of the embedded model, 4 px at 64) of visible
+    points after the query frame, split by the true displacement from the query (small: < 1 token, large: > 2
+    tokens), and the median true vs predicted displacement (an under-estimate means a bias toward no motion)."""
+    out = {}
+    for fam in FAMILIES + ("all",):
+        E, D, P = [], [], []
+        for v, p in zip(vids, preds):
+            if fam != "all" and v["family"] != fam:
+                continue
+            vis = ~v["occluded"]
+            vis[np.arange(len(vis)), v["queries"][:, 0].astype(int)] = False
+            q = v["queries"][:, None, 1:]
+            E.append(np.linalg.norm(p["tracks"] - v["gt"], axis=-1)[vis])
+            D.append(np.linalg.norm(v["gt"] - q, axis=-1)[vis])
+            P.append(np.linalg.norm(p["tracks"] - q, axis=-1)[vis])
+        E, D, P = map(np.concatenate, (E, D, P))
+        small, large = D < token_px, D > 2 * token_px
+        out[fam] = dict(within_1_token=float(np.mean(E < token_px)), within_half_token=float(np.mean(E < token_px / 2)),
+                        within_1_token_small_motion=float(np.mean(E[small] < token_px)),
+                        within_1_token_large_motion=float(np.mean(E[large] < token_px)),
+                        share_large_motion=float(np.mean(large)), median_true_motion_px=float(np.median(D)),
+                        median_predicted_motion_px=float(np.median(P)),
+                        median_true_motion_px_large=float(np.median(D[large])),
+                        median_predicted_motion_px_large=float(np.median(P[large])))
     return out
 
 
@@ -198,14 +226,18 @@ def main():
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; allowed: {list(methods)}")
     print(f"{len(vids)} held-out videos, {vids[0]['queries'].shape[0]} queries each, methods: {names}", flush=True)
+    env = environment()  # at the start: the commit whose code produces the predictions
     results = {}
     loads = {}
+    fresh = {}
     for name in names:
         desc, size, fac = methods[name]
         l0 = os.getloadavg()
         t0 = time.time()
         preds = run_method(name, size, fac, vids, Path(args.cache))
-        loads[name] = dict(loadavg_before=l0, loadavg_after=os.getloadavg(), wall_s=time.time() - t0)
+        fresh[name] = sum(not p["cached"] for p in preds)
+        loads[name] = dict(loadavg_before=l0, loadavg_after=os.getloadavg(), wall_s=time.time() - t0,
+                           fresh_predictions=fresh[name])
         per = [video_metrics(v, p["tracks"], p["visible"]) for v, p in zip(vids, preds)]
         res = {k: float(np.mean([m[k] for m in per])) for k in KEYS}
         res["per_family"] = {fam: {k: float(np.mean([m[k] for m, v in zip(per, vids) if v["family"] == fam]))
@@ -215,6 +247,7 @@ def main():
         res["seconds_per_video_median"] = float(np.median([p["seconds"] for p in preds]))
         res["predicted_visible_fraction"] = float(np.mean([p["visible"][:, 1:].mean() for p in preds]))
         res["description"], res["input_size"], res["n_videos"] = desc, size, len(vids)
+        res["error_breakdown_at_64px"] = motion_breakdown(vids, preds)
         results[name] = res
         print(f"{name:26s} delta_avg {res['average_pts_within_thresh']:.4f}  AJ {res['average_jaccard']:.4f}  "
               f"OA {res['occlusion_accuracy']:.4f}  {res['seconds_per_video']:.2f} s/video", flush=True)
@@ -228,14 +261,22 @@ def main():
                       queries_per_video=int(vids[0]["queries"].shape[0]), query_mode="first",
                       metric_size=list(EVAL), thresholds_px_at_256=list(tapvid.DEFAULT_THRESHOLDS),
                       seeds=sorted({v["seed"] for v in vids}), gt_visible_fraction_after_query=gt_vis),
-        methods=results, ranking=ranking, timing_conditions=loads, environment=environment(),
+        methods=results, ranking=ranking, timing_conditions=loads, environment=env,
         notes=("seconds_per_video: wall time of tracker(video, queries) on this machine (model loading excluded; "
                "resizing included for @256), CPU shared with other jobs -- see timing_conditions' load averages."),
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and args.methods:  # partial re-run: merge into the existing report
-        old = json.loads(out.read_text())
+    old = json.loads(out.read_text()) if out.exists() else None
+    if old is not None:  # predictions read back from the cache keep the timing conditions of the run that made them
+        for name in names:
+            if fresh[name] == 0 and name in old.get("timing_conditions", {}):
+                report["timing_conditions"][name] = old["timing_conditions"][name]
+        if not any(fresh.values()) and "environment" in old:
+            report["environment"] = {**old["environment"], "report_regenerated_at_commit": env.get("git_commit")}
+    if old is not None and "findings" in old:  # hand-written interpretation of the numbers, kept across re-runs
+        report["findings"] = old["findings"]
+    if old is not None and args.methods:  # partial re-run: merge into the existing report
         old_methods = old.get("methods", {})
         old_methods.update(results)
         report["methods"] = old_methods
