@@ -39,12 +39,12 @@ if tb:
     out += ["### Zero-shot tracking (issue 6)", "", f"Source: `results/tracking_benchmark.json`.", ""]
     methods = tb.get("methods") or tb.get("results") or {}
     if isinstance(methods, dict) and methods:
-        out += ["| method | δ_avg | AJ | OA | s / video (CPU) |", "|---|---|---|---|---|"]
+        out += ["| method | δ_avg | AJ | OA | s / video (2-core CPU, loaded while measured) |", "|---|---|---|---|---|"]
         for name, m in methods.items():
             g = lambda k: m.get(k, m.get("metrics", {}).get(k))  # noqa: E731
             f = lambda v: "-" if v is None else (f"{v:.1f}" if v > 1.5 else f"{100 * v:.1f}")  # noqa: E731
             out.append(f"| {name} | {f(g('average_pts_within_thresh'))} | {f(g('average_jaccard'))} | "
-                       f"{f(g('occlusion_accuracy'))} | {m.get('seconds_per_video', '-')} |")
+                       f"{f(g('occlusion_accuracy'))} | {round(m['seconds_per_video'], 2) if m.get('seconds_per_video') else '-'} |")
         out.append("")
     out += ["![tracks](figures/04_tracks_strip.png)", ""]
 bg = load("bench_gpu.json")
