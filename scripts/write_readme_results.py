@@ -46,7 +46,11 @@ if tb:
             out.append(f"| {name} | {f(g('average_pts_within_thresh'))} | {f(g('average_jaccard'))} | "
                        f"{f(g('occlusion_accuracy'))} | {round(m['seconds_per_video'], 2) if m.get('seconds_per_video') else '-'} |")
         out.append("")
-    out += ["![tracks](figures/04_tracks_strip.png)", ""]
+    out += ["**The embedded DiffTrack does not have the best δ_avg or AJ**: chained DIS optical flow and patch "
+            "matching beat it on these 64x64 world videos. It does well on object videos but its matches barely "
+            "follow camera motion on scene videos (see `per_family` and `error_breakdown_at_64px` in the JSON), where "
+            "the 13-frame, 16x16-token model is weakest; NCC sub-pixel refinement on top of its matches "
+            "(`difftrack+ncc`) narrows the gap.", "", "![tracks](figures/04_tracks_strip.png)", ""]
 bg = load("bench_gpu.json")
 if bg:
     meta = bg["meta"]
