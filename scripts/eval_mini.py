@@ -105,7 +105,8 @@ res = dict(
     cpu_forward_s_cfg2=round(fmin, 3), cpu_forward_s_cfg2_median=round(fmed, 3), cpu=cpu,
     cpu_threads=torch.get_num_threads(), torch=torch.__version__, eval_device=args.device,
     eval_device_name=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-    commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    commit=__import__("os").environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"],
+                                                                         capture_output=True, text=True).stdout.strip(),
     seconds=round(time.time() - t0, 1),
 )
 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
