@@ -156,6 +156,31 @@ class QKInspector:
             self.pca_q = np.full((S, L, frames, rows, cols, 3), np.nan, np.float32)
             self.pca_k = np.full((S, L, frames, rows, cols, 3), np.nan, np.float32)
 
+    def save(self, path) -> None:
+        """Write everything to one ``.npz`` (atomic: a crash never leaves a half-written file)."""
+        import os
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        arrays = dict(points=self.points, timesteps=self.timesteps,
+                      meta=np.array([self.stride, self.S, self.L, self.src_frame], np.float64))
+        arrays.update({k: getattr(self, k) for k in ("attn", "pca_q", "pca_k") if getattr(self, k) is not None})
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "QKInspector":
+        """Read a file written by :meth:`save` (``tau`` is not stored: the maps are already computed)."""
+        with np.load(path) as z:
+            stride, S, L, src = z["meta"]
+            insp = cls(z["points"], float(stride), int(S), int(L), src_frame=int(src), pca="pca_q" in z.files)
+            insp.timesteps = z["timesteps"]
+            for k in ("attn", "pca_q", "pca_k"):
+                if k in z.files:
+                    setattr(insp, k, z[k])
+        return insp
+
     def on_qk(self, ev) -> None:
         if not 0 <= ev.step < self.S or not 0 <= ev.layer < self.L:
             raise ValueError(f"(step {ev.step}, layer {ev.layer}) outside the inspector's {self.S} steps x "

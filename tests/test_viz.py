@@ -150,7 +150,7 @@ def test_qk_pca_recovers_dominant_direction():
     assert abs(np.corrcoef(r, a.ravel().numpy())[0, 1]) > 0.99
 
 
-def test_inspector_on_tiny_model(tiny):
+def test_inspector_on_tiny_model(tiny, tmp_path):
     """QKInspector as a capture callback on diffusers' tiny CogVideoX: every layer filled, maps normalised."""
     from conftest import tiny_inputs
 
@@ -166,6 +166,11 @@ def test_inspector_on_tiny_model(tiny):
     assert np.isfinite(insp.attn).all() and np.isfinite(insp.pca_q).all()
     assert np.allclose(insp.attn.sum((-1, -2)), 1, atol=1e-4)
     assert insp.timesteps[0] == 500
+    path = tmp_path / "insp.npz"
+    insp.save(path)
+    back = ia.QKInspector.load(path)
+    assert np.array_equal(back.attn, insp.attn) and np.array_equal(back.pca_k, insp.pca_k)
+    assert np.array_equal(back.points, insp.points) and back.stride == 2.0 and (back.S, back.L) == (1, 2)
 
 
 def test_cache_key_matches_run_dataset(tmp_path, monkeypatch):
@@ -218,6 +223,14 @@ def test_load_pipeline_rejects_other_layouts(tmp_path):
         ia.load_pipeline("embedded", dtype="float99")
     assert ia.model_tag("embedded") == "embedded" and ia.model_tag("embedded", "float16") == "embedded-float16"
     assert ia.model_tag(str(tmp_path)).startswith(tmp_path.name + "-")
+
+
+def test_load_pipeline_from_minivideo_folder():
+    """A local folder holding a MiniVideoPipeline (here the committed weights folder itself) loads."""
+    from difftrack import mini
+
+    pipe = ia.load_pipeline(str(mini.WEIGHTS_DIR))
+    assert isinstance(pipe, mini.MiniVideoPipeline) and pipe.transformer.dtype == torch.float32
 
 
 def test_summarize_and_group_tables():
