@@ -3,9 +3,13 @@
     # everything on one machine (OpenCV needed for the pseudo ground truth of generated videos)
     python scripts/run_analysis.py --videos-per-family 20 --exact 20 --steps 50 --grid 10 --device cuda
 
-    # split: record on a GPU box without OpenCV, score on a CPU box later (same --cache folder, copied over)
+    # split: record on a GPU box without OpenCV, score on a CPU box later (same --cache folder, copied over, and
+    # the same --videos-per-family/--exact/--steps/--grid/--seed)
     python scripts/run_analysis.py --phase record --device cuda --cache cache/analysis
     python scripts/run_analysis.py --phase score --cache cache/analysis --out results/analysis_summary.json
+
+    # CPU check with tiny settings
+    python scripts/run_analysis.py --videos-per-family 1 --exact 1 --steps 3 --grid 4 --cache /tmp/ra --out /tmp/ra.json
 
 ``record`` runs the model: every video of :func:`difftrack.inspect_attn.analysis_items` goes through
 :func:`difftrack.analysis.run_dataset` (one cached ``.npz`` record + video per file, resumable), and one extra
@@ -78,6 +82,7 @@ def _resolve(p: str) -> Path:
 
 
 def commit() -> str:
+    """Short hash of HEAD (``-dirty`` with uncommitted changes), else ``$GIT_COMMIT``, else ``"unknown"``."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -85,7 +90,7 @@ def commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("GIT_COMMIT", "unknown")  # machines without .git (copied working trees)
 
 
 def device_name(device: str) -> str:
