@@ -23,7 +23,8 @@ Measures (higher is better unless marked):
 * :func:`motion_magnitude` -- mean DIS flow magnitude, pixels per frame (our Dynamic Degree analogue). Reported so
   that a guidance cannot win integrity or warp error by freezing the video.
 * :func:`sharpness` -- per-frame quality proxy: variance of the Laplacian of the grey frame (0..255 scale), mean
-  over frames; blurring lowers it. :func:`frame_contrast` (std of grey levels) is reported beside it.
+  over frames; blurring lowers it. :func:`frame_contrast` (std of grey levels) is reported beside it. Noise and
+  high-frequency artefacts *raise* it, so read it together with warp error and integrity, which noise lowers.
 
 Generation helpers (no OpenCV needed, so the generate phase runs on a machine without it): :func:`eval_prompts`,
 :func:`initial_noise`, :func:`generate_videos`, :func:`cag_settings`, :func:`layer_sets`.
