@@ -220,82 +220,107 @@ def _layers_count(pipe) -> int:
     return len(adapter_for(tr).blocks(tr))
 
 
+def _size(runner, size) -> tuple[int, int, int]:
+    return runner.check_size(size if size is not None else runner.default_size())
+
+
 @torch.no_grad()
 def analyze_generation(pipe, prompt: str, seed: int, num_steps: int = 50, grid_size: int = 10,
-                       guidance_scale: float = 6.0, features: bool = True, **match_kw) -> tuple[np.ndarray,
-                                                                                               AnalysisRecord]:
-    """Generate one video with the embedded-style pipeline while recording every (layer, step).
+                       guidance_scale: float = 6.0, features: bool = True, size=None,
+                       **match_kw) -> tuple[np.ndarray, AnalysisRecord]:
+    """Generate one video with the pipeline's own loop while recording every (layer, step).
 
-    Returns ``(video uint8 [T, H, W, 3], record)``; ground truth is added later (:func:`pseudo_ground_truth`)."""
+    Args:
+        pipe: the embedded pipeline, a supported diffusers pipeline or a :class:`difftrack.runners.VideoRunner`.
+        size: ``(frames, height, width)`` (default: the pipeline's default size).
+
+    Returns ``(video uint8 [T, H, W, 3], record)``; the record is per latent frame (``rec.frames``, pinned to the
+    video frames ``rec.meta["frame_index"]``). Ground truth is added later (:func:`pseudo_ground_truth`)."""
+    from .runners import as_runner
     from .world import World
 
-    T, H, W = pipe_frames(pipe)
-    w = World(T, H, W)
-    q = w.grid_queries(grid_size)[:, 1:]
-    stride = W / (W // token_px(pipe))
-    rec = Recorder(q, stride, num_steps, _layers_count(pipe), T, **match_kw)
-    with capture(pipe, layers="all", store=False, on_qk=rec.on_qk,
+    runner = as_runner(pipe)
+    T, H, W = _size(runner, size)
+    q = World(T, H, W).grid_queries(grid_size)[:, 1:]
+    rec = Recorder(q, runner.stride, num_steps, runner.num_layers, runner.latent_frames(T), **match_kw)
+    with capture(runner.pipe, layers="all", store=False, on_qk=rec.on_qk,
                  on_features=rec.on_features if features else None, num_steps=num_steps):
-        out = pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance_scale,
-                   generator=torch.Generator().manual_seed(seed), progress=False)
-    rec.rec.meta = dict(kind="generated", prompt=prompt, seed=seed, guidance_scale=guidance_scale)
-    return out.frames[0], rec.rec
+        video = runner.generate(prompt, seed, num_steps, guidance_scale, size=(T, H, W))
+    rec.rec.timesteps = [int(t) for t in runner.timesteps(num_steps)]
+    rec.rec.meta = dict(kind="generated", prompt=prompt, seed=seed, guidance_scale=guidance_scale,
+                        frame_index=runner.frame_index(T).tolist(), temporal=runner.temporal, size=[T, H, W])
+    return video, rec.rec
 
 
 @torch.no_grad()
 def analyze_exact(pipe, sample, num_steps: int = 50, steps: list[int] | None = None, grid_size: int = 10,
                   noise_seed: int = 0, features: bool = True, **match_kw) -> AnalysisRecord:
-    """A world video noised to each denoising step (one forward per step, conditional branch with the video's
-    prompt), as the paper's real-video analysis, recording every layer."""
-    from .mini import video_uint8_to_latents
+    """A world video noised to each denoising step (one conditional forward per step with the video's prompt; a VAE
+    backbone encodes the clip as a video), as the paper's real-video analysis, recording every layer."""
+    from .runners import as_runner
     from .world import World
 
-    T, H, W = sample.video.shape[:3]
+    runner = as_runner(pipe)
+    T, H, W = runner.check_size(sample.video.shape[:3])
     q = World(T, H, W).grid_queries(grid_size)[:, 1:]
-    stride = W / (W // token_px(pipe))
-    rec = Recorder(q, stride, num_steps, _layers_count(pipe), T, **match_kw)
-    sched = pipe.scheduler
-    sched.set_timesteps(num_steps)
-    dev = pipe.transformer.device
-    x0 = video_uint8_to_latents(sample.video, device=dev)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(noise_seed)).to(dev)
-    emb = pipe.text_encoder(pipe.text_encoder.tokenize([sample.prompt]).to(dev)).to(pipe.transformer.dtype)
-    steps = list(range(num_steps)) if steps is None else steps
-    with capture(pipe, layers="all", store=False, on_qk=rec.on_qk,
+    rec = Recorder(q, runner.stride, num_steps, runner.num_layers, runner.latent_frames(T), **match_kw)
+    with capture(runner.pipe, layers="all", store=False, on_qk=rec.on_qk,
                  on_features=rec.on_features if features else None) as cap:
-        for s in steps:
-            t = sched.timesteps[s].to(dev).view(1)
-            xt = sched.add_noise(x0, noise, t).to(pipe.transformer.dtype)
-            cap.set_step(s)
-            pipe.transformer(hidden_states=xt, encoder_hidden_states=emb, timestep=t, return_dict=False)
-    rec.rec.timesteps = [int(sched.timesteps[s]) for s in range(num_steps)]
-    rec.rec.meta = dict(kind="exact", prompt=sample.prompt, seed=sample.seed, family=sample.family)
+        ts = runner.noised_forwards(sample.video, sample.prompt, num_steps, steps, noise_seed, cap)
+    rec.rec.timesteps = [int(t) for t in ts]
+    rec.rec.meta = dict(kind="exact", prompt=sample.prompt, seed=sample.seed, family=sample.family,
+                        frame_index=runner.frame_index(T).tolist(), temporal=runner.temporal, size=[T, H, W])
     return rec.rec
 
 
 def pipe_frames(pipe) -> tuple[int, int, int]:
-    """Default (frames, height, width) of the embedded pipeline."""
-    from . import mini
+    """Default ``(frames, height, width)`` of a pipeline (:meth:`difftrack.runners.VideoRunner.default_size`)."""
+    from .runners import as_runner
 
-    return mini.FRAMES, mini.HEIGHT, mini.WIDTH
+    return as_runner(pipe).default_size()
 
 
 def token_px(pipe) -> int:
-    """Pixels per token side of the embedded pipeline (patching x transformer patch)."""
-    from . import mini
+    """Pixels per token side (patching or VAE factor x transformer patch)."""
+    from .runners import as_runner
 
-    return mini.PATCH * resolve_transformer(pipe).config.patch_size
+    return as_runner(pipe).stride
+
+
+def record_ground_truth(rec: AnalysisRecord, item: dict, video: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """Ground truth of a record's queries **per latent frame** (``[n, F, 2]``, ``[n, F]``) and its source:
+    exact world tracks for ``exact`` items, Lucas-Kanade pseudo ground truth on the generated frames otherwise;
+    video frames are mapped to latent frames by ``rec.meta["frame_index"]`` and the AND visibility rule
+    (:func:`difftrack.runners.latent_visibility`)."""
+    from .runners import latent_visibility
+    from .world import World
+
+    q = np.concatenate([np.zeros((len(rec.queries), 1), np.float32), rec.queries], 1)
+    if item["kind"] == "exact":
+        w = World(*video.shape[:3])
+        gt, vis = w.tracks(w.sample(item["seed"], item["family"], item.get("split", "heldout")), q)
+        source = "exact"
+    else:
+        gt, vis = pseudo_ground_truth(video, rec.queries)
+        source = "pseudo"
+    idx = np.asarray(rec.meta.get("frame_index", range(video.shape[0])), int)
+    r = int(rec.meta.get("temporal", 1))
+    return gt[:, idx], latent_visibility(vis, r, len(idx)), source
 
 
 def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int = 50, grid_size: int = 10,
-                progress: bool = True, **kw) -> list[tuple[dict, dict]]:
+                progress: bool = True, size=None, **kw) -> list[tuple[dict, dict]]:
     """Analyse a list of videos with per-video caching (resumes after an interruption; finished videos are not
     recomputed). ``items``: dicts with ``kind`` ``"generated"`` (``prompt``, ``seed``) or ``"exact"`` (``family``,
-    ``seed``, ``split``). Returns ``[(item, tables)]``."""
+    ``seed``, ``split``). ``pipe``: a pipeline or :class:`difftrack.runners.VideoRunner`; ``size``: ``(frames,
+    height, width)`` of generated and world videos (default: the pipeline's). Returns ``[(item, tables)]``."""
     from tqdm.auto import tqdm
 
+    from .runners import as_runner
     from .world import World
 
+    runner = as_runner(pipe)
+    T, H, W = _size(runner, size)
     cache_dir = Path(cache_dir)
     out = []
     it = tqdm(items, desc="analysis") if progress else items
@@ -303,26 +328,27 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
         key = f"{item['kind']}_{item.get('family', 'x')}_{item['seed']}_s{num_steps}_g{grid_size}"
         path = cache_dir / f"{key}.npz"
         vid_path = cache_dir / f"{key}_video.npy"
-        if path.exists():
-            rec = AnalysisRecord.load(path)
-            video = np.load(vid_path) if vid_path.exists() else None
-        else:
+        rec = video = None
+        if path.exists() and vid_path.exists():
+            rec, video = AnalysisRecord.load(path), np.load(vid_path)
+            if video.shape[:3] != (T, H, W) or rec.num_layers != runner.num_layers:  # another size / model: redo
+                rec = video = None
+        if rec is None:
             t0 = time.time()
             if item["kind"] == "generated":
-                video, rec = analyze_generation(pipe, item["prompt"], item["seed"], num_steps, grid_size, **kw)
+                video, rec = analyze_generation(runner, item["prompt"], item["seed"], num_steps, grid_size,
+                                                size=(T, H, W), **kw)
             elif item["kind"] == "exact":
-                s = World().sample(item["seed"], item["family"], item.get("split", "heldout"))
-                rec, video = analyze_exact(pipe, s, num_steps, grid_size=grid_size, **kw), s.video
+                s = World(T, H, W).sample(item["seed"], item["family"], item.get("split", "heldout"))
+                rec, video = analyze_exact(runner, s, num_steps, grid_size=grid_size, **kw), s.video
             else:
                 raise ValueError(f"unknown item kind {item['kind']!r}; allowed: 'generated', 'exact'")
             rec.meta["seconds"] = time.time() - t0
-            np.save(vid_path, video)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = vid_path.with_suffix(".tmp.npy")
+            np.save(tmp, video)
+            os.replace(tmp, vid_path)
             rec.save(path)
-        if rec.meta.get("kind") == "exact":
-            s = World().sample(item["seed"], item["family"], item.get("split", "heldout"))
-            q = np.concatenate([np.zeros((len(rec.queries), 1), np.float32), rec.queries], 1)
-            gt, vis = World().tracks(s, q)
-        else:
-            gt, vis = pseudo_ground_truth(video, rec.queries)
+        gt, vis, _ = record_ground_truth(rec, item, video)
         out.append((item, score_tables(rec, gt, vis)))
     return out

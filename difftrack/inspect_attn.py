@@ -19,7 +19,6 @@ videos (:func:`analysis_items`), loading a cached record (:func:`load_cached`, s
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,42 +198,33 @@ class QKInspector:
 
 @torch.no_grad()
 def inspect_generation(pipe, prompt: str, seed: int, points_px, num_steps: int, guidance_scale: float = 6.0,
-                       layers="all", **kw) -> tuple[np.ndarray, QKInspector]:
+                       layers="all", size=None, **kw) -> tuple[np.ndarray, QKInspector]:
     """Generate one video (same noise as :func:`difftrack.analysis.analyze_generation` for the same seed) while a
-    :class:`QKInspector` records every (step, layer). Returns ``(video uint8 [T, H, W, 3], inspector)``."""
-    from .analysis import _layers_count, token_px
+    :class:`QKInspector` records every (step, layer). ``pipe``: a pipeline or
+    :class:`difftrack.runners.VideoRunner`. Returns ``(video uint8 [T, H, W, 3], inspector)``; the inspector's
+    frames are latent frames (pinned to ``runner.frame_index(T)``)."""
     from .capture import capture
-    from .mini import WIDTH
+    from .runners import as_runner
 
-    insp = QKInspector(points_px, WIDTH / (WIDTH // token_px(pipe)), num_steps, _layers_count(pipe), **kw)
-    with capture(pipe, layers=layers, store=False, on_qk=insp.on_qk, num_steps=num_steps):
-        out = pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance_scale,
-                   generator=torch.Generator().manual_seed(seed), progress=False)
-    return out.frames[0], insp
+    runner = as_runner(pipe)
+    size = runner.check_size(size if size is not None else runner.default_size())
+    insp = QKInspector(points_px, runner.stride, num_steps, runner.num_layers, **kw)
+    with capture(runner.pipe, layers=layers, store=False, on_qk=insp.on_qk, num_steps=num_steps):
+        video = runner.generate(prompt, seed, num_steps, guidance_scale, size=size)
+    return video, insp
 
 
 @torch.no_grad()
 def inspect_exact(pipe, sample, points_px, num_steps: int, noise_seed: int = 0, layers="all", **kw) -> QKInspector:
     """A world video noised to every denoising step (one conditional forward per step, the same noise as
     :func:`difftrack.analysis.analyze_exact`) while a :class:`QKInspector` records every (step, layer)."""
-    from .analysis import _layers_count, token_px
     from .capture import capture
-    from .mini import video_uint8_to_latents
+    from .runners import as_runner
 
-    W = sample.video.shape[2]
-    insp = QKInspector(points_px, W / (W // token_px(pipe)), num_steps, _layers_count(pipe), **kw)
-    sched = pipe.scheduler
-    sched.set_timesteps(num_steps)
-    dev = pipe.transformer.device
-    x0 = video_uint8_to_latents(sample.video, device=dev)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(noise_seed)).to(dev)
-    emb = pipe.text_encoder(pipe.text_encoder.tokenize([sample.prompt]).to(dev)).to(pipe.transformer.dtype)
-    with capture(pipe, layers=layers, store=False, on_qk=insp.on_qk) as cap:
-        for s in range(num_steps):
-            t = sched.timesteps[s].to(dev).view(1)
-            xt = sched.add_noise(x0, noise, t).to(pipe.transformer.dtype)
-            cap.set_step(s)
-            pipe.transformer(hidden_states=xt, encoder_hidden_states=emb, timestep=t, return_dict=False)
+    runner = as_runner(pipe)
+    insp = QKInspector(points_px, runner.stride, num_steps, runner.num_layers, **kw)
+    with capture(runner.pipe, layers=layers, store=False, on_qk=insp.on_qk) as cap:
+        runner.noised_forwards(sample.video, sample.prompt, num_steps, None, noise_seed, cap)
     return insp
 
 
@@ -281,59 +271,34 @@ def load_cached(cache_dir, item: dict, num_steps: int, grid_size: int):
 
 
 def item_ground_truth(item: dict, rec, video: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(tracks [n, T, 2], visible [n, T], source)`` for the record's queries: exact world tracks for ``exact``
-    items, pseudo ground truth (Lucas-Kanade, needs OpenCV) for ``generated`` ones; ``source`` is ``"exact"`` or
-    ``"pseudo"``."""
-    from .world import World
+    """``(tracks [n, F, 2], visible [n, F], source)`` for the record's queries **per latent frame** (``F = T``
+    for the embedded model): exact world tracks for ``exact`` items, pseudo ground truth (Lucas-Kanade, needs
+    OpenCV) for ``generated`` ones; ``source`` is ``"exact"`` or ``"pseudo"``
+    (:func:`difftrack.analysis.record_ground_truth`)."""
+    from .analysis import record_ground_truth
 
-    if item["kind"] == "exact":
-        w = World(*video.shape[:3])
-        s = w.sample(item["seed"], item["family"], item.get("split", "heldout"))
-        q = np.concatenate([np.zeros((len(rec.queries), 1), np.float32), rec.queries], 1)
-        return (*w.tracks(s, q), "exact")
-    from .analysis import pseudo_ground_truth
+    return record_ground_truth(rec, item, video)
 
-    return (*pseudo_ground_truth(video, rec.queries), "pseudo")
+
+def latent_video(rec, video: np.ndarray) -> np.ndarray:
+    """The video frames the record's latent frames are pinned to (``video`` itself for the embedded model)."""
+    return video[np.asarray(rec.meta.get("frame_index", range(video.shape[0])), int)]
 
 
 # ---------------------------------------------------------------------------------------------- models
 def model_tag(model: str, dtype: str = "float32") -> str:
-    """Short file-system-safe name of a model choice, used to keep caches of different models apart."""
-    if model == "embedded":
-        base = "embedded"
-    else:
-        p = Path(model).expanduser().resolve()
-        base = f"{p.name}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
-    return base if dtype == "float32" else f"{base}-{dtype}"
+    """Short file-system-safe name of a model choice (:func:`difftrack.runners.model_tag`)."""
+    from .runners import model_tag as _tag
+
+    return _tag(model, dtype)
 
 
 def load_pipeline(model: str = "embedded", device: str = "cpu", dtype: str = "float32"):
-    """The notebooks' model parameter: ``"embedded"`` (the committed mini CogVideoX) or a local diffusers folder
-    holding a :class:`difftrack.mini.MiniVideoPipeline` (e.g. written by ``save_pretrained``).
+    """The notebooks' model parameter (:func:`difftrack.runners.load_pipeline`): ``"embedded"`` or a local diffusers
+    folder of a ``MiniVideoPipeline``, ``CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline``."""
+    from .runners import load_pipeline as _load
 
-    Raises ``ValueError`` for any other pipeline: the analysis notebooks generate with the embedded pipeline's layout
-    (world-vocabulary text encoder, pixel patching, no VAE); real backbones go through their own runner."""
-    import json
-
-    from . import mini
-
-    dt = getattr(torch, dtype, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'float16', 'bfloat16'")
-    if model == "embedded":
-        return mini.load_default(device=device, dtype=dt)
-    folder = Path(model).expanduser()
-    index = folder / "model_index.json"
-    if not index.exists():
-        raise ValueError(f"model={model!r} is neither 'embedded' nor a local diffusers folder with model_index.json")
-    cls = json.loads(index.read_text()).get("_class_name")
-    if cls != mini.MiniVideoPipeline.__name__:
-        raise ValueError(f"{folder} holds a {cls}; these notebooks generate only with the embedded pipeline layout "
-                         f"(MiniVideoPipeline: world-vocabulary text encoder, pixel patching, no VAE). Use "
-                         f"model='embedded' or a MiniVideoPipeline folder; real backbones are analysed by their "
-                         f"own runner")
-    pipe = mini.MiniVideoPipeline.from_pretrained(str(folder), dtype=dt, local_files_only=True)
-    return pipe.to(device)
+    return _load(model, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- summaries

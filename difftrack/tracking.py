@@ -373,6 +373,8 @@ class DiffTracker:
             self.transformer.to(dtype=self.dtype)
         self.transformer.eval()
         self._ehs_cache: dict[str, torch.Tensor] = {}
+        self._cond_extra: dict[str, dict] = {}  # extra conditional kwargs per prompt (HunyuanVideo)
+        self._extra: dict = {}
         if encoder_hidden_states is not None:
             self._ehs_cache[prompt] = encoder_hidden_states
         self._fixed_ehs = encoder_hidden_states
@@ -431,9 +433,12 @@ class DiffTracker:
             te = getattr(self.pipe, "text_encoder", None)
             if te is not None and hasattr(te, "tokenize"):  # the embedded model
                 e = te(te.tokenize([prompt]).to(next(te.parameters()).device))
-            elif hasattr(self.pipe, "encode_prompt") and self.adapter.name == "cogvideox":
-                e = self.pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False,
-                                            num_videos_per_prompt=1, device=self.device)[0]
+            elif type(self.pipe).__name__ in ("CogVideoXPipeline", "WanPipeline", "HunyuanVideoPipeline"):
+                from .runners import VideoRunner
+
+                c = VideoRunner(self.pipe).cond(prompt)  # HunyuanVideo: + pooled projections, mask, guidance
+                e = c.pop("encoder_hidden_states")
+                self._cond_extra[prompt] = c
             else:
                 raise ValueError(f"no text encoder for {type(self.pipe).__name__}; pass encoder_hidden_states= "
                                  f"([1, L, D] text embeddings) to DiffTracker")
@@ -487,6 +492,7 @@ class DiffTracker:
         else:  # wan / hunyuanvideo: [B, C, F, H, W]
             kw = dict(hidden_states=x.permute(1, 0, 2, 3)[None].to(self.dtype), encoder_hidden_states=ehs,
                       timestep=tt, return_dict=False)
+        kw.update(self._extra)
         kw.update(self.transformer_kwargs)
         what = ("q", "k") if self.descriptor == "qk" else ("features",)
         with capture(self.transformer, layers=self.layers, what=what, cfg=False, dtype=torch.float32) as cap:
@@ -544,6 +550,7 @@ class DiffTracker:
             self.token_stride = int(s)
         stride = self.token_stride
         ehs = self.text_embeddings(prompt)
+        self._extra = self._cond_extra.get(self.prompt if prompt is None else prompt, {})
         gen = torch.Generator("cpu").manual_seed(self.noise_seed)
         inputs = []
         for t in self.timesteps:

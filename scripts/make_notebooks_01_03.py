@@ -24,14 +24,15 @@ NB_DIR = ROOT / "notebooks"
 # The analysis parameters every notebook shares (same names, so one params/full.yaml serves all three, and the same
 # defaults, so 02 and 03 reuse the per-video cache that 01 fills).
 COMMON_PARAMS = '''\
-model: str = "embedded"  # "embedded" or a local diffusers folder holding a MiniVideoPipeline
+model: str = "embedded"  # "embedded" or a local diffusers folder (02, 03: also CogVideoX, Wan, HunyuanVideo)
 videos_per_family: int = 1  # generated videos per family (objects, scenes), pseudo ground truth (Lucas-Kanade)
 exact_per_family: int = 1  # world videos per family analysed with exact ground truth (noised to each step)
 num_steps: int = 6  # denoising steps (the paper: 50)
 grid_size: int = 8  # query grid side in frame 0 (grid_size**2 points; the paper: 10 or 20)
 device: str = "cpu"  # "cpu" or "cuda"
 dtype: str = "float32"  # "float32", "float16" or "bfloat16"
-seed: int = 0  # first world-video / noise seed'''
+seed: int = 0  # first world-video / noise seed
+size: list = []  # [frames, height, width] of generated and world videos; empty: the model's default'''
 
 IMPORTS = '''\
 %matplotlib inline
@@ -47,18 +48,22 @@ from tqdm.auto import tqdm
 
 from difftrack import analysis, paths, viz
 from difftrack import inspect_attn as ia
+from difftrack.runners import VideoRunner
 from difftrack.world import FAMILIES, World'''
 
 SETUP_ANALYSIS = '''\
 torch.manual_seed(seed)
 FIG, RES = paths.figures_dir(), paths.results_dir()
 pipe = ia.load_pipeline(model, device, dtype)
+runner = VideoRunner(pipe)  # the backbone's conventions: token stride, latent frames, VAE, text conditioning
+size = runner.check_size(size or runner.default_size())
+print(f"model {model}: {type(pipe).__name__}, {runner.num_layers} blocks, videos of {size[0]} frames at "
+      f"{size[2]}x{size[1]} px, {runner.stride} px per token, {runner.latent_frames(size[0])} latent frames")
 items = ia.analysis_items(videos_per_family, exact_per_family, seed)
 cache = paths.cache_dir(f"analysis_nb/{ia.model_tag(model, dtype)}")
-pipe.scheduler.set_timesteps(num_steps)
-timesteps = [int(t) for t in pipe.scheduler.timesteps]
+timesteps = [int(t) for t in runner.timesteps(num_steps)]
 t0 = time.time()
-results = analysis.run_dataset(pipe, items, cache, num_steps=num_steps, grid_size=grid_size)
+results = analysis.run_dataset(runner, items, cache, num_steps=num_steps, grid_size=grid_size, size=size)
 print(f"{len(results)} videos analysed in {time.time() - t0:.1f} s (per-video cache: {cache})")
 grouped = ia.group_tables(results)
 L = grouped["all"]["qk_acc"].shape[1]
@@ -116,7 +121,7 @@ visibility (hidden = occluded by a nearer layer or outside the frame) in every f
     code('''
 torch.manual_seed(seed)
 FIG, RES = paths.figures_dir(), paths.results_dir()
-world = World()
+world = World(*size) if size else World()
 queries = world.grid_queries(grid_size)  # [N, 3] (t, x, y) pixels, t = 0
 world_set = {}  # (family, seed) -> (sample, exact tracks [N, T, 2], visible [N, T])
 for fam in FAMILIES:
@@ -151,10 +156,13 @@ and its record; pseudo ground truth is Lucas-Kanade with a forward-backward chec
 '''),
     code('''
 pipe = ia.load_pipeline(model, device, dtype)
+if VideoRunner(pipe).temporal != 1:
+    raise ValueError(f"{type(pipe).__name__} compresses time (latent frames != video frames); this notebook's figures "
+                     f"assume one latent frame per video frame (the embedded layout). Notebooks 02 and 03 take it.")
 items = ia.analysis_items(videos_per_family, exact_per_family, seed)
 cache = paths.cache_dir(f"analysis_nb/{ia.model_tag(model, dtype)}")
 t0 = time.time()
-results = analysis.run_dataset(pipe, items, cache, num_steps=num_steps, grid_size=grid_size)
+results = analysis.run_dataset(pipe, items, cache, num_steps=num_steps, grid_size=grid_size, size=(T, H, W))
 print(f"{len(items)} videos analysed in {time.time() - t0:.1f} s (cache: {cache})")
 generated = []  # (item, video, pseudo tracks, pseudo visible, record)
 for it in items:
@@ -295,8 +303,8 @@ q/k, fitted jointly over frames, shown as RGB per frame). Sliders pick layer, ti
 Accuracy = fraction of visible (point, frame >= 1) pairs predicted within half a token of the ground truth (exact GT
 for world videos, Lucas-Kanade pseudo GT for generated ones; see notebook 01).
 
-**What it does not do:** it analyses the 12-layer embedded model, not CogVideoX-2B (real backbones need their own
-runner); the defaults are a CI-sized run with few videos and steps, so layer rankings are noisy (paper scale:
+**What it does not do:** by default it analyses the 12-layer embedded model, not CogVideoX-2B (set `model` to a
+local CogVideoX / Wan / HunyuanVideo folder for those; see the README); the defaults are a CI-sized run with few videos and steps, so layer rankings are noisy (paper scale:
 `papermill -f notebooks/params/full.yaml`); "features" are block outputs (the residual stream) as the fixed [B12]
 reading, not the published pre-`to_out` tensor; no foreground mask.
 '''),
@@ -386,7 +394,7 @@ weights.
     code('''
 control = None
 first_exact = [it for it in items if it["kind"] == "exact"][:1]
-if untrained_control and first_exact:
+if untrained_control and first_exact and runner.kind == "embedded":  # the control is the embedded architecture
     from difftrack.mini import build_untrained
 
     untrained = build_untrained(seed).to(device)
@@ -405,11 +413,12 @@ print(f"top-3 layers by harmonic mean: {top3}; best query-key accuracy {100 * s_
       f"HM of top-3 / median layer: {s_all['hm_top3_over_median']:.2f}")
 (RES / "02_summary.json").write_text(json.dumps(dict(
     settings=dict(model=model, videos_per_family=videos_per_family, exact_per_family=exact_per_family,
-                  num_steps=num_steps, grid_size=grid_size, device=device, dtype=dtype, seed=seed),
+                  num_steps=num_steps, grid_size=grid_size, device=device, dtype=dtype, seed=seed, size=list(size)),
     timesteps=timesteps, top3=top3, summary=summary, untrained_control=control), indent=2, default=float))
-assert s_all["qk_best_acc"] > s_all["feat_best_acc"], "query-key matching should beat feature matching"
-assert s_all["qk_best_acc"] > 0.5
-assert s_all["hm_top3_over_median"] > 1.5, "a few layers should dominate the harmonic mean"
+if runner.kind == "embedded":  # the paper's claims, checked on the trained embedded model (not on other weights)
+    assert s_all["qk_best_acc"] > s_all["feat_best_acc"], "query-key matching should beat feature matching"
+    assert s_all["qk_best_acc"] > 0.5
+    assert s_all["hm_top3_over_median"] > 1.5, "a few layers should dominate the harmonic mean"
 if control is not None:
     assert control["trained"] > control["untrained"] + 0.1
 '''),
@@ -436,20 +445,22 @@ if insp_file.exists() and np.allclose(ia.QKInspector.load(insp_file).points, poi
     video, insp = cached_video, ia.QKInspector.load(insp_file)
 else:
     if insp_item["kind"] == "generated":
-        video, insp = ia.inspect_generation(pipe, insp_item["prompt"], insp_item["seed"], points, num_steps)
+        video, insp = ia.inspect_generation(runner, insp_item["prompt"], insp_item["seed"], points, num_steps,
+                                            size=size)
     else:
-        smp = World().sample(insp_item["seed"], insp_item["family"], insp_item["split"])
-        video, insp = smp.video, ia.inspect_exact(pipe, smp, points, num_steps)
+        smp = World(*size).sample(insp_item["seed"], insp_item["family"], insp_item["split"])
+        video, insp = smp.video, ia.inspect_exact(runner, smp, points, num_steps)
     diff = np.abs(video.astype(int) - cached_video.astype(int)).mean()
     assert diff < 1.0, f"regeneration should give the cached video (mean abs difference {diff:.2f})"
     insp.save(insp_file)
 print(f"{insp_item['kind']} {insp_item['family']} seed {insp_item['seed']}: q/k maps and PCA for {S} steps x {L} "
       f"layers in {time.time() - t0:.1f} s (cached in {insp_file.name})")
 assert np.allclose(insp.attn[step, layer].sum((-1, -2)), 1, atol=1e-3)
+shown = ia.latent_video(rec, video)  # the frame each latent frame stands for (all frames for the embedded model)
 '''),
     code('''
 def show_attention(layer: int, step: int, point: int, save=None):
-    return viz.attention_maps(video, insp.attn[step, layer, point], points[point], track=gt_tr[pick[point]],
+    return viz.attention_maps(shown, insp.attn[step, layer, point], points[point], track=gt_tr[pick[point]],
                               title=f"layer {layer}, step {step} (t={timesteps[step]}), point {point} "
                                     f"at ({points[point][0]:.0f}, {points[point][1]:.0f}) px", save=save)
 
@@ -473,7 +484,7 @@ descriptor in every frame: where colours move with the content, q/k carry corres
 '''),
     code('''
 def show_pca(layer: int, step: int, save=None):
-    return viz.pca_frames({"video": video, "query PCA": insp.pca_q[step, layer], "key PCA": insp.pca_k[step, layer]},
+    return viz.pca_frames({"video": shown, "query PCA": insp.pca_q[step, layer], "key PCA": insp.pca_k[step, layer]},
                           title=f"q/k PCA, layer {layer}, step {step} (t={timesteps[step]})", save=save)
 
 show_pca(layer, step, save=FIG / "02_qk_pca.png")
@@ -554,7 +565,8 @@ claims = dict(best_layer=best, acc_best_first=float(acc_best[0]), acc_best_last=
 print(f"best layer {best}: accuracy {100 * acc_best[0]:.1f} % at step 0 -> {100 * acc_best[-1]:.1f} % at step {S - 1}"
       f" (peak at step {claims['acc_best_peak_step']})")
 # Numeric claims: matching emerges during denoising (the paper's Fig. 4c), loose at CI size
-assert acc_best[-1] > acc_best[0], "matching accuracy should improve from the noisiest to the last step"
+if runner.kind == "embedded":  # the paper's finding, checked on the trained embedded model
+    assert acc_best[-1] > acc_best[0], "matching accuracy should improve from the noisiest to the last step"
 assert np.allclose(sum(share_mean.values()), 1, atol=1e-3), "self + cross + text attention shares sum to 1"
 '''),
     md('''

@@ -1,0 +1,340 @@
+"""One interface over the backbones the notebooks and scripts drive: the embedded model or a diffusers pipeline.
+
+A :class:`VideoRunner` wraps a pipeline and answers the questions the analysis (notebooks 01-03,
+:mod:`difftrack.analysis`) and tracking (notebook 04, :class:`difftrack.tracking.DiffTracker`) ask of it, in the
+backbone's own calling conventions:
+
+* geometry: default video size ``(frames, height, width)``, pixels per token (``stride``), video frames per latent
+  frame (``temporal``), and which video frame each latent frame stands for (:meth:`VideoRunner.frame_index`);
+* :meth:`VideoRunner.generate`: prompt -> ``uint8 [T, H, W, 3]`` with the pipeline's own ``__call__`` (so a
+  surrounding :func:`difftrack.capture.capture` sees the real denoising loop, CFG layout included);
+* :meth:`VideoRunner.encode_video`: a video -> clean latents in the transformer's layout (the embedded model's
+  patching, or the pipeline's VAE encoding the clip **as a video**, as the paper's real-video analysis);
+* :meth:`VideoRunner.cond`: the conditional-branch keyword arguments of a transformer call for a prompt
+  (``encoder_hidden_states`` plus HunyuanVideo's pooled projections, attention mask and guidance);
+* :meth:`VideoRunner.noised_forwards`: a clean video forward-noised to each selected step of a ``num_steps``
+  schedule (the scheduler's own ``add_noise`` / ``scale_noise``), one conditional forward per step.
+
+Supported pipelines (``_class_name`` in ``model_index.json``): ``MiniVideoPipeline`` (the embedded model),
+``CogVideoXPipeline`` (2B sin-cos and 5B RoPE), ``WanPipeline`` and ``HunyuanVideoPipeline``.
+:func:`load_pipeline` takes ``"embedded"`` or a local folder of any of them (nothing is downloaded).
+
+Latent frames and video frames (VAE backbones compress time by ``r = 4``): latent frame ``k >= 1`` encodes video
+frames ``r(k-1)+1 .. rk``; it is pinned to its last frame ``rk`` (:meth:`VideoRunner.frame_index`), and a point
+counts as visible in latent frame ``k`` only when it is visible in all ``r`` frames it encodes (the published
+confidence-score rule, shared reference section 4.4; :func:`latent_visibility`). The embedded model has ``r = 1``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import adapter_for, resolve_transformer
+
+PIPELINES = {"MiniVideoPipeline": "embedded", "CogVideoXPipeline": "cogvideox", "WanPipeline": "wan",
+             "HunyuanVideoPipeline": "hunyuanvideo"}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    dt = getattr(torch, str(dtype), None) if str(dtype) in DTYPES else None
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}; allowed: {DTYPES}")
+    return dt
+
+
+def pipeline_class(model: str) -> str:
+    """``_class_name`` of a local diffusers folder (``"MiniVideoPipeline"`` for ``"embedded"``); ``ValueError``
+    naming what is allowed when it is neither."""
+    if model == "embedded":
+        return "MiniVideoPipeline"
+    index = Path(model).expanduser() / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"model={model!r} is neither 'embedded' nor a local diffusers pipeline folder with "
+                         f"model_index.json (nothing is downloaded)")
+    return json.loads(index.read_text()).get("_class_name", "")
+
+
+def load_pipeline(model: str = "embedded", device: str = "cpu", dtype="float32"):
+    """The notebooks' ``model`` parameter: ``"embedded"`` (the committed mini CogVideoX) or a local diffusers folder
+    holding one of :data:`PIPELINES` (written by ``save_pretrained``, or a downloaded CogVideoX / Wan /
+    HunyuanVideo checkpoint). Loaded offline (``local_files_only``), moved to ``device`` in ``dtype``."""
+    from . import mini
+
+    dt = _dtype(dtype)
+    cls = pipeline_class(model)
+    if cls not in PIPELINES:
+        raise ValueError(f"{model} holds a {cls or 'pipeline without _class_name'}; allowed pipelines: "
+                         f"{sorted(PIPELINES)}")
+    if model == "embedded":
+        return mini.load_default(device=device, dtype=dt)
+    if cls == "MiniVideoPipeline":
+        return mini.MiniVideoPipeline.from_pretrained(str(Path(model).expanduser()), dtype=dt,
+                                                      local_files_only=True).to(device)
+    import diffusers
+
+    pipe = getattr(diffusers, cls).from_pretrained(str(Path(model).expanduser()), torch_dtype=dt,
+                                                   local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def model_tag(model: str, dtype: str = "float32") -> str:
+    """Short file-system-safe name of a model choice, used to keep caches of different models apart."""
+    import hashlib
+
+    if model == "embedded":
+        base = "embedded"
+    else:
+        p = Path(model).expanduser().resolve()
+        base = f"{p.name}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
+    return base if str(dtype) == "float32" else f"{base}-{dtype}"
+
+
+def latent_visibility(visible: np.ndarray, temporal: int, latent_frames: int) -> np.ndarray:
+    """Visibility per latent frame from per-video-frame visibility.
+
+    Args:
+        visible: ``bool [n, T]``.
+        temporal: video frames per latent frame ``r`` (1: identity).
+        latent_frames: ``F = (T - 1) // r + 1``.
+
+    Returns:
+        ``bool [n, F]``: frame 0 as is; latent frame ``k >= 1`` visible when all of video frames ``r(k-1)+1 .. rk``
+        are (the published 4-frame AND rule).
+    """
+    visible = np.asarray(visible, bool)
+    if visible.ndim != 2:
+        raise ValueError(f"visible must be [n, T]; got shape {visible.shape}")
+    T = visible.shape[1]
+    if temporal < 1 or (T - 1) // temporal + 1 != latent_frames:
+        raise ValueError(f"{T} video frames with temporal compression {temporal} give {(T - 1) // max(temporal, 1) + 1}"
+                         f" latent frames, not {latent_frames}; allowed T = {temporal} * (F - 1) + 1 .. ")
+    if temporal == 1:
+        return visible.copy()
+    out = [visible[:, 0]]
+    for k in range(1, latent_frames):
+        out.append(visible[:, temporal * (k - 1) + 1: temporal * k + 1].all(1))
+    return np.stack(out, 1)
+
+
+class VideoRunner:
+    """A pipeline plus the conventions of its backbone (see the module docstring).
+
+    Args:
+        pipe: a ``MiniVideoPipeline``, ``CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline``.
+        guidance_embed: HunyuanVideo's embedded guidance scale for conditional forwards (the pipeline's default 6).
+    """
+
+    def __init__(self, pipe, guidance_embed: float = 6.0):
+        cls = type(pipe).__name__
+        if cls not in PIPELINES:
+            raise ValueError(f"unsupported pipeline {cls}; allowed: {sorted(PIPELINES)} (a bare transformer has no "
+                             f"text encoder or VAE: use difftrack.capture / DiffTracker with explicit inputs)")
+        self.pipe, self.kind = pipe, PIPELINES[cls]
+        self.transformer = resolve_transformer(pipe)
+        self.adapter = adapter_for(self.transformer)
+        self.num_layers = len(self.adapter.blocks(self.transformer))
+        self.guidance_embed = float(guidance_embed)
+        cfg = self.transformer.config
+        ps = cfg.patch_size
+        self.patch = int(ps[-1] if isinstance(ps, (tuple, list)) else ps)
+        if self.kind == "embedded":
+            from . import mini
+
+            self.temporal, self.vae_spatial = 1, mini.PATCH
+        else:
+            self.temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
+            self.vae_spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
+        pt = getattr(cfg, "patch_size_t", None) or (ps[0] if isinstance(ps, (tuple, list)) else 1)
+        if pt != 1:
+            raise ValueError(f"temporal patch size {pt} ({cls}): one token frame per latent frame is needed "
+                             f"(CogVideoX 1.0, Wan, HunyuanVideo layouts; not CogVideoX 1.5)")
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def stride(self) -> int:
+        """Pixels per token side (VAE or patching factor x transformer patch)."""
+        return self.vae_spatial * self.patch
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def default_size(self) -> tuple[int, int, int]:
+        """``(frames, height, width)`` the pipeline generates by default (CogVideoX: from the transformer config;
+        Wan / HunyuanVideo: the ``__call__`` defaults; embedded: 13 x 64 x 64)."""
+        if self.kind == "embedded":
+            from . import mini
+
+            return mini.FRAMES, mini.HEIGHT, mini.WIDTH
+        cfg = self.transformer.config
+        if self.kind == "cogvideox":
+            T = (cfg.sample_frames - 1) // self.temporal * self.temporal + 1 if cfg.sample_frames else 49
+            return int(T), int(cfg.sample_height * self.vae_spatial), int(cfg.sample_width * self.vae_spatial)
+        sig = inspect.signature(type(self.pipe).__call__).parameters
+        return int(sig["num_frames"].default), int(sig["height"].default), int(sig["width"].default)
+
+    def check_size(self, size) -> tuple[int, int, int]:
+        """Validate ``(frames, height, width)``: ``frames = r k + 1`` and sides divisible by the token stride."""
+        try:
+            T, H, W = (int(v) for v in size)
+        except (TypeError, ValueError):
+            raise ValueError(f"size={size!r}; allowed: (frames, height, width) integers") from None
+        r, s = self.temporal, self.stride
+        if T < 2 or (T - 1) % r:
+            raise ValueError(f"frames={T}; {type(self.pipe).__name__} needs at least 2 frames and frames - 1 divisible "
+                             f"by its temporal compression {r} (e.g. {max(1, round((T - 1) / r)) * r + 1})")
+        if H % s or W % s or H < s or W < s:
+            raise ValueError(f"height x width {H}x{W} is not a positive multiple of the token stride {s} px; "
+                             f"allowed e.g. {max(s, round(H / s) * s)}x{max(s, round(W / s) * s)}")
+        return T, H, W
+
+    def latent_frames(self, T: int) -> int:
+        return (int(T) - 1) // self.temporal + 1
+
+    def frame_index(self, T: int) -> np.ndarray:
+        """``int [F]``: the video frame each latent frame is pinned to (``0, r, 2r, ...``)."""
+        return np.arange(self.latent_frames(T)) * self.temporal
+
+    def to_latent_frames(self, tracks: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ground truth ``(tracks [n, T, 2], visible [n, T])`` of the video -> the same per latent frame
+        (``[n, F, 2]``, ``[n, F]``, see :func:`latent_visibility`)."""
+        T = tracks.shape[1]
+        F = self.latent_frames(T)
+        return tracks[:, self.frame_index(T)], latent_visibility(visible, self.temporal, F)
+
+    def timesteps(self, num_steps: int) -> list[float]:
+        """The scheduler timesteps of a ``num_steps`` schedule set the pipeline's way."""
+        self._set_timesteps(num_steps)
+        return [float(t) for t in self.pipe.scheduler.timesteps]
+
+    def _set_timesteps(self, num_steps: int) -> None:
+        sched = self.pipe.scheduler
+        if self.kind == "hunyuanvideo":  # HunyuanVideoPipeline passes sigmas linspace(1, 0, n + 1)[:-1]
+            sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1], device=self.device)
+        else:
+            sched.set_timesteps(num_steps, device=self.device)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int, num_steps: int, guidance_scale: float = 6.0, size=None,
+                 negative_prompt: str = "") -> np.ndarray:
+        """One video from the pipeline's own ``__call__``; returns ``uint8 [T, H, W, 3]``.
+
+        ``guidance_scale`` is CFG for CogVideoX / Wan / the embedded model (batched or sequential, as the pipeline
+        does it) and the embedded guidance for HunyuanVideo (one call per step, as its pipeline by default)."""
+        g = torch.Generator().manual_seed(int(seed))
+        if self.kind == "embedded":
+            kw = {}
+            if size is not None:
+                T, H, W = self.check_size(size)
+                kw = dict(num_frames=T, height=H, width=W)
+            return self.pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance_scale, generator=g,
+                             progress=False, **kw).frames[0]
+        T, H, W = self.check_size(size or self.default_size())
+        kw = dict(prompt=prompt, num_frames=T, height=H, width=W, num_inference_steps=num_steps,
+                  guidance_scale=guidance_scale, generator=g, output_type="np")
+        if self.kind in ("cogvideox", "wan"):
+            kw["negative_prompt"] = negative_prompt
+        out = self.pipe(**kw).frames[0]
+        out = np.asarray(out, np.float32)
+        return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+    # ------------------------------------------------------------------ conditioning and latents
+    @torch.no_grad()
+    def cond(self, prompt: str) -> dict:
+        """Keyword arguments of a conditional transformer call for ``prompt`` (batch 1)."""
+        dev, dt = self.device, self.dtype
+        if self.kind == "embedded":
+            te = self.pipe.text_encoder
+            return dict(encoder_hidden_states=te(te.tokenize([prompt]).to(dev)).to(dt))
+        if self.kind in ("cogvideox", "wan"):
+            e = self.pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                                        device=dev)[0]
+            return dict(encoder_hidden_states=e.to(dt))
+        pe, pooled, mask = self.pipe.encode_prompt(prompt=prompt, device=dev)
+        return dict(encoder_hidden_states=pe.to(dt), pooled_projections=pooled.to(dt),
+                    encoder_attention_mask=mask,
+                    guidance=torch.tensor([self.guidance_embed * 1000.0], device=dev, dtype=dt))
+
+    @torch.no_grad()
+    def encode_video(self, video: np.ndarray) -> torch.Tensor:
+        """Clean latents of ``uint8 [T, H, W, 3]`` in the transformer's input layout (batch 1, float32):
+        ``[1, F, C, h, w]`` for CogVideoX layouts, ``[1, C, F, h, w]`` for Wan / HunyuanVideo. VAE backbones encode
+        the clip as one video (``F = (T-1)/r + 1``) and scale as their pipeline decodes."""
+        video = np.asarray(video)
+        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+            raise ValueError(f"video must be uint8 [T, H, W, 3]; got {video.dtype} {video.shape}")
+        self.check_size(video.shape[:3])
+        if self.kind == "embedded":
+            from .mini import video_uint8_to_latents
+
+            return video_uint8_to_latents(video, device=self.device)
+        vae = self.pipe.vae
+        p = next(vae.parameters())
+        x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, T, H, W]
+        z = vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float()  # [1, C, F, h, w]
+        cfg = vae.config
+        if self.kind == "wan":
+            mean = torch.tensor(cfg.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+            std = torch.tensor(cfg.latents_std, device=z.device).view(1, -1, 1, 1, 1)
+            z = (z - mean) / std
+        else:
+            z = z * float(cfg.scaling_factor)
+        return z.permute(0, 2, 1, 3, 4).contiguous() if self.kind == "cogvideox" else z
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x0`` forward-noised to timestep ``t`` with the scheduler's own rule (DDIM ``add_noise``, flow matching
+        ``scale_noise``)."""
+        sched = self.pipe.scheduler
+        if hasattr(sched, "add_noise"):
+            return sched.add_noise(x0, noise, t.view(1))
+        return sched.scale_noise(x0, t.view(1), noise)
+
+    def forward_kwargs(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict:
+        """Keyword arguments of one transformer call on latents ``x`` (layout of :meth:`encode_video`)."""
+        kw = dict(hidden_states=x.to(self.dtype), timestep=t.reshape(1).expand(x.shape[0]).to(self.device),
+                  return_dict=False, **cond)
+        cfg = self.transformer.config
+        if self.kind in ("embedded", "cogvideox") and cfg.use_rotary_positional_embeddings:
+            F_, _, _, h, w = x.shape
+            if self.kind == "embedded":
+                kw["image_rotary_emb"] = self.pipe.rotary_embedding(F_, h, w, self.device)
+            else:
+                kw["image_rotary_emb"] = self.pipe._prepare_rotary_positional_embeddings(
+                    h * self.vae_spatial, w * self.vae_spatial, F_, self.device)
+        return kw
+
+    @torch.no_grad()
+    def noised_forwards(self, video: np.ndarray, prompt: str, num_steps: int, steps=None, noise_seed: int = 0,
+                        cap=None) -> list[float]:
+        """Forward-noise ``video`` to each of ``steps`` (default all) of a ``num_steps`` schedule and run one
+        conditional transformer forward per step; ``cap`` (a :class:`difftrack.capture.Capture`) gets
+        ``set_step(s)`` before each. Returns the schedule's timesteps (all ``num_steps``)."""
+        x0 = self.encode_video(video)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(noise_seed))).to(x0.device)
+        cond = self.cond(prompt)
+        self._set_timesteps(num_steps)
+        ts = self.pipe.scheduler.timesteps
+        for s in (range(num_steps) if steps is None else steps):
+            t = ts[s].to(self.device)
+            xt = self.add_noise(x0, noise, t)
+            if cap is not None:
+                cap.set_step(int(s))
+            self.transformer(**self.forward_kwargs(xt, t, cond))
+        return [float(t) for t in ts]
+
+
+def as_runner(pipe_or_runner) -> VideoRunner:
+    return pipe_or_runner if isinstance(pipe_or_runner, VideoRunner) else VideoRunner(pipe_or_runner)
