@@ -114,36 +114,25 @@ md(r"""
 ## Model
 
 `model="embedded"` loads the 64×64 world model shipped with the package. A folder is loaded with
-`diffusers.DiffusionPipeline.from_pretrained` (or `MiniVideoPipeline.from_pretrained` when its `model_index.json` names
-`MiniVideoPipeline`) and passed to `DiffTracker` as is; a CogVideoX pipeline encodes frames with its own VAE.
+`difftrack.runners.load_pipeline` (offline): a `MiniVideoPipeline`, `CogVideoXPipeline`, `WanPipeline` or
+`HunyuanVideoPipeline` folder, passed to `DiffTracker` as is; a VAE pipeline encodes each frame with its own VAE and
+its own text encoder gives the (empty-prompt) conditioning. Set `layer`, `slider_layers` and `native_size` for it.
 """)
 
 code(r'''
-if model == "embedded":
-    pipe = mini.load_default(device=dev)
-    size, is_mini = (mini.HEIGHT, mini.WIDTH), True
-else:
-    folder = Path(model).expanduser()
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"model={model!r}: no model_index.json there; expected 'embedded' or a local "
-                                f"diffusers pipeline folder")
-    cls = json.loads(index.read_text()).get("_class_name", "")
-    if cls == "MiniVideoPipeline":
-        pipe = mini.MiniVideoPipeline.from_pretrained(folder).to(dev)
-        size, is_mini = (mini.HEIGHT, mini.WIDTH), True
-    else:
-        import diffusers
+from difftrack.runners import VideoRunner, load_pipeline
 
-        dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(dev)
-        size, is_mini = (int(native_size[0]), int(native_size[1])), False
+dtype = "bfloat16" if dev == "cuda" and model != "embedded" else "float32"
+pipe = load_pipeline(model, dev, dtype)  # "embedded" or a local MiniVideoPipeline / CogVideoX / Wan / HunyuanVideo folder
+is_mini = type(pipe).__name__ == "MiniVideoPipeline"
+size = (mini.HEIGHT, mini.WIDTH) if is_mini else (int(native_size[0]), int(native_size[1]))
 H, W = size
-n_blocks = len(pipe.transformer.transformer_blocks)
+n_blocks = VideoRunner(pipe).num_layers  # HunyuanVideo: dual-stream blocks first, then single-stream, one list
 slider_layers = sorted({int(l) for l in slider_layers} | {int(layer)})
 slider_steps = list(dict.fromkeys([int(step)] + [int(s) for s in slider_steps]))
-print(f"model: {model} ({type(pipe).__name__}, {n_blocks} blocks), frames {H}x{W}, device {dev}")
+print(f"model: {model} ({type(pipe).__name__}, {n_blocks} blocks), frames {H}x{W}, device {dev}, {dtype}")
 ''')
+
 
 md(r"""
 ## The video and its queries
@@ -350,8 +339,9 @@ if is_mini:
     assert main.pts_within_4 > untrained.pts_within_4 + 20, (main.pts_within_4, untrained.pts_within_4)
     assert main.average_pts_within_thresh > untrained.average_pts_within_thresh + 15
     assert main.average_jaccard > untrained.average_jaccard
-assert main.average_pts_within_thresh > 30, "DiffTracker δ_avg on world videos fell below 30%"
-assert main.occlusion_accuracy > 60, "occlusion prediction barely better than guessing"
+if model == "embedded":  # measured bands of the committed model (other weights: reported, not checked)
+    assert main.average_pts_within_thresh > 30, "DiffTracker δ_avg on world videos fell below 30%"
+    assert main.occlusion_accuracy > 60, "occlusion prediction barely better than guessing"
 ''')
 
 md(r"""

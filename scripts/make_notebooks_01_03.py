@@ -326,7 +326,7 @@ rerun with the same parameters (or notebook 01 before this one) skips the model.
     code(SETUP_ANALYSIS + '''
 assert all(t["qk_acc"].shape == (S, L) for _, t in results)'''),
     code('''
-top3 = analysis.top_layers(grouped["all"]["hm"], k=3, step=-1)
+top3 = analysis.top_layers(grouped["all"]["hm"], k=min(3, L), step=-1)
 layer = top3[0] if layer < 0 else int(layer)  # resolve the "-1" defaults
 step = int(step) % S
 summary = {name: ia.summarize_tables(tabs).to_dict() for name, tabs in grouped.items()}
@@ -521,7 +521,7 @@ layer: int = -1  # layer shown first in the per-layer view (-1: mean over layers
 ## Per-video analysis (cached)
 '''),
     code(SETUP_ANALYSIS + '''
-top3 = analysis.top_layers(grouped["all"]["hm"], k=3, step=-1)
+top3 = analysis.top_layers(grouped["all"]["hm"], k=min(3, L), step=-1)
 print("top-3 layers by harmonic mean at the last step:", top3)'''),
     md('''
 ## Fig. 4c -- matching accuracy over denoising steps
