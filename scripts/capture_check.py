@@ -2,10 +2,11 @@
 
 For every backbone adapter (tiny random configs of the real diffusers classes) and for pipeline loops, the max abs
 difference of outputs with and without `capture(layers="all", what=q/k/features)`, in fp32 on the CPU (must be 0.0),
-plus the seconds of the CPU test suite (`--suite` runs `pytest tests -m "not browser"` and times it).
+plus the seconds of the CPU test suite (`--suite` runs the README test command's pytest call and times it).
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -66,8 +67,12 @@ res = dict(max_abs_diff=rows, all_zero=all(v == 0.0 for v in rows.values()), dty
            backbones_tested=sorted({k.split(" ")[0] for k in rows}), torch=torch.__version__)
 if args.suite:
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-m", "not browser"],
+    # the README test command's pytest run: tests/ (browser test included) + nbval of notebooks/
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "notebooks",
+                        "--nbval-lax", "--nbval-current-env", "--nbval-cell-timeout=1200"],
                        cwd=ROOT, capture_output=True, text=True)
+    res["cpu_test_suite_command"] = "pytest tests notebooks --nbval-lax (bash scripts/lab.sh test without set-up)"
+    res["cpu_test_suite_machine"] = f"{os.cpu_count()} CPU cores, no GPU"
     res["cpu_test_suite_seconds"] = round(time.time() - t0, 1)
     res["cpu_test_suite_summary"] = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
 res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

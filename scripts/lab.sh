@@ -2,7 +2,8 @@
 # The project's two commands (see README):
 #   bash scripts/lab.sh run    set up .venv if needed, then execute every notebook headless (papermill) on the
 #                              embedded model: executed copies -> build/notebooks/, figures -> figures/, numbers -> results/
-#   bash scripts/lab.sh test   same set-up, then the whole test suite: pytest (tests/) + nbval (notebooks/)
+#   bash scripts/lab.sh test   same set-up (plus Chromium/Playwright), then the whole test suite: pytest (tests/,
+#                              the browser test included) + nbval (notebooks/)
 # Extra: bash scripts/lab.sh setup | browser (JupyterLab in headless Chromium only) | notebook NAME [papermill args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,11 +48,11 @@ case "$cmd" in
     "$VENV/bin/python" -m papermill "notebooks/$nb" "build/notebooks/$nb" --cwd notebooks -k python3 "$@" ;;
   test)
     setup
+    bash scripts/install_browser.sh  # Debian chromium + pinned Playwright for tests/test_browser.py (no downloads)
     "$VENV/bin/python" -m nbstripout --verify notebooks/*.ipynb
     start=$(date +%s)
-    # The JupyterLab-in-Chromium test runs separately (`bash scripts/lab.sh browser`): it failed in this session's
-    # local CI run on a loaded 2-core machine and is not yet proven within CI's budget (issue 9 stays open).
-    "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests notebooks -m "not browser" --nbval-lax \
+    # pytest: tests/ (unit, backbone, notebook-on-tiny-pipeline and JupyterLab-in-Chromium tests) + nbval of notebooks/
+    "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests notebooks --nbval-lax \
       --nbval-current-env --nbval-cell-timeout=1200 "$@"
     echo "[lab] test suite took $(( $(date +%s) - start )) s" ;;
   browser) setup; bash scripts/install_browser.sh; "$VENV/bin/python" -m pytest -p no:cacheprovider -q -m browser tests "$@" ;;
