@@ -49,9 +49,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from torch.overrides import TorchFunctionMode
+
 from .backbones import TokenGrid, adapter_for, resolve_transformer
 
 VARIANTS = ("renormalized", "zero_after_softmax")
+CAG_BACKBONES = ("cogvideox", "wan", "hunyuanvideo")
 SCHEDULES = ("constant", "linear_decay")
 QUERY_CHUNK = 1024  # video query rows per chunk in the "zero_after_softmax" log-sum-exp pass
 KEY_CHUNK = 4096  # keys per chunk in that pass; scores held at once: B x heads x QUERY_CHUNK x KEY_CHUNK fp32
@@ -150,7 +153,7 @@ def _frame_ids(n: int, text_len: int, frames: int, text_first: bool, device) -> 
 
 def frame_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, frames: int, text_len: int,
                           variant: str = "renormalized", text_first: bool = True, query_chunk: int = QUERY_CHUNK,
-                          key_chunk: int = KEY_CHUNK) -> torch.Tensor:
+                          key_chunk: int = KEY_CHUNK, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Self-attention in which each video query sees only its own latent frame and the text; text queries see all.
 
     Args:
@@ -161,6 +164,8 @@ def frame_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         variant: ``"renormalized"`` (softmax over allowed keys) or ``"zero_after_softmax"`` (full softmax, then
             cross-frame probabilities zeroed without renormalising).
         query_chunk, key_chunk: chunk sizes of the ``"zero_after_softmax"`` log-sum-exp pass.
+        key_mask: optional ``bool [B, N]``, ``False`` for keys no query may see (HunyuanVideo's padded text tokens);
+            applied on top of the frame rule in both variants.
 
     Returns:
         ``[B, H, N, D]`` in ``v``'s dtype. No ``N x N`` tensor is built: peak extra memory is ``O(B H N D)`` for the
@@ -174,9 +179,16 @@ def frame_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         raise ValueError(f"{nv} video tokens (sequence {N} - text {text_len}) do not split into {frames} frames")
     P = nv // frames
     col_frame, ts, vs = _frame_ids(N, text_len, frames, text_first, q.device)
+    if key_mask is not None:
+        key_mask = key_mask.to(device=q.device, dtype=torch.bool)
+        if key_mask.shape != (B, N):
+            raise ValueError(f"key_mask must be bool [B={B}, N={N}]; got {tuple(key_mask.shape)}")
+        if not key_mask[:, vs].all():
+            raise ValueError("key_mask hides video keys; only text keys may be masked (padding)")
     out = v.new_empty(B, H, N, v.shape[-1])
-    if text_len:
-        out[:, :, ts] = F.scaled_dot_product_attention(q[:, :, ts], k, v)  # text rows: ordinary full attention
+    if text_len:  # text rows: ordinary full attention
+        m = None if key_mask is None else key_mask[:, None, None, :]
+        out[:, :, ts] = F.scaled_dot_product_attention(q[:, :, ts], k, v, attn_mask=m)
 
     # video rows, renormalised: frames as an extra batch dimension, keys [text, own frame]
     def per_frame(x):  # [B, H, nv, d] -> [B, F, H, P, d]
@@ -190,16 +202,20 @@ def frame_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         return xf.reshape(B * frames, H, -1, x.shape[-1])
 
     qf = per_frame(q[:, :, vs]).reshape(B * frames, H, P, D)
-    of = F.scaled_dot_product_attention(qf, with_text(k, k[:, :, vs]), with_text(v, v[:, :, vs]))
+    fm = None
+    if key_mask is not None and text_len:  # keys of each frame's call: [text (maybe padded), own frame]
+        tm = key_mask[:, ts].unsqueeze(1).expand(B, frames, text_len)
+        fm = torch.cat([tm, tm.new_ones(B, frames, P)], -1).reshape(B * frames, 1, 1, text_len + P)
+    of = F.scaled_dot_product_attention(qf, with_text(k, k[:, :, vs]), with_text(v, v[:, :, vs]), attn_mask=fm)
     ov = of.reshape(B, frames, H, P, -1).transpose(1, 2).reshape(B, H, nv, -1)
     if variant == "zero_after_softmax":
-        lse_all, lse_allowed = _video_row_lse(q, k, col_frame, vs, P, query_chunk, key_chunk)  # [B, H, nv]
+        lse_all, lse_allowed = _video_row_lse(q, k, col_frame, vs, P, query_chunk, key_chunk, key_mask)  # [B,H,nv]
         ov = (ov.float() * torch.exp(lse_allowed - lse_all).unsqueeze(-1)).to(ov.dtype)
     out[:, :, vs] = ov
     return out
 
 
-def _video_row_lse(q, k, col_frame, vs, P, query_chunk, key_chunk):
+def _video_row_lse(q, k, col_frame, vs, P, query_chunk, key_chunk, key_mask=None):
     """Log-sum-exp of the video rows' scaled scores over all keys and over the allowed keys, ``fp32 [B, H, nv]``,
     in chunks of ``query_chunk`` rows x ``key_chunk`` keys."""
     B, H, N, D = q.shape
@@ -215,6 +231,8 @@ def _video_row_lse(q, k, col_frame, vs, P, query_chunk, key_chunk):
         parts_all, parts_ok = [], []
         for j in range(0, N, key_chunk):
             s = qc @ k[:, :, j:j + key_chunk].float().transpose(-1, -2)  # [B, H, qc, kc]
+            if key_mask is not None:  # invisible keys count in neither sum
+                s = s.masked_fill(~key_mask[:, None, None, j:j + key_chunk], float("-inf"))
             cf = col_frame[None, j:j + key_chunk]
             allowed = (cf == -1) | (cf == rf)  # [qc, kc]
             parts_all.append(torch.logsumexp(s, -1))
@@ -345,12 +363,117 @@ class CogVideoXCAGAttnProcessor:
         return h, e
 
 
+class _SDPAReplace(TorchFunctionMode):
+    """Replaces the processor's self-attention SDPA call (the one whose query and key span the whole token
+    sequence) by ``fn(q, k, v, attn_mask)``; every other torch call runs unchanged."""
+
+    def __init__(self, fn, seq_len: int):
+        super().__init__()
+        self.fn, self.seq_len, self.replaced = fn, seq_len, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and not self.replaced:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+            bound = dict(zip(names, args))
+            bound.update(kwargs)
+            q, k = bound["query"], bound["key"]
+            if q.dim() == 4 and q.shape[2] == self.seq_len and k.shape[2] == self.seq_len:
+                if bound.get("is_causal") or bound.get("dropout_p", 0.0) or bound.get("scale") is not None \
+                        or bound.get("enable_gqa"):
+                    raise ValueError("CAG's perturbed attention supports plain SDPA calls only (no causal mask, "
+                                     "dropout, custom scale or GQA)")
+                self.replaced += 1  # (inside a mode's handler the mode is off: fn's own SDPA calls run plainly)
+                return self.fn(q, k, bound["value"], bound.get("attn_mask"))
+        return func(*args, **kwargs)
+
+
+class SDPACAGAttnProcessor:
+    """CAG for backbones whose upstream processor computes its joint self-attention with one SDPA call
+    (``WanAttnProcessor``, ``HunyuanVideoAttnProcessor2_0``; diffusers' native attention backend).
+
+    The original processor runs **unchanged** on the whole batch -- projections, QK norms, RoPE and output
+    projection stay upstream's -- and only its self-attention SDPA call (query and key over the whole sequence of
+    the current token grid) is replaced: unperturbed batch slots get the original SDPA on their rows, perturbed slots
+    :func:`frame_local_attention` with the grid's text layout (Wan: video only; HunyuanVideo: text last, padded text
+    keys masked as upstream's ``attention_mask``). With no perturbed slot the original processor is called as is.
+
+    Subclasses copy the wrapped class's ``__call__`` signature (diffusers' ``Attention`` drops keyword arguments a
+    processor's signature lacks), as :mod:`difftrack.capture` does.
+    """
+
+    def __init__(self, original, state: CAGState, variant: str, layer: int, query_chunk: int = QUERY_CHUNK,
+                 key_chunk: int = KEY_CHUNK):
+        self.original, self.state, self.variant, self.layer = original, state, variant, layer
+        self.query_chunk, self.key_chunk = query_chunk, key_chunk
+
+    def _run(self, *args, **kwargs):
+        st = self.state
+        if not st.perturbed:
+            return self.original(*args, **kwargs)
+        g = st.grid
+        if g is None:
+            raise RuntimeError(f"CAG processor of layer {self.layer} called outside a transformer forward (token "
+                               f"grid unknown); run the transformer itself inside apply_cag")
+        mode = _SDPAReplace(self._attention, g.num_video + g.text_len)
+        with mode:
+            out = self.original(*args, **kwargs)
+        if not mode.replaced:
+            raise RuntimeError(f"layer {self.layer}: no self-attention SDPA call over {g.num_video + g.text_len} "
+                               f"tokens was seen in {type(self.original).__name__}; CAG needs diffusers' native "
+                               f"attention backend")
+        st.calls += 1
+        return out
+
+    def _attention(self, q, k, v, attn_mask):
+        st, g = self.state, self.state.grid
+        n = q.shape[0]
+        if n % st.num_slots:
+            raise ValueError(f"batch {n} does not split into {st.num_slots} CAG slots")
+        key_mask = None
+        if attn_mask is not None:
+            m = attn_mask
+            if m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != 1:
+                raise ValueError(f"layer {self.layer}: CAG handles a boolean key-padding mask [B, 1, 1, N] "
+                                 f"(HunyuanVideo's); got {m.dtype} {tuple(m.shape)}")
+            key_mask = m[:, 0, 0].expand(n, -1)
+        b = n // st.num_slots
+        rows = torch.arange(n, device=q.device).view(st.num_slots, b)
+        pert = rows[list(st.perturbed)].flatten()
+        keep = rows[[i for i in range(st.num_slots) if i not in st.perturbed]].flatten()
+        out = v.new_empty(q.shape[:3] + (v.shape[-1],))
+        out[pert] = frame_local_attention(q[pert], k[pert], v[pert], frames=g.frames, text_len=g.text_len,
+                                          variant=self.variant, text_first=g.text_first,
+                                          query_chunk=self.query_chunk, key_chunk=self.key_chunk,
+                                          key_mask=None if key_mask is None else key_mask[pert])
+        if keep.numel():
+            am = attn_mask[keep] if attn_mask is not None and attn_mask.shape[0] == n else attn_mask
+            out[keep] = F.scaled_dot_product_attention(q[keep], k[keep], v[keep], attn_mask=am)
+        return out
+
+
+_CAG_WRAPPERS: dict[type, type] = {}
+
+
+def _sdpa_cag_processor(original, state, variant, layer, query_chunk, key_chunk) -> SDPACAGAttnProcessor:
+    cls = type(original)
+    if cls not in _CAG_WRAPPERS:
+        def __call__(self, *args, **kwargs):
+            return self._run(*args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(cls.__call__)
+        _CAG_WRAPPERS[cls] = type(f"CAG{cls.__name__}", (SDPACAGAttnProcessor,), {"__call__": __call__})
+    return _CAG_WRAPPERS[cls](original, state, variant, layer, query_chunk, key_chunk)
+
+
 @contextmanager
 def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUNK, key_chunk: int = KEY_CHUNK):
     """Install the CAG processors on ``config.layers`` (restored in ``finally``, even when the body raises).
 
     Args:
-        model_or_pipe: a ``CogVideoXTransformer3DModel`` or a pipeline with ``.transformer``.
+        model_or_pipe: a ``CogVideoXTransformer3DModel`` (:class:`CogVideoXCAGAttnProcessor`), a
+            ``WanTransformer3DModel`` or ``HunyuanVideoTransformer3DModel`` (:class:`SDPACAGAttnProcessor`; HunyuanVideo
+            layers index dual-stream blocks first, then single-stream ones), or a pipeline with ``.transformer``.
         config: the :class:`CAGConfig` (its ``layers`` and ``variant`` are used here; ``scale`` by the samplers).
         query_chunk, key_chunk: chunking of the ``"zero_after_softmax"`` log-sum-exp pass.
 
@@ -362,8 +485,8 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
         raise ValueError(f"config must be a CAGConfig; got {type(config).__name__}")
     transformer = resolve_transformer(model_or_pipe)
     adapter = adapter_for(transformer)
-    if adapter.name != "cogvideox":
-        raise ValueError(f"CAG is implemented for CogVideoX transformers only; got {type(transformer).__name__} "
+    if adapter.name not in CAG_BACKBONES:
+        raise ValueError(f"CAG is implemented for {CAG_BACKBONES} transformers; got {type(transformer).__name__} "
                          f"({adapter.name})")
     blocks = adapter.blocks(transformer)
     bad = [l for l in config.layers if l >= len(blocks)]
@@ -385,8 +508,11 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
         handle = transformer.register_forward_pre_hook(pre, with_kwargs=True)
         for l, attn in zip(config.layers, attns):
             originals.append((attn, attn.processor))
-            attn.set_processor(CogVideoXCAGAttnProcessor(attn.processor, state, config.variant, l, query_chunk,
-                                                         key_chunk))
+            if adapter.name == "cogvideox":
+                proc = CogVideoXCAGAttnProcessor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
+            else:
+                proc = _sdpa_cag_processor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
+            attn.set_processor(proc)
         yield state
     finally:
         for attn, proc in reversed(originals):
@@ -500,44 +626,64 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
 
 
 # ------------------------------------------------------------------------------------- unmodified diffusers loop
-_EXPANDED = ("hidden_states", "encoder_hidden_states", "timestep")
+# batched transformer arguments that get the conditional slot appended (those present and batched)
+_EXPANDED = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image",
+             "pooled_projections", "encoder_attention_mask", "guidance")
 
 
 @contextmanager
-def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_inference_steps: int, **apply_kwargs):
-    """CAG inside any pipeline that calls the transformer once per step with ``[uncond, cond]`` (CFG) or ``[cond]``
-    and then combines ``u + w (c - u)`` -- e.g. ``diffusers.CogVideoXPipeline`` or ``MiniVideoPipeline`` -- without
-    modifying the pipeline.
+def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_inference_steps: int,
+              do_cfg: bool | None = None, **apply_kwargs):
+    """CAG inside an unmodified diffusers pipeline loop, by forward hooks on its transformer.
 
-    A forward pre-hook on the transformer turns the batch into ``[uncond, cond, cond]`` (``hidden_states``,
-    ``encoder_hidden_states`` and a batched ``timestep`` get the cond half appended; other arguments, such as the
-    batch-free ``image_rotary_emb``, pass unchanged); the last slot is perturbed. A forward hook then returns, in
-    fp32, ``[v_u, v_c + (s/w)(v_c - v_p)]``, so the pipeline's own combine yields
-    ``v_u + w (v_c - v_u) + s (v_c - v_p)``; without CFG it returns ``v_c + s (v_c - v_p)``. Steps are counted as
-    transformer calls (one per step); steps with scale 0 pass through untouched (bitwise the plain pipeline).
-    The folding through ``s/w`` equals :func:`cag_combine` up to float rounding.
+    * **Batched CFG** (CogVideoX, ``MiniVideoPipeline``: one call per step on ``[uncond, cond]``, then
+      ``u + w (c - u)``): a forward pre-hook turns the batch into ``[uncond, cond, cond]`` (the batched arguments
+      in ``_EXPANDED`` get the cond half appended; batch-free ones such as ``image_rotary_emb`` pass unchanged), the
+      last slot perturbed; a forward hook returns, in fp32, ``[v_u, v_c + (s/w)(v_c - v_p)]``, so the pipeline's own
+      combine yields ``v_u + w (v_c - v_u) + s (v_c - v_p)``.
+    * **Sequential CFG** (Wan, HunyuanVideo with true CFG: a conditional call, then an unconditional call with the
+      same timestep, then ``u + w (c - u)``): the conditional call gets ``[cond, cond]`` with the second slot
+      perturbed and returns ``v_c + (s/w)(v_c - v_p)`` (in its own dtype); the unconditional call passes through.
+    * **No CFG** (``do_cfg=False``; HunyuanVideo's default embedded guidance): the one call returns
+      ``v_c + s (v_c - v_p)``.
+
+    Steps are counted from the calls (a new timestep starts a step); steps with scale 0 pass through untouched
+    (bitwise the plain pipeline). The folding through ``s/w`` equals :func:`cag_combine` up to float rounding.
+
+    Args:
+        guidance_scale: the CFG weight ``w`` the pipeline combines with (HunyuanVideo: ``true_cfg_scale``).
+        do_cfg: whether the pipeline runs CFG (default ``guidance_scale > 1``).
 
     Yields:
         the :class:`CAGState` (``state.step`` holds the next step index).
     """
-    do_cfg = guidance_scale > 1.0
+    do_cfg = guidance_scale > 1.0 if do_cfg is None else bool(do_cfg)
     transformer = resolve_transformer(model_or_pipe)
+    sequential = adapter_for(transformer).cfg == "sequential"
     sig = inspect.signature(transformer.forward)
     handles = []
     with apply_cag(transformer, config, **apply_kwargs) as state:
         state.set_slots(1, [])
         state.step = 0
-        n_plain = 2 if do_cfg else 1
-        pending: dict[str, Any] = {}
+        n_plain = 2 if do_cfg and not sequential else 1
+        pending: dict[str, Any] = {"last_t": None}
 
         def pre(m, args, kwargs):
+            bound = sig.bind(*args, **kwargs).arguments
+            if sequential:
+                t = bound.get("timestep")
+                tv = float(t.max()) if isinstance(t, torch.Tensor) else t
+                if do_cfg and pending["last_t"] is not None and tv == pending["last_t"]:
+                    pending["s"] = 0.0  # the step's second (unconditional) call
+                    state.set_slots(1, [])
+                    return None
+                pending["last_t"] = tv
             s = config.scale_at(state.step, num_inference_steps)
             state.step += 1
             pending["s"] = s
             if s == 0:
                 state.set_slots(1, [])
                 return None
-            bound = sig.bind(*args, **kwargs).arguments
             x = bound["hidden_states"]
             if x.shape[0] % n_plain:
                 raise ValueError(f"batch {x.shape[0]} is not [uncond, cond] halves (guidance_scale={guidance_scale})")
@@ -556,12 +702,13 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
             state.set_slots(1, [])
             sample = output[0] if isinstance(output, tuple) else output.sample
             parts = sample.float().chunk(n_plain + 1)
-            if do_cfg:
+            if do_cfg and not sequential:
                 u, c, p = parts
                 new = torch.cat([u, c + (s / guidance_scale) * (c - p)])
             else:
                 c, p = parts
-                new = cag_combine(None, c, p, 1.0, s)
+                new = c + (s / guidance_scale) * (c - p) if do_cfg else cag_combine(None, c, p, 1.0, s)
+                new = new.to(sample.dtype)
             if isinstance(output, tuple):
                 return (new,) + tuple(output[1:])
             output.sample = new
@@ -578,17 +725,29 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
 
 def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_scale: float = 6.0,
                                 num_inference_steps: int = 50, use_dynamic_cfg: bool = False, **kwargs):
-    """Run an unmodified ``diffusers.CogVideoXPipeline`` (or any pipeline of the same loop shape) with CAG.
+    """Run an unmodified ``diffusers.CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline`` (or any
+    pipeline of the same loop shape) with CAG.
 
     ``*args`` / ``**kwargs`` go to ``pipe(...)`` unchanged (prompt, generator, output_type, ...); the return value is
-    the pipeline's. Implemented with :func:`cag_hooks` on ``pipe.transformer``. ``use_dynamic_cfg=True`` is refused:
-    the pipeline changes ``w`` only after the transformer call, so the hook could not fold ``s/w`` correctly (the
-    published CAG code ignores dynamic CFG too).
+    the pipeline's. Implemented with :func:`cag_hooks` on ``pipe.transformer``: CogVideoX batches ``[uncond, cond]``
+    (one extra slot ``[uncond, cond, perturbed]``); Wan calls the transformer for cond then uncond (the cond call gets
+    the extra slot); HunyuanVideo uses embedded guidance (``guidance_scale``) and CFG only with ``true_cfg_scale > 1``
+    and a negative prompt, which then is the weight folded. ``use_dynamic_cfg=True`` is refused (CogVideoX): the
+    pipeline changes ``w`` only after the transformer call, so the hook could not fold ``s/w`` correctly (the
+    published CAG code ignores dynamic CFG too). Wan 2.2's second transformer (``transformer_2``) is refused.
     """
     if use_dynamic_cfg:
         raise ValueError("use_dynamic_cfg=True is not supported with CAG (the CFG weight changes after the "
                          "transformer call); pass use_dynamic_cfg=False")
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise ValueError("pipelines with a second transformer (Wan 2.2 A14B, transformer_2) are not supported by CAG "
+                         "hooks; allowed: a single transformer")
     if config is None:
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
-    with cag_hooks(pipe, config, guidance_scale, num_inference_steps):
+    weight, do_cfg = guidance_scale, guidance_scale > 1.0
+    if type(pipe).__name__ == "HunyuanVideoPipeline":  # guidance_scale is embedded guidance there
+        weight = float(kwargs.get("true_cfg_scale", 1.0))
+        has_neg = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
+        do_cfg = weight > 1.0 and has_neg
+    with cag_hooks(pipe, config, weight, num_inference_steps, do_cfg=do_cfg):
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)

@@ -1,0 +1,183 @@
+"""Cross-Attention Guidance on Wan and HunyuanVideo (tiny random configs of the real diffusers classes, CPU fp32):
+the perturbed attention equals a dense-mask reference inside the real processors, the hooks fold the CAG term into
+the pipelines' own (sequential) CFG combine, and scale 0 is bitwise the unguided pipeline."""
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_backbones import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
+from test_guidance import dense_mask
+from test_real_pipelines import call_kwargs
+from torch.overrides import TorchFunctionMode
+
+from difftrack.guidance import CAGConfig, apply_cag, cag_hooks, frame_local_attention, generate_with_cag_diffusers
+from difftrack.testing import build_tiny_pipeline
+
+VARIANTS = ["renormalized", "zero_after_softmax"]
+F_, R_, C_ = 2, 4, 3  # the token grid of test_backbones' inputs
+
+
+def dense_masked(q, k, v, allowed, variant):
+    """Reference: ``allowed`` bool [B, N, N] (frame rule AND key padding)."""
+    if variant == "renormalized":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+    valid = allowed.any(1, keepdim=True)  # keys some query may see = the non-padded ones
+    s = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~valid[:, None], float("-inf"))
+    return (torch.softmax(s, -1) * allowed[:, None]) @ v  # full softmax over valid keys, cross-frame zeroed
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("text_first", [True, False])
+def test_frame_local_attention_with_key_padding_equals_dense(variant, text_first):
+    g = torch.Generator().manual_seed(3)
+    frames, P, L = 3, 5, 4
+    n = L + frames * P
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g) * 2 for _ in range(3))
+    key_mask = torch.ones(2, n, dtype=torch.bool)
+    text = slice(0, L) if text_first else slice(n - L, n)
+    key_mask[1, text.stop - 2:text.stop] = False  # the second sample's last two text tokens are padding
+    allowed = dense_mask(L, frames, P, text_first)[None] & key_mask[:, None, :]
+    ref = dense_masked(q, k, v, allowed, variant)
+    out = frame_local_attention(q, k, v, frames=frames, text_len=L, variant=variant, text_first=text_first,
+                                query_chunk=4, key_chunk=6, key_mask=key_mask)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="key_mask must be bool"):
+        frame_local_attention(q, k, v, frames=frames, text_len=L, key_mask=key_mask[:, :-1])
+
+
+class DenseSDPA(TorchFunctionMode):
+    """Test-only reference: the self-attention SDPA call replaced by a dense N x N masked attention."""
+
+    def __init__(self, frames, text_len, text_first, variant):
+        super().__init__()
+        self.args, self.variant, self.n = (text_len, frames, R_ * C_, text_first), variant, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            a = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
+            q, k, v, m = a["query"], a["key"], a["value"], a.get("attn_mask")
+            allowed = dense_mask(*self.args)[None].expand(q.shape[0], -1, -1)
+            if m is not None:
+                allowed = allowed & m[:, 0, 0][:, None, :]
+            self.n += 1
+            return dense_masked(q, k, v, allowed, self.variant)
+        return func(*args, **kwargs)
+
+
+def _dense_processor(original, mode):
+    """The original processor run under ``mode``, with its ``__call__`` signature (diffusers' Attention drops keyword
+    arguments a processor's signature lacks)."""
+    def __call__(self, *args, **kwargs):
+        with mode:
+            return original(*args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(type(original).__call__)
+    return type(f"Dense{type(original).__name__}", (), {"__call__": __call__})()
+
+
+CASES = {  # name: (builder, inputs, text tokens in the self-attention, layer -> block)
+    "wan": (lambda: tiny_wan(), lambda: wan_inputs(batch=1), 0, lambda m, l: m.blocks[l]),
+    "hunyuan-dual": (lambda: tiny_hunyuan(), lambda: hunyuan_inputs(batch=2), 6, lambda m, l: m.transformer_blocks[l]),
+    "hunyuan-single": (lambda: tiny_hunyuan(), lambda: hunyuan_inputs(batch=2), 6,
+                       lambda m, l: m.single_transformer_blocks[l - len(m.transformer_blocks)]),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case,layer", [("wan", 1), ("hunyuan-dual", 1), ("hunyuan-single", 2)])
+def test_perturbed_attention_in_real_processors_equals_dense_reference(case, layer, variant):
+    build, inputs, text_len, block_of = CASES[case]
+    m, kw = build(), inputs()
+    with torch.no_grad():
+        plain = m(**kw)[0]
+        with apply_cag(m, CAGConfig(layers=[layer], variant=variant)) as state:  # whole batch perturbed
+            out = m(**kw)[0]
+        assert state.calls == 1
+        mode = DenseSDPA(F_, text_len, text_first=False, variant=variant)
+        block = block_of(m, layer)
+        attn = block.attn1 if hasattr(block, "attn1") else block.attn
+        original = attn.processor
+        attn.set_processor(_dense_processor(original, mode))
+        try:
+            ref = m(**kw)[0]
+        finally:
+            attn.set_processor(original)
+    assert mode.n == 1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert (out - plain).abs().max() > 1e-4
+    assert all(not type(p).__name__.startswith("CAG") for p in m.attn_processors.values())
+
+
+def test_only_perturbed_slot_changes_in_wan():
+    m, kw = tiny_wan(), wan_inputs(batch=1)
+    kw2 = dict(kw, hidden_states=kw["hidden_states"].repeat(2, 1, 1, 1, 1), timestep=kw["timestep"].repeat(2),
+               encoder_hidden_states=kw["encoder_hidden_states"].repeat(2, 1, 1))
+    cfg = CAGConfig(layers=[0, 1])
+    with torch.no_grad():
+        plain = m(**kw)[0]
+        with apply_cag(m, cfg) as state:
+            state.set_slots(2, [1])
+            out2 = m(**kw2)[0]
+            state.set_slots(1, [0])
+            pert = m(**kw)[0]
+    torch.testing.assert_close(out2[:1], plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out2[1:], pert, rtol=0, atol=1e-5)
+    assert (pert - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("do_cfg", [True, False])
+def test_sequential_hooks_fold_cag_into_the_cond_call(do_cfg):
+    m = tiny_wan()
+    cond, uncond = wan_inputs(batch=1, text_seed=5), wan_inputs(batch=1, text_seed=9)
+    cfg, w = CAGConfig(layers=[1], scale=0.7), 5.0
+    with torch.no_grad():
+        v_c, v_u = m(**cond)[0], m(**uncond)[0]
+        with apply_cag(m, cfg):
+            v_p = m(**cond)[0]
+        with cag_hooks(m, cfg, w if do_cfg else 1.0, num_inference_steps=1, do_cfg=do_cfg) as state:
+            h_c = m(**cond)[0]
+            if do_cfg:
+                h_u = m(**uncond)[0]  # same timestep: the step's unconditional call passes through
+    expected = v_c + (0.7 / w) * (v_c - v_p) if do_cfg else v_c + 0.7 * (v_c - v_p)
+    torch.testing.assert_close(h_c, expected, rtol=0, atol=1e-5)
+    if do_cfg:
+        assert torch.equal(h_u, v_u)
+        torch.testing.assert_close(v_u + w * (h_c - v_u), v_u + w * (v_c - v_u) + 0.7 * (v_c - v_p),
+                                   rtol=0, atol=1e-4)
+    assert state.step == 1 and not m._forward_pre_hooks and not m._forward_hooks
+
+
+@pytest.mark.parametrize("kind,extra", [("wan", {}), ("hunyuanvideo", {}),
+                                        ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"})],
+                         ids=["wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg"])
+def test_unmodified_diffusers_pipelines_with_cag(kind, extra):
+    pipe = build_tiny_pipeline(kind)
+    kw = call_kwargs(kind, pipe, output_type="latent", **extra)
+    gs = kw.pop("guidance_scale")
+    before = {k: type(p) for k, p in pipe.transformer.attn_processors.items()}
+
+    def run(config):
+        return generate_with_cag_diffusers(pipe, config, generator=torch.Generator().manual_seed(0),
+                                           guidance_scale=gs, **kw).frames
+
+    ref = pipe(generator=torch.Generator().manual_seed(0), guidance_scale=gs, **kw).frames
+    assert torch.equal(run(CAGConfig(layers=[1], scale=0.0)), ref)
+    assert torch.equal(run(None), ref)
+    guided = run(CAGConfig(layers=[0, 1], scale=1.0))
+    assert guided.shape == ref.shape and torch.isfinite(guided).all()
+    assert (guided - ref).abs().max() > 1e-4
+    assert {k: type(p) for k, p in pipe.transformer.attn_processors.items()} == before
+    assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
+
+
+def test_cag_errors_name_the_allowed_values():
+    from difftrack.backbones import adapter_for
+
+    m = tiny_hunyuan()
+    n = len(adapter_for(m).blocks(m))
+    with pytest.raises(ValueError, match=rf"out of range.*allowed 0\.\.{n - 1}"):
+        with apply_cag(m, CAGConfig(layers=[n])):
+            pass
