@@ -312,15 +312,16 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
                 progress: bool = True, size=None, **kw) -> list[tuple[dict, dict]]:
     """Analyse a list of videos with per-video caching (resumes after an interruption; finished videos are not
     recomputed). ``items``: dicts with ``kind`` ``"generated"`` (``prompt``, ``seed``) or ``"exact"`` (``family``,
-    ``seed``, ``split``). ``pipe``: a pipeline or :class:`difftrack.runners.VideoRunner`; ``size``: ``(frames,
-    height, width)`` of generated and world videos (default: the pipeline's). Returns ``[(item, tables)]``."""
+    ``seed``, ``split``). ``pipe``: a pipeline or :class:`difftrack.runners.VideoRunner`, or ``None`` to only score
+    videos already cached (``ValueError`` for one that is not); ``size``: ``(frames, height, width)`` of generated and
+    world videos (default: the pipeline's). Returns ``[(item, tables)]``."""
     from tqdm.auto import tqdm
 
     from .runners import as_runner
     from .world import World
 
-    runner = as_runner(pipe)
-    T, H, W = _size(runner, size)
+    runner = None if pipe is None else as_runner(pipe)
+    want = _size(runner, size) if runner is not None else (tuple(int(v) for v in size) if size else None)
     cache_dir = Path(cache_dir)
     out = []
     it = tqdm(items, desc="analysis") if progress else items
@@ -331,9 +332,18 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
         rec = video = None
         if path.exists() and vid_path.exists():
             rec, video = AnalysisRecord.load(path), np.load(vid_path)
-            if video.shape[:3] != (T, H, W) or rec.num_layers != runner.num_layers:  # another size / model: redo
+            stale = (want is not None and video.shape[:3] != want) or (
+                runner is not None and rec.num_layers != runner.num_layers)
+            if stale and runner is not None:  # cached at another size / for another model: recompute
                 rec = video = None
+            elif stale:
+                raise ValueError(f"cached analysis {path} is for videos of {video.shape[:3]}, not size={want}")
         if rec is None:
+            if runner is None:
+                raise ValueError(f"no cached analysis for {item} at {path} and no pipeline to compute it; pass the "
+                                 f"pipeline, or record first with the same num_steps={num_steps}, "
+                                 f"grid_size={grid_size}")
+            T, H, W = want
             t0 = time.time()
             if item["kind"] == "generated":
                 video, rec = analyze_generation(runner, item["prompt"], item["seed"], num_steps, grid_size,

@@ -116,16 +116,18 @@ def _clean(x):
 def measure(args) -> dict:
     """Subprocess body: one plain generation or one recorded analysis of the first generated item's prompt."""
     dev = args.device
-    pipe = ia.load_pipeline(args.model, dev, args.dtype)
+    from difftrack.runners import VideoRunner
+
+    runner = VideoRunner(ia.load_pipeline(args.model, dev, args.dtype))
     steps = args.timing_steps or args.steps
     prompt = ia.analysis_items(1, 0, args.seed)[0]["prompt"]
     cuda = dev.startswith("cuda")
 
     def once(n):
         if args.measure == "plain":
-            pipe(prompt, num_inference_steps=n, generator=torch.Generator().manual_seed(args.seed), progress=False)
+            runner.generate(prompt, args.seed, n)
         else:
-            analysis.analyze_generation(pipe, prompt, args.seed, num_steps=n, grid_size=args.grid)
+            analysis.analyze_generation(runner, prompt, args.seed, num_steps=n, grid_size=args.grid)
         if cuda:
             torch.cuda.synchronize()
 
