@@ -121,18 +121,25 @@ class _CapturingProcessor:
         return out
 
 
-_WRAPPERS: dict[type, type] = {}
+_WRAPPERS: dict[tuple[type, type], type] = {}
 
 
-def _wrap(proc, layer: int, owner: "Capture") -> _CapturingProcessor:
-    cls = type(proc)
-    if cls not in _WRAPPERS:
+def processor_wrapper_class(base: type, wrapped: type, prefix: str) -> type:
+    """A subclass of ``base`` whose ``__call__`` forwards to ``self._run`` with the **signature of** ``wrapped``'s
+    ``__call__`` (diffusers' ``Attention`` drops keyword arguments a processor's signature lacks, so a wrapper must
+    declare the wrapped processor's, e.g. ``image_rotary_emb``). Cached per ``(base, wrapped)``."""
+    key = (base, wrapped)
+    if key not in _WRAPPERS:
         def __call__(self, *args, **kwargs):
             return self._run(*args, **kwargs)
 
-        __call__.__signature__ = inspect.signature(cls.__call__)
-        _WRAPPERS[cls] = type(f"Capturing{cls.__name__}", (_CapturingProcessor,), {"__call__": __call__})
-    return _WRAPPERS[cls](proc, layer, owner)
+        __call__.__signature__ = inspect.signature(wrapped.__call__)
+        _WRAPPERS[key] = type(f"{prefix}{wrapped.__name__}", (base,), {"__call__": __call__})
+    return _WRAPPERS[key]
+
+
+def _wrap(proc, layer: int, owner: "Capture") -> _CapturingProcessor:
+    return processor_wrapper_class(_CapturingProcessor, type(proc), "Capturing")(proc, layer, owner)
 
 
 def _normalise_layers(layers, n_blocks: int, model_name: str) -> list[int]:

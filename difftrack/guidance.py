@@ -452,18 +452,11 @@ class SDPACAGAttnProcessor:
         return out
 
 
-_CAG_WRAPPERS: dict[type, type] = {}
-
-
 def _sdpa_cag_processor(original, state, variant, layer, query_chunk, key_chunk) -> SDPACAGAttnProcessor:
-    cls = type(original)
-    if cls not in _CAG_WRAPPERS:
-        def __call__(self, *args, **kwargs):
-            return self._run(*args, **kwargs)
+    from .capture import processor_wrapper_class
 
-        __call__.__signature__ = inspect.signature(cls.__call__)
-        _CAG_WRAPPERS[cls] = type(f"CAG{cls.__name__}", (SDPACAGAttnProcessor,), {"__call__": __call__})
-    return _CAG_WRAPPERS[cls](original, state, variant, layer, query_chunk, key_chunk)
+    cls = processor_wrapper_class(SDPACAGAttnProcessor, type(original), "CAG")
+    return cls(original, state, variant, layer, query_chunk, key_chunk)
 
 
 @contextmanager

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-REFINE = ("argmax", "softargmax", "paper")
+REFINE = ("argmax", "softargmax", "parabola", "paper")
 
 
 def temperature(tau: float | str | None, heads: int, head_dim: int) -> float:
@@ -115,31 +115,54 @@ def _bilinear_rows(cost: torch.Tensor, rows: int, cols: int, pts: torch.Tensor) 
 
 def refine_peak(prob: torch.Tensor, rows: int, cols: int, method: str = "softargmax", radius: int = 1,
                 sharpen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position of the match in each row of ``prob [n, rows*cols]``.
+    """Position of the match in each row of ``prob [n, rows*cols]`` (non-negative weights over the target grid).
+
+    Methods: ``"argmax"`` (the integer peak); ``"softargmax"`` (the weighted mean of the offsets in the
+    ``(2 radius + 1)^2`` window around the peak, weights ``w^(1/sharpen)``, window cells outside the frame count 0);
+    ``"parabola"`` (per axis, the vertex of the parabola through the log-weights at the peak and its two
+    neighbours -- the classic sub-pixel peak fit, unbiased for a Gaussian-shaped peak; offset clipped to half a token,
+    0 at the frame border or where the log-weights are not concave).
+
+    The window is gathered around the peak only (never unfolded over the whole map).
 
     Returns:
         ``(positions [n, 2] token units (u, v), confidence [n])`` where confidence is the peak value.
     """
-    if method not in ("argmax", "softargmax"):
+    if method not in ("argmax", "softargmax", "parabola"):
         raise ValueError(f"unknown refine {method!r}; allowed: {REFINE}")
     n = prob.shape[0]
     peak, idx = prob.max(-1)
-    pv, pu = (idx // cols).float(), (idx % cols).float()
-    if method == "argmax" or radius == 0:
-        return torch.stack([pu, pv], -1), peak
-    maps = prob.view(n, 1, rows, cols)
-    k = 2 * radius + 1
-    padded = F.pad(maps, (radius, radius, radius, radius), value=0.0)
-    win = F.unfold(padded, k)  # [n, k*k, rows*cols]
-    w = win[torch.arange(n), :, idx]  # [n, k*k] window around the argmax (zeros outside the frame)
+    pv, pu = idx // cols, idx % cols
+    if method == "argmax" or (method == "softargmax" and radius == 0):
+        return torch.stack([pu.float(), pv.float()], -1), peak
+    if method == "parabola":
+        def at(dv, du):
+            vv, uu = pv + dv, pu + du
+            ok = (vv >= 0) & (vv < rows) & (uu >= 0) & (uu < cols)
+            val = prob.gather(1, (vv.clamp(0, rows - 1) * cols + uu.clamp(0, cols - 1)).view(n, 1))[:, 0]
+            return torch.log(val.clamp_min(1e-30)), ok
+
+        c = torch.log(peak.clamp_min(1e-30))
+        offs = []
+        for dv, du in ((0, 1), (1, 0)):  # u (columns), then v (rows)
+            (lo, ok_lo), (hi, ok_hi) = at(-dv, -du), at(dv, du)
+            denom = lo - 2 * c + hi
+            off = torch.where(denom < 0, 0.5 * (lo - hi) / denom.clamp(max=-1e-12), torch.zeros_like(c))
+            offs.append(torch.where(ok_lo & ok_hi, off.clamp(-0.5, 0.5), torch.zeros_like(c)))
+        return torch.stack([pu.float() + offs[0], pv.float() + offs[1]], -1), peak
+    off = torch.arange(-radius, radius + 1, device=prob.device)
+    vv = pv.view(n, 1, 1) + off.view(1, -1, 1)
+    uu = pu.view(n, 1, 1) + off.view(1, 1, -1)
+    valid = ((vv >= 0) & (vv < rows) & (uu >= 0) & (uu < cols)).reshape(n, -1)
+    flat = (vv.clamp(0, rows - 1) * cols + uu.clamp(0, cols - 1)).reshape(n, -1)
+    w = prob.gather(1, flat) * valid
     if sharpen != 1.0:
         w = w.clamp_min(0) ** (1.0 / sharpen)
-    off = torch.arange(-radius, radius + 1, device=prob.device, dtype=torch.float32)
-    dv, du = torch.meshgrid(off, off, indexing="ij")
+    k = off.numel()
+    du = off.view(1, 1, k).expand(1, k, k).reshape(1, -1).float()
+    dv = off.view(1, k, 1).expand(1, k, k).reshape(1, -1).float()
     s = w.sum(-1).clamp_min(1e-12)
-    u = pu + (w * du.reshape(1, -1)).sum(-1) / s
-    v = pv + (w * dv.reshape(1, -1)).sum(-1) / s
-    return torch.stack([u, v], -1), peak
+    return torch.stack([pu.float() + (w * du).sum(-1) / s, pv.float() + (w * dv).sum(-1) / s], -1), peak
 
 
 def match_from_cost(cost: torch.Tensor, rows: int, cols: int, points_tok: torch.Tensor, refine: str = "softargmax",
