@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cache", default="cache/analysis", help="per-video records (shared by record and score)")
     ap.add_argument("--timing-steps", type=int, default=None, help="steps of the timed video (default: --steps)")
     ap.add_argument("--no-timing", action="store_true", help="skip the analysis-vs-generation timing")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only time one video (plain generation vs analysis of all layers and steps, separate "
+                         "processes) and merge the result into --out")
     ap.add_argument("--measure", choices=("plain", "analysis"), help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args(argv)
     for name in ("videos_per_family", "exact"):
@@ -247,6 +250,23 @@ def main(argv=None) -> int:
     if args.measure:
         print(json.dumps(measure(args)))
         return 0
+    if args.timing_only:
+        out = _resolve(args.out)
+        prev = json.loads(out.read_text()) if out.exists() else {}
+        t = timing(args)
+        t.update(device=device_name(args.device), model=args.model, dtype=args.dtype, grid=args.grid,
+                 torch=torch.__version__, commit=commit())
+        prev.update(timing=t, analysis_time_ratio=t["analysis_time_ratio"],
+                    analysis_extra_peak_mib=t["analysis_extra_peak_mib"])
+        if "combined" not in prev:
+            prev["status"] = ("timing only: the full-scale record (--phase all) has not been run yet; the "
+                              "correspondence numbers are missing")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_clean(prev), indent=2))
+        print(f"one video, {t['timing_steps']} steps on {t['device']}: analysis {t['analysis_seconds']:.1f} s vs "
+              f"plain {t['plain_seconds']:.1f} s (x{t['analysis_time_ratio']:.2f}), extra peak RSS "
+              f"{t['analysis_extra_peak_mib']:.0f} MiB; wrote {out}")
+        return 0
     cache = _resolve(args.cache) / ia.model_tag(args.model, args.dtype)
     cache.mkdir(parents=True, exist_ok=True)
     items = ia.analysis_items(args.videos_per_family, args.exact, args.seed)
@@ -265,6 +285,10 @@ def main(argv=None) -> int:
         summary["seconds"]["this_run_wall"] = time.time() - t0
         out = _resolve(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        prev = json.loads(out.read_text()) if out.exists() else {}
+        if "timing" not in summary and prev.get("timing"):  # keep an earlier --timing-only measurement
+            summary.update({k: prev[k] for k in ("timing", "analysis_time_ratio", "analysis_extra_peak_mib")
+                            if k in prev})
         out.write_text(json.dumps(_clean(summary), indent=2))
         for k in ("generated", "exact", "combined"):
             if k in summary:

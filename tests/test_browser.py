@@ -58,7 +58,7 @@ def _known_name(stem: str) -> str | None:
     return next((n for n in NOTEBOOKS if stem.startswith(n)), None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: JupyterLab and Chromium are gone before the rest of the suite runs
 def lab_server(tmp_path_factory):
     problems = bh.browser_problems()
     if problems:
@@ -80,7 +80,7 @@ def lab_server(tmp_path_factory):
             shutil.copy(server.log_path, FAILURE_DIR / "jupyterlab.log")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium(lab_server):
     from playwright.sync_api import sync_playwright
 

@@ -9,6 +9,9 @@ caches) go to a scratch ``DIFFTRACK_ROOT``, never to the committed ``figures/`` 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -28,14 +31,17 @@ def saved_pipeline(request, tmp_path_factory):
     return request.param, folder, VideoRunner(pipe).num_layers
 
 
-def _run(notebook: str, params: dict, root: Path, monkeypatch) -> nbformat.NotebookNode:
-    import papermill
-
-    monkeypatch.setenv("DIFFTRACK_ROOT", str(root))  # the kernel inherits it: outputs go to the scratch root
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+def _run(notebook: str, params: dict, root: Path) -> nbformat.NotebookNode:
+    """papermill in a subprocess (as a user runs it; and isolated from event loops other tests leave in this
+    process), outputs under the scratch ``DIFFTRACK_ROOT``."""
     out = root / f"{notebook}.out.ipynb"
-    papermill.execute_notebook(str(NB / f"{notebook}.ipynb"), str(out), parameters=params, kernel_name="python3",
-                               cwd=str(NB), progress_bar=False, log_output=False)
+    ptxt = root / "params.yaml"
+    ptxt.write_text(json.dumps(params))  # JSON is YAML
+    env = dict(os.environ, DIFFTRACK_ROOT=str(root), MPLBACKEND="Agg")
+    r = subprocess.run([sys.executable, "-m", "papermill", str(NB / f"{notebook}.ipynb"), str(out), "-f", str(ptxt),
+                        "--cwd", str(NB), "-k", "python3", "--no-progress-bar"], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, f"papermill {notebook} failed:\n{r.stderr[-4000:]}"
     return nbformat.read(str(out), as_version=4)
 
 
@@ -48,11 +54,11 @@ def _text(nb) -> str:
     return "\n".join(parts)
 
 
-def test_02_layer_analysis_on_saved_tiny_pipeline(saved_pipeline, tmp_path, monkeypatch):
+def test_02_layer_analysis_on_saved_tiny_pipeline(saved_pipeline, tmp_path):
     kind, folder, n_layers = saved_pipeline
     nb = _run("02_layer_analysis", dict(model=str(folder), videos_per_family=1, exact_per_family=1, num_steps=2,
                                         grid_size=4, num_points=2, size=[FRAMES, HEIGHT, WIDTH]),
-              tmp_path, monkeypatch)
+              tmp_path)
     summary = json.loads((tmp_path / "results" / "02_summary.json").read_text())
     assert summary["settings"]["model"] == str(folder) and summary["settings"]["size"] == [FRAMES, HEIGHT, WIDTH]
     assert len(summary["timesteps"]) == 2
@@ -67,12 +73,12 @@ def test_02_layer_analysis_on_saved_tiny_pipeline(saved_pipeline, tmp_path, monk
     assert not (ROOT / "results" / "02_summary.json").read_text().count(str(folder))  # committed file untouched
 
 
-def test_04_tracking_on_saved_tiny_pipeline(saved_pipeline, tmp_path, monkeypatch):
+def test_04_tracking_on_saved_tiny_pipeline(saved_pipeline, tmp_path):
     kind, folder, n_layers = saved_pipeline
     last = n_layers - 1
     nb = _run("04_tracking", dict(model=str(folder), layer=last, slider_layers=[0, last], slider_steps=[-1, -2],
                                   native_size=[HEIGHT, WIDTH], num_frames=FRAMES, grid_size=3, n_videos=1,
-                                  scale=2, device="cpu"), tmp_path, monkeypatch)
+                                  scale=2, device="cpu"), tmp_path)
     text = _text(nb)
     assert f"{n_layers} blocks), frames {HEIGHT}x{WIDTH}" in text
     assert f"DiffTracker (layer {last}, step -1)" in text  # the metrics table has the tracker's row
