@@ -69,12 +69,13 @@ if args.suite:
     t0 = time.time()
     # the README test command's pytest run: tests/ (browser test included) + nbval of notebooks/
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "notebooks",
-                        "--nbval-lax", "--nbval-current-env", "--nbval-cell-timeout=1200"],
+                        "--nbval-lax", "--nbval-current-env", "--nbval-cell-timeout=1200", "-rf"],
                        cwd=ROOT, capture_output=True, text=True)
     res["cpu_test_suite_command"] = "pytest tests notebooks --nbval-lax (bash scripts/lab.sh test without set-up)"
     res["cpu_test_suite_machine"] = f"{os.cpu_count()} CPU cores, no GPU"
     res["cpu_test_suite_seconds"] = round(time.time() - t0, 1)
     res["cpu_test_suite_summary"] = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
+    res["cpu_test_suite_failed"] = [l.split(" - ")[0] for l in r.stdout.splitlines() if l.startswith("FAILED")]
 res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 Path(args.out).write_text(json.dumps(res, indent=1))
 print(json.dumps(res, indent=1))

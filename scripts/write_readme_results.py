@@ -28,12 +28,54 @@ if mm:
             "0.58 / 0.77 on 40 videos (an 8-video check had given 0.66 / 0.83); the model trained for 36 minutes "
             "of H100 time in all and its loss was still falling. See the model card "
             "(`difftrack/weights/mini-cogvideox/README.md`).", ""]
+    if mm.get("cpu_forward_s_cfg2") is not None:
+        out += [f"One transformer forward at CFG batch 2 on the CPU: **{mm['cpu_forward_s_cfg2']:.2f} s** (best of 3; "
+                f"median {mm.get('cpu_forward_s_cfg2_median', float('nan')):.2f} s; {mm.get('cpu', 'cpu')}, "
+                f"{mm.get('cpu_threads')} threads; goal <= 3 s).", ""]
+st = load("subtoken_refinement.json")
+if st:
+    tr, ho = st["train"]["rules"], st["heldout"]["rules"]
+    base = "softargmax r1"
+    ch = st["chosen_on_train"]
+    out += ["Sub-token refinement (`scripts/subtoken_study.py`, CPU, "
+            f"{st['videos_per_split']} videos per split, same protocol): the rule chosen on **train-split** videos is "
+            f"`{ch}`; on held-out videos it gives {st['heldout_at_chosen']['half']:.3f} within half a token and "
+            f"{st['heldout_at_chosen']['one']:.3f} within one token, against {max(ho[base]['half']):.3f} / "
+            f"{max(ho[base]['one']):.3f} for the 3x3 soft-argmax above (argmax alone: {max(ho['argmax']['half']):.3f}; "
+            f"parabola fit {max(ho['parabola']['half']):.3f}; published match-map interpolation "
+            f"{max(ho['paper']['half']):.3f}). Train-split videos reach {max(tr[ch]['half']):.3f}: the gap to the goal "
+            "is the model's generalisation to unseen textures, not the refinement rule.", ""]
 cc = load("capture_check.json")
 if cc:
     out += ["### Capture is exact (issue 3)",
             f"Max abs output difference with and without capture, fp32 CPU, over {len(cc['max_abs_diff'])} "
             f"backbone/pipeline cases ({', '.join(cc['backbones_tested'])}): "
-            f"**{max(cc['max_abs_diff'].values())}** (`results/capture_check.json`).", ""]
+            f"**{max(cc['max_abs_diff'].values())}** (`results/capture_check.json`)."
+            + (f" The test suite (`{cc.get('cpu_test_suite_command', 'pytest')}`) took "
+               f"**{cc['cpu_test_suite_seconds']:.0f} s** on {cc.get('cpu_test_suite_machine', 'the CPU')} "
+               f"({cc.get('cpu_test_suite_summary', '')})." if cc.get("cpu_test_suite_seconds") else ""), ""]
+an = load("analysis_summary.json")
+if an:
+    out += ["### Correspondence analysis (issue 5)"]
+    if "combined" in an:
+        c = an["combined"]
+        out += [f"{an['counts']['generated']} generated + {an['counts']['exact']} exact-GT videos, {an['settings']['steps']} "
+                f"steps, on {an.get('device')}: query-key best {c['qk_best_acc']:.3f} vs features {c['feat_best_acc']:.3f}; "
+                f"top-3 layers {c['best_layers_top3']}; HM top-3 / median {c['hm_top3_over_median']:.2f}; accuracy "
+                f"last / first step {c['acc_last_over_first_step']:.2f}."]
+    else:
+        out += ["The full-scale record (20 + 20 generated, 20 exact-GT videos, 50 steps) **has not been run**: it needs "
+                "the GPU, and none was lent to the sessions so far (on the 2-core CPU one 50-step CFG generation takes "
+                "about 3 minutes). The notebooks' CI-sized numbers are in `results/02_summary.json` and "
+                "`results/03_summary.json`."]
+    t = an.get("timing")
+    if t:
+        out += ["", f"Cost of the analysis (all {t.get('grid', 10) ** 2} grid points, every layer and step recorded "
+                f"on the fly) for one {t['timing_steps']}-step generation on {t.get('device')}: "
+                f"**{t['analysis_time_ratio']:.2f}x** the time of the plain generation ({t['analysis_seconds']:.0f} s vs "
+                f"{t['plain_seconds']:.0f} s; goal <= 1.5x) and **{t['analysis_extra_peak_mib']:.0f} MiB** extra peak "
+                f"resident memory (goal <= 1 GiB), separate processes (`scripts/run_analysis.py --timing-only`)."]
+    out += [""]
 tb = load("tracking_benchmark.json")
 if tb:
     out += ["### Zero-shot tracking (issue 6)", "", f"Source: `results/tracking_benchmark.json`.", ""]

@@ -188,9 +188,15 @@ def test_cache_key_matches_run_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(analysis, "pseudo_ground_truth",
                         lambda v, q: (np.zeros((len(q), 13, 2), np.float32), np.ones((len(q), 13), bool)))
     item = dict(kind="generated", family="objects", seed=3, prompt="a red circle moving left on a still background")
-    analysis.run_dataset(None, [item], tmp_path, num_steps=2, grid_size=4, progress=False)
+    from test_guidance import tiny_mini_pipe
+
+    with pytest.raises(ValueError, match="no cached analysis .* no pipeline to compute it"):
+        analysis.run_dataset(None, [item], tmp_path, num_steps=2, grid_size=4, progress=False)
+    analysis.run_dataset(tiny_mini_pipe(), [item], tmp_path, num_steps=2, grid_size=4, progress=False)
     rec, vid = ia.load_cached(tmp_path, item, 2, 4)
     assert vid.shape == (13, 64, 64, 3) and np.allclose(rec.queries, queries)
+    (res,) = analysis.run_dataset(None, [item], tmp_path, num_steps=2, grid_size=4, progress=False)  # cache only
+    assert res[1]["qk_acc"].shape == (2, 2)
     with pytest.raises(FileNotFoundError, match="run_dataset"):
         ia.load_cached(tmp_path, dict(item, seed=4), 2, 4)
 
@@ -216,8 +222,9 @@ def test_analysis_items_and_ground_truth():
 def test_load_pipeline_rejects_other_layouts(tmp_path):
     with pytest.raises(ValueError, match="neither 'embedded'"):
         ia.load_pipeline(str(tmp_path))
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
-    with pytest.raises(ValueError, match="CogVideoXPipeline.*embedded pipeline layout"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="StableDiffusionPipeline; allowed pipelines: .*CogVideoXPipeline.*"
+                                         "HunyuanVideoPipeline.*WanPipeline"):
         ia.load_pipeline(str(tmp_path))
     with pytest.raises(ValueError, match="dtype"):
         ia.load_pipeline("embedded", dtype="float99")
