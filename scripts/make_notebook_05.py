@@ -135,8 +135,12 @@ for name, s in settings.items():
     d = run_dir / (name if not s["layers"] else f"{name}_L{'-'.join(map(str, s['layers']))}")
     recs = E.generate_cached(pipe, items, d, s["layers"], s["scale"], num_steps, guidance_scale, variant,
                              batch_size=n_prompts, log=None)
+    t_file = d / "step_seconds.json"  # timing of the run that generated the cached videos, kept for re-runs
     if recs:
         step_seconds[name] = recs[0]["step_seconds"]
+        t_file.write_text(json.dumps(step_seconds[name]))
+    elif t_file.exists():
+        step_seconds[name] = json.loads(t_file.read_text())
     videos[name] = E.load_cached(d, items)
 world = World()
 world_videos = [world.sample(it["world_seed"], it["family"], "heldout").video for it in items]

@@ -65,7 +65,7 @@ if an:
                 f"last / first step {c['acc_last_over_first_step']:.2f}."]
     else:
         out += ["The full-scale record (20 + 20 generated, 20 exact-GT videos, 50 steps) **has not been run**: it needs "
-                "the GPU, and none was lent to the sessions so far (on the 2-core CPU one 50-step CFG generation takes "
+                "the GPU (the first session spent its device time on training and benchmarks, the second had none; on the 2-core CPU one 50-step CFG generation takes "
                 "about 3 minutes). The notebooks' CI-sized numbers are in `results/02_summary.json` and "
                 "`results/03_summary.json`."]
     t = an.get("timing")
