@@ -69,7 +69,7 @@ if res:
     lines += [
         f"Held-out world videos ({res['videos']}, photographs never seen in training), noised to the last of "
         f"{res['num_steps']} steps (t = {res['timestep']}), one forward, frame 0 -> every other frame, 10x10 grid, "
-        "visible points (`scripts/eval_mini.py`, CPU):", "",
+        f"visible points (`scripts/eval_mini.py` on {res.get('eval_device_name', 'cpu')}; the CPU forward on the 2-core CPU):", "",
         "| measure | value |", "|---|---|",
         f"| query-key matching within half a token (2 px), best layer ({res['best_layer']}) | **{res['qk_best_acc']}** |",
         f"| same within one token (4 px) | {res['qk_best_acc_1tok']} |",
