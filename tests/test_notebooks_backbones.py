@@ -38,9 +38,12 @@ def _run(notebook: str, params: dict, root: Path) -> nbformat.NotebookNode:
     ptxt = root / "params.yaml"
     ptxt.write_text(json.dumps(params))  # JSON is YAML
     env = dict(os.environ, DIFFTRACK_ROOT=str(root), MPLBACKEND="Agg")
-    r = subprocess.run([sys.executable, "-m", "papermill", str(NB / f"{notebook}.ipynb"), str(out), "-f", str(ptxt),
-                        "--cwd", str(NB), "-k", "python3", "--no-progress-bar"], env=env, capture_output=True,
-                       text=True, timeout=900)
+    cmd = [sys.executable, "-m", "papermill", str(NB / f"{notebook}.ipynb"), str(out), "-f", str(ptxt), "--cwd",
+           str(NB), "-k", "python3", "--no-progress-bar", "--execution-timeout", "300"]
+    for attempt in (1, 2):  # one retry: nbclient can hang after a widget cell (jupyter/nbclient#312)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode == 0 or "CellTimeoutError" not in r.stderr:
+            break
     assert r.returncode == 0, f"papermill {notebook} failed:\n{r.stderr[-4000:]}"
     return nbformat.read(str(out), as_version=4)
 
