@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from . import matching as M
-from .backbones import resolve_transformer
 from .capture import FeatureEvent, QKEvent, capture
 
 SCORE_PARTS = ("text", "self", "cross")
@@ -213,17 +212,6 @@ def mean_tables(tables: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- runners
-def _layers_count(pipe) -> int:
-    from .backbones import adapter_for
-
-    tr = resolve_transformer(pipe)
-    return len(adapter_for(tr).blocks(tr))
-
-
-def _size(runner, size) -> tuple[int, int, int]:
-    return runner.check_size(size if size is not None else runner.default_size())
-
-
 @torch.no_grad()
 def analyze_generation(pipe, prompt: str, seed: int, num_steps: int = 50, grid_size: int = 10,
                        guidance_scale: float = 6.0, features: bool = True, size=None,
@@ -240,7 +228,7 @@ def analyze_generation(pipe, prompt: str, seed: int, num_steps: int = 50, grid_s
     from .world import World
 
     runner = as_runner(pipe)
-    T, H, W = _size(runner, size)
+    T, H, W = runner.resolve_size(size)
     q = World(T, H, W).grid_queries(grid_size)[:, 1:]
     rec = Recorder(q, runner.stride, num_steps, runner.num_layers, runner.latent_frames(T), **match_kw)
     with capture(runner.pipe, layers="all", store=False, on_qk=rec.on_qk,
@@ -321,7 +309,7 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
     from .world import World
 
     runner = None if pipe is None else as_runner(pipe)
-    want = _size(runner, size) if runner is not None else (tuple(int(v) for v in size) if size else None)
+    want = runner.resolve_size(size) if runner is not None else (tuple(int(v) for v in size) if size else None)
     cache_dir = Path(cache_dir)
     out = []
     it = tqdm(items, desc="analysis") if progress else items

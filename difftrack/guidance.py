@@ -269,6 +269,14 @@ class CAGState:
                              f"allowed 0..{num_slots - 1}")
         self.num_slots, self.perturbed = num_slots, perturbed
 
+    def split_rows(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(perturbed rows, kept rows)`` (``long``) of a batch of ``n`` made of ``num_slots`` equal slots."""
+        if n % self.num_slots:
+            raise ValueError(f"batch {n} does not split into {self.num_slots} CAG slots")
+        rows = torch.arange(n, device=device).view(self.num_slots, n // self.num_slots)
+        keep = [i for i in range(self.num_slots) if i not in self.perturbed]
+        return rows[list(self.perturbed)].flatten(), rows[keep].flatten()
+
     @contextmanager
     def slots(self, num_slots: int, perturbed: Sequence[int]):
         """Temporarily set the slot layout."""
@@ -311,12 +319,7 @@ class CogVideoXCAGAttnProcessor:
         if attention_mask is not None:
             raise ValueError("CAG's perturbed attention does not take an attention_mask (CogVideoX passes none)")
         n = hidden_states.shape[0]
-        if n % st.num_slots:
-            raise ValueError(f"batch {n} does not split into {st.num_slots} CAG slots")
-        b = n // st.num_slots
-        rows = torch.arange(n, device=hidden_states.device).view(st.num_slots, b)
-        pert = rows[list(st.perturbed)].flatten()
-        keep = rows[[i for i in range(st.num_slots) if i not in st.perturbed]].flatten()
+        pert, keep = st.split_rows(n, hidden_states.device)
         hp, ep = self._perturbed(attn, hidden_states[pert], encoder_hidden_states[pert], image_rotary_emb)
         st.calls += 1
         if keep.numel() == 0:
@@ -428,8 +431,7 @@ class SDPACAGAttnProcessor:
     def _attention(self, q, k, v, attn_mask):
         st, g = self.state, self.state.grid
         n = q.shape[0]
-        if n % st.num_slots:
-            raise ValueError(f"batch {n} does not split into {st.num_slots} CAG slots")
+        pert, keep = st.split_rows(n, q.device)
         key_mask = None
         if attn_mask is not None:
             m = attn_mask
@@ -437,10 +439,6 @@ class SDPACAGAttnProcessor:
                 raise ValueError(f"layer {self.layer}: CAG handles a boolean key-padding mask [B, 1, 1, N] "
                                  f"(HunyuanVideo's); got {m.dtype} {tuple(m.shape)}")
             key_mask = m[:, 0, 0].expand(n, -1)
-        b = n // st.num_slots
-        rows = torch.arange(n, device=q.device).view(st.num_slots, b)
-        pert = rows[list(st.perturbed)].flatten()
-        keep = rows[[i for i in range(st.num_slots) if i not in st.perturbed]].flatten()
         out = v.new_empty(q.shape[:3] + (v.shape[-1],))
         out[pert] = frame_local_attention(q[pert], k[pert], v[pert], frames=g.frames, text_len=g.text_len,
                                           variant=self.variant, text_first=g.text_first,
@@ -695,12 +693,11 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
             state.set_slots(1, [])
             sample = output[0] if isinstance(output, tuple) else output.sample
             parts = sample.float().chunk(n_plain + 1)
-            if do_cfg and not sequential:
-                u, c, p = parts
-                new = torch.cat([u, c + (s / guidance_scale) * (c - p)])
+            folded = s / guidance_scale if do_cfg else s  # the pipeline's own combine multiplies by w
+            new = cag_combine(None, parts[-2], parts[-1], 1.0, folded)  # v_c + folded (v_c - v_p)
+            if n_plain == 2:
+                new = torch.cat([parts[0], new])  # batched CFG: [v_u, ...] in fp32
             else:
-                c, p = parts
-                new = c + (s / guidance_scale) * (c - p) if do_cfg else cag_combine(None, c, p, 1.0, s)
                 new = new.to(sample.dtype)
             if isinstance(output, tuple):
                 return (new,) + tuple(output[1:])

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import matching as M
+from .runners import load_pipeline, model_tag  # noqa: F401  (the notebooks' `model` parameter)
 
 PARTS = ("text", "self", "cross")
 
@@ -207,7 +208,7 @@ def inspect_generation(pipe, prompt: str, seed: int, points_px, num_steps: int, 
     from .runners import as_runner
 
     runner = as_runner(pipe)
-    size = runner.check_size(size if size is not None else runner.default_size())
+    size = runner.resolve_size(size)
     insp = QKInspector(points_px, runner.stride, num_steps, runner.num_layers, **kw)
     with capture(runner.pipe, layers=layers, store=False, on_qk=insp.on_qk, num_steps=num_steps):
         video = runner.generate(prompt, seed, num_steps, guidance_scale, size=size)
@@ -283,22 +284,6 @@ def item_ground_truth(item: dict, rec, video: np.ndarray) -> tuple[np.ndarray, n
 def latent_video(rec, video: np.ndarray) -> np.ndarray:
     """The video frames the record's latent frames are pinned to (``video`` itself for the embedded model)."""
     return video[np.asarray(rec.meta.get("frame_index", range(video.shape[0])), int)]
-
-
-# ---------------------------------------------------------------------------------------------- models
-def model_tag(model: str, dtype: str = "float32") -> str:
-    """Short file-system-safe name of a model choice (:func:`difftrack.runners.model_tag`)."""
-    from .runners import model_tag as _tag
-
-    return _tag(model, dtype)
-
-
-def load_pipeline(model: str = "embedded", device: str = "cpu", dtype: str = "float32"):
-    """The notebooks' model parameter (:func:`difftrack.runners.load_pipeline`): ``"embedded"`` or a local diffusers
-    folder of a ``MiniVideoPipeline``, ``CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline``."""
-    from .runners import load_pipeline as _load
-
-    return _load(model, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- summaries

@@ -97,6 +97,29 @@ def model_tag(model: str, dtype: str = "float32") -> str:
     return base if str(dtype) == "float32" else f"{base}-{dtype}"
 
 
+def scale_vae_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents ``z`` (channels on dim 1) in the transformer's scale, as the pipelines undo it before decoding:
+    normalised by ``latents_mean`` / ``latents_std`` where the VAE config has them (Wan), else multiplied by
+    ``scaling_factor`` (CogVideoX, HunyuanVideo)."""
+    cfg = vae.config
+    shape = (1, -1) + (1,) * (z.dim() - 2)
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean, device=z.device).view(shape)
+        std = torch.tensor(cfg.latents_std, device=z.device).view(shape)
+        return (z - mean) / std
+    return z * float(getattr(cfg, "scaling_factor", 1.0))
+
+
+def scheduler_add_noise(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x0`` forward-noised to timestep ``t`` with the scheduler's own rule: DDIM-style ``add_noise``, or flow
+    matching's ``scale_noise`` (Wan, HunyuanVideo)."""
+    if hasattr(scheduler, "add_noise"):
+        return scheduler.add_noise(x0, eps, t.reshape(1).to(x0.device))
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(x0, t.reshape(1).to(x0.device), eps)
+    raise ValueError(f"scheduler {type(scheduler).__name__} has neither add_noise nor scale_noise; use noise='none'")
+
+
 def latent_visibility(visible: np.ndarray, temporal: int, latent_frames: int) -> np.ndarray:
     """Visibility per latent frame from per-video-frame visibility.
 
@@ -185,6 +208,10 @@ class VideoRunner:
         sig = inspect.signature(type(self.pipe).__call__).parameters
         return int(sig["num_frames"].default), int(sig["height"].default), int(sig["width"].default)
 
+    def resolve_size(self, size=None) -> tuple[int, int, int]:
+        """:meth:`check_size` of ``size``, or of :meth:`default_size` when ``size`` is ``None`` or empty."""
+        return self.check_size(self.default_size() if size is None or len(size) == 0 else size)
+
     def check_size(self, size) -> tuple[int, int, int]:
         """Validate ``(frames, height, width)``: ``frames = r k + 1`` and sides divisible by the token stride."""
         try:
@@ -235,14 +262,10 @@ class VideoRunner:
         ``guidance_scale`` is CFG for CogVideoX / Wan / the embedded model (batched or sequential, as the pipeline
         does it) and the embedded guidance for HunyuanVideo (one call per step, as its pipeline by default)."""
         g = torch.Generator().manual_seed(int(seed))
+        T, H, W = self.resolve_size(size)
         if self.kind == "embedded":
-            kw = {}
-            if size is not None:
-                T, H, W = self.check_size(size)
-                kw = dict(num_frames=T, height=H, width=W)
-            return self.pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance_scale, generator=g,
-                             progress=False, **kw).frames[0]
-        T, H, W = self.check_size(size or self.default_size())
+            return self.pipe(prompt, num_frames=T, height=H, width=W, num_inference_steps=num_steps,
+                             guidance_scale=guidance_scale, generator=g, progress=False).frames[0]
         kw = dict(prompt=prompt, num_frames=T, height=H, width=W, num_inference_steps=num_steps,
                   guidance_scale=guidance_scale, generator=g, output_type="np")
         if self.kind in ("cogvideox", "wan"):
@@ -284,23 +307,12 @@ class VideoRunner:
         vae = self.pipe.vae
         p = next(vae.parameters())
         x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, T, H, W]
-        z = vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float()  # [1, C, F, h, w]
-        cfg = vae.config
-        if self.kind == "wan":
-            mean = torch.tensor(cfg.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
-            std = torch.tensor(cfg.latents_std, device=z.device).view(1, -1, 1, 1, 1)
-            z = (z - mean) / std
-        else:
-            z = z * float(cfg.scaling_factor)
+        z = scale_vae_latents(vae, vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float())  # [1,C,F,h,w]
         return z.permute(0, 2, 1, 3, 4).contiguous() if self.kind == "cogvideox" else z
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``x0`` forward-noised to timestep ``t`` with the scheduler's own rule (DDIM ``add_noise``, flow matching
-        ``scale_noise``)."""
-        sched = self.pipe.scheduler
-        if hasattr(sched, "add_noise"):
-            return sched.add_noise(x0, noise, t.view(1))
-        return sched.scale_noise(x0, t.view(1), noise)
+        """``x0`` forward-noised to timestep ``t`` by the pipeline's scheduler (:func:`scheduler_add_noise`)."""
+        return scheduler_add_noise(self.pipe.scheduler, x0, noise, t)
 
     def forward_kwargs(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict:
         """Keyword arguments of one transformer call on latents ``x`` (layout of :meth:`encode_video`)."""

@@ -63,6 +63,7 @@ from .backbones import adapter_for, resolve_transformer
 from .capture import capture, run_until
 from .matching import (REFINE, _bilinear_rows, feature_cost, match_from_cost, px_to_tokens, qk_cost, refine_peak,
                        tokens_to_px)
+from .runners import scale_vae_latents, scheduler_add_noise
 
 __all__ = ["DiffTracker", "FeatureTracker", "plan_chunks", "vae_encode_frames", "check_video", "check_queries",
            "OCCLUSION"]
@@ -225,13 +226,7 @@ def vae_encode_frames(vae, frames: torch.Tensor, sample: bool = False, generator
         dist = vae.encode(x).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         out.append(z[:, :, 0].float())  # [b, C, h, w]
-    z = torch.cat(out)
-    cfg = vae.config
-    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean, device=z.device).view(1, -1, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=z.device).view(1, -1, 1, 1)
-        return (z - mean) / std
-    return z * float(getattr(cfg, "scaling_factor", 1.0))
+    return scale_vae_latents(vae, torch.cat(out))
 
 
 def _mini_encode(video: np.ndarray) -> torch.Tensor:
@@ -374,7 +369,6 @@ class DiffTracker:
         self.transformer.eval()
         self._ehs_cache: dict[str, torch.Tensor] = {}
         self._cond_extra: dict[str, dict] = {}  # extra conditional kwargs per prompt (HunyuanVideo)
-        self._extra: dict = {}
         if encoder_hidden_states is not None:
             self._ehs_cache[prompt] = encoder_hidden_states
         self._fixed_ehs = encoder_hidden_states
@@ -480,9 +474,11 @@ class DiffTracker:
                              f"{max(s, round(H / s) * s)}x{max(s, round(W / s) * s)})")
 
     # ------------------------------------------------------------------ descriptors of one chunk
-    def _forward_chunk(self, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor) -> dict[int, torch.Tensor]:
+    def _forward_chunk(self, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, extra: dict
+                       ) -> dict[int, torch.Tensor]:
         """Run the transformer on chunk latents ``x [F, C, h, w]`` up to ``max(layers)``; returns per layer
-        ``(q, k) [H, F, M, D]`` each, or features ``[F, M, C]``."""
+        ``(q, k) [H, F, M, D]`` each, or features ``[F, M, C]``. ``extra``: conditional keyword arguments besides the
+        text embeddings (HunyuanVideo's pooled projections, mask, guidance)."""
         F_, C, h, w = x.shape
         rows, cols = h // self.patch, w // self.patch
         tt = t.reshape(1).to(self.device)
@@ -492,7 +488,7 @@ class DiffTracker:
         else:  # wan / hunyuanvideo: [B, C, F, H, W]
             kw = dict(hidden_states=x.permute(1, 0, 2, 3)[None].to(self.dtype), encoder_hidden_states=ehs,
                       timestep=tt, return_dict=False)
-        kw.update(self._extra)
+        kw.update(extra)
         kw.update(self.transformer_kwargs)
         what = ("q", "k") if self.descriptor == "qk" else ("features",)
         with capture(self.transformer, layers=self.layers, what=what, cfg=False, dtype=torch.float32) as cap:
@@ -550,13 +546,13 @@ class DiffTracker:
             self.token_stride = int(s)
         stride = self.token_stride
         ehs = self.text_embeddings(prompt)
-        self._extra = self._cond_extra.get(self.prompt if prompt is None else prompt, {})
+        extra = self._cond_extra.get(self.prompt if prompt is None else prompt, {})
         gen = torch.Generator("cpu").manual_seed(self.noise_seed)
         inputs = []
         for t in self.timesteps:
             if self.noise == "add":
                 eps = torch.randn(z0.shape, generator=gen).to(self.device)
-                x = _add_noise(self.scheduler, z0, eps, t)
+                x = scheduler_add_noise(self.scheduler, z0, eps, t)
             else:
                 x = z0
             inputs.append((x, t))
@@ -577,7 +573,7 @@ class DiffTracker:
             seen = {f: 0 for f in expected}
             for chunk in plan:
                 for x, t in inputs:
-                    desc, (rows, cols) = self._forward_chunk(x[chunk], t, ehs)
+                    desc, (rows, cols) = self._forward_chunk(x[chunk], t, ehs, extra)
                     for j, f in enumerate(chunk[1:], start=1):
                         c = self._chunk_costs(desc, j)
                         acc[f] = c if f not in acc else acc[f] + c
@@ -628,12 +624,6 @@ class DiffTracker:
                 f"{self.num_steps}, noise={self.noise!r}, tau={self.tau!r}, occlusion={self.occlusion!r})")
 
 
-def _refine_peak(prob: torch.Tensor, rows: int, cols: int, method: str, radius: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`difftrack.matching.refine_peak` (window gathered around the peak, cells outside the frame count 0)."""
-    return refine_peak(prob, rows, cols, method, radius)
-
-
 def _match(cost: torch.Tensor, rows: int, cols: int, pts_tok: torch.Tensor, refine: str, radius: int
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions ``[n, 2]`` (token units) and confidence ``[n]`` (the cost peak of the bilinear source row divided by
@@ -641,12 +631,12 @@ def _match(cost: torch.Tensor, rows: int, cols: int, pts_tok: torch.Tensor, refi
     if refine == "paper":
         return match_from_cost(cost, rows, cols, pts_tok, refine, radius)
     if refine == "interp":  # match every source token, then interpolate the displacement field at the points
-        pos_all, peak_all = _refine_peak(cost, rows, cols, "softargmax", radius)
+        pos_all, peak_all = refine_peak(cost, rows, cols, "softargmax", radius)
         peak_all = peak_all / cost.sum(-1).clamp_min(1e-12)
         blended = _bilinear_rows(torch.cat([pos_all, peak_all[:, None]], 1), rows, cols, pts_tok)
         return blended[:, :2], blended[:, 2]
     row = _bilinear_rows(cost, rows, cols, pts_tok)
-    pos, peak = _refine_peak(row, rows, cols, refine, radius)
+    pos, peak = refine_peak(row, rows, cols, refine, radius)
     return pos, peak / row.sum(-1).clamp_min(1e-12)
 
 
@@ -700,14 +690,6 @@ def _ncc_refine(video: np.ndarray, q: np.ndarray, qframes: np.ndarray, tracks: n
             out[i, k, 1] = (cy - search + r + dy + 0.5) / s
             ncc[i, k] = score[r, c]
     return out, ncc
-
-
-def _add_noise(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    if hasattr(scheduler, "add_noise"):
-        return scheduler.add_noise(x0, eps, t.reshape(1).to(x0.device))
-    if hasattr(scheduler, "scale_noise"):  # flow matching (Wan, HunyuanVideo)
-        return scheduler.scale_noise(x0, t.reshape(1).to(x0.device), eps)
-    raise ValueError(f"scheduler {type(scheduler).__name__} has neither add_noise nor scale_noise; use noise='none'")
 
 
 class FeatureTracker(DiffTracker):

@@ -71,7 +71,9 @@ if args.cpu_forward == "only":
     res = json.loads(Path(args.out).read_text())
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
     res.update(cpu_forward_s_cfg2=round(fmin, 3), cpu_forward_s_cfg2_median=round(fmed, 3), cpu=cpu,
-               cpu_threads=torch.get_num_threads())
+               cpu_threads=torch.get_num_threads(), cpu_forward_torch=torch.__version__,
+               cpu_forward_commit=__import__("os").environ.get("GIT_COMMIT") or subprocess.run(
+                   ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     sys.exit(0)

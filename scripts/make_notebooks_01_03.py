@@ -56,7 +56,7 @@ torch.manual_seed(seed)
 FIG, RES = paths.figures_dir(), paths.results_dir()
 pipe = ia.load_pipeline(model, device, dtype)
 runner = VideoRunner(pipe)  # the backbone's conventions: token stride, latent frames, VAE, text conditioning
-size = runner.check_size(size or runner.default_size())
+size = runner.resolve_size(size)  # empty: the model's default
 print(f"model {model}: {type(pipe).__name__}, {runner.num_layers} blocks, videos of {size[0]} frames at "
       f"{size[2]}x{size[1]} px, {runner.stride} px per token, {runner.latent_frames(size[0])} latent frames")
 items = ia.analysis_items(videos_per_family, exact_per_family, seed)
