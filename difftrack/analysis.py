@@ -150,6 +150,36 @@ def pseudo_ground_truth(video: np.ndarray, queries_px: np.ndarray) -> tuple[np.n
     return LucasKanadeTracker()(video, q)
 
 
+def pseudo_vs_exact(video: np.ndarray, queries_px: np.ndarray, tracks: np.ndarray, visible: np.ndarray,
+                    thresholds=(1, 2, 4, 8)) -> dict:
+    """How far the pseudo ground truth (:func:`pseudo_ground_truth`, Lucas-Kanade) is from the exact ground truth
+    of one video whose exact tracks are known.
+
+    Args:
+        video: ``uint8 [T, H, W, 3]``.
+        queries_px: ``float [n, 2]`` pixel ``(x, y)`` at frame 0.
+        tracks, visible: exact ground truth, ``float [n, T, 2]`` pixels and ``bool [n, T]``.
+        thresholds: pixel thresholds of the TAP-Vid metrics.
+
+    Returns ``{"pts_within_<t>", "average_jaccard", "occlusion_accuracy", "mean_error_px", "median_error_px",
+    "pseudo_visible_frac", "exact_visible_frac"}`` (TAP-Vid query mode ``first``; the errors over points visible in
+    both after frame 0, ``nan`` when there are none)."""
+    from .tapvid import compute_tapvid_metrics
+
+    tracks, visible = np.asarray(tracks, np.float32), np.asarray(visible, bool)
+    p_tr, p_vis = pseudo_ground_truth(video, queries_px)
+    q = np.concatenate([np.zeros((len(queries_px), 1), np.float32), np.asarray(queries_px, np.float32)[:, ::-1]], 1)
+    m = compute_tapvid_metrics(q[None], ~visible[None], tracks[None], ~p_vis[None], p_tr[None], "first",
+                               thresholds=thresholds)
+    both = visible & p_vis
+    both[:, 0] = False
+    err = np.linalg.norm(p_tr - tracks, axis=-1)[both]
+    return dict({k: float(v[0]) for k, v in m.items()},
+                mean_error_px=float(err.mean()) if err.size else float("nan"),
+                median_error_px=float(np.median(err)) if err.size else float("nan"),
+                pseudo_visible_frac=float(p_vis[:, 1:].mean()), exact_visible_frac=float(visible[:, 1:].mean()))
+
+
 def score_tables(rec: AnalysisRecord, gt_tracks: np.ndarray, gt_visible: np.ndarray,
                  threshold_tokens: float = 0.5) -> dict[str, np.ndarray]:
     """Per-(step, layer) tables ``[S, L]`` from one video's record and its ground truth.

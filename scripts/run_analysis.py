@@ -204,6 +204,37 @@ def record(args, items, cache: Path) -> dict:
     return meta
 
 
+def ranking(tables: dict) -> dict:
+    """Layers ranked by harmonic mean at the last step (best first) and the three least dominant."""
+    from difftrack.analysis import top_layers
+
+    order = top_layers(tables["hm"], k=tables["hm"].shape[1], step=-1)
+    return dict(layer_ranking=order, worst_layers_bottom3=order[-3:])
+
+
+def pseudo_vs_exact_summary(items, cache: Path, args) -> dict | None:
+    """Pseudo ground truth (Lucas-Kanade) against exact tracks on the exact-GT world videos: TAP-Vid metrics per
+    family and over all (mean over videos), at 1, 2, 4, 8 px (half a token is 2 px on the embedded model)."""
+    from difftrack.world import World
+
+    rows = {}
+    for it in items:
+        if it["kind"] != "exact":
+            continue
+        rec, video = ia.load_cached(cache, it, args.steps, args.grid)
+        w = World(*video.shape[:3])
+        q = np.concatenate([np.zeros((len(rec.queries), 1), np.float32), rec.queries], 1)
+        tr, vis = w.tracks(w.sample(it["seed"], it["family"], it.get("split", "heldout")), q)
+        rows.setdefault(it["family"], []).append(analysis.pseudo_vs_exact(video, rec.queries, tr, vis))
+    if not rows:
+        return None
+    rows["all"] = [r for fam in list(rows) for r in rows[fam]]
+    return dict({fam: dict(n_videos=len(rs), **{k: float(np.nanmean([r[k] for r in rs])) for k in rs[0]})
+                 for fam, rs in rows.items()},
+                note="pseudo GT (OpenCV LK, forward-backward check) vs exact world tracks on the exact-GT videos, "
+                     "TAP-Vid query mode 'first', thresholds in px at 64x64; mean over videos")
+
+
 def score(args, items, cache: Path, record_meta: dict | None) -> dict:
     missing = [it for it in items if not (cache / f"{ia.cache_key(it, args.steps, args.grid)}.npz").exists()]
     if missing and args.phase == "score":
@@ -222,9 +253,22 @@ def score(args, items, cache: Path, record_meta: dict | None) -> dict:
         meta_path = cache / RECORD_META
         record_meta = json.loads(meta_path.read_text()).get(f"s{args.steps}_g{args.grid}") if meta_path.exists() \
             else None
+    rec0, _ = ia.load_cached(cache, items[0], args.steps, args.grid)
     out = dict(
+        num_steps=args.steps, generated_per_family=args.videos_per_family, exact_per_family=args.exact,
         **{names[k]: dict(count=sum(1 for it in items if k == "all" or it["kind"] == k),
-                          **ia.summarize_tables(g).to_dict()) for k, g in grouped.items()},
+                          **ia.summarize_tables(g).to_dict(), **ranking(g)) for k, g in grouped.items()},
+        timesteps=[int(t) for t in rec0.timesteps],
+        tables={names[k]: {n: np.round(v, 5).tolist() for n, v in g.items()} for k, g in grouped.items()},
+        tables_note="per subset, each table [steps][layers] (step 0 = noisiest), mean over videos: qk_acc / feat_acc "
+                    "(fraction of visible points within half a token, frames 1..), conf_{text,self,cross} "
+                    "(confidence score), attn_{text,self,cross} (attention score), hm (harmonic mean of min-max "
+                    "normalised qk_acc, conf_cross, attn_cross)",
+        attention_share={names[k]: {p: np.round(g[f"attn_{p}"].mean(1), 5).tolist() for p in ia.PARTS}
+                         for k, g in grouped.items()},
+        attention_share_note="Fig. 5: share of a frame-0 query's attention on text / its own frame / other frames, "
+                             "per step (mean over layers and videos)",
+        pseudo_vs_exact=pseudo_vs_exact_summary(items, cache, args),
         counts=dict(generated=sum(it["kind"] == "generated" for it in items),
                     exact=sum(it["kind"] == "exact" for it in items), total=len(items),
                     points_per_video=args.grid ** 2),

@@ -55,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--autocast", default="none", choices=("none", "bf16", "fp16"),
                    help="torch.autocast dtype (the embedded model was trained under bf16 autocast; use bf16 on GPU)")
     p.add_argument("--batch", type=int, default=100, help="videos per pipeline call")
+    p.add_argument("--analysis-summary", default=None,
+                   help="layer ranking source (default: results/analysis_summary.json)")
+    p.add_argument("--require-measured-layers", action="store_true",
+                   help="fail unless both layer sets come from the analysis summary's measured ranking")
     p.add_argument("--layers-top", type=int, nargs=3, default=None, help="override the dominant layers")
     p.add_argument("--layers-bottom", type=int, nargs=3, default=None, help="override the least-dominant layers")
     p.add_argument("--cache", default=str(ROOT / "cache" / "cag"))
@@ -87,7 +91,10 @@ def run_tag(a) -> str:
 def plan(a):
     """Prompts, layer sets and settings of this run."""
     items = E.eval_prompts(a.prompts)
-    layers = E.layer_sets()
+    layers = E.layer_sets(a.analysis_summary)
+    if a.require_measured_layers and ("default" in layers["source"] or a.layers_top or a.layers_bottom):
+        raise SystemExit(f"--require-measured-layers: the layer sets are not the measured ranking ({layers['source']}); "
+                         f"run the analysis first (scripts/run_analysis.py) or pass --analysis-summary")
     if a.layers_top:
         layers.update(top3=list(a.layers_top), source=layers["source"] + "; top3 overridden on the command line")
     if a.layers_bottom:

@@ -52,15 +52,16 @@ from difftrack.tracking import DiffTracker, FeatureTracker  # noqa: E402
 from difftrack.world import FAMILIES, make_dataset  # noqa: E402
 
 EVAL = (256, 256)
+CLASSICAL = ("lucas_kanade", "dense_flow_dis", "dense_flow_farneback", "patch_match")  # model-free methods
 KEYS = ["average_pts_within_thresh", "average_jaccard", "occlusion_accuracy"] + \
        [f"pts_within_{d}" for d in tapvid.DEFAULT_THRESHOLDS] + [f"jaccard_{d}" for d in tapvid.DEFAULT_THRESHOLDS]
 
 
-def build_methods(pipe_cache: dict) -> dict:
-    """name -> (description, input size, factory)."""
+def build_methods(pipe_cache: dict, device: str = "cpu") -> dict:
+    """name -> (description, input size, factory). Model-based trackers run on ``device``."""
     def trained():
         if "trained" not in pipe_cache:
-            pipe_cache["trained"] = mini.load_default()
+            pipe_cache["trained"] = mini.load_default(device)
         return pipe_cache["trained"]
 
     m = {
@@ -77,7 +78,7 @@ def build_methods(pipe_cache: dict) -> dict:
         "block_features": ("FeatureTracker(): block-output features of the same model (layer 5), cosine, "
                            "same chunking, cycle occlusion", 64, lambda: FeatureTracker(trained())),
         "untrained": ("DiffTracker(mini.build_untrained()): same architecture and settings, random weights", 64,
-                      lambda: DiffTracker(mini.build_untrained())),
+                      lambda: DiffTracker(mini.build_untrained().to(device))),
     }
     classical = {
         "lucas_kanade": ("OpenCV pyramidal LK chained frame to frame, FB + NCC checks", baselines.LucasKanadeTracker),
@@ -87,6 +88,7 @@ def build_methods(pipe_cache: dict) -> dict:
                                  lambda: baselines.DenseFlowTracker("farneback")),
         "patch_match": ("raw-pixel NCC patch matching against the query frame", baselines.PatchMatchTracker),
     }
+    assert set(classical) == set(CLASSICAL)
     for name, (desc, fac) in classical.items():
         for size in (64, 256):
             m[f"{name}@{size}"] = (f"{desc}; input {size}x{size}", size, fac)
@@ -116,32 +118,63 @@ def video_metrics(v: dict, tracks: np.ndarray, visible: np.ndarray) -> dict:
     return {k: float(m[k][0]) for k in KEYS}
 
 
-def run_method(name: str, size: int, factory, vids: list[dict], cache_dir: Path) -> list[dict]:
-    cdir = cache_dir / name.replace("@", "_at_").replace("+", "_plus_")
+def _cache_dir(cache_dir: Path, name: str) -> Path:
+    return cache_dir / name.replace("@", "_at_").replace("+", "_plus_")
+
+
+def _predict_one(tracker, size: int, v: dict, f: Path) -> dict:
+    """Track one video (resized to ``size`` first when that differs) and cache the prediction atomically."""
+    video, q = v["video"], v["queries"]
+    H, W = video.shape[1:3]
+    t0 = time.perf_counter()
+    if size != H:
+        video = tapvid.resize_video(video, (size, size))
+        q = tapvid.rescale_queries(q, (H, W), (size, size))
+    tracks, visible = tracker(video, q)
+    if size != H:
+        tracks = tapvid.rescale_tracks(tracks, (size, size), (H, W))
+    sec = time.perf_counter() - t0
+    tmp = f.with_suffix(".tmp.npz")
+    np.savez(tmp, tracks=tracks.astype(np.float32), visible=visible.astype(bool), seconds=sec)
+    os.replace(tmp, f)
+    return dict(tracks=tracks, visible=visible, seconds=sec, cached=False)
+
+
+def _classical_worker(task):
+    """Pool body for the classical (OpenCV, one thread) trackers: ``(name, size, video dict, cache file)``."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    name, size, v, f = task
+    return _predict_one(build_methods({})[name][2](), size, v, Path(f))
+
+
+def run_method(name: str, size: int, factory, vids: list[dict], cache_dir: Path, workers: int = 1) -> list[dict]:
+    """Predictions of one method on every video, cached per video (an interrupted run resumes). ``workers > 1``
+    tracks the classical (model-free) methods in that many processes; seconds stay per video."""
+    cdir = _cache_dir(cache_dir, name)
     cdir.mkdir(parents=True, exist_ok=True)
-    tracker, out = None, []
-    for v in vids:
-        f = cdir / f"{v['name']}.npz"
+    files = [cdir / f"{v['name']}.npz" for v in vids]
+    out: list[dict | None] = []
+    for f in files:
         if f.exists():
             z = np.load(f)
             out.append(dict(tracks=z["tracks"], visible=z["visible"], seconds=float(z["seconds"]), cached=True))
-            continue
-        if tracker is None:
-            t0 = time.time()
-            tracker = factory()
-            print(f"  [{name}] built in {time.time() - t0:.1f}s", flush=True)
-        video, q = v["video"], v["queries"]
-        H, W = video.shape[1:3]
-        t0 = time.perf_counter()
-        if size != H:
-            video = tapvid.resize_video(video, (size, size))
-            q = tapvid.rescale_queries(q, (H, W), (size, size))
-        tracks, visible = tracker(video, q)
-        if size != H:
-            tracks = tapvid.rescale_tracks(tracks, (size, size), (H, W))
-        sec = time.perf_counter() - t0
-        np.savez(f, tracks=tracks.astype(np.float32), visible=visible.astype(bool), seconds=sec)
-        out.append(dict(tracks=tracks, visible=visible, seconds=sec, cached=False))
+        else:
+            out.append(None)
+    todo = [i for i, o in enumerate(out) if o is None]
+    if todo and workers > 1 and name.split("@")[0] in CLASSICAL:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+            for i, r in zip(todo, pool.map(_classical_worker, [(name, size, vids[i], str(files[i])) for i in todo])):
+                out[i] = r
+    elif todo:
+        t0 = time.time()
+        tracker = factory()
+        print(f"  [{name}] built in {time.time() - t0:.1f}s", flush=True)
+        for i in todo:
+            out[i] = _predict_one(tracker, size, vids[i], files[i])
     return out
 
 
@@ -204,29 +237,35 @@ def environment() -> dict:
                                         text=True).strip()
         env["git_dirty_files"] = dirty.splitlines()
     except Exception:  # noqa: BLE001
-        env["git_commit"] = None
+        env["git_commit"] = os.environ.get("GIT_COMMIT")  # machines without .git (copied working trees)
     return env
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=25, help="held-out videos per family (2 families)")
     ap.add_argument("--grid", type=int, default=8, help="queries: grid_size x grid_size at frame 0")
     ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: several times faster than 2 when the 2-core machine is shared)")
+    ap.add_argument("--device", default="cpu", help="where the model-based trackers run (cpu, cuda)")
+    ap.add_argument("--workers", type=int, default=1, help="processes for the classical trackers")
     ap.add_argument("--cache", default=str(ROOT / "cache" / "tracking"))
     ap.add_argument("--out", default=str(ROOT / "results" / "tracking_benchmark.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.workers < 1:
+        raise SystemExit(f"--workers {args.workers}: must be >= 1")
     torch.set_num_threads(args.threads)
     vids = load_videos(args.n, args.grid)
-    methods = build_methods({})
+    methods = build_methods({}, args.device)
     names = list(methods) if not args.methods else args.methods.split(",")
     unknown = [n for n in names if n not in methods]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; allowed: {list(methods)}")
     print(f"{len(vids)} held-out videos, {vids[0]['queries'].shape[0]} queries each, methods: {names}", flush=True)
     env = environment()  # at the start: the commit whose code produces the predictions
+    env.update(device=args.device, workers=args.workers,
+               gpu=torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None)
     results = {}
     loads = {}
     fresh = {}
@@ -234,7 +273,7 @@ def main():
         desc, size, fac = methods[name]
         l0 = os.getloadavg()
         t0 = time.time()
-        preds = run_method(name, size, fac, vids, Path(args.cache))
+        preds = run_method(name, size, fac, vids, Path(args.cache), args.workers)
         fresh[name] = sum(not p["cached"] for p in preds)
         loads[name] = dict(loadavg_before=l0, loadavg_after=os.getloadavg(), wall_s=time.time() - t0,
                            fresh_predictions=fresh[name])
