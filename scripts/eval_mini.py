@@ -11,7 +11,6 @@ points of frames 1..12 within half a token (2 px; the paper's 8 px at 480x720) a
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from difftrack import analysis as A, mini  # noqa: E402
+from difftrack.provenance import git_commit  # noqa: E402
 from difftrack.world import World  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -72,8 +72,7 @@ if args.cpu_forward == "only":
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
     res.update(cpu_forward_s_cfg2=round(fmin, 3), cpu_forward_s_cfg2_median=round(fmed, 3), cpu=cpu,
                cpu_threads=torch.get_num_threads(), cpu_forward_torch=torch.__version__,
-               cpu_forward_commit=__import__("os").environ.get("GIT_COMMIT") or subprocess.run(
-                   ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+               cpu_forward_commit=git_commit())
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     sys.exit(0)
@@ -107,8 +106,7 @@ res = dict(
     cpu_forward_s_cfg2=round(fmin, 3), cpu_forward_s_cfg2_median=round(fmed, 3), cpu=cpu,
     cpu_threads=torch.get_num_threads(), torch=torch.__version__, eval_device=args.device,
     eval_device_name=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-    commit=__import__("os").environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"],
-                                                                         capture_output=True, text=True).stdout.strip(),
+    commit=git_commit(),
     seconds=round(time.time() - t0, 1),
 )
 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

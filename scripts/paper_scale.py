@@ -39,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from difftrack.provenance import device_name, git_commit  # noqa: E402
 
 STAGES = ("analysis", "cag", "agreement", "tracking", "videos")
 MANIFEST = "paper_scale_manifest.json"
@@ -91,25 +92,13 @@ def parse_args(argv=None):
     return a
 
 
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "difftrack",
-                                "scripts"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GIT_COMMIT", "unknown")  # machines without .git (copied working trees)
-
-
 def environment(device: str) -> dict:
     import numpy
     import torch
 
     env = dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
                cpu_count=os.cpu_count(), device=device,
-               device_name=torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda")
-               else platform.processor() or platform.machine())
+               device_name=device_name(device))
     for mod in ("diffusers", "cv2"):
         try:
             env["opencv" if mod == "cv2" else mod] = __import__(mod).__version__

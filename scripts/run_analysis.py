@@ -29,8 +29,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -45,6 +43,7 @@ import torch  # noqa: E402
 
 from difftrack import analysis  # noqa: E402
 from difftrack import inspect_attn as ia  # noqa: E402
+from difftrack.provenance import device_name, git_commit  # noqa: E402
 
 RECORD_META = "record_meta.json"
 
@@ -85,21 +84,8 @@ def _resolve(p: str) -> Path:
 
 
 def commit() -> str:
-    """Short hash of HEAD (``-dirty`` with uncommitted changes), else ``$GIT_COMMIT``, else ``"unknown"``."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GIT_COMMIT", "unknown")  # machines without .git (copied working trees)
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    """Short hash of the code that runs (:func:`difftrack.provenance.git_commit`)."""
+    return git_commit(short=True)
 
 
 def _clean(x):

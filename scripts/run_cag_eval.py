@@ -257,8 +257,11 @@ def score(a):
         timing.setdefault("generation", {})[dev] = g
     import cv2
 
+    from difftrack.provenance import git_commit
+
     result = dict(
-        source="scripts/run_cag_eval.py",
+        source="scripts/run_cag_eval.py", commit=git_commit(),
+        devices=sorted(timing.get("generation", {})),
         description="CAG on the embedded mini CogVideoX (64x64, 13 frames, 12 blocks): no CAG vs CAG on the 3 "
                     "dominant layers vs CAG on the 3 least-dominant layers, same prompts and noise seeds; our own "
                     "measures (the paper's evaluation code is not published). See difftrack/cag_eval.py.",

@@ -139,7 +139,10 @@ def score(a):
 
     timing = json.loads((d / "timing_generate.json").read_text()) if (d / "timing_generate.json").exists() else []
     g = _breakdown(gen)
+    from difftrack.provenance import git_commit
+
     result = dict(
+        commit=git_commit(), devices=sorted({r.get("device", "?") for r in timing}),
         description="Prompt agreement of the embedded model: share of generated videos whose content, measured "
                     "with OpenCV, agrees with the prompt (objects: first object's colour by HSV hue segmentation "
                     "and its motion direction by the robust slope of the blob centroid; scenes: camera motion "

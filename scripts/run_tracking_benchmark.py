@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from difftrack import baselines, mini, tapvid  # noqa: E402
+from difftrack.provenance import git_commit  # noqa: E402
 from difftrack.tracking import DiffTracker, FeatureTracker  # noqa: E402
 from difftrack.world import FAMILIES, make_dataset  # noqa: E402
 
@@ -231,13 +232,12 @@ def environment() -> dict:
                                                                       "L2 cache", "L3 cache")}
     except Exception:  # noqa: BLE001
         pass
+    env["git_commit"] = git_commit()
     try:
-        env["git_commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "difftrack", "scripts"], cwd=ROOT,
-                                        text=True).strip()
-        env["git_dirty_files"] = dirty.splitlines()
+        env["git_dirty_files"] = subprocess.check_output(["git", "status", "--porcelain", "--", "difftrack", "scripts"],
+                                                         cwd=ROOT, text=True).strip().splitlines()
     except Exception:  # noqa: BLE001
-        env["git_commit"] = os.environ.get("GIT_COMMIT")  # machines without .git (copied working trees)
+        env["git_dirty_files"] = None
     return env
 
 
