@@ -77,6 +77,9 @@ class AnalysisRecord:
 class Recorder:
     """Capture callbacks filling an :class:`AnalysisRecord`.
 
+    Results stay on the device of the captured tensors until :attr:`rec` is read (one transfer for the whole run,
+    no synchronisation per layer and step).
+
     Args:
         queries_px: ``[n, 2]`` pixel positions (x, y) of the points in frame 0.
         stride: pixels per token.
@@ -85,58 +88,89 @@ class Recorder:
         feature_tau: temperature of block-feature cosine matching.
     """
 
+    TABLES = ("qk_tracks", "feat_tracks", "max_text", "sum_text", "max_frame", "sum_frame")
+
     def __init__(self, queries_px: np.ndarray, stride: float, num_steps: int, num_layers: int, frames: int,
                  tau=None, bidirectional: bool = True, refine: str = "softargmax", radius: int = 1,
                  feature_tau: float = 0.05, scores: bool = True):
         n = len(queries_px)
         S, L, F = num_steps, num_layers, frames
-        self.rec = AnalysisRecord(queries=np.asarray(queries_px, np.float32), stride=float(stride), num_steps=S,
-                                  num_layers=L, frames=F,
-                                  qk_tracks=np.full((S, L, n, F, 2), np.nan, np.float32),
-                                  feat_tracks=np.full((S, L, n, F, 2), np.nan, np.float32),
-                                  max_text=np.full((S, L, n), np.nan, np.float32),
-                                  sum_text=np.full((S, L, n), np.nan, np.float32),
-                                  max_frame=np.full((S, L, n, F), np.nan, np.float32),
-                                  sum_frame=np.full((S, L, n, F), np.nan, np.float32))
+        self._rec = AnalysisRecord(queries=np.asarray(queries_px, np.float32), stride=float(stride), num_steps=S,
+                                   num_layers=L, frames=F)
+        self._shapes = dict(qk_tracks=(S, L, n, F, 2), feat_tracks=(S, L, n, F, 2), max_text=(S, L, n),
+                            sum_text=(S, L, n), max_frame=(S, L, n, F), sum_frame=(S, L, n, F))
+        self._buf: dict[str, torch.Tensor] = {}  # name -> [S, L, ...] float32 on the capture's device
         self.kw = dict(tau=tau, bidirectional=bidirectional, refine=refine, radius=radius)
         self.feature_kw = dict(tau=feature_tau, bidirectional=bidirectional, refine=refine, radius=radius)
         self.scores = scores
-        self._pts = torch.from_numpy(self.rec.queries)
+        self._pts_cpu = torch.from_numpy(self._rec.queries)
+        self._dev_cache: dict = {}  # per device / grid: points, score token indices, text mask
+
+    @property
+    def rec(self) -> AnalysisRecord:
+        """The record, with every table copied to host memory (``nan`` where nothing was recorded)."""
+        for name, shape in self._shapes.items():
+            b = self._buf.get(name)
+            setattr(self._rec, name, b.cpu().numpy() if b is not None else np.full(shape, np.nan, np.float32))
+        return self._rec
+
+    def _store(self, name: str, step: int, layer: int, value: torch.Tensor) -> None:
+        b = self._buf.get(name)
+        if b is None or b.device != value.device:
+            b = self._buf[name] = torch.full(self._shapes[name], float("nan"), dtype=torch.float32, device=value.device)
+        b[step, layer] = value
+
+    def _pts(self, device) -> torch.Tensor:
+        key = ("pts", str(device))
+        if key not in self._dev_cache:
+            self._dev_cache[key] = self._pts_cpu.to(device)
+        return self._dev_cache[key]
 
     def _check(self, step: int, layer: int):
-        if step >= self.rec.num_steps:
-            raise ValueError(f"step {step} beyond the {self.rec.num_steps} steps the recorder was sized for")
+        if step >= self._rec.num_steps:
+            raise ValueError(f"step {step} beyond the {self._rec.num_steps} steps the recorder was sized for")
+
+    def _score_index(self, g, N: int, device):
+        """Sequence indices of the points' frame-0 tokens and the text mask, once per (grid, length, device)."""
+        key = ("score", g.frames, g.rows, g.cols, N, str(device))
+        if key not in self._dev_cache:
+            pts, stride = self._pts_cpu, self._rec.stride
+            col = (pts[:, 0] / stride).floor().long().clamp(0, g.cols - 1)
+            row = (pts[:, 1] / stride).floor().long().clamp(0, g.rows - 1)  # [B3] fixed: row from y
+            vs = g.video_slice(N)
+            idx = (vs.start + row * g.cols + col).to(device)
+            text_mask = torch.ones(N, dtype=torch.bool)
+            text_mask[vs] = False
+            text_idx = torch.nonzero(text_mask)[:, 0].to(device)
+            self._dev_cache[key] = (idx, vs, text_idx)
+        return self._dev_cache[key]
 
     @torch.no_grad()
     def on_qk(self, ev: QKEvent) -> None:
         self._check(ev.step, ev.layer)
         q, k = ev.q_video[0], ev.k_video[0]  # [H, F, rows, cols, D]
-        tr, _ = M.match_video(q, k, self._pts, self.rec.stride, **self.kw)
-        self.rec.qk_tracks[ev.step, ev.layer] = tr.cpu().numpy()
+        tr, _ = M.match_video(q, k, self._pts(q.device), self._rec.stride, **self.kw)
+        self._store("qk_tracks", ev.step, ev.layer, tr)
         if not self.scores:
             return
         g = ev.grid
-        col = (self._pts[:, 0] / self.rec.stride).floor().long().clamp(0, g.cols - 1)
-        row = (self._pts[:, 1] / self.rec.stride).floor().long().clamp(0, g.rows - 1)  # [B3] fixed: row from y
         N = ev.q.shape[2]
-        vs = g.video_slice(N)
-        idx = (vs.start + row * g.cols + col).to(ev.q.device)
+        idx, vs, text_idx = self._score_index(g, N, ev.q.device)
         A = M.attention_rows(ev.q[0], ev.k[0], idx, tau=self.kw["tau"])  # [n, N]
         video = A[:, vs].reshape(len(idx), g.frames, g.tokens_per_frame)
-        text_mask = torch.ones(N, dtype=torch.bool, device=A.device)
-        text_mask[vs] = False
-        text = A[:, text_mask]
-        self.rec.max_text[ev.step, ev.layer] = (text.max(-1).values if text.shape[1] else torch.zeros(len(idx))
-                                                ).cpu().numpy()
-        self.rec.sum_text[ev.step, ev.layer] = text.sum(-1).cpu().numpy()
-        self.rec.max_frame[ev.step, ev.layer] = video.max(-1).values.cpu().numpy()
-        self.rec.sum_frame[ev.step, ev.layer] = video.sum(-1).cpu().numpy()
+        text = A.index_select(1, text_idx)
+        self._store("max_text", ev.step, ev.layer,
+                    text.max(-1).values if text.shape[1] else torch.zeros(len(idx), device=A.device))
+        self._store("sum_text", ev.step, ev.layer, text.sum(-1))
+        self._store("max_frame", ev.step, ev.layer, video.max(-1).values)
+        self._store("sum_frame", ev.step, ev.layer, video.sum(-1))
 
     @torch.no_grad()
     def on_features(self, ev: FeatureEvent) -> None:
         self._check(ev.step, ev.layer)
-        tr, _ = M.match_video_features(ev.features[0], self._pts, self.rec.stride, **self.feature_kw)
-        self.rec.feat_tracks[ev.step, ev.layer] = tr.cpu().numpy()
+        f = ev.features[0]
+        tr, _ = M.match_video_features(f, self._pts(f.device), self._rec.stride, **self.feature_kw)
+        self._store("feat_tracks", ev.step, ev.layer, tr)
 
 
 def pseudo_ground_truth(video: np.ndarray, queries_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -264,10 +298,11 @@ def analyze_generation(pipe, prompt: str, seed: int, num_steps: int = 50, grid_s
     with capture(runner.pipe, layers="all", store=False, on_qk=rec.on_qk,
                  on_features=rec.on_features if features else None, num_steps=num_steps):
         video = runner.generate(prompt, seed, num_steps, guidance_scale, size=(T, H, W))
-    rec.rec.timesteps = [int(t) for t in runner.timesteps(num_steps)]
-    rec.rec.meta = dict(kind="generated", prompt=prompt, seed=seed, guidance_scale=guidance_scale,
+    out = rec.rec
+    out.timesteps = [int(t) for t in runner.timesteps(num_steps)]
+    out.meta = dict(kind="generated", prompt=prompt, seed=seed, guidance_scale=guidance_scale,
                         frame_index=runner.frame_index(T).tolist(), temporal=runner.temporal, size=[T, H, W])
-    return video, rec.rec
+    return video, out
 
 
 @torch.no_grad()
@@ -285,10 +320,11 @@ def analyze_exact(pipe, sample, num_steps: int = 50, steps: list[int] | None = N
     with capture(runner.pipe, layers="all", store=False, on_qk=rec.on_qk,
                  on_features=rec.on_features if features else None) as cap:
         ts = runner.noised_forwards(sample.video, sample.prompt, num_steps, steps, noise_seed, cap)
-    rec.rec.timesteps = [int(t) for t in ts]
-    rec.rec.meta = dict(kind="exact", prompt=sample.prompt, seed=sample.seed, family=sample.family,
+    out = rec.rec
+    out.timesteps = [int(t) for t in ts]
+    out.meta = dict(kind="exact", prompt=sample.prompt, seed=sample.seed, family=sample.family,
                         frame_index=runner.frame_index(T).tolist(), temporal=runner.temporal, size=[T, H, W])
-    return rec.rec
+    return out
 
 
 def pipe_frames(pipe) -> tuple[int, int, int]:

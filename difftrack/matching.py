@@ -100,17 +100,34 @@ def tokens_to_px(points_tok: torch.Tensor, stride: float) -> torch.Tensor:
 
 
 def _bilinear_rows(cost: torch.Tensor, rows: int, cols: int, pts: torch.Tensor) -> torch.Tensor:
-    """Blend the cost rows of the 4 source tokens around each point. cost ``[M_s, M_k]``, pts ``[n, 2]`` token
-    units -> ``[n, M_k]``."""
+    """Blend the cost rows of the 4 source tokens around each point. cost ``[..., M_s, M_k]`` (any leading frame
+    dimensions), pts ``[n, 2]`` token units -> ``[..., n, M_k]``."""
     u = pts[:, 0].clamp(0, cols - 1)
     v = pts[:, 1].clamp(0, rows - 1)
     u0, v0 = u.floor().long().clamp(max=cols - 2 if cols > 1 else 0), v.floor().long().clamp(
         max=rows - 2 if rows > 1 else 0)
     u1, v1 = (u0 + 1).clamp(max=cols - 1), (v0 + 1).clamp(max=rows - 1)
     fu, fv = (u - u0).unsqueeze(1), (v - v0).unsqueeze(1)
-    r = lambda vv, uu: cost[vv * cols + uu]  # noqa: E731
+    r = lambda vv, uu: cost[..., vv * cols + uu, :]  # noqa: E731
     return (r(v0, u0) * (1 - fu) * (1 - fv) + r(v0, u1) * fu * (1 - fv) + r(v1, u0) * (1 - fu) * fv
             + r(v1, u1) * fu * fv)
+
+
+def _others(x: torch.Tensor, dim: int, src: int) -> torch.Tensor:
+    """``x`` without index ``src`` along ``dim``, by slicing (no index tensor: nothing is copied to a device)."""
+    n = x.shape[dim]
+    if src == 0:
+        return x.narrow(dim, 1, n - 1)
+    if src == n - 1:
+        return x.narrow(dim, 0, n - 1)
+    return torch.cat([x.narrow(dim, 0, src), x.narrow(dim, src + 1, n - src - 1)], dim)
+
+
+def _set_others(x: torch.Tensor, dim: int, src: int, value: torch.Tensor) -> None:
+    """In place: ``x`` at every index but ``src`` along ``dim`` <- ``value`` (in order)."""
+    n = x.shape[dim]
+    x.narrow(dim, 0, src).copy_(value.narrow(dim, 0, src))
+    x.narrow(dim, src + 1, n - src - 1).copy_(value.narrow(dim, src, n - src - 1))
 
 
 def refine_peak(prob: torch.Tensor, rows: int, cols: int, method: str = "softargmax", radius: int = 1,
@@ -233,7 +250,7 @@ def _match_frames(costs: torch.Tensor, rows: int, cols: int, pts: torch.Tensor, 
     if refine == "paper":
         res = [match_from_cost(costs[f], rows, cols, pts, refine, radius, sharpen) for f in range(Fr)]
         return torch.stack([r[0] for r in res], 1), torch.stack([r[1] for r in res], 1)
-    rows_prob = torch.stack([_bilinear_rows(costs[f], rows, cols, pts) for f in range(Fr)], 1)  # [n, F, Mk]
+    rows_prob = _bilinear_rows(costs, rows, cols, pts).transpose(0, 1)  # [n, F, Mk]
     n = pts.shape[0]
     pos, conf = refine_peak(rows_prob.reshape(n * Fr, -1), rows, cols, refine, radius, sharpen)
     return pos.view(n, Fr, 2), conf.view(n, Fr)
@@ -261,11 +278,18 @@ def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, strid
         raise ValueError(f"unknown refine {refine!r}; allowed: {REFINE}")
     pts = px_to_tokens(points_px.to(q.device).float(), stride)
     qf, kf = q.reshape(H, Fr, rows * cols, D), k.reshape(H, Fr, rows * cols, D)
-    others = [f for f in range(Fr) if f != src_frame]
-    costs = qk_cost_frames(qf[:, src_frame], kf[:, src_frame], qf[:, others], kf[:, others], tau, bidirectional)
+    costs = qk_cost_frames(qf[:, src_frame], kf[:, src_frame], _others(qf, 1, src_frame), _others(kf, 1, src_frame),
+                           tau, bidirectional)
+    return _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen)
+
+
+def _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen):
+    """Tracks ``[n, F, 2]`` pixels and confidence ``[n, F]`` from the costs of every frame but ``src_frame``."""
     tracks = pts.unsqueeze(1).repeat(1, Fr, 1)
-    conf = torch.ones(pts.shape[0], Fr, device=q.device)
-    tracks[:, others], conf[:, others] = _match_frames(costs, rows, cols, pts, refine, radius, sharpen)
+    conf = torch.ones(pts.shape[0], Fr, device=pts.device)
+    pos, c = _match_frames(costs, rows, cols, pts, refine, radius, sharpen)
+    _set_others(tracks, 1, src_frame, pos)
+    _set_others(conf, 1, src_frame, c)
     return tokens_to_px(tracks, stride), conf
 
 
@@ -276,12 +300,8 @@ def match_video_features(feat: torch.Tensor, points_px: torch.Tensor, stride: fl
     Fr, rows, cols, C = feat.shape
     pts = px_to_tokens(points_px.to(feat.device).float(), stride)
     ff = feat.reshape(Fr, rows * cols, C)
-    others = [f for f in range(Fr) if f != src_frame]
-    costs = feature_cost_frames(ff[src_frame], ff[others], tau, bidirectional)
-    tracks = pts.unsqueeze(1).repeat(1, Fr, 1)
-    conf = torch.ones(pts.shape[0], Fr, device=feat.device)
-    tracks[:, others], conf[:, others] = _match_frames(costs, rows, cols, pts, refine, radius, sharpen)
-    return tokens_to_px(tracks, stride), conf
+    costs = feature_cost_frames(ff[src_frame], _others(ff, 0, src_frame), tau, bidirectional)
+    return _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen)
 
 
 def attention_rows(q: torch.Tensor, k: torch.Tensor, rows_idx: torch.Tensor, tau: float | str | None = None,

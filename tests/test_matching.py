@@ -73,3 +73,45 @@ def test_match_from_cost_parabola_on_a_shifted_identity():
 def test_unknown_rule_names_the_allowed_ones():
     with pytest.raises(ValueError, match="unknown refine 'cubic'; allowed: .*parabola"):
         refine_peak(torch.rand(1, ROWS * COLS), ROWS, COLS, "cubic")
+
+
+@pytest.mark.parametrize("src_frame", [0, 3, 4])
+def test_match_video_equals_per_frame_reference_for_any_source_frame(src_frame):
+    """match_video (all target frames at once, slicing instead of index lists) equals matching each frame pair on
+    its own through qk_cost + match_from_cost, bit for bit, whichever frame holds the queries."""
+    from difftrack.matching import match_video, px_to_tokens, qk_cost, tokens_to_px
+
+    g = torch.Generator().manual_seed(1)
+    H, Fr, R, C, D = 2, 5, 4, 6, 8
+    q, k = torch.randn(H, Fr, R, C, D, generator=g), torch.randn(H, Fr, R, C, D, generator=g)
+    pts = torch.tensor([[3.0, 2.0], [9.5, 7.25], [0.5, 15.0]])
+    tracks, conf = match_video(q, k, pts, 4.0, src_frame=src_frame)
+    qf, kf = q.reshape(H, Fr, R * C, D), k.reshape(H, Fr, R * C, D)
+    tok = px_to_tokens(pts, 4.0)
+    for f in range(Fr):
+        if f == src_frame:
+            assert torch.equal(tracks[:, f], pts) and torch.equal(conf[:, f], torch.ones(3))
+            continue
+        cost = qk_cost(qf[:, src_frame], kf[:, src_frame], qf[:, f], kf[:, f])
+        pos, c = match_from_cost(cost, R, C, tok)
+        torch.testing.assert_close(tracks[:, f], tokens_to_px(pos, 4.0), rtol=0, atol=1e-5)
+        torch.testing.assert_close(conf[:, f], c, rtol=0, atol=1e-6)
+
+
+def test_recorder_keeps_results_on_the_device_until_read():
+    """The analysis recorder writes each (step, layer) into tensors on the capture's device and converts them to
+    the record's numpy tables once, when ``rec`` is read; unrecorded cells stay nan."""
+    import numpy as np
+
+    from difftrack.analysis import Recorder
+    from difftrack.capture import FeatureEvent
+
+    rec = Recorder(np.array([[6.0, 6.0], [10.0, 2.0]], np.float32), 4.0, num_steps=3, num_layers=2, frames=4)
+    feat = torch.randn(1, 4, 3, 5, 8, generator=torch.Generator().manual_seed(0))
+    rec.on_features(FeatureEvent(1, 2, 19.0, feat, None))
+    assert isinstance(rec._buf["feat_tracks"], torch.Tensor) and rec._buf["feat_tracks"].device == feat.device
+    out = rec.rec
+    assert out.feat_tracks.shape == (3, 2, 2, 4, 2) and out.feat_tracks.dtype == np.float32
+    assert np.isfinite(out.feat_tracks[2, 1]).all() and np.isnan(out.feat_tracks[:2]).all()
+    assert np.isnan(out.feat_tracks[2, 0]).all() and np.isnan(out.qk_tracks).all()
+    np.testing.assert_array_equal(out.feat_tracks[2, 1, :, 0], [[6.0, 6.0], [10.0, 2.0]])  # source frame

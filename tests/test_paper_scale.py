@@ -1,0 +1,76 @@
+"""scripts/paper_scale.py: argument checks, where results go, and that CAG takes its layers from the measured
+ranking (the GPU run itself is not repeated here)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import paper_scale  # noqa: E402
+
+
+def test_quick_never_writes_into_the_repository_results(capsys):
+    with pytest.raises(SystemExit):
+        paper_scale.parse_args(["--quick", "--device", "cpu"])
+    assert "never writes into the repository's results/" in capsys.readouterr().err
+
+
+def test_unknown_stage_and_cpu_without_consent_are_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        paper_scale.parse_args(["--stages", "analysis,bogus", "--device", "cuda"])
+    assert "unknown ['bogus']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        paper_scale.parse_args(["--device", "cpu", "--out-dir", str(tmp_path)])
+    assert "takes hours on a CPU" in capsys.readouterr().err
+
+
+def test_stages_run_in_order_and_cag_reads_the_measured_ranking(tmp_path):
+    a = paper_scale.parse_args(["--stages", "cag,analysis", "--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert a.stages == ["analysis", "cag"] and a.figures_dir == tmp_path / "figures"
+    cmd = paper_scale.commands(a)["cag"][0]
+    assert "--require-measured-layers" in cmd
+    assert cmd[cmd.index("--analysis-summary") + 1] == str(tmp_path / "analysis_summary.json")
+    paper = paper_scale.parse_args(["--device", "cuda", "--out-dir", str(tmp_path)])
+    assert paper_scale.stage_key(a, "cag") != paper_scale.stage_key(paper, "cag")  # settings change the key
+    assert paper.settings["steps"] == 50 and paper.settings["cag_prompts"] >= 100
+
+
+def test_cag_eval_refuses_default_layers_when_measured_ones_are_required(tmp_path):
+    p = subprocess.run([sys.executable, "scripts/run_cag_eval.py", "--phase", "score", "--prompts", "2",
+                        "--analysis-summary", str(tmp_path / "missing.json"), "--require-measured-layers",
+                        "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "cag.json")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode != 0 and "not the measured ranking" in p.stderr
+    (tmp_path / "a.json").write_text(json.dumps({"combined": {"best_layers_top3": [3, 1, 2],
+                                                              "worst_layers_bottom3": [0, 4, 5]}}))
+    from difftrack.cag_eval import layer_sets
+
+    ls = layer_sets(tmp_path / "a.json")
+    assert ls["top3"] == [3, 1, 2] and ls["bottom3"] == [0, 4, 5] and "default" not in ls["source"]
+
+
+def test_pseudo_vs_exact_on_a_still_video_and_with_shifted_truth():
+    """Lucas-Kanade on a still textured video finds every point where it is: against the true (still) tracks all
+    points are within 1 px; against tracks shifted by 3 px none is within 2 px and all are within 4 px."""
+    from difftrack.analysis import pseudo_vs_exact
+
+    rng = np.random.default_rng(0)
+    frame = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    import cv2
+
+    frame = cv2.GaussianBlur(frame, (5, 5), 1.0)
+    video = np.repeat(frame[None], 5, 0)
+    q = np.array([[20.0, 20.0], [40.0, 30.0], [30.0, 44.0]], np.float32)
+    tracks = np.repeat(q[:, None], 5, 1)
+    vis = np.ones((3, 5), bool)
+    m = pseudo_vs_exact(video, q, tracks, vis)
+    assert m["pts_within_1"] == 1.0 and m["median_error_px"] < 0.05 and m["occlusion_accuracy"] == 1.0
+    shifted = tracks + np.float32([3.0, 0.0])
+    shifted[:, 0] = q  # the query frame itself is the query
+    m2 = pseudo_vs_exact(video, q, shifted, vis)
+    assert m2["pts_within_2"] == 0.0 and m2["pts_within_4"] == 1.0
+    assert abs(m2["median_error_px"] - 3.0) < 0.05
