@@ -74,3 +74,33 @@ def test_pseudo_vs_exact_on_a_still_video_and_with_shifted_truth():
     m2 = pseudo_vs_exact(video, q, shifted, vis)
     assert m2["pts_within_2"] == 0.0 and m2["pts_within_4"] == 1.0
     assert abs(m2["median_error_px"] - 3.0) < 0.05
+
+
+def test_paper_results_read_back_the_committed_files(tmp_path):
+    """load_analysis returns the tables in group_tables' layout only for a >= 50-step summary; load_videos filters
+    by prefix and carries the per-video metadata."""
+    from difftrack import paper_results as P
+
+    assert P.load_analysis(tmp_path) is None and P.load_videos("cag/", tmp_path) == {}
+    d = dict(num_steps=50, timesteps=[999, 19], counts=dict(generated=2, exact=2), settings=dict(grid=10),
+             device="GPU X", commit="abc1234", combined=dict(best_layers_top3=[1, 0, 2]),
+             tables=dict(combined=dict(qk_acc=[[0.1, 0.2], [0.3, 0.4]]), exact=dict(qk_acc=[[0.0, 0.1], [0.2, 0.5]])))
+    (tmp_path / "analysis_summary.json").write_text(json.dumps(d))
+    a = P.load_analysis(tmp_path)
+    assert a.tables["all"]["qk_acc"].shape == (2, 2) and a.tables["exact"]["qk_acc"][1, 1] == 0.5
+    assert a.timesteps == [999, 19] and a.summary["all"]["best_layers_top3"] == [1, 0, 2]
+    assert "GPU X" in a.caption and "50 steps" in a.caption and "abc1234" in a.caption
+    (tmp_path / "analysis_summary.json").write_text(json.dumps(dict(d, num_steps=4)))
+    assert P.load_analysis(tmp_path) is None  # a small run is never shown as paper scale
+    (tmp_path / "analysis_summary.json").write_text("{broken")
+    with pytest.raises(ValueError, match="analysis_summary.json is not valid JSON"):
+        P.load_analysis(tmp_path)
+    v = np.zeros((3, 4, 4, 3), np.uint8)
+    np.savez_compressed(tmp_path / "paper_videos.npz", **{"cag/none/0": v, "cag/top3_s1/0": v + 1, "analysis/x_0": v})
+    (tmp_path / "paper_videos.json").write_text(json.dumps(dict(
+        steps=50, device="cuda", cag={"cag/none/0": dict(prompt="p", layers=[])}, analysis={})))
+    vids = P.load_videos("cag/", tmp_path)
+    assert list(vids) == ["cag/none/0", "cag/top3_s1/0"] and vids["cag/none/0"][1]["prompt"] == "p"
+    assert vids["cag/top3_s1/0"][0].max() == 1 and vids["cag/none/0"][1]["steps"] == 50
+    (tmp_path / "paper_videos.json").write_text(json.dumps(dict(steps=6, cag={})))
+    assert P.load_videos("cag/", tmp_path) == {}
