@@ -30,6 +30,13 @@ def _save(fig: Figure, save: str | Path | None) -> Figure:
     return fig
 
 
+def captioned(fig: Figure, caption: str, save: str | Path | None = None, width: int = 110) -> Figure:
+    """Write ``caption`` (where the figure's numbers come from) under ``fig``, then save it when asked."""
+    fig.text(0.01, -0.01, _wrap(caption, width), ha="left", va="top", fontsize=7.5, color="0.25",
+             transform=fig.transFigure)
+    return _save(fig, save)
+
+
 def _frames(T: int, frames: Sequence[int] | None, n: int = 5) -> list[int]:
     if frames is None:
         return sorted(set(np.linspace(0, T - 1, min(n, T)).round().astype(int).tolist()))

@@ -82,7 +82,8 @@ import torch
 from IPython.display import display
 
 from difftrack import cag_eval as E
-from difftrack import mini
+from difftrack import mini, paper_results
+from difftrack import viz
 from difftrack.paths import cache_dir, figures_dir, results_dir
 from difftrack.world import World
 
@@ -167,8 +168,38 @@ def side_by_side(scale, layer_set, prompt_index, save=None):
     return E.plot_side_by_side(rows, title=items[prompt_index]["prompt"], save=save)
 
 
-fig = side_by_side(float(scale), layer_set, prompt_index, save=FIG / "05_cag_side_by_side.png")
+# live run: displayed; saved only at >= 50 steps (fewer steps give smears, the paper-scale figure is below)
+fig = side_by_side(float(scale), layer_set, prompt_index,
+                   save=FIG / "05_cag_side_by_side.png" if num_steps >= paper_results.MIN_STEPS else None)
 plt.show()
+''')
+
+md(r"""
+### The same at paper scale
+
+`figures/05_cag_side_by_side.png` shows the committed 50-step videos of the paper-scale CAG evaluation
+(`results/paper_videos.npz`, `scripts/paper_scale.py`) for the first prompt at scale 1.
+""")
+
+code(r'''
+paper_cag = paper_results.load_videos("cag/")
+if not paper_cag:
+    print("no committed paper-scale CAG videos (results/paper_videos.npz); run scripts/paper_scale.py on a GPU")
+else:
+    first = min(int(k.split("/")[-1]) for k in paper_cag)
+    pick = {k.split("/")[1]: (v, m) for k, (v, m) in paper_cag.items() if int(k.split("/")[-1]) == first}
+    it0 = E.eval_prompts(first + 1)[first]
+    prow = {"world (prompt's ground truth)": World().sample(it0["world_seed"], it0["family"], "heldout").video,
+            "no CAG": pick["none"][0]}
+    for name in ("top3_s1", "bottom3_s1"):
+        if name in pick:
+            prow[f"CAG {name.split('_')[0]} {pick[name][1]['layers']} s=1"] = pick[name][0]
+    fig = E.plot_side_by_side(prow, title=pick["none"][1]["prompt"])
+    m = pick["none"][1]
+    fig = viz.captioned(fig, f"paper-scale CAG run: {m['steps']} steps, CFG 6, layers from the measured ranking, on "
+                             f"{m['device']} (results/paper_videos.npz, results/cag.json)",
+                        save=FIG / "05_cag_side_by_side.png")
+    plt.show()
 ''')
 
 code(r'''

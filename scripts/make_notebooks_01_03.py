@@ -46,7 +46,7 @@ import torch
 from IPython.display import display
 from tqdm.auto import tqdm
 
-from difftrack import analysis, paths, viz
+from difftrack import analysis, paper_results, paths, viz
 from difftrack import inspect_attn as ia
 from difftrack.runners import VideoRunner
 from difftrack.world import FAMILIES, World'''
@@ -178,7 +178,32 @@ gshow = [g for g in generated if g[0]["seed"] < seed + show_per_family] or gener
 fig = None if not gshow else viz.video_grid(
     [g[1] for g in gshow], [f"{g[0]['family']}: {g[0]['prompt']}" for g in gshow],
     tracks=[g[2] for g in gshow], visible=[g[3] for g in gshow],
-    title=f"Generated ({num_steps} steps) with pseudo GT (Lucas-Kanade)", save=FIG / "01_generated_tracks.png")
+    title=f"Live run: generated with {num_steps} steps, pseudo GT (Lucas-Kanade)",
+    save=FIG / "01_generated_tracks.png" if num_steps >= paper_results.MIN_STEPS else None)
+fig
+'''),
+    md('''
+### The same at paper scale
+
+`figures/01_generated_tracks.png` shows 50-step generations of the committed paper-scale run
+(`results/paper_videos.npz`, written by `scripts/paper_scale.py`) with their Lucas-Kanade pseudo ground truth; a
+live run with fewer steps is only displayed above, never saved.
+'''),
+    code('''
+paper_videos = paper_results.load_videos("analysis/")
+fig = None
+if not paper_videos:
+    print("no committed paper-scale videos (results/paper_videos.npz); run scripts/paper_scale.py on a GPU")
+else:
+    pv = list(paper_videos.values())
+    pq = World(*pv[0][0].shape[:3]).grid_queries(grid_size)[:, 1:]
+    pgt = [pseudo_ground_truth(v, pq) for v, _ in pv]
+    fig = viz.video_grid([v for v, _ in pv], [f"{m['family']}: {m['prompt']}" for _, m in pv],
+                         tracks=[g[0] for g in pgt], visible=[g[1] for g in pgt],
+                         title=f"Generated with {pv[0][1]['steps']} steps (paper-scale run), pseudo GT (Lucas-Kanade)")
+    fig = viz.captioned(fig, f"{pv[0][1]['steps']}-step generations of the paper-scale run on {pv[0][1]['device']} "
+                             f"(results/paper_videos.npz); queries: {grid_size}x{grid_size} grid at frame 0",
+                        save=FIG / "01_generated_tracks.png")
 fig
 '''),
     md('''
@@ -345,8 +370,8 @@ for name, label in (("generated", "pseudo GT"), ("exact", "exact GT")):
         series[f"feature ({label})"] = grouped[name]["feat_acc"][-1]
 fig = viz.layer_lines(series, "matching accuracy (%)", highlight=top3,
                       styles={k: ("o-" if k.startswith("query") else "s--") for k in series},
-                      title=f"Fig. 4a: matching accuracy per layer (step {S - 1} of {S}; shaded: top-3 by HM)",
-                      save=FIG / "02_fig4a_qk_vs_feat.png")
+                      title=f"Live run ({len(items)} videos, {S} steps): matching accuracy per layer (last step; "
+                            f"shaded: top-3 by HM)", save=FIG / "02_fig4a_qk_vs_feat_live.png")
 fig
 '''),
     md('''
@@ -357,9 +382,34 @@ and cross-frame attention score; a few layers dominate.
 '''),
     code('''
 fig = viz.layer_bars(grouped["all"]["hm"][-1], "harmonic mean", highlight=top3,
-                     title=f"Fig. 4b: harmonic mean per layer (all videos, last step); top-3 = {top3}",
-                     save=FIG / "02_fig4b_harmonic_mean.png")
+                     title=f"Live run ({len(items)} videos, {S} steps): harmonic mean per layer (last step); "
+                           f"top-3 = {top3}", save=FIG / "02_fig4b_harmonic_mean_live.png")
 fig
+'''),
+    md('''
+## Fig. 4a and 4b at paper scale
+
+The same two figures from the committed paper-scale run (`results/analysis_summary.json`, `scripts/paper_scale.py`:
+20 + 20 generated and 20 + 20 exact-GT videos, 50 steps, every layer and step). These are the paper's figures; the
+live run above is CI-sized.
+'''),
+    code('''
+paper = paper_results.load_analysis()
+if paper is None:
+    print("no paper-scale analysis committed (results/analysis_summary.json); run scripts/paper_scale.py on a GPU")
+else:
+    P, ptop3 = paper.tables, paper.summary["all"]["best_layers_top3"]
+    pseries = {}
+    for name, label in (("generated", "pseudo GT"), ("exact", "exact GT")):
+        pseries[f"query-key ({label})"] = P[name]["qk_acc"][-1]
+        pseries[f"feature ({label})"] = P[name]["feat_acc"][-1]
+    fig = viz.layer_lines(pseries, "matching accuracy (%)", highlight=ptop3,
+                          styles={k: ("o-" if k.startswith("query") else "s--") for k in pseries},
+                          title="Fig. 4a: matching accuracy per layer (last step; shaded: top-3 by HM)")
+    display(viz.captioned(fig, paper.caption, save=FIG / "02_fig4a_qk_vs_feat.png"))
+    fig = viz.layer_bars(P["all"]["hm"][-1], "harmonic mean", highlight=ptop3,
+                         title=f"Fig. 4b: harmonic mean per layer (all videos, last step); top-3 = {ptop3}")
+    display(viz.captioned(fig, paper.caption, save=FIG / "02_fig4b_harmonic_mean.png"))
 '''),
     code('''
 fig = viz.table_heatmap(grouped["all"]["hm"], cbar_label="harmonic mean", step_labels=timesteps, highlight=top3,
@@ -430,7 +480,9 @@ map per frame, each summing to 1), from `capture(...)` during a regeneration of 
 video; a world video noised to each step when `videos_per_family` is 0). The white circle is the pseudo-GT position. Every (layer, step) is precomputed so the sliders only index.
 '''),
     code('''
-pool = [it for it in items if it["kind"] == "generated"] or items  # world videos if no generated ones
+# a generated video only at >= 50 steps (fewer steps give smears): world videos otherwise or without generated ones
+pool = [it for it in items if it["kind"] == "generated" and num_steps >= paper_results.MIN_STEPS] or \
+    [it for it in items if it["kind"] == "exact"] or items
 insp_item = pool[inspect_video % len(pool)]
 rec, cached_video = ia.load_cached(cache, insp_item, num_steps, grid_size)
 gt_tr, gt_vis, _ = ia.item_ground_truth(insp_item, rec, cached_video)
@@ -534,8 +586,8 @@ def acc_series(name: str, layers) -> dict:
     return out
 
 fig = viz.step_lines(acc_series("all", top3), "query-key matching accuracy (%)", timesteps,
-                     title="Fig. 4c: accuracy over steps, top-3 layers (all videos)",
-                     save=FIG / "03_fig4c_acc_over_steps.png")
+                     title=f"Live run ({len(items)} videos, {S} steps): accuracy over steps, top-3 layers",
+                     save=FIG / "03_fig4c_acc_over_steps_live.png")
 fig
 '''),
     code('''
@@ -576,9 +628,31 @@ The summed attention of a frame-0 point's query on its own frame (self), on the 
 text tokens, for points visible at frame 0 -- mean over layers here; the slider below shows single layers.
 '''),
     code('''
-fig = viz.attention_share(share_mean, timesteps, title="Fig. 5: attention share over steps (mean over layers)",
-                          save=FIG / "03_fig5_attention_share.png")
+fig = viz.attention_share(share_mean, timesteps,
+                          title=f"Live run ({len(items)} videos, {S} steps): attention share (mean over layers)",
+                          save=FIG / "03_fig5_attention_share_live.png")
 fig
+'''),
+    md('''
+## Fig. 4c and Fig. 5 at paper scale
+
+From the committed paper-scale run (`results/analysis_summary.json`, `scripts/paper_scale.py`: 80 videos, 50 steps);
+the live run above is CI-sized.
+'''),
+    code('''
+paper = paper_results.load_analysis()
+if paper is None:
+    print("no paper-scale analysis committed (results/analysis_summary.json); run scripts/paper_scale.py on a GPU")
+else:
+    P, ptop3 = paper.tables, paper.summary["all"]["best_layers_top3"]
+    pser = {f"layer {l}": P["all"]["qk_acc"][:, l] for l in ptop3}
+    pser["mean over layers"] = P["all"]["qk_acc"].mean(1)
+    fig = viz.step_lines(pser, "query-key matching accuracy (%)", paper.timesteps,
+                         title="Fig. 4c: accuracy over steps, top-3 layers (all videos)")
+    display(viz.captioned(fig, paper.caption, save=FIG / "03_fig4c_acc_over_steps.png"))
+    pshare = {p: P["all"][f"attn_{p}"].mean(1) for p in ia.PARTS}
+    fig = viz.attention_share(pshare, paper.timesteps, title="Fig. 5: attention share over steps (mean over layers)")
+    display(viz.captioned(fig, paper.caption, save=FIG / "03_fig5_attention_share.png"))
 '''),
     md('''
 ## Per-layer view

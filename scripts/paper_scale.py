@@ -165,7 +165,8 @@ def export_videos(a) -> dict:
     from difftrack import inspect_attn as ia
 
     s, cache, tag = a.settings, Path(a.cache), ("quick" if a.quick else "paper")
-    arrays, meta = {}, dict(steps=s["steps"], cfg=s["cfg"], autocast=s["autocast"], device=a.device, analysis={},
+    arrays = {}
+    meta = dict(steps=s["steps"], cfg=s["cfg"], autocast=s["autocast"], device=device_name(a.device), analysis={},
                             cag={}, agreement={})
     # analysis: generated videos (fp32, the analysis' own generations)
     an_dir = cache / tag / "analysis" / ia.model_tag("embedded", "float32")
