@@ -489,8 +489,10 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
     if fused:
         raise ValueError(f"layers {fused} use fused QKV projections; call transformer.unfuse_qkv_projections() "
                          f"before CAG")
+    from .capture import unwrap_processor
+
     state = CAGState()
-    originals = []
+    installed = []
     handle = None
     try:
         def pre(m, args, kwargs):
@@ -498,16 +500,16 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
 
         handle = transformer.register_forward_pre_hook(pre, with_kwargs=True)
         for l, attn in zip(config.layers, attns):
-            originals.append((attn, attn.processor))
             if adapter.name == "cogvideox":
                 proc = CogVideoXCAGAttnProcessor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
             else:
                 proc = _sdpa_cag_processor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
+            installed.append((attn, proc))
             attn.set_processor(proc)
         yield state
     finally:
-        for attn, proc in reversed(originals):
-            attn.set_processor(proc)
+        for attn, proc in reversed(installed):  # order-safe: removes exactly this context's processor
+            unwrap_processor(attn, proc)
         if handle is not None:
             handle.remove()
         state.grid = None
