@@ -284,6 +284,52 @@ def test_video_io_roundtrip(tmp_path):
         write_video(tmp_path / "x.mp4", v[0])
 
 
+def test_read_video_refuses_a_truncated_file(tmp_path):
+    """A faststart mp4 cut in half used to give 29 of 60 frames without a word (issue 18)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    from difftrack.video_io import read_video, write_video
+
+    v = np.random.default_rng(0).integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+    p = write_video(tmp_path / "clip.mp4", v, fps=8)
+    fs = tmp_path / "faststart.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(p), "-c", "copy",
+                    "-movflags", "faststart", str(fs)], check=True)
+    assert read_video(fs).shape[0] == 60
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(fs.read_bytes()[: fs.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut\.mp4' is truncated or damaged: only \d+ of the 60 frames.*"
+                                         r"allow_truncated=True"):
+        read_video(cut)
+    assert read_video(cut, max_frames=10).shape[0] == 10  # the frames asked for are there
+    with pytest.warns(UserWarning, match=r"cut\.mp4' is truncated"):
+        part = read_video(cut, allow_truncated=True)
+    assert 0 < part.shape[0] < 60
+
+
+def test_write_video_one_float_range_for_the_whole_video(tmp_path):
+    """A frame of mean 0.8 inside a 0..255 float video used to be scaled x255 on its own (issue 18)."""
+    from difftrack.video_io import read_video, write_video
+
+    v = np.full((4, 16, 16, 3), 200.0, np.float32)
+    v[2] = 0.8  # a dark frame of a 0..255 video
+    r = read_video(write_video(tmp_path / "a.mp4", v, fps=4, quality=10))
+    assert abs(float(r[2].mean()) - 1) < 3 and abs(float(r[0].mean()) - 200) < 3
+    unit = np.full((3, 16, 16, 3), 0.5, np.float32)  # a [0, 1] video
+    assert abs(float(read_video(write_video(tmp_path / "b.mp4", unit, fps=4, quality=10)).mean()) - 128) < 3
+    r = read_video(write_video(tmp_path / "c.mp4", np.full((2, 16, 16, 3), 0.0), fps=4, quality=10,
+                               value_range=(-1, 1)))
+    assert abs(float(r.mean()) - 128) < 3
+    with pytest.raises(ValueError, match=r"float frames span \[-1, 300\]; allowed without value_range"):
+        write_video(tmp_path / "d.mp4", np.array([-1.0, 300.0]).repeat(8 * 8 * 3).reshape(2, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"outside value_range=\(0, 1\).*nothing is clipped"):
+        write_video(tmp_path / "e.mp4", v, value_range=(0, 1))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        write_video(tmp_path / "f.mp4", np.full((2, 8, 8, 3), np.nan))
+
+
 def test_rope_cogvideox_layout():
     """A CogVideoX-5B-style transformer (3D RoPE built per chunk) at a non-square size."""
     model = tiny_cogvideox(rope=True, layers=2)
