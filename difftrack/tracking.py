@@ -84,8 +84,8 @@ OCCLUSION = ("cycle", "confidence", "cycle+confidence", "none")
 NOISE = ("none", "add")
 FUSE = ("mean", "concat")
 WORK_SIZES = ("model", "input")
-# cost matrices held at once are bounded by this by default (4 GiB): the embedded model at 256x256 needs ~1.3 GiB, at
-# 512x512 ~17 GiB (it took minutes and 7.9 GB on the CPU), 1080p ~1 TiB; real backbones at their native size ~0.1 GiB
+# cost matrices held at once are bounded by this by default (4 GiB): the embedded model needs 6 MiB at its 64x64,
+# ~1.5 GiB at 256x256 (13 frames), ~13 GiB for two 512x512 frames (minutes and 7.9 GB on the CPU), ~1 TiB at 1080p
 DEFAULT_MAX_COST_BYTES = 4 * 2**30
 
 # Defaults chosen on TRAIN-split world videos only (scripts/calibrate_occlusion.py; held-out never used):
