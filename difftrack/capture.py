@@ -257,6 +257,7 @@ class Capture:
         self._manual_step: int | None = None
         self.runs = 0
         self._cfg_now: bool = False  # whether the current (batched) call is a CFG [uncond, cond] pair
+        self._batch_now: int | None = None  # its batch size as the pre-forward hook saw it
         self._cfg_run: dict[int, bool] = {}  # batch size -> CFG decision seen in this run
 
     # ---------------------------------------------------------------- bookkeeping
@@ -299,6 +300,8 @@ class Capture:
         self._last_t = tv
         self.timesteps[self.step] = tv
         self._cfg_now = self._detect_cfg(args, kwargs)
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        self._batch_now = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
 
     def _detect_cfg(self, args, kwargs) -> bool:
         """Whether this call's batch is a CFG pair ``[uncond, cond]`` (batched backbones; see the module docstring)."""
@@ -348,7 +351,10 @@ class Capture:
         if self.adapter.cfg == "sequential" or self.branch == "all":
             return x
         B = x.shape[0]
-        if not self._cfg_now:
+        # a batch changed after this capture's pre-hook saw it (e.g. CAG's hooks append a perturbed slot) is not the
+        # pair that was checked: it is kept whole
+        cfg_now = self._cfg_now and (self._batch_now is None or B == self._batch_now)
+        if not cfg_now:
             if self.branch == "uncond":
                 why = (f"cfg={self.cfg}" if self.cfg is not None else
                        "its halves are different videos, not a duplicated [uncond, cond] pair")

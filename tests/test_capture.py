@@ -277,3 +277,14 @@ def test_numpy_integer_layers_and_steps_accepted():
     with torch.no_grad(), capture(m, layers=[np.int64(1)], steps=np.int64(0), num_steps=np.int64(2)) as cap:
         m(**tiny_inputs())
     assert cap.keys() == [("blocks.1.attn.q", 0), ("blocks.1.attn.k", 0)]
+
+
+def test_batch_expanded_by_cag_hooks_is_kept_whole():
+    """cag_hooks turn [uncond, cond] into [uncond, cond, perturbed] after capture checked the pair: kept whole."""
+    from difftrack.guidance import CAGConfig, cag_hooks
+
+    pipe = _tiny_mini_pipe()
+    with torch.no_grad(), capture(pipe, layers=[0], steps=[0], num_steps=2) as cap, \
+            cag_hooks(pipe, CAGConfig(layers=[1]), 6.0, 2):
+        _gen(pipe, PROMPTS[0], 6.0)
+    assert cap.q(0, step=0).shape[0] == 3
