@@ -42,6 +42,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -553,7 +554,9 @@ def layer_sets(summary_path: str | Path | None = None) -> dict:
     if not p.exists():
         return dict(top3=list(DEFAULT_TOP3), bottom3=list(DEFAULT_BOTTOM3),
                     source=f"defaults ({p.name} not found): top [8, 11, 5], bottom [0, 6, 9]")
-    d = json.loads(p.read_text())
+    from .fileio import read_json
+
+    d = read_json(p, "analysis summary")
 
     def find(*keys):  # top level first, then the combined (generated + exact) block of scripts/run_analysis.py
         for block in (d, d.get("combined"), d.get("all"), (d.get("summary") or {}).get("all")):
@@ -762,9 +765,19 @@ def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: 
     ``directory``, ``batch_size`` videos per pipeline call; each video is saved as soon as its batch ends, so an
     interrupted run resumes. Returns one timing record per batch: ``{"batch", "steps", "step_seconds" (median over
     the steps after the first), "first_step_seconds", "total_seconds"}``."""
+    from .fileio import npy_intact
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    todo = [it for it in items if not video_path(directory, it["index"], it["noise_seed"]).exists()]
+    todo = []
+    for it in items:
+        p = video_path(directory, it["index"], it["noise_seed"])
+        if p.exists() and not npy_intact(p):  # truncated / garbled by a crash or a full disk: redo it
+            warnings.warn(f"cached video {str(p)!r} is corrupt (truncated or garbled); it is recomputed",
+                          stacklevel=2)
+            p.unlink()
+        if not p.exists():
+            todo.append(it)
     records = []
     for k in range(0, len(todo), batch_size):
         chunk = todo[k:k + batch_size]
@@ -787,13 +800,16 @@ def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: 
 
 
 def load_cached(directory: str | Path, items: Sequence[dict]) -> list[np.ndarray]:
-    """The cached videos of ``items`` (``FileNotFoundError`` naming the first missing one)."""
+    """The cached videos of ``items`` (``FileNotFoundError`` naming the first missing one,
+    :class:`difftrack.fileio.CorruptFileError` naming a corrupt one: the generate phase recomputes those)."""
+    from .fileio import load_npy
+
     out = []
     for it in items:
         p = video_path(directory, it["index"], it["noise_seed"])
         if not p.exists():
             raise FileNotFoundError(f"{p} missing: run the generate phase first")
-        out.append(np.load(p))
+        out.append(load_npy(p, "cached CAG video", hint="run the generate phase again: it recomputes corrupt videos"))
     return out
 
 

@@ -20,10 +20,25 @@ For analysis that must not hold tensors (all layers x all steps), pass ``on_qk=`
 Steps are the denoising loop index (0 = noisiest). They are counted from the ``timestep`` argument of successive
 transformer calls: a new value starts a new step, an equal value is the same step (Wan calls the transformer twice
 per step), a larger value starts a new run at step 0. Use :meth:`Capture.set_step` to set steps by hand.
+
+Classifier-free guidance of batched backbones (CogVideoX, LTX: one batch ``[uncond, cond]``) is recognised from
+the call itself, not guessed from the batch size: the pipelines duplicate the latents for the two halves
+(``torch.cat([latents] * 2)``), so a call is a CFG call when its batch is even and both halves of
+``hidden_states`` are bit-identical. A batch of different videos (several prompts with ``guidance_scale <= 1``) is
+kept whole. When that evidence changes within one run (two videos started from the same noise look like a CFG
+pair at step 0 only) capture raises and asks for ``cfg=True`` / ``cfg=False``.
+
+One capture holds one generation: with ``store=True``, a second run over the same steps (a new run at step 0, or the
+same ``(name, step)`` captured twice) raises ``ValueError`` instead of overwriting what was captured; use one
+capture per generation, or ``cache.clear()`` between them. With ``store=False`` the callbacks see every run
+(``Capture.runs`` counts them). Nested captures (and CAG processors) may be exited in any order: each context removes
+exactly the wrapper it installed.
 """
 from __future__ import annotations
 
+import collections.abc as _abc
 import inspect
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -142,11 +157,45 @@ def _wrap(proc, layer: int, owner: "Capture") -> _CapturingProcessor:
     return processor_wrapper_class(_CapturingProcessor, type(proc), "Capturing")(proc, layer, owner)
 
 
+def _inner_of(proc):
+    """What a wrapping processor wraps (its ``inner`` or ``original`` attribute), else ``None``."""
+    for name in ("inner", "original"):
+        if hasattr(proc, name):
+            return name, getattr(proc, name)
+    return None, None
+
+
+def unwrap_processor(attn: nn.Module, wrapper) -> bool:
+    """Remove ``wrapper`` from ``attn``'s processor chain, wherever it now sits, re-linking what it currently wraps.
+
+    Wrappers installed later (a nested capture, CAG) may sit on top of ``wrapper``; they are kept and re-linked, and
+    one removed earlier from below ``wrapper`` has re-linked ``wrapper`` itself, so contexts can be exited in any
+    order. A wrapper is any processor with an ``inner`` (capture) or ``original`` (CAG) attribute pointing to what it
+    wraps. Returns whether ``wrapper`` was found (``False`` when the processor was replaced from outside meanwhile,
+    e.g. by ``set_attn_processor``; then nothing is touched)."""
+    _, below = _inner_of(wrapper)
+    if attn.processor is wrapper:
+        attn.set_processor(below)
+        return True
+    cur, seen = attn.processor, set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        name, nxt = _inner_of(cur)
+        if nxt is wrapper:
+            setattr(cur, name, below)
+            return True
+        cur = nxt
+    return False
+
+
 def _normalise_layers(layers, n_blocks: int, model_name: str) -> list[int]:
-    if layers is None or layers == "all":
+    if layers is None or (isinstance(layers, str) and layers == "all"):
         return list(range(n_blocks))
-    if isinstance(layers, (int, str)):
+    if isinstance(layers, (numbers.Integral, str)) and not isinstance(layers, bool):
         layers = [layers]
+    if not isinstance(layers, _abc.Iterable) or isinstance(layers, (bytes, torch.Tensor)):
+        raise ValueError(f"layers={layers!r} ({type(layers).__name__}); allowed: a block index (int), a name such as "
+                         f"'blocks.17', a list of them, or None / 'all' ({model_name} has {n_blocks} blocks)")
     out = []
     for l in layers:
         if isinstance(l, str):
@@ -154,21 +203,30 @@ def _normalise_layers(layers, n_blocks: int, model_name: str) -> list[int]:
             if not parts:
                 raise ValueError(f"layer name {l!r} has no block index (use e.g. 'blocks.17' or 17)")
             l = int(parts[0])
-        if not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < n_blocks:
+        if not isinstance(l, numbers.Integral) or isinstance(l, bool):
+            raise ValueError(f"layer {l!r} ({type(l).__name__}) is not a block index; allowed: ints 0..{n_blocks - 1}"
+                             f" or names such as 'blocks.17'")
+        if not 0 <= l < n_blocks:
             raise ValueError(f"layer {l!r} out of range: {model_name} has {n_blocks} blocks, allowed 0..{n_blocks - 1}")
-        out.append(l)
+        out.append(int(l))
     return sorted(set(out))
 
 
 def _normalise_steps(steps, num_steps: int | None) -> set[int] | None:
-    if steps is None or steps == "all":
+    if num_steps is not None and (not isinstance(num_steps, numbers.Integral) or isinstance(num_steps, bool)
+                                  or num_steps < 1):
+        raise ValueError(f"num_steps={num_steps!r}; allowed: an int >= 1 (the number of denoising steps) or None")
+    if steps is None or (isinstance(steps, str) and steps == "all"):
         return None
-    if isinstance(steps, int):
+    if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
         steps = [steps]
+    if not isinstance(steps, _abc.Iterable) or isinstance(steps, (str, bytes)):
+        raise ValueError(f"steps={steps!r}; allowed: a denoising loop index (int), a list of them, or None / 'all'")
     out = set()
     for s in steps:
-        if not isinstance(s, int) or isinstance(s, bool):
+        if not isinstance(s, numbers.Integral) or isinstance(s, bool):
             raise ValueError(f"step {s!r} must be an int (the denoising loop index)")
+        s = int(s)
         if num_steps is not None:
             if not -num_steps <= s < num_steps:
                 raise ValueError(f"step {s} out of range for {num_steps} denoising steps; allowed "
@@ -198,6 +256,9 @@ class Capture:
         self._call_in_step = 0
         self._manual_step: int | None = None
         self.runs = 0
+        self._cfg_now: bool = False  # whether the current (batched) call is a CFG [uncond, cond] pair
+        self._batch_now: int | None = None  # its batch size as the pre-forward hook saw it
+        self._cfg_run: dict[int, bool] = {}  # batch size -> CFG decision seen in this run
 
     # ---------------------------------------------------------------- bookkeeping
     def set_step(self, step: int | None) -> None:
@@ -222,6 +283,13 @@ class Capture:
         elif self._last_t is None or (tv is not None and self._last_t is not None and tv > self._last_t):
             if self._last_t is not None:
                 self.runs += 1
+                self._cfg_run.clear()
+                if self.store and self.data:
+                    raise ValueError(
+                        f"a second generation started inside one capture (timestep {tv:g} after {self._last_t:g}: "
+                        f"step 0 again after step {self.step}); it would overwrite the {len(self.data)} captured "
+                        f"tensors. Allowed: one generation per capture, or cache.clear() between generations, or "
+                        f"store=False with callbacks")
             self._check_branch_complete()
             self.step, self._call_in_step = 0, 0
         elif tv == self._last_t:
@@ -231,6 +299,34 @@ class Capture:
             self.step, self._call_in_step = self.step + 1, 0
         self._last_t = tv
         self.timesteps[self.step] = tv
+        self._cfg_now = self._detect_cfg(args, kwargs)
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        self._batch_now = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+    def _detect_cfg(self, args, kwargs) -> bool:
+        """Whether this call's batch is a CFG pair ``[uncond, cond]`` (batched backbones; see the module docstring)."""
+        if self.adapter.cfg == "sequential" or self.branch == "all":
+            return False
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return bool(self.cfg)
+        B = x.shape[0]
+        if self.cfg is not None:
+            if self.cfg and B % 2:
+                raise ValueError(f"cfg=True needs an even batch [uncond, cond]; got batch {B}")
+            return bool(self.cfg)
+        if B < 2 or B % 2:
+            return False
+        u, c = x.chunk(2)
+        pair = bool(torch.equal(u, c))
+        seen = self._cfg_run.setdefault(B, pair)
+        if seen != pair:
+            raise ValueError(
+                f"cannot tell whether the batch of {B} is a classifier-free-guidance pair [uncond, cond]: its two "
+                f"halves had {'equal' if seen else 'different'} latents earlier in this run and "
+                f"{'equal' if pair else 'different'} ones at step {self.step} (several videos started from the same "
+                f"noise?); pass cfg=True (batch is [uncond, cond]) or cfg=False (a batch of separate videos)")
+        return pair
 
     def _check_branch_complete(self):
         if (self.adapter.cfg == "sequential" and self.branch == "uncond" and self.step >= 0
@@ -251,20 +347,34 @@ class Capture:
         return True
 
     def _select(self, x: torch.Tensor) -> torch.Tensor:
-        """Pick the CFG branch along the batch dimension."""
+        """Pick the CFG branch along the batch dimension (the decision is taken per call by :meth:`_detect_cfg`)."""
         if self.adapter.cfg == "sequential" or self.branch == "all":
             return x
         B = x.shape[0]
-        cfg = self.cfg if self.cfg is not None else (B >= 2 and B % 2 == 0)
-        if not cfg:
+        # a batch changed after this capture's pre-hook saw it (e.g. CAG's hooks append a perturbed slot) is not the
+        # pair that was checked: it is kept whole
+        cfg_now = self._cfg_now and (self._batch_now is None or B == self._batch_now)
+        if not cfg_now:
             if self.branch == "uncond":
+                why = (f"cfg={self.cfg}" if self.cfg is not None else
+                       "its halves are different videos, not a duplicated [uncond, cond] pair")
                 raise ValueError(f"branch 'uncond' requested, but the batch of {B} has no classifier-free-guidance "
-                                 f"half (cfg={self.cfg}); allowed: 'cond' or 'all'")
+                                 f"half ({why}); allowed: 'cond' or 'all'")
             return x
-        if B % 2:
-            raise ValueError(f"cfg=True needs an even batch [uncond, cond]; got batch {B}")
         u, c = x.chunk(2)
         return c if self.branch == "cond" else u
+
+    def _put(self, key: tuple[str, int], x: torch.Tensor) -> None:
+        """Store ``x`` under ``key``; never overwrites (sequential CFG with ``branch="all"`` concatenates the calls
+        of one step along the batch, in call order)."""
+        if key in self.data:
+            if self.adapter.cfg == "sequential" and self.branch == "all" and self._call_in_step > 0:
+                self.data[key] = torch.cat([self.data[key], x])
+                return
+            raise ValueError(f"{key[0]!r} at step {key[1]} was already captured in this context (a second "
+                             f"transformer call at the same step: a second generation, or set_step() repeating a "
+                             f"step); allowed: one generation per capture, or cache.clear() before the next")
+        self.data[key] = x
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach().to(device=self.device or x.device, dtype=self.dtype or x.dtype, copy=True)
@@ -274,9 +384,9 @@ class Capture:
         ev = QKEvent(layer, self.step, self.timesteps.get(self.step), q, k, self.grid)
         if self.store:
             if "q" in self.what:
-                self.data[(f"blocks.{layer}.attn.q", self.step)] = self._keep(ev.q_video)
+                self._put((f"blocks.{layer}.attn.q", self.step), self._keep(ev.q_video))
             if "k" in self.what:
-                self.data[(f"blocks.{layer}.attn.k", self.step)] = self._keep(ev.k_video)
+                self._put((f"blocks.{layer}.attn.k", self.step), self._keep(ev.k_video))
         if self.on_qk is not None:
             self.on_qk(ev)
 
@@ -287,7 +397,7 @@ class Capture:
         g = self.grid
         f = h.reshape(h.shape[0], g.frames, g.rows, g.cols, h.shape[-1])
         if self.store:
-            self.data[(f"blocks.{layer}.out", self.step)] = self._keep(f)
+            self._put((f"blocks.{layer}.out", self.step), self._keep(f))
         if self.on_features is not None:
             self.on_features(FeatureEvent(layer, self.step, self.timesteps.get(self.step), f, g))
 
@@ -342,7 +452,9 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
         what: any of ``"q"``, ``"k"``, ``"features"``.
         branch: ``"cond"`` (default), ``"uncond"`` or ``"all"`` classifier-free-guidance branch.
         num_steps: number of denoising steps, to validate ``steps`` and allow negative ones.
-        cfg: whether the batch is ``[uncond, cond]``; ``None`` guesses from an even batch (batched backbones).
+        cfg: whether the batch is ``[uncond, cond]``; ``None`` (default) decides per call from the inputs: an even
+            batch whose two halves of ``hidden_states`` are bit-identical (the pipelines' duplicated latents) is a
+            CFG pair, any other batch is kept whole (batched backbones; see the module docstring).
         store: keep copies in the returned :class:`Capture` (set ``False`` with callbacks to keep nothing).
         on_qk, on_features: callbacks receiving :class:`QKEvent` / :class:`FeatureEvent` during the forward.
         device, dtype: where and how to keep stored copies (default: as captured).
@@ -365,7 +477,7 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
                   device, dtype)
     want_qk = bool({"q", "k"} & set(what)) or on_qk is not None
     want_feat = "features" in what or on_features is not None
-    originals: list[tuple[nn.Module, object]] = []
+    installed: list[tuple[nn.Module, object]] = []  # (attention, our wrapper)
     handles = []
     try:
         handles.append(transformer.register_forward_pre_hook(cap._pre_forward, with_kwargs=True))
@@ -373,15 +485,16 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
             block = blocks[l][1]
             if want_qk:
                 attn = adapter.self_attention(block)
-                originals.append((attn, attn.processor))
-                attn.set_processor(_wrap(attn.processor, l, cap))
+                wrapper = _wrap(attn.processor, l, cap)
+                installed.append((attn, wrapper))
+                attn.set_processor(wrapper)
             if want_feat:
                 handles.append(block.register_forward_hook(lambda m, a, o, l=l: cap._on_block(l, o)))
         yield cap
         cap._check_branch_complete()
     finally:
-        for attn, proc in reversed(originals):
-            attn.set_processor(proc)
+        for attn, wrapper in reversed(installed):
+            unwrap_processor(attn, wrapper)
         for h in handles:
             h.remove()
         cap.model = None

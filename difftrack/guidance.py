@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -57,6 +58,9 @@ VARIANTS = ("renormalized", "zero_after_softmax")
 CAG_BACKBONES = ("cogvideox", "wan", "hunyuanvideo")
 SCHEDULES = ("constant", "linear_decay")
 QUERY_CHUNK = 1024  # video query rows per chunk in the "zero_after_softmax" log-sum-exp pass
+# CAG scales accepted: 0 disables CAG; the paper uses 0.5 .. 2; negative values guide towards the perturbed model and
+# very large ones blow the prediction up, so both are refused
+CAG_SCALE_RANGE = (0.0, 20.0)
 KEY_CHUNK = 4096  # keys per chunk in that pass; scores held at once: B x heads x QUERY_CHUNK x KEY_CHUNK fp32
 
 
@@ -68,14 +72,16 @@ class CAGConfig:
     Attributes:
         layers: transformer block indices (0-based) whose self-attention is perturbed (paper: 13, 17, 21 for
             CogVideoX-2B; 15, 17, 18 for 5B).
-        scale: ``s_cag``; 0 disables the guidance (the sampler then computes exactly the unguided result).
+        scale: ``s_cag``, finite, in :data:`CAG_SCALE_RANGE` ``[0, 20]``; 0 disables the guidance (the sampler then
+            computes exactly the unguided result).
         variant: ``"renormalized"`` (default; masked softmax) or ``"zero_after_softmax"`` (published CFG path).
         schedule: ``"constant"``; ``"linear_decay"`` (``scale`` at ``start_step`` falling linearly to 0 at
             ``stop_step``); or a callable ``step -> factor`` whose value multiplies ``scale`` (leave ``scale=1.0`` to
             make the callable the scale itself). The published ``pag_adaptive_scale`` ``s(t) = max(0, s - a(1000-t))``
             is a callable over the scheduler's timesteps.
         start_step, stop_step: CAG is active for denoising steps ``start_step <= i < stop_step`` (``None`` = to the
-            end); the scale is 0 outside.
+            end); the scale is 0 outside. Checked against the run's ``num_inference_steps`` when sampling
+            (:meth:`check_steps`): a window outside the run raises instead of silently running without CAG.
     """
 
     layers: list[int]
@@ -86,28 +92,52 @@ class CAGConfig:
     stop_step: int | None = None
 
     def __post_init__(self):
+        def is_index(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
         if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple)):
-            raise ValueError(f"layers={self.layers!r} must be a list of block indices, e.g. [13, 17, 21]")
+            raise ValueError(f"layers={self.layers!r} ({type(self.layers).__name__}) must be a list of block indices, "
+                             f"e.g. [13, 17, 21]")
         if not self.layers:
             raise ValueError("layers=[] is empty; give at least one block index, e.g. [13, 17, 21]")
-        bad = [l for l in self.layers if not isinstance(l, int) or isinstance(l, bool) or l < 0]
+        bad = [l for l in self.layers if not is_index(l) or l < 0]
         if bad:
-            raise ValueError(f"layers {bad} are not non-negative ints; allowed: block indices 0..num_blocks-1")
+            raise ValueError(f"layers {bad} are not non-negative ints (got {', '.join(type(l).__name__ for l in bad)}"
+                             f"); allowed: block indices 0..num_blocks-1 as ints or numpy integers, not floats or "
+                             f"bools")
+        self.layers = [int(l) for l in self.layers]
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers={list(self.layers)} contains duplicates")
-        self.layers = list(self.layers)
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise ValueError(f"scale={self.scale!r} must be a finite number (0 disables CAG)")
+        lo, hi = CAG_SCALE_RANGE
+        if (isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale)
+                or not lo <= self.scale <= hi):
+            raise ValueError(f"scale={self.scale!r}; allowed: a finite number in [{lo:g}, {hi:g}] (0 disables CAG; "
+                             f"the paper uses 0.5 .. 2)")
         self.scale = float(self.scale)
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; allowed: {VARIANTS}")
         if not callable(self.schedule) and self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; allowed: {SCHEDULES} or a callable step -> factor")
-        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
+        if not is_index(self.start_step) or self.start_step < 0:
             raise ValueError(f"start_step={self.start_step!r} must be an int >= 0")
-        if self.stop_step is not None and (not isinstance(self.stop_step, int) or isinstance(self.stop_step, bool)
-                                           or self.stop_step <= self.start_step):
+        self.start_step = int(self.start_step)
+        if self.stop_step is not None and (not is_index(self.stop_step) or self.stop_step <= self.start_step):
             raise ValueError(f"stop_step={self.stop_step!r} must be None or an int > start_step={self.start_step}")
+        self.stop_step = None if self.stop_step is None else int(self.stop_step)
+
+    def check_steps(self, num_inference_steps: int) -> None:
+        """Raise ``ValueError`` when the step window does not fit a run of ``num_inference_steps`` steps: allowed
+        ``0 <= start_step < num_inference_steps`` and ``stop_step <= num_inference_steps`` (a window past the end
+        would give exactly the unguided result without a word)."""
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"num_inference_steps={n!r}; must be an int >= 1")
+        if self.start_step >= n:
+            raise ValueError(f"CAG start_step={self.start_step} is beyond the run of num_inference_steps={n} steps "
+                             f"(CAG would never be applied); allowed: start_step in 0..{n - 1}")
+        if self.stop_step is not None and self.stop_step > n:
+            raise ValueError(f"CAG stop_step={self.stop_step} is beyond the run of num_inference_steps={n} steps; "
+                             f"allowed: stop_step in {self.start_step + 1}..{n} or None (to the end)")
 
     def scale_at(self, step: int, num_steps: int) -> float:
         """``s_cag`` at denoising step ``step`` (0 = noisiest) of ``num_steps``."""
@@ -489,8 +519,10 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
     if fused:
         raise ValueError(f"layers {fused} use fused QKV projections; call transformer.unfuse_qkv_projections() "
                          f"before CAG")
+    from .capture import unwrap_processor
+
     state = CAGState()
-    originals = []
+    installed = []
     handle = None
     try:
         def pre(m, args, kwargs):
@@ -498,16 +530,16 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
 
         handle = transformer.register_forward_pre_hook(pre, with_kwargs=True)
         for l, attn in zip(config.layers, attns):
-            originals.append((attn, attn.processor))
             if adapter.name == "cogvideox":
                 proc = CogVideoXCAGAttnProcessor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
             else:
                 proc = _sdpa_cag_processor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
+            installed.append((attn, proc))
             attn.set_processor(proc)
         yield state
     finally:
-        for attn, proc in reversed(originals):
-            attn.set_processor(proc)
+        for attn, proc in reversed(installed):  # order-safe: removes exactly this context's processor
+            unwrap_processor(attn, proc)
         if handle is not None:
             handle.remove()
         state.grid = None
@@ -573,10 +605,8 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negs = None if negative_prompt is None else (
         [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
-    if num_frames < 2:
-        raise ValueError(f"num_frames={num_frames}; at least 2 frames are needed")
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps={num_inference_steps}; must be >= 1")
+    pipe.check_inputs(num_frames, height, width, num_inference_steps, guidance_scale)
+    config.check_steps(num_inference_steps)
     device = pipe._execution_device
     dtype = pipe.transformer.dtype
     do_cfg = guidance_scale > 1.0
@@ -648,6 +678,13 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     Yields:
         the :class:`CAGState` (``state.step`` holds the next step index).
     """
+    if not isinstance(config, CAGConfig):
+        raise ValueError(f"config must be a CAGConfig; got {type(config).__name__}")
+    config.check_steps(num_inference_steps)
+    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
+            or not math.isfinite(guidance_scale) or guidance_scale <= 0):
+        raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number > 0 (the CFG weight the "
+                         f"pipeline combines with; CAG is folded through s / guidance_scale)")
     do_cfg = guidance_scale > 1.0 if do_cfg is None else bool(do_cfg)
     transformer = resolve_transformer(model_or_pipe)
     sequential = adapter_for(transformer).cfg == "sequential"

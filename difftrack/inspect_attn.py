@@ -143,8 +143,10 @@ class QKInspector:
 
     def __init__(self, points_px, stride: float, num_steps: int, num_layers: int, src_frame: int = 0,
                  tau: float | str | None = None, pca: bool = True):
+        from .runners import check_num_steps
+
         self.points = np.asarray(points_px, np.float32).reshape(-1, 2)
-        self.stride, self.S, self.L = float(stride), int(num_steps), int(num_layers)
+        self.stride, self.S, self.L = float(stride), check_num_steps(num_steps), int(num_layers)
         self.src_frame, self.tau, self.pca = src_frame, tau, pca
         self.attn = self.pca_q = self.pca_k = None
         self.timesteps = np.full(self.S, np.nan)
@@ -171,14 +173,26 @@ class QKInspector:
 
     @classmethod
     def load(cls, path) -> "QKInspector":
-        """Read a file written by :meth:`save` (``tau`` is not stored: the maps are already computed)."""
-        with np.load(path) as z:
-            stride, S, L, src = z["meta"]
-            insp = cls(z["points"], float(stride), int(S), int(L), src_frame=int(src), pca="pca_q" in z.files)
-            insp.timesteps = z["timesteps"]
-            for k in ("attn", "pca_q", "pca_k"):
-                if k in z.files:
-                    setattr(insp, k, z[k])
+        """Read a file written by :meth:`save` (``tau`` is not stored: the maps are already computed).
+
+        Raises:
+            FileNotFoundError: no such file.
+            difftrack.fileio.CorruptFileError: (a ``ValueError``) a truncated / corrupted file or one without the
+                arrays :meth:`save` writes, naming the file.
+        """
+        from .fileio import CorruptFileError, load_npz
+
+        z = load_npz(path, "QKInspector file")
+        missing = [k for k in ("meta", "points", "timesteps") if k not in z]
+        if missing or np.shape(z.get("meta")) != (4,):
+            raise CorruptFileError(f"{str(path)!r} is not a QKInspector file (missing {missing or ['meta [4]']}); "
+                                   f"expected what QKInspector.save writes")
+        stride, S, L, src = z["meta"]
+        insp = cls(z["points"], float(stride), int(S), int(L), src_frame=int(src), pca="pca_q" in z)
+        insp.timesteps = z["timesteps"]
+        for k in ("attn", "pca_q", "pca_k"):
+            if k in z:
+                setattr(insp, k, z[k])
         return insp
 
     def on_qk(self, ev) -> None:
@@ -260,7 +274,9 @@ def cache_key(item: dict, num_steps: int, grid_size: int) -> str:
 
 def load_cached(cache_dir, item: dict, num_steps: int, grid_size: int):
     """``(AnalysisRecord, video uint8 [T, H, W, 3])`` that :func:`difftrack.analysis.run_dataset` cached for
-    ``item``; raises ``FileNotFoundError`` naming the fix when it is not there."""
+    ``item``; raises ``FileNotFoundError`` naming the fix when it is not there, and
+    :class:`difftrack.fileio.CorruptFileError` (a ``ValueError``) naming the file when it is truncated or corrupted
+    (delete it; ``run_dataset`` then recomputes it)."""
     from .analysis import AnalysisRecord
 
     stem = Path(cache_dir) / cache_key(item, num_steps, grid_size)
@@ -268,7 +284,18 @@ def load_cached(cache_dir, item: dict, num_steps: int, grid_size: int):
     if not path.exists() or not vid.exists():
         raise FileNotFoundError(f"no cached analysis for {item} at {path}; run analysis.run_dataset(pipe, items, "
                                 f"cache_dir={cache_dir!s}, num_steps={num_steps}, grid_size={grid_size}) first")
-    return AnalysisRecord.load(path), np.load(vid)
+    from .fileio import READ_ERRORS, CorruptFileError, load_npy
+
+    fix = f"delete it and rerun analysis.run_dataset (cache_dir={cache_dir!s}) to recompute it"
+    video = load_npy(vid, "cached analysis video", hint=fix)
+    try:
+        rec = AnalysisRecord.load(path)
+    except FileNotFoundError:
+        raise
+    except READ_ERRORS as err:
+        raise CorruptFileError(f"cannot read cached analysis record {str(path)!r} (truncated or corrupted?): "
+                               f"{type(err).__name__}: {err}; {fix}") from err
+    return rec, video
 
 
 def item_ground_truth(item: dict, rec, video: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:

@@ -15,6 +15,8 @@ diffusers pipeline, and ``load_default()`` loads the committed weights from insi
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,9 @@ WEIGHTS_DIR = Path(__file__).parent / "weights" / "mini-cogvideox"
 PATCH = 2  # pixel_unshuffle factor of the fixed invertible patching
 FRAMES, HEIGHT, WIDTH = 13, 64, 64
 TEXT_LEN = 24
+# classifier-free guidance weights MiniVideoPipeline accepts: <= 1 runs without CFG (as in diffusers), > 1 with CFG;
+# far above the trained range (6) the prediction explodes (1e30 gives a black video), so larger values are refused
+GUIDANCE_SCALE_RANGE = (0.0, 50.0)
 
 
 def world_vocabulary() -> list[str]:
@@ -167,6 +172,31 @@ class MiniVideoPipeline(DiffusionPipeline):
                                            grid_size=(h // p, w // p), temporal_size=frames, device=device)
         return cos, sin
 
+    def check_inputs(self, num_frames: int, height: int, width: int, num_inference_steps: int,
+                     guidance_scale: float) -> None:
+        """Raise ``ValueError`` naming the bad value and what is allowed (nothing is rounded or corrected):
+        ``num_frames >= 2``; ``height`` / ``width`` positive multiples of the token stride (patching x transformer
+        patch: 4 px for the embedded model); ``num_inference_steps >= 1``; ``guidance_scale`` finite in
+        :data:`GUIDANCE_SCALE_RANGE`."""
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        if not is_int(num_frames) or num_frames < 2:
+            raise ValueError(f"num_frames={num_frames!r}; at least 2 frames are needed (an int >= 2)")
+        s = PATCH * int(self.transformer.config.patch_size)
+        for name, v in (("height", height), ("width", width)):
+            if not is_int(v) or v < s or v % s:
+                near = max(s, round(v / s) * s) if isinstance(v, (int, float)) and math.isfinite(v) else s
+                raise ValueError(f"{name}={v!r} (requested {height}x{width}); allowed: a positive multiple of {s} px "
+                                 f"(pixel patching {PATCH} x transformer patch {s // PATCH}), e.g. {near}")
+        if not is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}; must be an int >= 1")
+        lo, hi = GUIDANCE_SCALE_RANGE
+        if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
+                or not math.isfinite(guidance_scale) or not lo <= guidance_scale <= hi):
+            raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number in [{lo:g}, {hi:g}] "
+                             f"(<= 1 runs without classifier-free guidance, > 1 with it; the trained default is 6)")
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH,
@@ -177,9 +207,11 @@ class MiniVideoPipeline(DiffusionPipeline):
 
         Args:
             prompt: one prompt or a list (world vocabulary only).
-            num_frames, height, width: video size; height and width divisible by 4.
+            num_frames, height, width: video size; height and width positive multiples of 4 (the token stride;
+                other sizes raise ``ValueError``, nothing is rounded).
             num_inference_steps: denoising steps (the paper uses 50).
-            guidance_scale: classifier-free guidance weight (> 1 enables CFG, batch ``[uncond, cond]``).
+            guidance_scale: classifier-free guidance weight (> 1 enables CFG, batch ``[uncond, cond]``); finite, in
+                :data:`GUIDANCE_SCALE_RANGE` ``[0, 50]``.
             generator: seeds the initial noise (drawn on the CPU, so results match across devices).
             output_type: ``"np"`` for ``uint8 [B, T, H, W, 3]``, ``"latent"`` for the final latents.
             callback_on_step_end: ``f(pipe, step, timestep, {"latents": ...})`` after each step, as in diffusers.
@@ -187,10 +219,7 @@ class MiniVideoPipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negs = None if negative_prompt is None else (
             [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
-        if num_frames < 2:
-            raise ValueError(f"num_frames={num_frames}; at least 2 frames are needed")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps}; must be >= 1")
+        self.check_inputs(num_frames, height, width, num_inference_steps, guidance_scale)
         device = self._execution_device
         dtype = self.transformer.dtype
         do_cfg = guidance_scale > 1.0

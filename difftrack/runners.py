@@ -27,7 +27,6 @@ confidence-score rule, shared reference section 4.4; :func:`latent_visibility`).
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,13 @@ def _dtype(dtype) -> torch.dtype:
     return dt
 
 
+def check_num_steps(num_steps, name: str = "num_steps") -> int:
+    """``num_steps`` as an int >= 1 (numpy integers accepted); ``ValueError`` naming it otherwise."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"{name}={num_steps!r}; allowed: an int >= 1 (the number of denoising steps)")
+    return int(num_steps)
+
+
 def pipeline_class(model: str) -> str:
     """``_class_name`` of a local diffusers folder (``"MiniVideoPipeline"`` for ``"embedded"``); ``ValueError``
     naming what is allowed when it is neither."""
@@ -58,7 +64,13 @@ def pipeline_class(model: str) -> str:
     if not index.is_file():
         raise ValueError(f"model={model!r} is neither 'embedded' nor a local diffusers pipeline folder with "
                          f"model_index.json (nothing is downloaded)")
-    return json.loads(index.read_text()).get("_class_name", "")
+    from .fileio import read_json
+
+    data = read_json(index, "diffusers pipeline index", hint=f"model={model!r} needs a valid model_index.json "
+                                                             f"(as written by save_pretrained)")
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(index)!r} holds a {type(data).__name__}; expected a JSON object with '_class_name'")
+    return data.get("_class_name", "")
 
 
 def load_pipeline(model: str = "embedded", device: str = "cpu", dtype="float32"):
@@ -247,6 +259,7 @@ class VideoRunner:
         return [float(t) for t in self.pipe.scheduler.timesteps]
 
     def _set_timesteps(self, num_steps: int) -> None:
+        check_num_steps(num_steps)
         sched = self.pipe.scheduler
         if self.kind == "hunyuanvideo":  # HunyuanVideoPipeline passes sigmas linspace(1, 0, n + 1)[:-1]
             sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1], device=self.device)

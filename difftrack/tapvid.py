@@ -560,12 +560,41 @@ def _to_tapvid_dict(item: Any, name: str) -> Dict[str, np.ndarray]:
         raise ValueError(
             f"{name}: points has shape {points.shape}; expected [N, T={video.shape[0]}, 2] to match the video"
         )
+    _check_normalised_points(points, occluded, name)
     return {"video": video, "points": points.astype(np.float32), "occluded": occluded}
 
 
+#: Slack allowed around [0, 1] for normalised points (float rounding of points on the border).
+POINT_TOLERANCE = 1e-4
+
+
+def _check_normalised_points(points: np.ndarray, occluded: np.ndarray, name: str) -> None:
+    """Visible points must be finite and in ``[0, 1]`` (normalised (x, y), ``docs/conventions.md``); points of
+    occluded frames are not scored and may hold anything. Raises ``ValueError`` naming the first bad entry."""
+    p = points.astype(np.float64)
+    vis = ~occluded
+    bad_finite = vis & ~np.isfinite(p).all(-1)
+    lo, hi = -POINT_TOLERANCE, 1.0 + POINT_TOLERANCE
+    with np.errstate(invalid="ignore"):
+        bad_range = vis & np.isfinite(p).all(-1) & ((p < lo) | (p > hi)).any(-1)
+    for bad, what in ((bad_finite, "is not finite"), (bad_range, "lies outside [0, 1]")):
+        if bad.any():
+            n, t = (int(i) for i in np.argwhere(bad)[0])
+            vals = p[vis]
+            span = f"visible points span [{np.nanmin(vals):g}, {np.nanmax(vals):g}]" if np.isfinite(vals).any() else ""
+            hint = " (pixel coordinates? divide by (width, height))" if np.nanmax(vals) > 1.5 else ""
+            raise ValueError(f"{name}: points[{n}, {t}] = ({p[n, t, 0]:g}, {p[n, t, 1]:g}) of a visible point {what};"
+                             f" {int(bad.sum())} such; {span}{hint}; allowed: finite normalised (x, y) in [0, 1]")
+
+
 def _load_pickle(path: str) -> Any:
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError,
+            MemoryError) as err:
+        raise ValueError(f"cannot read TAP-Vid pickle {path!r} (truncated or corrupted?): "
+                         f"{type(err).__name__}: {err}") from err
 
 
 def load_tapvid(path: str | os.PathLike) -> Iterator[Tuple[str, Dict[str, np.ndarray]]]:
@@ -594,7 +623,9 @@ def load_tapvid(path: str | os.PathLike) -> Iterator[Tuple[str, Dict[str, np.nda
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the layout is not recognised or an example is malformed.
+        ValueError: an unreadable (truncated, corrupted) pickle, naming the file; a layout that is not recognised;
+            a malformed example, or one whose visible points are not finite normalised coordinates in ``[0, 1]``
+            (e.g. pixels), naming the file and the example key.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -621,7 +652,7 @@ def _iter_shards(shards: Sequence[str]) -> Iterator[Tuple[str, Dict[str, np.ndar
             )
         for i, item in enumerate(data):
             name = f"{stem}/{i:04d}"
-            yield name, _to_tapvid_dict(item, name)
+            yield name, _to_tapvid_dict(item, f"{shard}: {name}")
 
 
 def _iter_pickle(data: Any, path: str) -> Iterator[Tuple[str, Dict[str, np.ndarray]]]:
@@ -637,7 +668,7 @@ def _iter_pickle(data: Any, path: str) -> Iterator[Tuple[str, Dict[str, np.ndarr
             f"{path!r} holds an object of type {type(data).__name__!r}; expected a dict name -> example (DAVIS) "
             "or a list of examples"
         )
-    return ((name, _to_tapvid_dict(item, name)) for name, item in items)
+    return ((name, _to_tapvid_dict(item, f"{path}: {name}")) for name, item in items)
 
 
 def save_tapvid_pickle(videos: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike) -> None:
@@ -663,6 +694,7 @@ def save_tapvid_pickle(videos: Mapping[str, Mapping[str, np.ndarray]], path: str
             raise ValueError(
                 f"{name}: points has shape {points.shape}; expected [N, T={video.shape[0]}, 2] to match the video"
             )
+        _check_normalised_points(points, occluded, str(name))
         out[str(name)] = {"video": video, "points": points.astype(np.float32), "occluded": occluded}
     with open(os.fspath(path), "wb") as f:
         pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)

@@ -40,8 +40,17 @@ The recipe (published defaults in brackets, defects of the published code fixed 
 7. Optional, **our extension** (``pixel_refine="ncc"``): the transformer's match refined to sub-pixel precision by
    local normalised cross-correlation of the query patch, plus an NCC visibility test.
 
-Queries may sit at any frame (a chunk plan per distinct query frame); videos of any length ``T >= 2`` and any size
-divisible by the backbone's token stride (4 px for the embedded model, 16 px for CogVideoX) are accepted.
+Queries may sit at any frame (a chunk plan per distinct query frame); videos of any length ``T >= 2`` and **any
+size** are accepted. By default (``work_size="model"``) the tracker works at the model's own frame size: the one its
+weights are made for (64x64 for the embedded model, ``sample_height x sample_width`` for CogVideoX, 480x720 for
+2B/5B); the video is resized to it (:func:`difftrack.tapvid.resize_video`), the queries scaled in and the tracks
+scaled back to the caller's pixels (edge convention, ``x * W / w``). Wan and HunyuanVideo fix no size in their
+config (RoPE positions): they keep the caller's size when it is a multiple of the token stride and fits the memory
+limit below, else they work at the pipeline's default size (480x832, 720x1280). ``work_size="input"`` works at the caller's size (it must be divisible by the
+token stride: 4 px for the embedded model, 16 px for CogVideoX), ``work_size=(h, w)`` at a chosen one. Before any
+forward the memory of the cost matrices is estimated (:meth:`DiffTracker.estimate_cost_bytes`, about ``4 M^2``
+bytes per matrix for ``M`` tokens a frame) and a size that needs more than ``max_cost_bytes`` (default 4 GiB) is
+refused with an error naming it.
 
 Backbones: the embedded model (``mini.load_default()``, default), any ``MiniVideoPipeline``, a diffusers
 ``CogVideoXPipeline`` (its VAE encodes the frames, its T5 encodes ``prompt``) or a bare transformer of a class
@@ -53,7 +62,9 @@ features" control; the random-weights control is ``DiffTracker(mini.build_untrai
 """
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 from typing import Callable, Sequence
 
 import numpy as np
@@ -66,12 +77,16 @@ from .matching import (REFINE, _bilinear_rows, feature_cost, match_from_cost, px
 from .runners import scale_vae_latents, scheduler_add_noise
 
 __all__ = ["DiffTracker", "FeatureTracker", "plan_chunks", "vae_encode_frames", "check_video", "check_queries",
-           "OCCLUSION"]
+           "OCCLUSION", "WORK_SIZES", "DEFAULT_MAX_COST_BYTES"]
 
 REFINE_ALL = tuple(REFINE) + ("interp",)
 OCCLUSION = ("cycle", "confidence", "cycle+confidence", "none")
 NOISE = ("none", "add")
 FUSE = ("mean", "concat")
+WORK_SIZES = ("model", "input")
+# cost matrices held at once are bounded by this by default (4 GiB): the embedded model needs 6 MiB at its 64x64,
+# ~1.5 GiB at 256x256 (13 frames), ~13 GiB for two 512x512 frames (minutes and 7.9 GB on the CPU), ~1 TiB at 1080p
+DEFAULT_MAX_COST_BYTES = 4 * 2**30
 
 # Defaults chosen on TRAIN-split world videos only (scripts/calibrate_occlusion.py; held-out never used):
 # * settings sweep, 16 + 16 train videos, 64 grid queries, delta_avg at 256x256 with occlusion off (H100 run,
@@ -142,6 +157,35 @@ def check_queries(queries, num_frames: int, height: int, width: int) -> tuple[np
         raise ValueError(f"query {i} at (x, y)=({float(q[i, 1])!r}, {float(q[i, 2])!r}) lies outside the frame; "
                          f"allowed: x in [0, {width}], y in [0, {height}] (edge-convention pixels)")
     return q, frames
+
+
+def _check_number(name: str, value, lo: float, hi: float, allow_none: bool = False, lo_open: bool = False
+                  ) -> float | None:
+    """``value`` as a float, finite and in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); ``ValueError`` naming it."""
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ValueError(f"{name}={value!r}; allowed: a finite number in {rng}" + (" or None" if allow_none else ""))
+    return float(value)
+
+
+def _check_index_list(name: str, value, what: str) -> list[int]:
+    """An int (numpy integers too) or a non-empty sequence of them; ``ValueError`` naming floats, bools, strings."""
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    items = [value] if is_int(value) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) and not isinstance(items, np.ndarray):
+        raise ValueError(f"{name}={value!r} ({type(value).__name__}); allowed: {what} (an int or a sequence of ints)")
+    items = list(items)
+    bad = [v for v in items if not is_int(v)]
+    if bad or not items:
+        raise ValueError(f"{name}={value!r}; allowed: {what} (ints, not floats or bools)" if bad else
+                         f"{name}={value!r} is empty; allowed: {what}")
+    return [int(v) for v in items]
 
 
 # ----------------------------------------------------------------------------------------------- chunk planning
@@ -287,7 +331,17 @@ class DiffTracker:
         ncc_patch, ncc_upsample: template side (upsampled pixels) and upsampling factor of that refinement.
         ncc_threshold: with ``pixel_refine="ncc"``, a visible point must also reach this NCC peak (``None``: no
             test).
-        device, dtype: where / in which dtype the transformer runs (default: where it is).
+        device, dtype: where / in which dtype the transformer runs (default: where it is). The caller's model is
+            never modified: when either differs from the model's own, the tracker runs on a private copy of the
+            transformer (``copy.deepcopy(...).to(device, dtype)``; one extra copy of the weights in memory). The
+            text encoder and VAE of a pipeline stay where they are; their outputs are cast.
+        work_size: the frame size the tracker works at (see the module docstring): ``"model"`` (default) the
+            model's own frame size (:meth:`resolve_work_size`; the video is resized to it and the tracks mapped back
+            to the caller's pixels), ``"input"`` the caller's size (must be divisible by the token stride), or
+            ``(height, width)``.
+        max_cost_bytes: the largest estimated memory of the cost matrices held at once
+            (:meth:`estimate_cost_bytes`); a larger working size raises ``ValueError`` naming it before any forward
+            (default :data:`DEFAULT_MAX_COST_BYTES`, 4 GiB).
 
     Calibration (``scripts/calibrate_occlusion.py``, train-split world videos only): see the module constants
     ``DEFAULT_OCCLUSION``, ``DEFAULT_CYCLE_THRESHOLD``, ``DEFAULT_CONFIDENCE_THRESHOLD``, ``DEFAULT_NOISE``.
@@ -305,7 +359,8 @@ class DiffTracker:
                  encode: Callable[[np.ndarray], torch.Tensor] | None = None, token_stride: int | None = None,
                  scheduler=None, feature_tau: float = 0.05, pixel_refine: str | None = None,
                  ncc_patch: int = 21, ncc_upsample: int = 4, ncc_threshold: float | None = DEFAULT_NCC_THRESHOLD,
-                 device=None, dtype: torch.dtype | None = None):
+                 device=None, dtype: torch.dtype | None = None, work_size: str | tuple[int, int] = "model",
+                 max_cost_bytes: int = DEFAULT_MAX_COST_BYTES):
         if pipe_or_transformer is None:
             from .mini import load_default
 
@@ -317,11 +372,13 @@ class DiffTracker:
             raise ValueError(f"backbone {self.adapter.name!r} is not supported for tracking; allowed: cogvideox, wan, "
                              f"hunyuanvideo layouts")
         n_blocks = len(self.adapter.blocks(self.transformer))
-        self.layers = sorted({int(l) for l in ([layers] if isinstance(layers, (int, np.integer)) else layers)})
-        if not self.layers or any(not 0 <= l < n_blocks for l in self.layers):
+        self.layers = sorted(set(_check_index_list("layers", layers, f"block indices in 0..{n_blocks - 1}")))
+        if any(not 0 <= l < n_blocks for l in self.layers):
             raise ValueError(f"layers={layers!r}; allowed: block indices in 0..{n_blocks - 1}")
-        steps = [step] if isinstance(step, (int, np.integer)) else list(step)
-        if not steps or any(not -num_steps <= int(s) < num_steps for s in steps):
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r}; allowed: an int >= 1 (the length of the denoising schedule)")
+        steps = _check_index_list("step", step, f"denoising-loop indices in -{num_steps}..{num_steps - 1}")
+        if any(not -num_steps <= s < num_steps for s in steps):
             raise ValueError(f"step={step!r}; allowed: indices in -{num_steps}..{num_steps - 1} of a {num_steps}-step "
                              f"schedule")
         self.steps = sorted({int(s) % num_steps for s in steps})
@@ -347,8 +404,11 @@ class DiffTracker:
         self.occlusion = occlusion
         if cycle_threshold is None:
             cycle_threshold = DEFAULT_NCC_CYCLE_THRESHOLD if pixel_refine == "ncc" else DEFAULT_CYCLE_THRESHOLD
-        self.cycle_threshold, self.confidence_threshold = float(cycle_threshold), float(confidence_threshold)
-        self.feature_tau = float(feature_tau)
+        self.cycle_threshold = _check_number("cycle_threshold", cycle_threshold, 0.0, math.inf)  # tokens
+        self.confidence_threshold = _check_number("confidence_threshold", confidence_threshold, 0.0, 1.0)
+        self.feature_tau = _check_number("feature_tau", feature_tau, 0.0, math.inf, lo_open=True)
+        if isinstance(tau, numbers.Real) and not isinstance(tau, bool):
+            _check_number("tau", tau, 0.0, math.inf, lo_open=True)
         if pixel_refine not in (None, "ncc"):
             raise ValueError(f"pixel_refine={pixel_refine!r}; allowed: None or 'ncc'")
         if isinstance(ncc_patch, bool) or not isinstance(ncc_patch, (int, np.integer)) or ncc_patch < 3 or \
@@ -357,16 +417,21 @@ class DiffTracker:
         if isinstance(ncc_upsample, bool) or not isinstance(ncc_upsample, (int, np.integer)) or ncc_upsample < 1:
             raise ValueError(f"ncc_upsample={ncc_upsample!r}; allowed: an int >= 1")
         self.pixel_refine, self.ncc_patch, self.ncc_upsample = pixel_refine, int(ncc_patch), int(ncc_upsample)
-        self.ncc_threshold = ncc_threshold
+        self.ncc_threshold = _check_number("ncc_threshold", ncc_threshold, -1.0, 1.0, allow_none=True)
+        self.work_size = self._check_work_size(work_size)
+        if (isinstance(max_cost_bytes, bool) or not isinstance(max_cost_bytes, numbers.Real)
+                or not max_cost_bytes > 0):
+            raise ValueError(f"max_cost_bytes={max_cost_bytes!r}; allowed: a positive number of bytes")
+        self.max_cost_bytes = max_cost_bytes
         self.prompt = prompt
         self.transformer_kwargs = dict(transformer_kwargs or {})
-        self.device = torch.device(device) if device is not None else next(self.transformer.parameters()).device
-        self.dtype = dtype or next(self.transformer.parameters()).dtype
-        if device is not None:
-            self.transformer.to(device=self.device)
-        if dtype is not None:
-            self.transformer.to(dtype=self.dtype)
-        self.transformer.eval()
+        p0 = next(self.transformer.parameters())
+        self.device = torch.device(device) if device is not None else p0.device
+        self.dtype = dtype or p0.dtype
+        if self.device != p0.device or self.dtype != p0.dtype:
+            # never convert the caller's model in place: work on a private copy
+            self.transformer = copy.deepcopy(self.transformer).to(device=self.device, dtype=self.dtype)
+            self.transformer.eval()
         self._ehs_cache: dict[str, torch.Tensor] = {}
         self._cond_extra: dict[str, dict] = {}  # extra conditional kwargs per prompt (HunyuanVideo)
         if encoder_hidden_states is not None:
@@ -471,7 +536,119 @@ class DiffTracker:
         if H % s or W % s:
             raise ValueError(f"frame size {H}x{W} (HxW) is not a multiple of this backbone's token stride {s} px; "
                              f"allowed: heights and widths divisible by {s} (e.g. resize to "
-                             f"{max(s, round(H / s) * s)}x{max(s, round(W / s) * s)})")
+                             f"{max(s, round(H / s) * s)}x{max(s, round(W / s) * s)}), or work_size='model' "
+                             f"(any video size, resized to the model's)")
+
+    @staticmethod
+    def _check_work_size(work_size):
+        if isinstance(work_size, str):
+            if work_size not in WORK_SIZES:
+                raise ValueError(f"work_size={work_size!r}; allowed: {WORK_SIZES} or (height, width)")
+            return work_size
+        try:
+            h, w = work_size
+        except (TypeError, ValueError):
+            raise ValueError(f"work_size={work_size!r}; allowed: {WORK_SIZES} or (height, width)") from None
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in (h, w)):
+            raise ValueError(f"work_size={work_size!r}; allowed: {WORK_SIZES} or (height, width) positive ints")
+        return int(h), int(w)
+
+    def model_frame_size(self) -> tuple[int, int] | None:
+        """``(height, width)`` the model's weights are made for: the embedded model's 64x64, or a CogVideoX
+        transformer's ``sample_height x sample_width`` latent size in pixels (480x720 for CogVideoX-2B/5B); else the
+        pipeline's default size (:meth:`difftrack.runners.VideoRunner.default_size`: Wan 480x832, HunyuanVideo
+        720x1280); ``None`` for a bare transformer without either."""
+        fixed = self._weights_frame_size()
+        if fixed is not None:
+            return fixed
+        from .runners import PIPELINES, VideoRunner
+
+        if type(self.pipe).__name__ in PIPELINES:
+            return tuple(int(v) for v in VideoRunner(self.pipe).default_size()[1:])
+        return None
+
+    def _weights_frame_size(self) -> tuple[int, int] | None:
+        """The frame size fixed by the weights' config (embedded, CogVideoX), else ``None`` (Wan, HunyuanVideo:
+        RoPE positions, no trained size in the config)."""
+        from . import mini
+
+        if self.encode is _mini_encode or isinstance(self.pipe, mini.MiniVideoPipeline):
+            return mini.HEIGHT, mini.WIDTH
+        cfg = self.transformer.config
+        sh, sw = getattr(cfg, "sample_height", None), getattr(cfg, "sample_width", None)
+        if self.adapter.name == "cogvideox" and sh and sw and self.token_stride:
+            return sh // self.patch * self.token_stride, sw // self.patch * self.token_stride
+        return None
+
+    def resolve_work_size(self, num_frames: int, height: int, width: int, query_frames=(0,)) -> tuple[int, int]:
+        """The ``(h, w)`` a ``height x width`` video is tracked at under this tracker's ``work_size``.
+
+        ``"model"``: the size the weights are made for when their config fixes one (embedded 64x64, CogVideoX
+        ``sample_height x sample_width``); for backbones whose config fixes none (Wan, HunyuanVideo: RoPE, any size
+        works) the caller's size when it is a multiple of the token stride and fits ``max_cost_bytes``, else the
+        pipeline's default size."""
+        if self.work_size == "input":
+            return int(height), int(width)
+        if self.work_size != "model":
+            return self.work_size
+        fixed = self._weights_frame_size()
+        if fixed is not None:
+            return int(fixed[0]), int(fixed[1])
+        s = self.token_stride
+        if s and height % s == 0 and width % s == 0 and \
+                self.estimate_cost_bytes(num_frames, height, width, query_frames) <= self.max_cost_bytes:
+            return int(height), int(width)
+        size = self.model_frame_size()
+        if size is None:
+            raise ValueError(f"the frame size of a bare {type(self.transformer).__name__} is unknown and "
+                             f"{height}x{width} cannot be used as is; pass work_size='input' or work_size=(height, "
+                             f"width) (multiples of the token stride {s})")
+        return size
+
+    def _max_pending(self, num_frames: int, query_frames) -> int:
+        """Most target-frame costs held at once while the chunk plans of ``query_frames`` run."""
+        most = 1
+        for tq in set(int(f) for f in query_frames):
+            plan = plan_chunks(num_frames, tq, self.chunk_len, self.interleave)
+            left = {f: sum(f in c[1:] for c in plan) for f in range(num_frames) if f != tq}
+            held = set()
+            for chunk in plan:
+                held |= set(chunk[1:])
+                most = max(most, len(held))
+                for f in chunk[1:]:
+                    left[f] -= 1
+                    if left[f] == 0:
+                        held.discard(f)
+        return most
+
+    def estimate_cost_bytes(self, num_frames: int, height: int, width: int, query_frames=(0,)) -> int:
+        """Estimated peak memory (bytes) of the cost matrices when tracking at ``height x width`` (working size).
+
+        ``M = (height / stride) (width / stride)`` tokens a frame; each ``[M, M]`` float32 cost is ``4 M^2`` bytes.
+        Held at once: the costs of the frames whose chunks are not all done (:func:`plan_chunks`), plus the
+        per-head softmax temporaries of :func:`difftrack.matching.qk_cost` (3 per head of a chunk of at most 8),
+        plus 3 for fusion and the transposed cost of the cycle check. An estimate of the matching only; the
+        transformer forward's own memory is not included."""
+        s = self.token_stride or 1
+        M = (int(height) // s) * (int(width) // s)
+        if self.descriptor == "qk":
+            heads = int(getattr(self.transformer.config, "num_attention_heads", 1) or 1)
+            temps = 3 * min(heads, 8) + 3
+        else:
+            temps = 4
+        return 4 * M * M * (self._max_pending(num_frames, query_frames) + temps)
+
+    def _check_memory(self, num_frames: int, height: int, width: int, query_frames, input_size) -> None:
+        need = self.estimate_cost_bytes(num_frames, height, width, query_frames)
+        if need > self.max_cost_bytes:
+            model = self.model_frame_size()
+            hint = (f"work_size='model' ({model[0]}x{model[1]}, the default)" if model is not None and
+                    tuple(model) != (height, width) else "a smaller work_size=(height, width)")
+            raise ValueError(
+                f"tracking at {height}x{width} px (video {input_size[0]}x{input_size[1]}, {num_frames} frames, "
+                f"{(height // self.token_stride) * (width // self.token_stride)} tokens a frame) needs about "
+                f"{need / 2**30:.1f} GiB for its cost matrices, more than max_cost_bytes="
+                f"{self.max_cost_bytes / 2**30:.1f} GiB; allowed: use {hint}, or raise max_cost_bytes")
 
     # ------------------------------------------------------------------ descriptors of one chunk
     def _forward_chunk(self, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, extra: dict
@@ -488,11 +665,17 @@ class DiffTracker:
         else:  # wan / hunyuanvideo: [B, C, F, H, W]
             kw = dict(hidden_states=x.permute(1, 0, 2, 3)[None].to(self.dtype), encoder_hidden_states=ehs,
                       timestep=tt, return_dict=False)
-        kw.update(extra)
+        kw.update({k: v.to(self.device, self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                   else v for k, v in extra.items()})
         kw.update(self.transformer_kwargs)
         what = ("q", "k") if self.descriptor == "qk" else ("features",)
-        with capture(self.transformer, layers=self.layers, what=what, cfg=False, dtype=torch.float32) as cap:
-            run_until(self.transformer, max(self.layers), **kw)
+        training = self.transformer.training  # eval mode for the forward only: the caller's flag is left as it was
+        self.transformer.eval()
+        try:
+            with capture(self.transformer, layers=self.layers, what=what, cfg=False, dtype=torch.float32) as cap:
+                run_until(self.transformer, max(self.layers), **kw)
+        finally:
+            self.transformer.train(training)
         out = {}
         for l in self.layers:
             if self.descriptor == "qk":
@@ -531,12 +714,22 @@ class DiffTracker:
     @torch.no_grad()
     def track(self, video, queries, prompt: str | None = None) -> dict:
         """As :meth:`__call__`, returning a dict with ``tracks``, ``visible`` and the raw occlusion scores
-        ``cycle_error [N, T]`` (tokens; 0 at the query frame) and ``confidence [N, T]`` (cost peak; ``inf`` at the
-        query frame)."""
+        ``cycle_error [N, T]`` (tokens of the working grid; 0 at the query frame) and ``confidence [N, T]`` (cost
+        peak; ``inf`` at the query frame), and ``work_size`` ``(h, w)``, the frame size tracked at. Tracks are in the
+        caller's pixels whatever the working size."""
         video = check_video(video)
-        T, H, W, _ = video.shape
-        q, qframes = check_queries(queries, T, H, W)
+        T, H0, W0, _ = video.shape
+        q0, qframes = check_queries(queries, T, H0, W0)
+        H, W = self.resolve_work_size(T, H0, W0, qframes)
         self._check_size(H, W)
+        if self.token_stride is not None:
+            self._check_memory(T, H, W, qframes, (H0, W0))
+        q = q0
+        if (H, W) != (H0, W0):
+            from .tapvid import rescale_queries, resize_video
+
+            video = resize_video(video, (H, W))
+            q = rescale_queries(q0, (H0, W0), (H, W))
         z0 = self._latents(video)
         if self.token_stride is None:  # custom encoder without a declared stride: infer from the latent size
             s = H / (z0.shape[2] // self.patch)
@@ -544,6 +737,7 @@ class DiffTracker:
                 raise ValueError(f"frame size {H}x{W} does not map to a whole token grid with latents "
                                  f"{tuple(z0.shape[2:])} and patch {self.patch}; pass token_stride=")
             self.token_stride = int(s)
+            self._check_memory(T, H, W, qframes, (H0, W0))
         stride = self.token_stride
         ehs = self.text_embeddings(prompt)
         extra = self._cond_extra.get(self.prompt if prompt is None else prompt, {})
@@ -593,7 +787,14 @@ class DiffTracker:
                                              stride * self.ncc_upsample + self.ncc_upsample)
         visible = self.decide_visible(cyc, conf, ncc=out.get("ncc"))
         visible[np.arange(N), qframes] = True
-        out.update(tracks=tracks, visible=visible)
+        if (H, W) != (H0, W0):  # back to the caller's pixels; the query frame holds the caller's query exactly
+            from .tapvid import rescale_tracks
+
+            tracks = rescale_tracks(tracks, (H, W), (H0, W0))
+            tracks[np.arange(N), qframes] = q0[:, 1:]
+            if "coarse_tracks" in out:
+                out["coarse_tracks"] = rescale_tracks(out["coarse_tracks"], (H, W), (H0, W0))
+        out.update(tracks=tracks, visible=visible, work_size=(H, W))
         return out
 
     def _match(self, cost: torch.Tensor, rows: int, cols: int, pts_tok: torch.Tensor):
@@ -607,8 +808,14 @@ class DiffTracker:
                        ncc: np.ndarray | None = None, ncc_threshold: float | None = None) -> np.ndarray:
         """Visibility from the raw scores (used by the calibration to sweep thresholds without re-running)."""
         occlusion = occlusion or self.occlusion
-        ct = self.cycle_threshold if cycle_threshold is None else cycle_threshold
-        pt = self.confidence_threshold if confidence_threshold is None else confidence_threshold
+        if occlusion not in OCCLUSION:
+            raise ValueError(f"occlusion={occlusion!r}; allowed: {OCCLUSION}")
+        ct = self.cycle_threshold if cycle_threshold is None else _check_number("cycle_threshold", cycle_threshold,
+                                                                                0.0, math.inf)
+        pt = self.confidence_threshold if confidence_threshold is None else _check_number(
+            "confidence_threshold", confidence_threshold, 0.0, 1.0)
+        if ncc_threshold is not None:
+            _check_number("ncc_threshold", ncc_threshold, -1.0, 1.0)
         vis = np.ones(cycle_error.shape, bool)
         if "cycle" in occlusion:
             vis &= cycle_error <= ct

@@ -14,7 +14,6 @@ No widget code here: notebooks wire sliders to these functions.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -251,7 +250,9 @@ def load_benchmark_table(path: str | Path):
         if "method" in df.columns:
             df = df.set_index("method")
         return df
-    data = json.loads(path.read_text())
+    from .fileio import read_json
+
+    data = read_json(path, "benchmark table")
     meta = {}
     if isinstance(data, dict):
         for key in ("table", "summary", "rows", "methods", "results"):

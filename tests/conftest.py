@@ -18,9 +18,13 @@ def tiny_cogvideox(rope: bool = False, layers: int = 2, seed: int = 0):
     ).eval()
 
 
-def tiny_inputs(batch=2, frames=2, seed=0, rope=False, model=None):
+def tiny_inputs(batch=2, frames=2, seed=0, rope=False, model=None, cfg=False):
+    """Inputs of one call; ``cfg=True``: a CFG batch as the pipelines build it, the latents of the first half
+    duplicated (``torch.cat([latents] * 2)``) with different text embeddings per half."""
     g = torch.Generator("cpu").manual_seed(seed)
     x = torch.randn(batch, frames, 4, 8, 8, generator=g)
+    if cfg:
+        x = torch.cat([x[: batch // 2]] * 2)
     e = torch.randn(batch, 8, 8, generator=g)
     t = torch.full((batch,), 500, dtype=torch.long)
     kw = dict(hidden_states=x, encoder_hidden_states=e, timestep=t, return_dict=False)

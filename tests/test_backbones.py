@@ -85,8 +85,10 @@ def tiny_ltx(seed=0):
 
 
 def ltx_inputs(batch=2, seed=0):
+    """A CFG batch as LTXPipeline builds it: the latents duplicated, [uncond, cond] text embeddings."""
     g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(batch, F_ * R_ * C_, 8, generator=g),
+    x = torch.randn(max(1, batch // 2), F_ * R_ * C_, 8, generator=g)
+    return dict(hidden_states=torch.cat([x] * (batch // x.shape[0])),
                 encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
                 timestep=torch.full((batch,), 700.0), encoder_attention_mask=torch.ones(batch, 5),
                 num_frames=F_, height=R_, width=C_, rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)

@@ -103,7 +103,7 @@ def test_store_false_keeps_nothing_and_callbacks_fire():
     events = []
     with torch.no_grad(), capture(m, layers=[0], store=False,
                                   on_qk=lambda ev: events.append((ev.layer, tuple(ev.q_video.shape)))) as cache:
-        m(**tiny_inputs())
+        m(**tiny_inputs(cfg=True))
     assert cache.keys() == [] and events == [(0, (1, 2, 2, 4, 4, 16))]
 
 
@@ -112,7 +112,7 @@ def test_run_until_stops_after_layer():
     calls = []
     hooks = [b.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, b in enumerate(m.transformer_blocks)]
     with torch.no_grad(), capture(m, layers=[1]) as cache:
-        run_until(m, 1, **tiny_inputs())
+        run_until(m, 1, **tiny_inputs(cfg=True))
     for h in hooks:
         h.remove()
     assert calls == [0, 1] and cache.q(1).shape[0] == 1
@@ -149,7 +149,142 @@ def test_errors_name_the_allowed_range():
 def test_uncond_branch_is_first_half():
     m = tiny_cogvideox()
     with torch.no_grad(), capture(m, layers=[0], branch="all") as a:
-        m(**tiny_inputs(batch=2))
+        m(**tiny_inputs(batch=2, cfg=True))
     with torch.no_grad(), capture(m, layers=[0], branch="uncond") as u:
-        m(**tiny_inputs(batch=2))
+        m(**tiny_inputs(batch=2, cfg=True))
     assert torch.equal(u.q(0)[0], a.q(0)[0])
+
+
+# ----------------------------------------------------------------------------------------------- misuse (issue 18)
+PROMPTS = ["a red circle moving left on a still background", "a blue square moving right on a still background"]
+
+
+def _tiny_mini_pipe():
+    pipe = build_untrained(0)
+    pipe.transformer = tiny_cogvideox_like_mini(pipe)
+    return pipe
+
+
+def _gen(pipe, prompt, guidance_scale, steps=2, **kw):
+    return pipe(prompt, num_frames=3, height=16, width=16, num_inference_steps=steps, guidance_scale=guidance_scale,
+                generator=torch.Generator().manual_seed(0), progress=False, output_type="latent", **kw).frames
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 6.0], ids=["no-cfg", "cfg"])
+def test_two_prompts_keep_both_videos(guidance_scale):
+    """Two prompts without CFG are a batch of two videos, not [uncond, cond]: both are kept (issue 18)."""
+    pipe = _tiny_mini_pipe()
+    with torch.no_grad(), capture(pipe, layers=[1], steps=[0], num_steps=2) as both:
+        _gen(pipe, PROMPTS, guidance_scale)
+    q = both.q(1, step=0)
+    assert q.shape[0] == 2
+    # row i is the cond branch of prompt i: the same tensor as capturing prompt i alone from the same noise
+    noise = torch.randn(2, 3, 12, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad(), capture(pipe, layers=[1], steps=[0], num_steps=2) as one:
+            _gen(pipe, p, guidance_scale, latents=noise[i:i + 1])
+        torch.testing.assert_close(q[i:i + 1], one.q(1, step=0), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"branch 'uncond' requested, but the batch of 2 has no classifier-free"):
+        with torch.no_grad(), capture(pipe, layers=[1], branch="uncond"):
+            _gen(pipe, PROMPTS, 1.0)
+
+
+def test_cfg_ambiguity_raises_and_explicit_cfg_decides():
+    """Two videos from the same noise look like a CFG pair at step 0 only: capture refuses to guess."""
+    pipe = _tiny_mini_pipe()
+    z = torch.randn(1, 3, 12, 8, 8, generator=torch.Generator().manual_seed(0))
+    same = torch.cat([z, z])
+    with pytest.raises(ValueError, match=r"cannot tell whether the batch of 2 .*pass cfg=True .* or cfg=False"):
+        with torch.no_grad(), capture(pipe, layers=[1]):
+            _gen(pipe, PROMPTS, 1.0, latents=same)
+    with torch.no_grad(), capture(pipe, layers=[1], cfg=False, num_steps=2) as cap:
+        _gen(pipe, PROMPTS, 1.0, latents=same)
+    assert cap.q(1, step=0).shape[0] == 2 and cap.q(1, step=1).shape[0] == 2
+
+
+def test_second_generation_in_one_capture_raises():
+    pipe = _tiny_mini_pipe()
+    with pytest.raises(ValueError, match=r"second generation started inside one capture.*cache\.clear\(\)"):
+        with torch.no_grad(), capture(pipe, layers=[1], num_steps=2):
+            _gen(pipe, PROMPTS[0], 6.0)
+            _gen(pipe, PROMPTS[1], 6.0)
+    # allowed: clear between generations, or callbacks only (runs are counted)
+    with torch.no_grad(), capture(pipe, layers=[1], num_steps=2) as cap:
+        _gen(pipe, PROMPTS[0], 6.0)
+        first = cap.q(1, step=1).clone()
+        cap.clear()
+        _gen(pipe, PROMPTS[1], 6.0)
+    assert not torch.equal(first, cap.q(1, step=1))
+    seen = []
+    with torch.no_grad(), capture(pipe, layers=[1], store=False, on_qk=lambda ev: seen.append(ev.step)) as cap:
+        _gen(pipe, PROMPTS[0], 6.0)
+        _gen(pipe, PROMPTS[1], 6.0)
+    assert seen == [0, 1, 0, 1] and cap.runs == 1
+    # the same step captured twice by hand
+    m = tiny_cogvideox()
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.q' at step 3 was already captured"):
+        with torch.no_grad(), capture(m, layers=[0]) as cap:
+            cap.set_step(3)
+            m(**tiny_inputs())
+            m(**tiny_inputs())
+
+
+def test_nested_captures_exited_out_of_order_restore_exactly():
+    """Exiting an outer capture before an inner one removes only its own wrapper; afterwards plain calls work."""
+    m = tiny_cogvideox()
+    kw = tiny_inputs(cfg=True)
+    before = dict(m.attn_processors)
+    with torch.no_grad():
+        ref = m(**kw)[0]
+        outer, inner = capture(m, layers=[0, 1]), capture(m, layers=[1], what=("q", "k", "features"))
+        a = outer.__enter__()
+        b = inner.__enter__()
+        outer.__exit__(None, None, None)  # out of order: the outer one first
+        out = m(**kw)[0]  # the inner capture still records
+        assert torch.equal(out, ref) and b.q(1).shape[0] == 1 and not a.keys()
+        inner.__exit__(None, None, None)
+        assert all(m.attn_processors[k] is before[k] for k in before)
+        assert torch.equal(m(**kw)[0], ref)
+        # capture and CAG nested and exited out of order
+        from difftrack.guidance import CAGConfig, apply_cag
+
+        cag, cap = apply_cag(m, CAGConfig(layers=[1])), capture(m, layers=[1])
+        cag.__enter__()
+        cap.__enter__()
+        cag.__exit__(None, None, None)
+        assert torch.equal(m(**kw)[0], ref)  # CAG removed, the capture wrapper still passes through
+        cap.__exit__(None, None, None)
+    assert all(m.attn_processors[k] is before[k] for k in before)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layers=8.5), r"layers=8\.5 \(float\); allowed: a block index"),
+    (dict(layers=[1.0]), r"layer 1\.0 \(float\) is not a block index; allowed: ints 0\.\.1"),
+    (dict(layers=[0], num_steps=0), r"num_steps=0; allowed: an int >= 1"),
+    (dict(layers=[0], steps=[0], num_steps=0), r"num_steps=0; allowed: an int >= 1"),
+    (dict(layers=[0], steps=1.5), r"steps=1\.5; allowed"),
+])
+def test_confusing_arguments_get_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        with capture(tiny_cogvideox(), **kwargs):
+            pass
+
+
+def test_numpy_integer_layers_and_steps_accepted():
+    import numpy as np
+
+    m = tiny_cogvideox()
+    with torch.no_grad(), capture(m, layers=[np.int64(1)], steps=np.int64(0), num_steps=np.int64(2)) as cap:
+        m(**tiny_inputs())
+    assert cap.keys() == [("blocks.1.attn.q", 0), ("blocks.1.attn.k", 0)]
+
+
+def test_batch_expanded_by_cag_hooks_is_kept_whole():
+    """cag_hooks turn [uncond, cond] into [uncond, cond, perturbed] after capture checked the pair: kept whole."""
+    from difftrack.guidance import CAGConfig, cag_hooks
+
+    pipe = _tiny_mini_pipe()
+    with torch.no_grad(), capture(pipe, layers=[0], steps=[0], num_steps=2) as cap, \
+            cag_hooks(pipe, CAGConfig(layers=[1]), 6.0, 2):
+        _gen(pipe, PROMPTS[0], 6.0)
+    assert cap.q(0, step=0).shape[0] == 3

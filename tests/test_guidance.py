@@ -139,7 +139,8 @@ def mini_pipe():
 def test_scale_zero_is_bitwise_the_unguided_pipeline(mini_pipe, guidance_scale):
     kw = dict(KW, guidance_scale=guidance_scale)
     ref = mini_pipe(generator=torch.Generator().manual_seed(0), **kw).frames
-    for config in (None, CAGConfig(layers=[0, 1], scale=0.0), CAGConfig(layers=[1], scale=2.0, start_step=5)):
+    for config in (None, CAGConfig(layers=[0, 1], scale=0.0), CAGConfig(layers=[1], scale=2.0,
+                                                                         schedule=lambda i: 0.0)):
         out = generate_with_cag(mini_pipe, config=config, generator=torch.Generator().manual_seed(0), **kw).frames
         assert out.dtype == np.uint8 and out.shape == ref.shape == (1, 3, 16, 16, 3)
         assert np.array_equal(out, ref)
@@ -246,6 +247,13 @@ def test_apply_cag_errors():
     (dict(layers=[1], schedule="cosine"), r"unknown schedule 'cosine'; allowed: \('constant', 'linear_decay'\)"),
     (dict(layers=[1], start_step=-1), "start_step=-1"),
     (dict(layers=[1], start_step=5, stop_step=5), "stop_step=5 must be None or an int > start_step=5"),
+    (dict(layers=[1], scale=-1), r"scale=-1; allowed: a finite number in \[0, 20\]"),
+    (dict(layers=[1], scale=1e9), r"scale=1000000000\.0; allowed: a finite number in \[0, 20\]"),
+    (dict(layers=[1], scale=float("inf")), "finite"),
+    (dict(layers=8.5), r"layers=8\.5 \(float\) must be a list of block indices"),
+    (dict(layers=[8.0]), r"layers \[8\.0\] are not non-negative ints \(got float\).*not floats or bools"),
+    (dict(layers=[True]), r"are not non-negative ints \(got bool\)"),
+    (dict(layers=[1], start_step=1.5), "start_step=1.5"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -264,3 +272,33 @@ def test_config_round_trip_and_schedules():
         f.to_dict()
     with pytest.raises(ValueError, match=r"unknown CAGConfig key\(s\) \['pag_scale'\]"):
         CAGConfig.from_dict({"layers": [0], "pag_scale": 1})
+
+
+def test_config_accepts_numpy_integers():
+    c = CAGConfig(layers=[np.int64(8), np.int32(3)], start_step=np.int64(1), stop_step=np.int64(4))
+    assert c.layers == [8, 3] and type(c.layers[0]) is int and c.start_step == 1 and c.stop_step == 4
+    assert CAGConfig.from_dict(c.to_dict()) == c
+
+
+def test_step_window_checked_against_the_run(mini_pipe):
+    """start_step beyond the run used to give the unguided video bit for bit; now it raises (issue 18)."""
+    kw = dict(KW, guidance_scale=6.0, output_type="latent")  # 3 steps
+    for cfg, match in [(CAGConfig(layers=[1], start_step=5), r"start_step=5 is beyond the run of "
+                                                              r"num_inference_steps=3 steps.*allowed: start_step in "
+                                                              r"0\.\.2"),
+                       (CAGConfig(layers=[1], start_step=3), "start_step=3 is beyond"),
+                       (CAGConfig(layers=[1], stop_step=4), r"stop_step=4 is beyond.*stop_step in 1\.\.3")]:
+        with pytest.raises(ValueError, match=match):
+            generate_with_cag(mini_pipe, config=cfg, **kw)
+        with pytest.raises(ValueError, match=match):
+            with cag_hooks(mini_pipe, cfg, 6.0, 3):
+                pass
+    with pytest.raises(ValueError, match=r"num_inference_steps=0; must be an int >= 1"):
+        generate_with_cag(mini_pipe, config=CAGConfig(layers=[1]), **dict(kw, num_inference_steps=0))
+    with pytest.raises(ValueError, match=r"guidance_scale=nan; allowed"):
+        generate_with_cag(mini_pipe, config=CAGConfig(layers=[1]), **dict(kw, guidance_scale=float("nan")))
+    with pytest.raises(ValueError, match=r"guidance_scale=nan; allowed: a finite number > 0"):
+        with cag_hooks(mini_pipe, CAGConfig(layers=[1]), float("nan"), 3):
+            pass
+    assert all(type(p).__name__ == "CogVideoXAttnProcessor2_0"
+               for p in mini_pipe.transformer.attn_processors.values())

@@ -60,3 +60,22 @@ def test_training_script_smoke(tmp_path):
     assert log["meta"]["steps"] == 2 and np.isfinite(log["log"][0]["loss"])
     pipe = mini.MiniVideoPipeline.from_pretrained(str(out))
     assert type(pipe.transformer).__name__ == "CogVideoXTransformer3DModel"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=37, width=53), r"height=37 \(requested 37x53\); allowed: a positive multiple of 4 px.*e\.g\. 36"),
+    (dict(height=64, width=53), r"width=53 \(requested 64x53\); allowed: a positive multiple of 4 px"),
+    (dict(height=0), r"height=0 .*positive multiple of 4"),
+    (dict(guidance_scale=float("nan")), r"guidance_scale=nan; allowed: a finite number in \[0, 50\]"),
+    (dict(guidance_scale=1e30), r"guidance_scale=1e\+30; allowed: a finite number in \[0, 50\]"),
+    (dict(guidance_scale=-2.0), r"guidance_scale=-2\.0; allowed"),
+    (dict(num_inference_steps=0), r"num_inference_steps=0; must be an int >= 1"),
+    (dict(num_inference_steps=2.5), r"num_inference_steps=2\.5; must be an int >= 1"),
+    (dict(num_frames=1), r"num_frames=1; at least 2 frames"),
+])
+def test_bad_call_arguments_raise_instead_of_silent_correction(kwargs, match):
+    """37x53 used to return 36x52, NaN guidance switched CFG off, 1e30 gave a black video (issue 18)."""
+    pipe = mini.build_untrained(0)
+    kw = dict(num_inference_steps=1, num_frames=2, height=16, width=16, progress=False)
+    with pytest.raises(ValueError, match=match):
+        pipe("a red circle moving left on a still background", **{**kw, **kwargs})

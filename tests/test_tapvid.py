@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 
 import cv2
 import numpy as np
@@ -400,3 +401,55 @@ def test_loader_errors(tmp_path):
         list(tapvid.load_tapvid(broken))
     with pytest.raises(ValueError, match="non-empty dict"):
         tapvid.save_tapvid_pickle({}, os.fspath(tmp_path / "x.pkl"))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda p: p * 64, r"points\[\d+, \d+\] = .* lies outside \[0, 1\].*pixel coordinates\?"),
+    (lambda p: p - 0.5, r"points\[0, 0\] = .* lies outside \[0, 1\]"),
+    (lambda p: np.where(np.arange(p.shape[1])[None, :, None] == 2, np.nan, p), r"points\[0, 2\] = \(nan, nan\) "
+                                                                                r"of a visible point is not finite"),
+])
+def test_loader_refuses_points_not_normalised(tmp_path, change, match):
+    """Points in pixels, negative or NaN used to load silently (issue 18); the error names the file and the key."""
+    rng = np.random.default_rng(8)
+    ex = _example(rng)
+    ex["occluded"][:] = False
+    ex["points"] = change(ex["points"]).astype(np.float32)
+    path = tmp_path / "davis.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"horse": ex}, f)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": horse: " + match):
+        list(tapvid.load_tapvid(path))
+    with pytest.raises(ValueError, match=r"horse: points"):
+        tapvid.save_tapvid_pickle({"horse": ex}, tmp_path / "out.pkl")
+
+
+def test_loader_ignores_occluded_points_and_border_rounding(tmp_path):
+    rng = np.random.default_rng(9)
+    ex = _example(rng)
+    ex["occluded"][:, 1] = True
+    ex["points"][:, 1] = -5.0  # occluded: not scored, allowed
+    ex["points"][0, 0] = (1.0 + 1e-6, 0.0)
+    path = tmp_path / "davis.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"v": ex}, f)
+    (_, item), = list(tapvid.load_tapvid(path))
+    np.testing.assert_array_equal(item["points"], ex["points"])
+
+
+def test_loader_names_a_corrupted_pickle(tmp_path):
+    good = tmp_path / "davis.pkl"
+    with open(good, "wb") as f:
+        pickle.dump({"v": _example(np.random.default_rng(1))}, f)
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(good.read_bytes()[:200])
+    garbage = tmp_path / "garbage.pkl"
+    garbage.write_bytes(b"this is not a pickle at all")
+    for p in (truncated, garbage):
+        with pytest.raises(ValueError, match=r"cannot read TAP-Vid pickle .*" + re.escape(p.name)):
+            tapvid.load_tapvid(p)
+    shards = tmp_path / "kinetics"
+    shards.mkdir()
+    (shards / "0000_of_0010.pkl").write_bytes(b"\x80\x04broken")
+    with pytest.raises(ValueError, match=r"cannot read TAP-Vid pickle .*0000_of_0010\.pkl"):
+        list(tapvid.load_tapvid(shards))

@@ -149,7 +149,6 @@ def test_other_resolution_and_torch_inputs(tiny_tracker):
 
 
 @pytest.mark.parametrize("video,queries,match", [
-    (random_video(5, 60, 64), [[0, 1.0, 1.0]], "multiple of this backbone's token stride 16"),
     (random_video(1), [[0, 1.0, 1.0]], "at least 2 frames"),
     (random_video(5).astype(np.float32), [[0, 1.0, 1.0]], "dtype float32"),
     (random_video(5)[..., :2], [[0, 1.0, 1.0]], r"shape \(5, 64, 64, 2\)"),
@@ -168,12 +167,33 @@ def test_bad_inputs(tiny_tracker, video, queries, match):
         tiny_tracker(video, np.asarray(queries))
 
 
+def test_input_size_must_fit_the_token_grid(tiny_tracker):
+    tr = DiffTracker(tiny_tracker.transformer, layers=(1,), encode=pool_encode, token_stride=16,
+                     encoder_hidden_states=tiny_tracker._fixed_ehs, chunk_len=4, work_size="input")
+    with pytest.raises(ValueError, match="multiple of this backbone's token stride 16.*work_size='model'"):
+        tr(random_video(5, 60, 64), np.array([[0, 1.0, 1.0]]))
+    # the default resizes any size to the model's 64x64 and maps the tracks back
+    tracks, visible = tiny_tracker(random_video(5, 60, 64), np.array([[0, 1.0, 1.0]]))
+    assert tracks.shape == (1, 5, 2) and (tracks[..., 1] <= 60).all()
+
+
 def test_bad_settings():
     model = tiny_cogvideox(layers=2)
     kw = dict(encode=pool_encode, token_stride=16, encoder_hidden_states=torch.zeros(1, 8, 8), layers=(1,))
     for bad, match in [(dict(layers=(2,)), "0..1"), (dict(step=50), "step"), (dict(noise="x"), "noise"),
                        (dict(refine="x"), "refine"), (dict(occlusion="x"), "occlusion"), (dict(chunk_len=1), "chunk"),
-                       (dict(tau=-1.0), "tau")]:
+                       (dict(tau=-1.0), "tau"), (dict(cycle_threshold=float("nan")), r"cycle_threshold=nan; allowed"),
+                       (dict(cycle_threshold=-1.0), r"cycle_threshold=-1\.0; allowed: a finite number in \[0, inf\]"),
+                       (dict(confidence_threshold=1.5), r"confidence_threshold=1\.5; allowed.*\[0, 1\]"),
+                       (dict(ncc_threshold=float("nan")), r"ncc_threshold=nan; allowed.*\[-1, 1\] or None"),
+                       (dict(feature_tau=0.0), r"feature_tau=0\.0"),
+                       (dict(layers=8.5), r"layers=8\.5 \(float\); allowed: block indices"),
+                       (dict(layers=(1.0,)), r"layers=\(1\.0,\); allowed: block indices in 0\.\.1 \(ints, not"),
+                       (dict(num_steps=0), r"num_steps=0; allowed: an int >= 1"),
+                       (dict(step=0.5), r"step=0\.5 \(float\)"),
+                       (dict(work_size="native"), r"work_size='native'; allowed: \('model', 'input'\)"),
+                       (dict(work_size=(64, 0)), r"work_size=\(64, 0\)"),
+                       (dict(max_cost_bytes=0), r"max_cost_bytes=0")]:
         with pytest.raises(ValueError, match=match):
             tr = DiffTracker(model, **{**kw, **bad})
             tr(random_video(3), np.array([[0, 1.0, 1.0]], np.float32))
@@ -181,6 +201,70 @@ def test_bad_settings():
         DiffTracker(model, layers=(1,), encode=pool_encode, token_stride=16).text_embeddings()
     with pytest.raises(ValueError, match="encode="):
         DiffTracker(model, layers=(1,))
+
+
+def test_nan_threshold_no_longer_hides_every_point(tiny_tracker):
+    with pytest.raises(ValueError, match=r"cycle_threshold=nan"):
+        tiny_tracker.decide_visible(np.zeros((1, 3)), np.ones((1, 3)), cycle_threshold=float("nan"))
+    assert tiny_tracker.decide_visible(np.zeros((1, 3)), np.ones((1, 3))).all()
+
+
+def test_dtype_and_device_do_not_touch_the_callers_model():
+    """DiffTracker(dtype=bfloat16) used to convert the caller's transformer in place (issue 18)."""
+    model = tiny_cogvideox(layers=2).train()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    ehs = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(0))
+    tr = DiffTracker(model, layers=(1,), encode=pool_encode, token_stride=16, encoder_hidden_states=ehs,
+                     dtype=torch.bfloat16)
+    assert tr.transformer is not model and tr.transformer.dtype == torch.bfloat16
+    tracks, _ = tr(random_video(3), np.array([[0, 30.0, 30.0]], np.float32))
+    assert np.isfinite(tracks).all()
+    assert model.dtype == torch.float32 and model.training
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    # same dtype and device: no copy, and the caller's train/eval flag is left as it was
+    tr = DiffTracker(model, layers=(1,), encode=pool_encode, token_stride=16, encoder_hidden_states=ehs)
+    assert tr.transformer is model
+    tr(random_video(3), np.array([[0, 30.0, 30.0]], np.float32))
+    assert model.training
+
+
+def test_any_size_tracked_at_the_model_size_and_mapped_back(tiny_tracker, monkeypatch):
+    """The default resizes to the model's frame size, scales queries in and tracks back (the recipe of notebook 04)."""
+    from difftrack import tapvid as tv
+
+    assert tiny_tracker.model_frame_size() == (64, 64) and tiny_tracker.work_size == "model"
+    video = random_video(4, 96, 160, seed=3)
+    q = np.array([[0, 150.0, 90.0], [2, 10.0, 5.0]], np.float32)
+    out = tiny_tracker.track(video, q)
+    assert out["work_size"] == (64, 64) and out["tracks"].shape == (2, 4, 2)
+    np.testing.assert_array_equal(out["tracks"][[0, 1], [0, 2]], q[:, 1:])  # exactly the caller's queries
+    small = tv.resize_video(video, (64, 64))
+    ref = tiny_tracker.track(small, tv.rescale_queries(q, (96, 160), (64, 64)))
+    expect = tv.rescale_tracks(ref["tracks"], (64, 64), (96, 160))
+    expect[[0, 1], [0, 2]] = q[:, 1:]
+    np.testing.assert_allclose(out["tracks"], expect, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(out["visible"], ref["visible"])
+
+
+def test_memory_guard_names_the_size():
+    """512x512 with the embedded model's 4-px tokens took minutes and 7.9 GB; 1080p never returned (issue 18)."""
+    pipe = mini.build_untrained(0)
+    tr = DiffTracker(pipe, work_size="input")
+    assert tr.model_frame_size() == (64, 64)
+    assert tr.estimate_cost_bytes(13, 64, 64) < 2**27
+    assert tr.estimate_cost_bytes(2, 1080, 1920) > 500 * 2**30
+    called = []
+    tr._latents = lambda v: called.append(v) or (_ for _ in ()).throw(AssertionError("encoded"))
+    video = np.zeros((2, 512, 512, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"tracking at 512x512 px \(video 512x512, 2 frames, 16384 tokens a frame\) "
+                                         r"needs about \d+\.\d GiB .* max_cost_bytes=4\.0 GiB; allowed: use "
+                                         r"work_size='model' \(64x64, the default\)"):
+        tr(video, np.array([[0, 10.0, 10.0]]))
+    assert not called  # refused before any encoding or forward
+    with pytest.raises(ValueError, match=r"tracking at 1080x1920 px"):
+        tr(np.zeros((2, 1080, 1920, 3), np.uint8), np.array([[0, 10.0, 10.0]]))
+    with pytest.raises(ValueError, match=r"tracking at 128x128 px .*max_cost_bytes=0\.0 GiB"):
+        DiffTracker(pipe, work_size=(128, 128), max_cost_bytes=2**20)(random_video(2), np.array([[0, 1.0, 1.0]]))
 
 
 def test_noise_fused_layers_steps_and_features():
@@ -284,6 +368,52 @@ def test_video_io_roundtrip(tmp_path):
         write_video(tmp_path / "x.mp4", v[0])
 
 
+def test_read_video_refuses_a_truncated_file(tmp_path):
+    """A faststart mp4 cut in half used to give 29 of 60 frames without a word (issue 18)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    from difftrack.video_io import read_video, write_video
+
+    v = np.random.default_rng(0).integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+    p = write_video(tmp_path / "clip.mp4", v, fps=8)
+    fs = tmp_path / "faststart.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(p), "-c", "copy",
+                    "-movflags", "faststart", str(fs)], check=True)
+    assert read_video(fs).shape[0] == 60
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(fs.read_bytes()[: fs.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut\.mp4' is truncated or damaged: only \d+ of the 60 frames.*"
+                                         r"allow_truncated=True"):
+        read_video(cut)
+    assert read_video(cut, max_frames=10).shape[0] == 10  # the frames asked for are there
+    with pytest.warns(UserWarning, match=r"cut\.mp4' is truncated"):
+        part = read_video(cut, allow_truncated=True)
+    assert 0 < part.shape[0] < 60
+
+
+def test_write_video_one_float_range_for_the_whole_video(tmp_path):
+    """A frame of mean 0.8 inside a 0..255 float video used to be scaled x255 on its own (issue 18)."""
+    from difftrack.video_io import read_video, write_video
+
+    v = np.full((4, 16, 16, 3), 200.0, np.float32)
+    v[2] = 0.8  # a dark frame of a 0..255 video
+    r = read_video(write_video(tmp_path / "a.mp4", v, fps=4, quality=10))
+    assert abs(float(r[2].mean()) - 1) < 3 and abs(float(r[0].mean()) - 200) < 3
+    unit = np.full((3, 16, 16, 3), 0.5, np.float32)  # a [0, 1] video
+    assert abs(float(read_video(write_video(tmp_path / "b.mp4", unit, fps=4, quality=10)).mean()) - 128) < 3
+    r = read_video(write_video(tmp_path / "c.mp4", np.full((2, 16, 16, 3), 0.0), fps=4, quality=10,
+                               value_range=(-1, 1)))
+    assert abs(float(r.mean()) - 128) < 3
+    with pytest.raises(ValueError, match=r"float frames span \[-1, 300\]; allowed without value_range"):
+        write_video(tmp_path / "d.mp4", np.array([-1.0, 300.0]).repeat(8 * 8 * 3).reshape(2, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"outside value_range=\(0, 1\).*nothing is clipped"):
+        write_video(tmp_path / "e.mp4", v, value_range=(0, 1))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        write_video(tmp_path / "f.mp4", np.full((2, 8, 8, 3), np.nan))
+
+
 def test_rope_cogvideox_layout():
     """A CogVideoX-5B-style transformer (3D RoPE built per chunk) at a non-square size."""
     model = tiny_cogvideox(rope=True, layers=2)
@@ -300,7 +430,9 @@ def test_wan_pipeline_with_its_vae():
     pipe = build_tiny_pipeline("wan")
     ehs = pipe.encode_prompt("", do_classifier_free_guidance=False, device="cpu")[0]
     tr = DiffTracker(pipe, layers=(1,), encoder_hidden_states=ehs)
-    assert tr.token_stride == 16
+    assert tr.token_stride == 16 and tr.model_frame_size() == (480, 832)  # the pipeline's default size
+    assert tr.resolve_work_size(3, 32, 32) == (32, 32)  # RoPE backbone: a size on the token grid is used as is
+    assert tr.resolve_work_size(3, 30, 32) == (480, 832)
     video = random_video(3, 32, 32)
     z = vae_encode_frames(pipe.vae, video)
     assert z.shape[0] == 3 and z.shape[-2:] == (4, 4)
