@@ -31,23 +31,12 @@ setup() {
 
 run_notebooks() {
   mkdir -p build/notebooks figures results
-  for nb in notebooks/0*.ipynb; do
-    name="$(basename "$nb")"
-    echo "[lab] papermill $name"
-    # A cell that runs past --execution-timeout fails the run; it is retried once (per-video caches make the retry
-    # cheap). This guards against nbclient's rare hang after a widget cell (jupyter/nbclient#312: the kernel is idle,
-    # the client waits for ever), seen twice in this project's runs.
-    local try
-    for try in 1 2; do
-      if "$VENV/bin/python" -m papermill "$nb" "build/notebooks/$name" --cwd notebooks -k python3 --log-output \
-          --no-progress-bar --execution-timeout "${DIFFTRACK_CELL_TIMEOUT:-600}" "$@"; then
-        break
-      elif [ "$try" = 2 ]; then
-        echo "[lab] $name failed twice" >&2; return 1
-      fi
-      echo "[lab] $name failed or timed out; retrying once" >&2
-    done
-  done
+  # papermill per notebook (scripts/run_notebooks.py); a cell that reaches --execution-timeout fails the run with
+  # "notebook X cell N (...) reached the execution timeout of T s" -- including the nbclient stall, in which
+  # papermill itself would record the cell as completed and go on. No retry: the slider cells cannot stall
+  # (difftrack.sliders.slider_panel draws in the kernel), so a timeout is a bug to look at.
+  "$VENV/bin/python" scripts/run_notebooks.py --out-dir build/notebooks --cwd notebooks --log-output \
+    --execution-timeout "${DIFFTRACK_CELL_TIMEOUT:-600}" "$@"
   echo "[lab] done: executed notebooks in build/notebooks/, figures in figures/, numbers in results/"
 }
 
