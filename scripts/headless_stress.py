@@ -159,18 +159,7 @@ def stress(notebooks: list[tuple[str, Path]], runs: int, timeout: float, out_dir
     return per_nb
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=10, help="runs per notebook")
-    ap.add_argument("--timeout", type=float, default=600, help="execution timeout per cell, seconds")
-    ap.add_argument("--notebooks", nargs="*", default=NOTEBOOKS, help="names under notebooks/ (default: all five)")
-    ap.add_argument("--minimal", choices=PATTERNS, help="run the minimal slider notebook in this pattern instead")
-    ap.add_argument("--cells", type=int, default=6, help="slider cells of the minimal notebook")
-    ap.add_argument("--out", type=Path, required=True, help="JSON written here")
-    ap.add_argument("--keep", type=Path, help="keep the executed notebooks here (default: a temporary folder)")
-    args = ap.parse_args(argv)
-
-    t0 = time.monotonic()
+def _stress_main(args):
     with tempfile.TemporaryDirectory(prefix="difftrack-stress-") as tmp:
         out_dir = args.keep or Path(tmp)
         if args.minimal:
@@ -183,13 +172,39 @@ def main(argv=None) -> int:
             notebooks = [(n, ROOT / "notebooks" / f"{n}.ipynb") for n in args.notebooks]
             cwd = ROOT / "notebooks"
         per_nb = stress(notebooks, args.runs, args.timeout, out_dir, cwd)
+    desc = (f"a minimal notebook with {args.cells} slider cells ({args.minimal} pattern)" if args.minimal
+            else "the notebooks at their stored defaults")
+    return per_nb, desc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=10, help="runs per notebook")
+    ap.add_argument("--timeout", type=float, default=600, help="execution timeout per cell, seconds")
+    ap.add_argument("--notebooks", nargs="*", default=NOTEBOOKS, help="names under notebooks/ (default: all five)")
+    ap.add_argument("--minimal", choices=PATTERNS, help="run the minimal slider notebook in this pattern instead")
+    ap.add_argument("--cells", type=int, default=6, help="slider cells of the minimal notebook")
+    ap.add_argument("--out", type=Path, required=True, help="JSON written here")
+    ap.add_argument("--cpu-load", type=int, default=0,
+                    help="busy-loop processes kept running during the runs (CPU contention as on a busy CI machine: "
+                         "it makes the old pattern's stall much more frequent)")
+    ap.add_argument("--keep", type=Path, help="keep the executed notebooks here (default: a temporary folder)")
+    args = ap.parse_args(argv)
+
+    t0 = time.monotonic()
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.cpu_load)]
+    try:
+        per_nb, notebooks_desc = _stress_main(args)
+    finally:
+        for p in burners:  # only the processes started here
+            p.kill()
+            p.wait()
     result = {
-        "what": ("headless papermill runs of " + (f"a minimal notebook with {args.cells} slider cells "
-                                                   f"({args.minimal} pattern)" if args.minimal else
-                                                   "the notebooks at their stored defaults")
+        "what": ("headless papermill runs of " + notebooks_desc
                  + "; a stall = a cell that reached the execution timeout although the kernel had finished it"),
         "script": "scripts/headless_stress.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "execution_timeout_s": args.timeout,
+        "cpu_load_processes": args.cpu_load,
         "runs_per_notebook": {n: r["runs"] for n, r in per_nb.items()},
         "stalls": sum(r["stalls"] for r in per_nb.values()),
         "timeouts": sum(r["timeouts"] for r in per_nb.values()),
