@@ -135,7 +135,7 @@ def parse_parameters(args) -> dict:
     return params
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/0*.ipynb")
     ap.add_argument("--execution-timeout", type=float, default=600, help="seconds per cell (default 600)")
@@ -148,7 +148,11 @@ def main(argv=None) -> int:
     ap.add_argument("-r", "--parameters_raw", nargs=2, action="append", metavar=("NAME", "VALUE"))
     ap.add_argument("--log-output", action="store_true")
     ap.add_argument("--no-progress-bar", action="store_true", help="accepted for papermill compatibility (no bar)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("traitlets", "asyncio"):
         logging.getLogger(name).setLevel(logging.WARNING)
