@@ -3,9 +3,14 @@
     # the five notebooks at their stored defaults, 10 runs each -> results/headless_stress.json
     .venv/bin/python scripts/headless_stress.py --runs 10 --out results/headless_stress.json
     # a minimal slider notebook (the regression test, tests/test_headless_sliders.py), with the project's helper
-    # or with the old widgets.interactive_output pattern
-    .venv/bin/python scripts/headless_stress.py --minimal slider_panel --runs 12 --timeout 20 --out /tmp/x.json
-    .venv/bin/python scripts/headless_stress.py --minimal interactive_output --runs 12 --timeout 20 --out /tmp/y.json
+    # or with the old widgets.interactive_output pattern, on a CPU kept busy by 2 busy-loop processes; the summary
+    # also goes to results/headless_stress.json under "regression_test"
+    .venv/bin/python scripts/headless_stress.py --minimal slider_panel --runs 20 --cells 10 --timeout 15 \
+        --cpu-load 2 --out /tmp/new.json --record-in results/headless_stress.json
+    .venv/bin/python scripts/headless_stress.py --minimal interactive_output --runs 10 --cells 10 --timeout 15 \
+        --cpu-load 2 --out /tmp/old.json --record-in results/headless_stress.json
+    # the main job on a fresh clone of HEAD, set-up included -> main_job_fresh_clone_s
+    .venv/bin/python scripts/headless_stress.py --fresh-clone --out results/headless_stress.json
 
 A run "stalls" when a cell reaches the execution timeout although the kernel finished it earlier (nbclient missed
 the execute_reply: jupyter/nbclient#312); a cell that really ran that long is counted under "timeouts". Both are
@@ -177,6 +182,51 @@ def _stress_main(args):
     return per_nb, desc
 
 
+def runs_of(result: dict) -> int:
+    return sum(result["runs_per_notebook"].values())
+
+
+def fresh_clone(out: Path) -> int:
+    """Clone this checkout's HEAD into a temporary folder and time ``bash scripts/lab.sh run`` there (virtual
+    environment, pinned dependencies, all five notebooks with empty caches); merge the result into ``out``."""
+    import re
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix="difftrack-fresh-"))
+    try:
+        repo = tmp / "repo"
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "DIFFTRACK_ROOT")}
+        t0 = time.monotonic()
+        r = subprocess.run(["bash", "scripts/lab.sh", "run"], cwd=repo, env=env, capture_output=True, text=True)
+        wall = time.monotonic() - t0
+        log = r.stdout + r.stderr
+        (tmp.parent / "difftrack-fresh-clone.log").write_text(log)
+        if r.returncode != 0:
+            print(log[-4000:], file=sys.stderr)
+            print(f"[fresh] bash scripts/lab.sh run failed with exit {r.returncode} after {wall:.0f} s", file=sys.stderr)
+            return 1
+        m = re.search(r"main job took (\d+) s", log)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    record = json.loads(out.read_text()) if out.exists() else {}
+    record.update({
+        "main_job_fresh_clone_s": round(wall, 1),
+        "main_job_fresh_clone_notebooks_s": int(m.group(1)) if m else None,
+        "main_job_fresh_clone_note": (
+            "wall time of `bash scripts/lab.sh run` in a fresh `git clone` of commit " + head + " on " + cpu_description()
+            + ": creating .venv, installing the pinned dependencies (uv, from this machine's package indexes and "
+            "local torch wheel; uv's download cache as left by earlier installs on this machine), then papermill over "
+            "the five notebooks at their stored defaults with empty per-video caches; "
+            "main_job_fresh_clone_notebooks_s is the notebooks part alone"),
+        "main_job_fresh_clone_date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"[fresh] bash scripts/lab.sh run on a fresh clone: {wall:.1f} s (notebooks {m.group(1) if m else '?'} s)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=10, help="runs per notebook")
@@ -188,9 +238,17 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-load", type=int, default=0,
                     help="busy-loop processes kept running during the runs (CPU contention as on a busy CI machine: "
                          "it makes the old pattern's stall much more frequent)")
+    ap.add_argument("--record-in", type=Path,
+                    help="with --minimal: also store a summary under 'regression_test' in this JSON (e.g. "
+                         "results/headless_stress.json), keyed by pattern and CPU load")
+    ap.add_argument("--fresh-clone", action="store_true",
+                    help="instead of stress runs: time `bash scripts/lab.sh run` (set-up included) on a fresh clone "
+                         "of this checkout's HEAD and store main_job_fresh_clone_s in --out")
     ap.add_argument("--keep", type=Path, help="keep the executed notebooks here (default: a temporary folder)")
     args = ap.parse_args(argv)
 
+    if args.fresh_clone:
+        return fresh_clone(args.out)
     t0 = time.monotonic()
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.cpu_load)]
     try:
@@ -221,11 +279,21 @@ def main(argv=None) -> int:
         "commit": commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    if args.out.exists() and not args.minimal:  # keep fields other tools added (main_job_fresh_clone_s)
+    if args.out.exists() and not args.minimal:  # keep what --fresh-clone and --record-in added
         old = json.loads(args.out.read_text())
-        result = {**{k: v for k, v in old.items() if k.startswith("main_job")}, **result}
+        result = {**result, **{k: v for k, v in old.items() if k.startswith(("main_job", "regression_test"))}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.minimal and args.record_in:
+        record = json.loads(args.record_in.read_text()) if args.record_in.exists() else {}
+        key = f"{args.minimal}, cpu_load={args.cpu_load}"
+        record.setdefault("regression_test", {})[key] = {
+            k: result[k] for k in ("what", "script", "execution_timeout_s", "cpu_load_processes", "stalls", "timeouts",
+                                   "failures", "wall_s", "date", "commit")}
+        record["regression_test"][key].update(runs=runs_of(result), slider_cells_per_run=args.cells,
+                                              stalled_runs=[i for i, c in enumerate(result["slowest_cell_per_run"])
+                                                            if c["stalled"]])
+        args.record_in.write_text(json.dumps(record, indent=1) + "\n")
     print(f"[stress] {result['runs_per_notebook']} runs: {result['stalls']} stalls, {result['timeouts']} timeouts, "
           f"{result['failures']} failures in {result['wall_s']} s -> {args.out}")
     return 0 if result["stalls"] == result["timeouts"] == result["failures"] == 0 else 1
