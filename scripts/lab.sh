@@ -4,7 +4,8 @@
 #                              embedded model: executed copies -> build/notebooks/, figures -> figures/, numbers -> results/
 #   bash scripts/lab.sh test   same set-up (plus Chromium/Playwright), then the whole test suite: pytest (tests/,
 #                              the browser test included) + nbval (notebooks/)
-# Extra: bash scripts/lab.sh setup | browser (JupyterLab in headless Chromium only) | notebook NAME [papermill args]
+# Extra: bash scripts/lab.sh setup | browser (JupyterLab in headless Chromium only) | notebook NAME [parameter args:
+#        -f FILE.yaml, -p NAME VALUE, -y YAML, -r NAME VALUE, as papermill's]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -74,8 +75,9 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
   setup) setup ;;
   run) setup; start=$(date +%s); run_notebooks "$@"; echo "[lab] main job took $(( $(date +%s) - start )) s" ;;
-  notebook) setup; nb="$1"; shift; mkdir -p build/notebooks
-    "$VENV/bin/python" -m papermill "notebooks/$nb" "build/notebooks/$nb" --cwd notebooks -k python3 "$@" ;;
+  notebook) setup; nb="$1"; shift; mkdir -p build/notebooks  # no per-cell timeout unless DIFFTRACK_CELL_TIMEOUT
+    "$VENV/bin/python" scripts/run_notebooks.py "notebooks/$nb" --out-dir build/notebooks --cwd notebooks \
+      --log-output --execution-timeout "${DIFFTRACK_CELL_TIMEOUT:-0}" "$@" ;;
   test)
     setup
     bash scripts/install_browser.sh  # Debian chromium + pinned Playwright for tests/test_browser.py (no downloads)

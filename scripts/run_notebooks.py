@@ -74,7 +74,9 @@ def cell_records(nb) -> list[dict]:
 
 
 def timed_out_cells(nb, timeout: float) -> list[dict]:
-    """Code cells whose papermill duration reached ``timeout`` (1 ms of clock slack)."""
+    """Code cells whose papermill duration reached ``timeout`` (1 ms of clock slack); none when timeout <= 0."""
+    if not timeout or timeout <= 0:
+        return []
     return [c for c in cell_records(nb) if c["seconds"] >= timeout - 1e-3]
 
 
@@ -102,7 +104,7 @@ def run_notebook(src: Path, dest: Path, parameters: dict | None = None, timeout:
     try:
         papermill.execute_notebook(str(src), str(dest), parameters=parameters or {}, kernel_name=kernel,
                                    cwd=str(cwd) if cwd else None, log_output=log_output, progress_bar=False,
-                                   execution_timeout=int(timeout))
+                                   execution_timeout=int(timeout) if timeout and timeout > 0 else None)
     except CellTimeoutError as exc:
         error = exc
     seconds = time.monotonic() - t0
@@ -138,7 +140,8 @@ def parse_parameters(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/0*.ipynb")
-    ap.add_argument("--execution-timeout", type=float, default=600, help="seconds per cell (default 600)")
+    ap.add_argument("--execution-timeout", type=float, default=600,
+                    help="seconds per cell (default 600; 0: no timeout)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "build" / "notebooks")
     ap.add_argument("--cwd", type=Path, default=ROOT / "notebooks")
     ap.add_argument("-k", "--kernel", default="python3")

@@ -47,7 +47,7 @@ def test_stalled_cell_without_papermill_error_is_caught():
     assert msg.startswith("notebook 05_cag.ipynb cell 1 ('# NBVAL_IGNORE_OUTPUT / out = widgets.interactive_output(f, "
                           "{})') reached the execution timeout of 600 s")
     assert "the kernel had finished it after 0.2 s" in msg and "nbclient#312" in msg
-    assert rn.timed_out_cells(nb, 601) == []
+    assert rn.timed_out_cells(nb, 601) == [] and rn.timed_out_cells(nb, 0) == []  # 0: no timeout
 
 
 @pytest.mark.parametrize("args, expected", [
