@@ -197,6 +197,7 @@ def fresh_clone(out: Path) -> int:
         repo = tmp / "repo"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "DIFFTRACK_ROOT")}
+        load_before = os.getloadavg()
         t0 = time.monotonic()
         r = subprocess.run(["bash", "scripts/lab.sh", "run"], cwd=repo, env=env, capture_output=True, text=True)
         wall = time.monotonic() - t0
@@ -220,6 +221,8 @@ def fresh_clone(out: Path) -> int:
             "local torch wheel; uv's download cache as left by earlier installs on this machine), then papermill over "
             "the five notebooks at their stored defaults with empty per-video caches; "
             "main_job_fresh_clone_notebooks_s is the notebooks part alone"),
+        "main_job_fresh_clone_load_average": {"before_1min": round(load_before[0], 2),
+                                              "after_1_5_15min": [round(x, 2) for x in os.getloadavg()]},
         "main_job_fresh_clone_date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     out.write_text(json.dumps(record, indent=1) + "\n")
