@@ -4,12 +4,41 @@
 #                              embedded model: executed copies -> build/notebooks/, figures -> figures/, numbers -> results/
 #   bash scripts/lab.sh test   same set-up (plus Chromium/Playwright), then the whole test suite: pytest (tests/,
 #                              the browser test included) + nbval (notebooks/)
-# Extra: bash scripts/lab.sh setup | browser (JupyterLab in headless Chromium only) | notebook NAME [papermill args]
+# Extra: bash scripts/lab.sh setup | browser (JupyterLab in headless Chromium only) | notebook NAME [parameter args:
+#        -f FILE.yaml, -p NAME VALUE, -y YAML, -r NAME VALUE, as papermill's]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 PY="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
+
+usable_location() {  # a pip index / find-links entry that exists (pip skips missing local ones with a warning)
+  case "$1" in
+    file://*) [ -e "${1#file://}" ] ;;
+    http://*|https://*) true ;;
+    *) [ -e "$1" ] ;;
+  esac
+}
+
+install_with_uv() {
+  # uv (an ordinary PyPI package, installed into .venv with pip) installs the pinned set in ~20 s where pip takes
+  # ~2.5 min (resolving, unpacking torch, byte-compiling). uv does not read pip's configuration, so pip's index,
+  # extra indexes, find-links (e.g. a local CPU torch wheel) and constraint files are passed on explicitly.
+  [ "${DIFFTRACK_NO_UV:-0}" != 1 ] || return 1
+  [ -x "$VENV/bin/uv" ] || "$VENV/bin/python" -m pip install -q --disable-pip-version-check uv >/dev/null 2>&1 \
+    || return 1
+  local args=(--index-strategy unsafe-best-match) line key val v have_index=""
+  while IFS= read -r line; do
+    key="${line%%=*}"; val="${line#*=}"; val="${val#\'}"; val="${val%\'}"
+    case "$key" in
+      *.index-url) if [ -z "$have_index" ] && usable_location "$val"; then args+=(--index-url "$val"); have_index=1; fi ;;
+      *.extra-index-url) for v in $val; do usable_location "$v" && args+=(--extra-index-url "$v"); done ;;
+      *.find-links) for v in $val; do usable_location "$v" && args+=(--find-links "$v"); done ;;
+      *.constraint) for v in $val; do [ -f "$v" ] && args+=(-c "$v"); done ;;
+    esac
+  done < <("$VENV/bin/python" -m pip config list 2>/dev/null)
+  "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${args[@]}" -c constraints.txt -e ".[notebooks,test]"
+}
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
@@ -21,9 +50,11 @@ setup() {
   want="$(cat constraints.txt pyproject.toml | sha1sum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[lab] installing pinned dependencies (constraints.txt)"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[notebooks,test]" \
-      2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    if ! install_with_uv; then
+      echo "[lab] uv not available (or DIFFTRACK_NO_UV=1): installing with pip" >&2
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile -c constraints.txt \
+        -e ".[notebooks,test]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    fi
     echo "$want" > "$stamp"
   fi
   export MPLBACKEND=Agg PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -31,23 +62,12 @@ setup() {
 
 run_notebooks() {
   mkdir -p build/notebooks figures results
-  for nb in notebooks/0*.ipynb; do
-    name="$(basename "$nb")"
-    echo "[lab] papermill $name"
-    # A cell that runs past --execution-timeout fails the run; it is retried once (per-video caches make the retry
-    # cheap). This guards against nbclient's rare hang after a widget cell (jupyter/nbclient#312: the kernel is idle,
-    # the client waits for ever), seen twice in this project's runs.
-    local try
-    for try in 1 2; do
-      if "$VENV/bin/python" -m papermill "$nb" "build/notebooks/$name" --cwd notebooks -k python3 --log-output \
-          --no-progress-bar --execution-timeout "${DIFFTRACK_CELL_TIMEOUT:-600}" "$@"; then
-        break
-      elif [ "$try" = 2 ]; then
-        echo "[lab] $name failed twice" >&2; return 1
-      fi
-      echo "[lab] $name failed or timed out; retrying once" >&2
-    done
-  done
+  # papermill per notebook (scripts/run_notebooks.py); a cell that reaches --execution-timeout fails the run with
+  # "notebook X cell N (...) reached the execution timeout of T s" -- including the nbclient stall, in which
+  # papermill itself would record the cell as completed and go on. No retry: the slider cells cannot stall
+  # (difftrack.sliders.slider_panel draws in the kernel), so a timeout is a bug to look at.
+  "$VENV/bin/python" scripts/run_notebooks.py --out-dir build/notebooks --cwd notebooks --log-output \
+    --execution-timeout "${DIFFTRACK_CELL_TIMEOUT:-600}" "$@"
   echo "[lab] done: executed notebooks in build/notebooks/, figures in figures/, numbers in results/"
 }
 
@@ -55,8 +75,9 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
   setup) setup ;;
   run) setup; start=$(date +%s); run_notebooks "$@"; echo "[lab] main job took $(( $(date +%s) - start )) s" ;;
-  notebook) setup; nb="$1"; shift; mkdir -p build/notebooks
-    "$VENV/bin/python" -m papermill "notebooks/$nb" "build/notebooks/$nb" --cwd notebooks -k python3 "$@" ;;
+  notebook) setup; nb="$1"; shift; mkdir -p build/notebooks  # no per-cell timeout unless DIFFTRACK_CELL_TIMEOUT
+    "$VENV/bin/python" scripts/run_notebooks.py "notebooks/$nb" --out-dir build/notebooks --cwd notebooks \
+      --log-output --execution-timeout "${DIFFTRACK_CELL_TIMEOUT:-0}" "$@" ;;
   test)
     setup
     bash scripts/install_browser.sh  # Debian chromium + pinned Playwright for tests/test_browser.py (no downloads)

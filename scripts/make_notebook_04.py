@@ -98,6 +98,7 @@ from IPython.display import Video, display
 from difftrack import mini
 from difftrack.baselines import DenseFlowTracker, LucasKanadeTracker, PatchMatchTracker
 from difftrack.paths import figures_dir, repo_root, results_dir
+from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.tapvid import load_tapvid, resize_video, sample_queries_first, summary_table
 from difftrack.tracking import DiffTracker, FeatureTracker
 from difftrack.viz_tracks import (draw_tracks, load_benchmark_table, mean_error_per_frame, score_tracks,
@@ -235,8 +236,7 @@ code(r'''
 layer_slider = widgets.SelectionSlider(options=slider_layers, value=layer, description="layer",
                                        continuous_update=False)
 step_slider = widgets.SelectionSlider(options=slider_steps, value=step, description="step", continuous_update=False)
-out = widgets.interactive_output(show_run, {"layer": layer_slider, "step": step_slider})
-display(widgets.HBox([layer_slider, step_slider]), out)
+display(slider_panel(show_run, {"layer": layer_slider, "step": step_slider}))
 ''')
 
 md(r"""

@@ -85,6 +85,7 @@ from difftrack import cag_eval as E
 from difftrack import mini, paper_results
 from difftrack import viz
 from difftrack.paths import cache_dir, figures_dir, results_dir
+from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.world import World
 
 FIG, RES = figures_dir(), results_dir()
@@ -209,15 +210,7 @@ w_scale = widgets.SelectionSlider(options=scales, value=float(scale), descriptio
 w_layers = widgets.Dropdown(options=["top3", "bottom3"], value=layer_set, description="layer set")
 w_prompt = widgets.IntSlider(value=prompt_index, min=0, max=n_prompts - 1, description="prompt",
                              continuous_update=False)
-
-
-def show(scale, layer_set, prompt_index):
-    side_by_side(scale, layer_set, prompt_index)
-    plt.show()
-
-
-out = widgets.interactive_output(show, {"scale": w_scale, "layer_set": w_layers, "prompt_index": w_prompt})
-display(widgets.HBox([w_scale, w_layers, w_prompt]), out)
+display(slider_panel(side_by_side, {"scale": w_scale, "layer_set": w_layers, "prompt_index": w_prompt}))
 ''')
 
 md(r"""

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from difftrack import analysis, paper_results, paths, viz
 from difftrack import inspect_attn as ia
 from difftrack.runners import VideoRunner
+from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.world import FAMILIES, World'''
 
 SETUP_ANALYSIS = '''\
@@ -308,9 +309,7 @@ show_video(0, T - 1)
 # NBVAL_IGNORE_OUTPUT
 s_video = widgets.IntSlider(value=0, min=0, max=len(browse) - 1, description="video", continuous_update=False)
 s_frame = widgets.IntSlider(value=T - 1, min=0, max=T - 1, description="frame", continuous_update=False)
-out = widgets.interactive_output(lambda video_index, frame: display(show_video(video_index, frame)),
-                                 {"video_index": s_video, "frame": s_frame})
-display(widgets.HBox([s_video, s_frame]), out)
+display(slider_panel(show_video, {"video_index": s_video, "frame": s_frame}))
 '''),
 ]
 
@@ -523,9 +522,7 @@ show_attention(layer, step, 0, save=FIG / "02_attention_maps.png")
 s_layer = widgets.IntSlider(value=layer, min=0, max=L - 1, description="layer", continuous_update=False)
 s_step = widgets.IntSlider(value=step, min=0, max=S - 1, description="step", continuous_update=False)
 s_point = widgets.IntSlider(value=0, min=0, max=len(points) - 1, description="point", continuous_update=False)
-out = widgets.interactive_output(lambda layer, step, point: display(show_attention(layer, step, point)),
-                                 {"layer": s_layer, "step": s_step, "point": s_point})
-display(widgets.HBox([s_layer, s_step, s_point]), out)
+display(slider_panel(show_attention, {"layer": s_layer, "step": s_step, "point": s_point}))
 '''),
     md('''
 ## PCA of queries and keys
@@ -545,9 +542,7 @@ show_pca(layer, step, save=FIG / "02_qk_pca.png")
 # NBVAL_IGNORE_OUTPUT
 p_layer = widgets.IntSlider(value=layer, min=0, max=L - 1, description="layer", continuous_update=False)
 p_step = widgets.IntSlider(value=step, min=0, max=S - 1, description="step", continuous_update=False)
-out = widgets.interactive_output(lambda layer, step: display(show_pca(layer, step)),
-                                 {"layer": p_layer, "step": p_step})
-display(widgets.HBox([p_layer, p_step]), out)
+display(slider_panel(show_pca, {"layer": p_layer, "step": p_step}))
 '''),
 ]
 
@@ -679,8 +674,7 @@ display(*show_layer(layer, save=FIG / "03_layer_acc_over_steps.png"))
     code('''
 # NBVAL_IGNORE_OUTPUT
 s_layer = widgets.IntSlider(value=layer, min=-1, max=L - 1, description="layer", continuous_update=False)
-out = widgets.interactive_output(lambda layer: display(*show_layer(layer)), {"layer": s_layer})
-display(widgets.HBox([s_layer]), out)
+display(slider_panel(show_layer, {"layer": s_layer}))  # show_layer returns two figures: both are shown
 '''),
 ]
 

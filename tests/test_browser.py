@@ -2,10 +2,11 @@
 
 For each notebook: copy it (papermill --prepare-only, CI-sized parameters injected) into a scratch Jupyter root,
 start JupyterLab on a free localhost port with a random token, open the notebook in Debian's Chromium through
-Playwright, Run > Run All Cells, check that every code cell ran and no output shows an error, then move the "layer"
-and "step"/"timestep" sliders with the keyboard and check that the figure in the widget's Output area changed
-(different PNG) without an error. A screenshot of the widget cell with the moved slider goes to
-figures/browser_<notebook>.png. JupyterLab (and its kernels) is shut down even when the test fails.
+Playwright, Run > Run All Cells, check that every code cell ran and no output shows an error, then move the sliders
+("layer", "step"/"timestep", "frame", "prompt": each one the notebook has, at least those REQUIRED names) with the
+keyboard and check that the figure in the widget's Output area changed (different PNG) without an error. Every
+notebook with sliders is driven (01-05; their slider cells use difftrack.sliders.slider_panel). A screenshot of the
+widget cell with the moved slider goes to figures/browser_<notebook>.png. JupyterLab (and its kernels) is shut down even when the test fails.
 
 Run alone:   bash scripts/lab.sh browser            (= pytest -m browser tests)
 Set-up:      bash scripts/install_browser.sh        (Debian chromium + pinned playwright; never `playwright install`)
@@ -28,18 +29,24 @@ import browser_helpers as bh
 
 pytestmark = pytest.mark.browser
 
-NOTEBOOKS = ["02_layer_analysis", "04_tracking"]
+NOTEBOOKS = ["01_dataset", "02_layer_analysis", "03_timestep", "04_tracking", "05_cag"]
 # CI-sized parameters injected into the copy JupyterLab opens (only names the parameters cell defines are used).
 # Override with DIFFTRACK_BROWSER_PARAMS='{"name": value, ...}' (applies to every notebook).
 PARAMS: dict[str, dict] = {
+    # 01-03 share these (same per-video cache in the scratch root): 2 denoising steps, 4x4 query grid
+    "01_dataset": {"num_steps": 2, "grid_size": 4, "pseudo_check_per_family": 2},
     # 2 denoising steps (the step slider still has two values), 4x4 query grid, no untrained-weights control
     "02_layer_analysis": {"num_steps": 2, "grid_size": 4, "untrained_control": False},
     # 2 x 2 precomputed (layer, step) runs for the sliders instead of 4 x 2; no FeatureTracker row in the table
+    "03_timestep": {"num_steps": 2, "grid_size": 4},
     "04_tracking": {"slider_layers": [5, 8], "slider_steps": [-1, -25], "include_features": False},
+    # 2 prompts (the prompt slider moves), one CAG scale, 2 denoising steps
+    "05_cag": {"n_prompts": 2, "num_steps": 2, "scales": [1.0]},
 }
 # Slider description patterns (case-insensitive) and which sliders each notebook must have.
-SLIDERS = {"layer": r"\blayer\b", "step": r"\b(time[ _-]?)?step\b"}
-REQUIRED = {"02_layer_analysis": ("layer",), "04_tracking": ("step",)}
+SLIDERS = {"layer": r"\blayer\b", "step": r"\b(time[ _-]?)?step\b", "frame": r"\bframe\b", "prompt": r"\bprompt\b"}
+REQUIRED = {"01_dataset": ("frame",), "02_layer_analysis": ("layer", "step"), "03_timestep": ("layer",),
+            "04_tracking": ("layer", "step"), "05_cag": ("prompt",)}
 
 RUN_TIMEOUT = float(os.environ.get("DIFFTRACK_BROWSER_RUN_TIMEOUT", "900"))
 SLIDER_TIMEOUT = float(os.environ.get("DIFFTRACK_BROWSER_SLIDER_TIMEOUT", "120"))
@@ -146,7 +153,7 @@ def test_notebook_in_jupyterlab(notebook: Path, overridden: bool, request, tmp_p
                                      f"(the callback did not redraw)")
             log.append(f"slider {label!r}: {old} -> {new}, figure changed")
             moved.append((key, cell))
-        assert moved, f"{notebook.name}: no 'layer' or 'step'/'timestep' slider found"
+        assert moved, f"{notebook.name}: no slider found like {list(SLIDERS)}"
 
         errors = bh.error_outputs(page)
         assert not errors, f"{notebook.name}: an output shows an error after moving sliders:\n" + "\n---\n".join(errors)

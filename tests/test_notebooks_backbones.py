@@ -32,20 +32,20 @@ def saved_pipeline(request, tmp_path_factory):
 
 
 def _run(notebook: str, params: dict, root: Path) -> nbformat.NotebookNode:
-    """papermill in a subprocess (as a user runs it; and isolated from event loops other tests leave in this
-    process), outputs under the scratch ``DIFFTRACK_ROOT``."""
-    out = root / f"{notebook}.out.ipynb"
+    """papermill in a subprocess (as ``bash scripts/lab.sh run`` runs it, through scripts/run_notebooks.py; and
+    isolated from event loops other tests leave in this process), outputs under the scratch ``DIFFTRACK_ROOT``.
+    A cell that reaches the execution timeout fails the test with the notebook and cell named (no retry)."""
     ptxt = root / "params.yaml"
     ptxt.write_text(json.dumps(params))  # JSON is YAML
     env = dict(os.environ, DIFFTRACK_ROOT=str(root), MPLBACKEND="Agg")
-    cmd = [sys.executable, "-m", "papermill", str(NB / f"{notebook}.ipynb"), str(out), "-f", str(ptxt), "--cwd",
-           str(NB), "-k", "python3", "--no-progress-bar", "--execution-timeout", "300"]
-    for attempt in (1, 2):  # one retry: nbclient can hang after a widget cell (jupyter/nbclient#312)
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if r.returncode == 0 or "CellTimeoutError" not in r.stderr:
-            break
+    cmd = [sys.executable, str(ROOT / "scripts" / "run_notebooks.py"), str(NB / f"{notebook}.ipynb"), "--out-dir",
+           str(root / "executed"), "--cwd", str(NB), "-f", str(ptxt), "--execution-timeout", "300"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode == 3:  # scripts/run_notebooks.py: a cell reached the execution timeout
+        pytest.fail(next((ln for ln in r.stderr.splitlines() if "[lab] FAILED" in ln), r.stderr[-2000:]),
+                    pytrace=False)
     assert r.returncode == 0, f"papermill {notebook} failed:\n{r.stderr[-4000:]}"
-    return nbformat.read(str(out), as_version=4)
+    return nbformat.read(str(root / "executed" / f"{notebook}.ipynb"), as_version=4)
 
 
 def _text(nb) -> str:
