@@ -68,10 +68,19 @@ class AnalysisRecord:
 
     @classmethod
     def load(cls, path: str | Path) -> "AnalysisRecord":
-        with np.load(path, allow_pickle=False) as z:
-            kw = json.loads(str(z["_scalars"]))
-            kw.update({k: z[k] for k in z.files if k != "_scalars"})
-        return cls(**kw)
+        """Read a record; :class:`difftrack.fileio.CorruptFileError` (a ``ValueError``) names a damaged file."""
+        from .fileio import READ_ERRORS, CorruptFileError
+
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                kw = json.loads(str(z["_scalars"]))
+                kw.update({k: z[k] for k in z.files if k != "_scalars"})
+            return cls(**kw)
+        except FileNotFoundError:
+            raise
+        except READ_ERRORS + (json.JSONDecodeError,) as err:
+            raise CorruptFileError(f"cannot read the analysis record {str(path)!r} (truncated or corrupted?): "
+                                   f"{type(err).__name__}: {err}") from err
 
 
 class Recorder:
@@ -93,6 +102,9 @@ class Recorder:
     def __init__(self, queries_px: np.ndarray, stride: float, num_steps: int, num_layers: int, frames: int,
                  tau=None, bidirectional: bool = True, refine: str = "softargmax", radius: int = 1,
                  feature_tau: float = 0.05, scores: bool = True):
+        for name, v in (("num_steps", num_steps), ("num_layers", num_layers), ("frames", frames)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}={v!r}; allowed: an integer >= 1")
         n = len(queries_px)
         S, L, F = num_steps, num_layers, frames
         self._rec = AnalysisRecord(queries=np.asarray(queries_px, np.float32), stride=float(stride), num_steps=S,
@@ -362,36 +374,110 @@ def record_ground_truth(rec: AnalysisRecord, item: dict, video: np.ndarray) -> t
     return gt[:, idx], latent_visibility(vis, r, len(idx)), source
 
 
+def _match_settings(kw: dict) -> dict:
+    """Every matching / recording setting of a run (``Recorder`` arguments and ``features``), defaults filled in."""
+    import inspect
+
+    params = inspect.signature(Recorder.__init__).parameters
+    allowed = [n for n in params if n not in ("self", "queries_px", "stride", "num_steps", "num_layers", "frames")]
+    unknown = sorted(set(kw) - set(allowed) - {"features"})
+    if unknown:
+        raise ValueError(f"unknown analysis settings {unknown}; allowed: {sorted(allowed + ['features', 'size'])} "
+                         f"(and guidance_scale)")
+    out = {n: kw.get(n, params[n].default) for n in allowed}
+    out["features"] = bool(kw.get("features", True))
+    return {k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in out.items()}
+
+
+def model_id(runner) -> str:
+    """What identifies a model for the analysis cache: pipeline class, weights folder name, blocks and dtype."""
+    pipe = runner.pipe
+    name = Path(str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")).name
+    dtype = str(getattr(getattr(pipe, "transformer", None), "dtype", ""))
+    return f"{type(pipe).__name__}:{name}:{runner.num_layers}:{dtype}"
+
+
+def cache_fields(item: dict, num_steps: int, grid_size: int, size=None, guidance_scale: float = 6.0,
+                 model: str | None = None, **kw) -> dict:
+    """Everything a cached analysis record depends on besides its file name's kind, family, seed, steps and grid:
+    split, prompt and guidance (generated videos), size, model and every matching setting. Stored in the record
+    (``meta["cache_fields"]``) and compared on every reuse."""
+    f = dict(kind=item["kind"], seed=int(item["seed"]), family=item.get("family"),
+             split=item.get("split", "heldout"), num_steps=int(num_steps), grid_size=int(grid_size),
+             match=_match_settings(kw))
+    if item["kind"] == "generated":
+        f.update(prompt=item["prompt"], guidance_scale=float(guidance_scale))
+    if size is not None:
+        f["size"] = [int(v) for v in size]
+    if model is not None:
+        f["model"] = model
+    return f
+
+
+def _field_diff(stored: dict | None, want: dict) -> dict:
+    """``{field: (stored, wanted)}`` for every wanted field the stored record disagrees with."""
+    stored = stored or {}
+    return {k: (stored.get(k), v) for k, v in want.items() if stored.get(k) != v}
+
+
 def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int = 50, grid_size: int = 10,
-                progress: bool = True, size=None, **kw) -> list[tuple[dict, dict]]:
+                progress: bool = True, size=None, guidance_scale: float = 6.0, **kw) -> list[tuple[dict, dict]]:
     """Analyse a list of videos with per-video caching (resumes after an interruption; finished videos are not
     recomputed). ``items``: dicts with ``kind`` ``"generated"`` (``prompt``, ``seed``) or ``"exact"`` (``family``,
     ``seed``, ``split``). ``pipe``: a pipeline or :class:`difftrack.runners.VideoRunner`, or ``None`` to only score
     videos already cached (``ValueError`` for one that is not); ``size``: ``(frames, height, width)`` of generated and
-    world videos (default: the pipeline's). Returns ``[(item, tables)]``."""
+    world videos (default: the pipeline's); ``guidance_scale``: CFG of generated videos; ``kw``: matching settings
+    (:class:`Recorder`) and ``features``.
+
+    A cached record is reused only when everything it depends on matches (:func:`cache_fields`: prompt, split, size,
+    steps, grid, guidance, model, matching and feature settings); otherwise it is recomputed (with a pipeline) or a
+    ``ValueError`` names the differing fields (without). A corrupt cache entry is named in a warning and recomputed.
+    Returns ``[(item, tables)]``."""
+    import warnings
+
     from tqdm.auto import tqdm
 
+    from .fileio import READ_ERRORS, load_npy
     from .runners import as_runner
     from .world import World
 
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}; allowed: an integer >= 1")
+    if not np.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number >= 0")
     runner = None if pipe is None else as_runner(pipe)
     want = runner.resolve_size(size) if runner is not None else (tuple(int(v) for v in size) if size else None)
+    model = model_id(runner) if runner is not None else None
     cache_dir = Path(cache_dir)
     out = []
     it = tqdm(items, desc="analysis") if progress else items
     for item in it:
+        if item.get("kind") not in ("generated", "exact"):
+            raise ValueError(f"unknown item kind {item.get('kind')!r} in {item}; allowed: 'generated', 'exact'")
+        fields = cache_fields(item, num_steps, grid_size, want, guidance_scale, model, **kw)
         key = f"{item['kind']}_{item.get('family', 'x')}_{item['seed']}_s{num_steps}_g{grid_size}"
         path = cache_dir / f"{key}.npz"
         vid_path = cache_dir / f"{key}_video.npy"
         rec = video = None
         if path.exists() and vid_path.exists():
-            rec, video = AnalysisRecord.load(path), np.load(vid_path)
-            stale = (want is not None and video.shape[:3] != want) or (
-                runner is not None and rec.num_layers != runner.num_layers)
-            if stale and runner is not None:  # cached at another size / for another model: recompute
+            try:
+                rec, video = AnalysisRecord.load(path), load_npy(vid_path, "cached analysis video")
+            except READ_ERRORS as err:
+                if runner is None:
+                    raise
+                warnings.warn(f"corrupt analysis cache entry {path} / {vid_path.name} ({err}); recomputing it",
+                              stacklevel=2)
                 rec = video = None
-            elif stale:
-                raise ValueError(f"cached analysis {path} is for videos of {video.shape[:3]}, not size={want}")
+        if rec is not None:
+            diff = _field_diff(rec.meta.get("cache_fields"), fields)
+            if want is not None and tuple(video.shape[:3]) != tuple(want):
+                diff["video shape"] = (list(video.shape[:3]), list(want))
+            if diff and runner is not None:  # made with other settings / another model: recompute
+                rec = video = None
+            elif diff:
+                raise ValueError(f"cached analysis {path} was made with other settings than asked for: "
+                                 + "; ".join(f"{k}: cached {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+                                 + ". Pass the pipeline to recompute it, or the settings it was made with.")
         if rec is None:
             if runner is None:
                 raise ValueError(f"no cached analysis for {item} at {path} and no pipeline to compute it; pass the "
@@ -401,13 +487,12 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
             t0 = time.time()
             if item["kind"] == "generated":
                 video, rec = analyze_generation(runner, item["prompt"], item["seed"], num_steps, grid_size,
-                                                size=(T, H, W), **kw)
-            elif item["kind"] == "exact":
+                                                guidance_scale=guidance_scale, size=(T, H, W), **kw)
+            else:
                 s = World(T, H, W).sample(item["seed"], item["family"], item.get("split", "heldout"))
                 rec, video = analyze_exact(runner, s, num_steps, grid_size=grid_size, **kw), s.video
-            else:
-                raise ValueError(f"unknown item kind {item['kind']!r}; allowed: 'generated', 'exact'")
             rec.meta["seconds"] = time.time() - t0
+            rec.meta["cache_fields"] = fields
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = vid_path.with_suffix(".tmp.npy")
             np.save(tmp, video)

@@ -426,6 +426,8 @@ print(f"notebook ran in {time.perf_counter() - t_start:.0f} s; figures in {FIG}"
 
 nb = nbf.v4.new_notebook()
 nb.cells = cells
+for i, c in enumerate(nb.cells):  # nbstripout's stable ids, so regenerating changes nothing
+    c.id = str(i)
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
 nb.metadata["language_info"] = {"name": "python"}
 OUT.parent.mkdir(parents=True, exist_ok=True)
