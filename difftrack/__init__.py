@@ -1,23 +1,34 @@
 """difftrack: temporal correspondences inside video diffusion transformers (DiffTrack, Nam et al. 2025).
 
-Submodules are imported lazily so that ``import difftrack`` stays cheap:
+Submodules are imported lazily so that ``import difftrack`` stays cheap (``tests/test_package.py`` checks that this
+list and ``_SUBMODULES`` name exactly the modules on disk):
 
-* ``difftrack.capture``   -- query/key/feature capture from diffusers video transformers
-* ``difftrack.backbones`` -- per-backbone adapters (token layout, attention modules, CFG branches)
-* ``difftrack.world``     -- the procedural video world with exact tracks
-* ``difftrack.mini``      -- the embedded mini video DiT (CogVideoX class) and its pipeline
-* ``difftrack.matching``  -- memory-bounded frame-to-frame matching
-* ``difftrack.metrics``   -- the paper's analysis metrics
-* ``difftrack.tracking``  -- zero-shot point tracking
-* ``difftrack.tapvid``    -- TAP-Vid loader and metrics (pure numpy)
-* ``difftrack.guidance``  -- Cross-Attention Guidance (CAG)
-* ``difftrack.viz``       -- plotting only
+* ``difftrack.capture``       -- query/key/feature capture from diffusers video transformers
+* ``difftrack.backbones``     -- per-backbone adapters (token layout, attention modules, CFG branches)
+* ``difftrack.runners``       -- loading local pipelines and running them with each backbone's conventions
+* ``difftrack.matching``      -- memory-bounded frame-to-frame matching
+* ``difftrack.analysis``      -- the paper's layer/timestep analysis: recording, metrics, per-video cache
+* ``difftrack.inspect_attn``  -- attention maps, q/k PCA and analysis bookkeeping for the notebooks
+* ``difftrack.tracking``      -- zero-shot point tracking (DiffTracker, FeatureTracker)
+* ``difftrack.tapvid``        -- TAP-Vid loader and metrics (pure numpy)
+* ``difftrack.baselines``     -- classical trackers (Lucas-Kanade, dense flow, patch matching)
+* ``difftrack.guidance``      -- Cross-Attention Guidance (CAG)
+* ``difftrack.cag_eval``      -- CAG evaluation measures, cached generation and plots
+* ``difftrack.world``         -- the procedural video world with exact tracks
+* ``difftrack.mini``          -- the embedded mini video DiT (CogVideoX class) and its pipeline
+* ``difftrack.testing``       -- tiny random pipelines of the real diffusers classes (tests, benchmarks)
+* ``difftrack.viz``           -- plotting only; ``difftrack.viz_tracks`` -- track drawing and benchmark tables
+* ``difftrack.sliders``       -- ipywidgets slider panels drawn in the kernel (headless-safe)
+* ``difftrack.paper_results`` -- the committed paper-scale results, read back for the notebooks
+* ``difftrack.video_io``, ``difftrack.fileio``, ``difftrack.paths``, ``difftrack.provenance`` -- video files, damaged-file
+  errors, the project's folders, commit and device of a measurement
 """
 import importlib
 
 __version__ = "0.1.0"
-_SUBMODULES = ("capture", "backbones", "world", "mini", "matching", "metrics", "tracking", "tapvid", "guidance",
-               "viz", "baselines", "analysis", "video_io", "paths", "runner")
+_SUBMODULES = ("capture", "backbones", "runners", "matching", "analysis", "inspect_attn", "tracking", "tapvid",
+               "baselines", "guidance", "cag_eval", "world", "mini", "testing", "viz", "viz_tracks", "sliders",
+               "paper_results", "video_io", "fileio", "paths", "provenance")
 
 
 _EXPORTS = {"WorldTextEncoder": "mini", "MiniVideoPipeline": "mini", "capture": "capture"}
