@@ -52,6 +52,14 @@ from difftrack.runners import VideoRunner
 from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.world import FAMILIES, World'''
 
+# The committed paper-scale tables (notebooks 02 and 03 draw the paper's figures from them)
+PAPER_ANALYSIS = '''\
+paper = paper_results.load_analysis()
+if paper is None:
+    print("no paper-scale analysis committed (results/analysis_summary.json); run scripts/paper_scale.py on a GPU")
+else:
+    P, ptop3 = paper.tables, paper.summary["all"]["best_layers_top3"]'''
+
 SETUP_ANALYSIS = '''\
 torch.manual_seed(seed)
 FIG, RES = paths.figures_dir(), paths.results_dir()
@@ -392,12 +400,7 @@ The same two figures from the committed paper-scale run (`results/analysis_summa
 20 + 20 generated and 20 + 20 exact-GT videos, 50 steps, every layer and step). These are the paper's figures; the
 live run above is CI-sized.
 '''),
-    code('''
-paper = paper_results.load_analysis()
-if paper is None:
-    print("no paper-scale analysis committed (results/analysis_summary.json); run scripts/paper_scale.py on a GPU")
-else:
-    P, ptop3 = paper.tables, paper.summary["all"]["best_layers_top3"]
+    code(PAPER_ANALYSIS + '''
     pseries = {}
     for name, label in (("generated", "pseudo GT"), ("exact", "exact GT")):
         pseries[f"query-key ({label})"] = P[name]["qk_acc"][-1]
@@ -634,12 +637,7 @@ fig
 From the committed paper-scale run (`results/analysis_summary.json`, `scripts/paper_scale.py`: 80 videos, 50 steps);
 the live run above is CI-sized.
 '''),
-    code('''
-paper = paper_results.load_analysis()
-if paper is None:
-    print("no paper-scale analysis committed (results/analysis_summary.json); run scripts/paper_scale.py on a GPU")
-else:
-    P, ptop3 = paper.tables, paper.summary["all"]["best_layers_top3"]
+    code(PAPER_ANALYSIS + '''
     pser = {f"layer {l}": P["all"]["qk_acc"][:, l] for l in ptop3}
     pser["mean over layers"] = P["all"]["qk_acc"].mean(1)
     fig = viz.step_lines(pser, "query-key matching accuracy (%)", paper.timesteps,
