@@ -19,9 +19,10 @@ import json
 import math
 import numbers
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 # kept equal to the modules that define them (tests/test_params.py compares), so this module never imports torch
 PIPELINES = ("MiniVideoPipeline", "CogVideoXPipeline", "WanPipeline", "HunyuanVideoPipeline")  # runners.PIPELINES
@@ -239,7 +240,9 @@ def check_params(spec: Mapping[str, Param], values: Mapping[str, Any], rules: It
     ok: dict[str, Any] = {}
 
     def bad(name, msg, value=None):
-        if name not in errors:
+        if name in errors:
+            errors[name] += f"; and {msg}"
+        else:
             errors[name] = _fmt(name, values.get(name, value), msg)
 
     # pass 1: presence, types, choices, files, the model and the device
