@@ -76,6 +76,27 @@ def test_check_cell_comes_right_after_the_parameters_cell(name):
         assert call not in before, f"{call} before the parameter check of {name}"
 
 
+@pytest.mark.parametrize("yaml_name, notebooks", [
+    ("full.yaml", ["01_dataset", "02_layer_analysis", "03_timestep"]), ("04_full.yaml", ["04_tracking"]),
+    ("cogvideox_2b.yaml", ["02_layer_analysis", "03_timestep"]), ("04_cogvideox_2b.yaml", ["04_tracking"])])
+def test_committed_paper_scale_parameter_files_pass(yaml_name, notebooks, tmp_path):
+    """notebooks/params/*.yaml on top of the defaults; the CogVideoX-2B files with a folder of CogVideoX-2B's
+    configs in place of their /path/to/CogVideoX-2b placeholder, and on the CPU where CUDA is missing."""
+    import torch
+    import yaml
+
+    over = yaml.safe_load((NB_DIR / "params" / yaml_name).read_text())
+    if "model" in over:
+        over["model"] = str(_folder(tmp_path / "CogVideoX-2b", "CogVideoXPipeline", dict(
+            num_layers=30, patch_size=2, sample_frames=49, sample_height=60, sample_width=90),
+            vae=dict(temporal_compression_ratio=4, block_out_channels=[128, 256, 256, 512])))
+    if over.get("device") == "cuda" and not torch.cuda.is_available():
+        over["device"] = "cpu"
+    for name in notebooks:
+        vals = {**defaults(name), **{k: v for k, v in over.items() if k in P.SPECS[name][0]}}
+        check_notebook(name, vals)
+
+
 def test_generated_notebooks_are_up_to_date():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_notebooks_01_03.py"), "--check"],
                        capture_output=True, text=True, timeout=120)
