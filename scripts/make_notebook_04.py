@@ -83,6 +83,13 @@ device: str = ""  # empty: cuda when available, else cpu
 ''', tags=["parameters"])
 
 code(r'''
+# every parameter is checked here, before any model load or file write: a bad value fails at once, naming it
+from difftrack.params import check_notebook
+
+params_ok = check_notebook("04_tracking", globals())  # also reads the model's block count from its config files
+''')
+
+code(r'''
 %matplotlib inline
 import json
 import time

@@ -71,6 +71,13 @@ device: str = ""  # empty: cuda when available, else cpu
 ''', tags=["parameters"])
 
 code(r'''
+# every parameter is checked here, before any model load or file write: a bad value fails at once, naming it
+from difftrack.params import check_notebook
+
+params_ok = check_notebook("05_cag", globals())  # also reads the model's block count from its config files
+''')
+
+code(r'''
 %matplotlib inline
 import json
 import time
@@ -92,13 +99,7 @@ FIG, RES = figures_dir(), results_dir()
 t_start = time.perf_counter()
 torch.set_num_threads(threads)
 dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-scales = [float(s) for s in scales]
-if float(scale) not in scales:
-    raise ValueError(f"scale={scale} is not one of scales={scales}")
-if layer_set not in ("top3", "bottom3"):
-    raise ValueError(f"layer_set={layer_set!r}; allowed: 'top3', 'bottom3'")
-if not 0 <= prompt_index < n_prompts:
-    raise ValueError(f"prompt_index={prompt_index}; allowed 0..{n_prompts - 1}")
+scales = [float(s) for s in scales]  # scale, layer_set, prompt_index: checked with the parameters above
 ''')
 
 md(r"""

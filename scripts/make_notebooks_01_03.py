@@ -4,7 +4,8 @@
     .venv/bin/python scripts/make_notebooks_01_03.py --check    # fail if the committed notebooks differ
 
 Anatomy (shared reference, style section 12-14): cell 1 markdown (title, paper figure, what it does not do); cell 2
-tagged ``parameters`` (typed globals with inline comments; defaults = the CI-sized run); cell 3 imports and
+tagged ``parameters`` (typed globals with inline comments; defaults = the CI-sized run); cell 3 checks every
+parameter (``difftrack.params.check_notebook``) before any model load or file write; cell 4 imports and
 ``%matplotlib inline``; each section a static figure cell (saved under ``figures/``) right before a widget cell that
 starts with ``# NBVAL_IGNORE_OUTPUT``. Paper scale: ``papermill -f notebooks/params/full.yaml``.
 """
@@ -80,6 +81,16 @@ S = num_steps
 print("subsets:", {k: sum(1 for it, _ in results if k == "all" or it["kind"] == k) for k in grouped})'''
 
 
+def check_cell(notebook: str):
+    """The cell right after the parameters cell: every parameter checked before any model load or file write."""
+    return code(f'''
+# every parameter is checked here, before any model load or file write: a bad value fails at once, naming it
+from difftrack.params import check_notebook
+
+params_ok = check_notebook("{notebook}", globals())  # also reads the model's block count from its config files
+''')
+
+
 def md(text: str):
     return new_markdown_cell(text.strip("\n"))
 
@@ -118,6 +129,7 @@ no exact ground truth, so their pseudo GT is only as good as the last section sa
 pseudo_check_per_family: int = 8  # world videos per family for the pseudo-vs-exact comparison (cheap: no model)
 show_per_family: int = 1  # videos per family drawn in the figures
 ''', tags=["parameters"]),
+    check_cell("01_dataset"),
     code(IMPORTS + '''
 from difftrack import tapvid
 from difftrack.analysis import pseudo_ground_truth'''),
@@ -164,10 +176,7 @@ classifier-free guidance 6 as the paper). `run_dataset` records the analysis dur
 and its record; pseudo ground truth is Lucas-Kanade with a forward-backward check from the frame-0 grid.
 '''),
     code('''
-pipe = ia.load_pipeline(model, device, dtype)
-if VideoRunner(pipe).temporal != 1:
-    raise ValueError(f"{type(pipe).__name__} compresses time (latent frames != video frames); this notebook's figures "
-                     f"assume one latent frame per video frame (the embedded layout). Notebooks 02 and 03 take it.")
+pipe = ia.load_pipeline(model, device, dtype)  # one latent frame per video frame: checked with the parameters
 items = ia.analysis_items(videos_per_family, exact_per_family, seed)
 cache = paths.cache_dir(f"analysis_nb/{ia.model_tag(model, dtype)}")
 t0 = time.time()
@@ -347,6 +356,7 @@ inspect_video: int = 0  # index of the generated video whose attention maps / PC
 num_points: int = 4  # query points offered in the attention-map view
 untrained_control: bool = True  # also analyse one world video with random weights (the control)
 ''', tags=["parameters"]),
+    check_cell("02_layer_analysis"),
     code(IMPORTS),
     md('''
 ## Per-video analysis (cached)
@@ -566,6 +576,7 @@ their own sampling trajectory, as the paper does for real and generated videos.
     code(COMMON_PARAMS + '''
 layer: int = -1  # layer shown first in the per-layer view (-1: mean over layers)
 ''', tags=["parameters"]),
+    check_cell("03_timestep"),
     code(IMPORTS),
     md('''
 ## Per-video analysis (cached)
