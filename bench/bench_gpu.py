@@ -189,14 +189,18 @@ class DenseMaskCAGProcessor(CogVideoXCAGAttnProcessor):
         return h, e
 
 
-def install_dense(model, state, layers):
-    """Swap the processors installed by ``apply_cag`` for the dense-mask reference (``apply_cag`` restores the
-    originals on exit)."""
+def install_dense(model, state, layers) -> list:
+    """Swap the processors installed by ``apply_cag`` for the dense-mask reference; returns ``[(attn, CAG
+    processor)]`` to put back before ``apply_cag`` exits (it removes exactly its own processors, so a processor
+    swapped from outside would otherwise stay installed)."""
     blocks = adapter_for(model).blocks(model)
+    undo = []
     for l in layers:
         attn = blocks[l][1].attn1
         p = attn.processor
+        undo.append((attn, p))
         attn.set_processor(DenseMaskCAGProcessor(p.original, state, "renormalized", l))
+    return undo
 
 
 def cag_shared_prefix_forward(model, state, x2, text2, t2, rope, first: int) -> torch.Tensor:
@@ -605,11 +609,14 @@ def section_cag(B: Bench, model, M: dict):
 
     def cag_forward(variant, dense=False):
         with apply_cag(model, CAGConfig(layers=layers, variant=variant)) as st:
-            if dense:
-                install_dense(model, st, layers)
-            st.set_slots(3, [2])
-            return model(hidden_states=x3, encoder_hidden_states=e3, timestep=t3, image_rotary_emb=rope,
-                         return_dict=False)[0]
+            undo = install_dense(model, st, layers) if dense else []
+            try:
+                st.set_slots(3, [2])
+                return model(hidden_states=x3, encoder_hidden_states=e3, timestep=t3, image_rotary_emb=rope,
+                             return_dict=False)[0]
+            finally:
+                for attn, proc in undo:
+                    attn.set_processor(proc)
 
     def cag_step(variant, dense=False):
         u, c, p = cag_forward(variant, dense).float().chunk(3)
