@@ -55,9 +55,10 @@ from difftrack.world import FAMILIES, World'''
 
 # The committed paper-scale tables (notebooks 02 and 03 draw the paper's figures from them)
 PAPER_ANALYSIS = '''\
-paper = paper_results.load_analysis()
+paper = paper_results.load_analysis() if model == "embedded" else None  # the committed run is the embedded model's
 if paper is None:
-    print("no paper-scale analysis committed (results/analysis_summary.json); run scripts/paper_scale.py on a GPU")
+    print("no paper-scale analysis of this model committed (results/analysis_summary.json holds the embedded "
+          "model's; run scripts/paper_scale.py on a GPU)")
 else:
     P, ptop3 = paper.tables, paper.summary["all"]["best_layers_top3"]'''
 
@@ -208,10 +209,11 @@ fig
 live run with fewer steps is only displayed above, never saved.
 '''),
     code('''
-paper_videos = paper_results.load_videos("analysis/")
+paper_videos = paper_results.load_videos("analysis/") if model == "embedded" else {}  # the embedded model's run
 fig = None
 if not paper_videos:
-    print("no committed paper-scale videos (results/paper_videos.npz); run scripts/paper_scale.py on a GPU")
+    print("no committed paper-scale videos of this model (results/paper_videos.npz holds the embedded model's); run "
+          "scripts/paper_scale.py on a GPU")
 else:
     pv = list(paper_videos.values())
     pq = World(*pv[0][0].shape[:3]).grid_queries(grid_size)[:, 1:]
