@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from difftrack import cag_eval as E  # noqa: E402
+from difftrack.provenance import device_name  # noqa: E402
 
 SEED0 = 500  # world seeds of the prompts (disjoint from run_cag_eval's 0..)
 
@@ -77,7 +78,7 @@ def generate(a):
     if recs:
         tp = d / "timing_generate.json"
         old = json.loads(tp.read_text()) if tp.exists() else []
-        tp.write_text(json.dumps(old + [dict(r, device=device) for r in recs], indent=1))
+        tp.write_text(json.dumps(old + [dict(r, device=device_name(device)) for r in recs], indent=1))
     print(f"[agreement] generated {a.videos} videos ({len(recs)} batches) in {time.time() - t0:.1f} s")
 
 

@@ -79,8 +79,13 @@ if res:
         "Per-layer query-key accuracy (half a token): " + ", ".join(f"L{i}: {a}" for i, a in
                                                                    enumerate(res["per_layer_qk_acc"])), ""]
 if pa:
-    lines += [f"Prompt agreement: {pa.get('agreement')} over {pa.get('n_videos')} generated videos "
-              f"(see results/mini_prompt_agreement.json for the measure).", "",
+    pr = pa.get("protocol", {})
+    lines += [f"Prompt agreement: **{pa.get('agreement'):.3f}** over {pa.get('n_videos')} generated videos at "
+              f"{pr.get('steps')} steps, CFG {pr.get('cfg')}, on {', '.join(pa.get('devices', [])) or 'unknown'} "
+              f"(commit {str(pa.get('commit', '?'))[:7]}); the same measure on the world's own renders of those "
+              f"prompts: {pa.get('prompt_agreement_on_world_videos', float('nan')):.3f}; goal >= 0.8 "
+              f"({'met' if pa.get('passes_target') else 'not met'}). The measure: results/mini_prompt_agreement.json. "
+              f"Samples (first 16, title green = agrees):", "",
               "![samples](../../../figures/mini_samples_grid.png)", ""]
 lines += ["## Load", "```python", "from difftrack.mini import load_default", "pipe = load_default()  # offline",
           "video = pipe('a red circle moving left on a still background', num_inference_steps=50).frames[0]", "```"]
