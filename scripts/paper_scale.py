@@ -167,7 +167,7 @@ def export_videos(a) -> dict:
     s, cache, tag = a.settings, Path(a.cache), ("quick" if a.quick else "paper")
     arrays = {}
     meta = dict(steps=s["steps"], cfg=s["cfg"], autocast=s["autocast"], device=device_name(a.device), analysis={},
-                            cag={}, agreement={})
+                cag={}, agreement={})
     # analysis: generated videos (fp32, the analysis' own generations)
     an_dir = cache / tag / "analysis" / ia.model_tag("embedded", "float32")
     items = [it for it in ia.analysis_items(min(SHOWN["analysis_per_family"], s["videos_per_family"]), 0)]
