@@ -752,6 +752,13 @@ def plot_sample_grid(videos: Sequence[np.ndarray], prompts: Sequence[str], flags
 
 
 # --------------------------------------------------------------------------------------------- cached runs
+def setting_dir(run_dir: str | Path, name: str, setting: dict) -> Path:
+    """Cache folder of one CAG setting (:func:`cag_settings`); its layers are part of the name, so a new layer
+    ranking never reuses videos."""
+    layers = setting["layers"]
+    return Path(run_dir) / (name if not layers else f"{name}_L{'-'.join(str(l) for l in layers)}")
+
+
 def video_path(directory: str | Path, index: int, seed: int) -> Path:
     """Cache file of one generated video: ``<directory>/<index:04d>_seed<seed>.npy`` (``uint8 [T, H, W, 3]``)."""
     return Path(directory) / f"{int(index):04d}_seed{int(seed)}.npy"

@@ -177,10 +177,10 @@ def export_videos(a) -> dict:
         arrays[key] = video
         meta["analysis"][key] = dict(prompt=it["prompt"], seed=it["seed"], family=it["family"], dtype="float32")
     # CAG: every setting of the first prompts
-    man = json.loads(next((cache / tag / "cag").glob("*/manifest.json")).read_text())
-    run_dir = next((cache / tag / "cag").glob("*/manifest.json")).parent
+    cag_man_path = next((cache / tag / "cag").glob("*/manifest.json"))
+    man = json.loads(cag_man_path.read_text())
     for name, st in man["settings"].items():
-        d = run_dir / (name if not st["layers"] else f"{name}_L{'-'.join(str(l) for l in st['layers'])}")
+        d = E.setting_dir(cag_man_path.parent, name, st)
         for it in man["items"][:SHOWN["cag_prompts"]]:
             key = f"cag/{name}/{it['index']}"
             arrays[key] = np.load(E.video_path(d, it["index"], it["noise_seed"]))

@@ -124,9 +124,7 @@ def device_tag(a) -> str:
     return "cpu"
 
 
-def setting_dir(run_dir: Path, name: str, s: dict) -> Path:
-    """Cache folder of one setting; the layers are part of the name, so a new layer ranking never reuses videos."""
-    return run_dir / (name if not s["layers"] else f"{name}_L{'-'.join(str(l) for l in s['layers'])}")
+setting_dir = E.setting_dir  # cache folder of one setting
 
 
 def generate(a):
