@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +68,8 @@ def parse_args(argv=None):
     ap.add_argument("--allow-cpu", action="store_true", help="run the paper settings on the CPU (hours)")
     ap.add_argument("--force", action="store_true", help="re-run finished stages (item caches still apply)")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="CPU processes for scoring")
+    ap.add_argument("--gpu-workers", type=int, default=None,
+                    help="analysis processes sharing the device (default: 8 on CUDA, 1 on the CPU)")
     a = ap.parse_args(argv)
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
@@ -89,6 +92,10 @@ def parse_args(argv=None):
     a.settings = dict(QUICK if a.quick else PAPER)
     if a.workers < 1:
         ap.error(f"--workers {a.workers}: must be >= 1")
+    if a.gpu_workers is None:
+        a.gpu_workers = 8 if a.device.startswith("cuda") else 1
+    if a.gpu_workers < 1:
+        ap.error(f"--gpu-workers {a.gpu_workers}: must be >= 1")
     return a
 
 
@@ -115,7 +122,7 @@ def commands(a) -> dict[str, list[list[str]]]:
     cmds = {
         "analysis": [[py, "scripts/run_analysis.py", "--videos-per-family", str(s["videos_per_family"]),
                       "--exact", str(s["exact_per_family"]), "--steps", str(s["steps"]), "--grid", str(s["grid"]),
-                      "--device", a.device, "--cache", str(cache / tag / "analysis"),
+                      "--device", a.device, "--workers", str(a.gpu_workers), "--cache", str(cache / tag / "analysis"),
                       "--out", str(out / "analysis_summary.json")]],
         "cag": [[py, "scripts/run_cag_eval.py", "--phase", "all", "--prompts", str(s["cag_prompts"]),
                  "--steps", str(s["steps"]), "--scales", *[f"{x:g}" for x in s["cag_scales"]], "--cfg",
@@ -199,8 +206,30 @@ def export_videos(a) -> dict:
     return dict(videos=len(arrays))
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def _on_signal(signum, frame):
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def _write_manifest(mpath: Path, manifest: dict) -> None:
+    """Write the manifest with its totals: ``total_wall_s`` adds every stage's wall time, interrupted attempts
+    included; ``complete`` when every stage is done."""
+    stages = manifest.get("stages", {})
+    manifest["total_wall_s"] = sum(r.get("wall_s", 0.0) + r.get("earlier_attempts_s", 0.0) for r in stages.values())
+    manifest["complete"] = all(stages.get(s, {}).get("status") == "done" for s in STAGES)
+    manifest["within_20_minutes"] = manifest["complete"] and manifest["total_wall_s"] <= 20 * 60
+    tmp = mpath.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, mpath)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     a.figures_dir.mkdir(parents=True, exist_ok=True)
     mpath = a.out_dir / MANIFEST
@@ -220,25 +249,35 @@ def main(argv=None) -> int:
             continue
         print(f"[paper] {stage} ...", flush=True)
         t0 = time.time()
+        child = None
         rec = dict(key=key, started=time.strftime("%Y-%m-%d %H:%M:%S"), status="running",
                    commands=[" ".join(c[1:]) for c in cmds[stage]], environment=environment(a.device),
                    commit=env["GIT_COMMIT"], earlier_attempts_s=prev.get("earlier_attempts_s", 0.0)
                    + (prev.get("wall_s", 0.0) if prev.get("status") != "done" else 0.0))
         manifest["stages"][stage] = rec
-        mpath.write_text(json.dumps(manifest, indent=1))
-        for cmd in cmds[stage]:
-            p = subprocess.run(cmd, cwd=ROOT, env=env)
-            if p.returncode:
-                rec.update(status="failed", wall_s=time.time() - t0, returncode=p.returncode)
-                mpath.write_text(json.dumps(manifest, indent=1))
-                raise SystemExit(f"[paper] stage {stage} failed (exit {p.returncode}): {' '.join(cmd)}")
+        _write_manifest(mpath, manifest)
+        try:
+            for cmd in cmds[stage]:
+                child = subprocess.Popen(cmd, cwd=ROOT, env=env)
+                code = child.wait()
+                if code:
+                    rec.update(status="failed", wall_s=time.time() - t0, returncode=code)
+                    _write_manifest(mpath, manifest)
+                    raise SystemExit(f"[paper] stage {stage} failed (exit {code}): {' '.join(cmd)}")
+        except _Interrupted as err:  # killed (timeout, Ctrl-C): keep the time spent; the item caches keep the work
+            if child is not None and child.poll() is None:
+                child.terminate()
+                child.wait()
+            rec.update(status="interrupted", wall_s=time.time() - t0, interrupted_by=str(err))
+            _write_manifest(mpath, manifest)
+            raise SystemExit(f"[paper] interrupted in stage {stage} ({err}) after {rec['wall_s']:.0f} s; run the same "
+                             f"command again to resume") from None
         if stage == "agreement":
             merge_agreement(a)
         if stage == "videos":
             rec.update(export_videos(a))
         rec.update(status="done", wall_s=time.time() - t0, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        manifest["total_wall_s"] = sum(r.get("wall_s", 0.0) for r in manifest["stages"].values())
-        mpath.write_text(json.dumps(manifest, indent=1))
+        _write_manifest(mpath, manifest)
         print(f"[paper] {stage}: done in {rec['wall_s']:.0f} s", flush=True)
     print(f"[paper] stages done: {[s for s, r in manifest['stages'].items() if r.get('status') == 'done']}; "
           f"total {manifest.get('total_wall_s', 0):.0f} s; manifest {mpath}")

@@ -1,7 +1,7 @@
 """Full-scale layer/timestep analysis summary (issue 5): the numbers behind notebooks 02 and 03 at paper scale.
 
     # everything on one machine (OpenCV needed for the pseudo ground truth of generated videos)
-    python scripts/run_analysis.py --videos-per-family 20 --exact 20 --steps 50 --grid 10 --device cuda
+    python scripts/run_analysis.py --videos-per-family 20 --exact 20 --steps 50 --grid 10 --device cuda --workers 8
 
     # split: record on a GPU box without OpenCV, score on a CPU box later (same --cache folder, copied over, and
     # the same --videos-per-family/--exact/--steps/--grid/--seed)
@@ -66,8 +66,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--timing-only", action="store_true",
                     help="only time one video (plain generation vs analysis of all layers and steps, separate "
                          "processes) and merge the result into --out")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="record with this many processes sharing the device, each a slice of the videos (the "
+                         "per-video analysis is bound by kernel-launch overhead, so a GPU runs several at once)")
+    ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # worker mode: "k/n", record items[k::n]
     ap.add_argument("--measure", choices=("plain", "analysis"), help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args(argv)
+    if args.workers < 1:
+        raise SystemExit(f"--workers {args.workers}: must be >= 1")
+    if args.shard is not None:
+        try:
+            k, n = (int(v) for v in args.shard.split("/"))
+            assert 0 <= k < n
+        except (ValueError, AssertionError):
+            raise SystemExit(f"--shard {args.shard!r}: expected k/n with 0 <= k < n") from None
+        args.shard = (k, n)
     for name in ("videos_per_family", "exact"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
@@ -173,14 +186,53 @@ def _no_pseudo_gt():
         analysis.pseudo_ground_truth = orig
 
 
-def record(args, items, cache: Path) -> dict:
+def _record_items(args, items, cache: Path) -> None:
     pipe = ia.load_pipeline(args.model, args.device, args.dtype)
-    t0 = time.time()
     with _no_pseudo_gt():
         analysis.run_dataset(pipe, items, cache, num_steps=args.steps, grid_size=args.grid)
-    meta = dict(device=args.device, device_name=device_name(args.device), dtype=args.dtype, model=args.model,
-                record_wall_seconds=time.time() - t0, commit=commit(), torch=torch.__version__)
     del pipe
+
+
+def _record_sharded(args, cache: Path) -> None:
+    """``--workers`` processes, worker k records ``items[k::workers]`` into the shared per-video cache (each video
+    is its own file, written atomically, so the workers never touch the same file)."""
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    base = [sys.executable, str(Path(__file__).resolve()), "--phase", "record", "--no-timing",
+            "--videos-per-family", str(args.videos_per_family), "--exact", str(args.exact), "--steps",
+            str(args.steps), "--grid", str(args.grid), "--seed", str(args.seed), "--model", args.model,
+            "--device", args.device, "--dtype", args.dtype, "--cache", str(args.cache)]
+    import signal
+
+    def _stop(signum, frame):
+        raise SystemExit(f"analysis record interrupted ({signal.Signals(signum).name}); finished videos are cached")
+
+    signal.signal(signal.SIGTERM, _stop)
+    procs = [subprocess.Popen(base + ["--shard", f"{k}/{args.workers}"], cwd=ROOT, env=env)
+             for k in range(args.workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+    bad = [k for k, c in enumerate(codes) if c]
+    if bad:
+        raise SystemExit(f"analysis record workers {bad} of {args.workers} failed (exit codes "
+                         f"{[codes[k] for k in bad]}); their finished videos are cached, re-run to resume")
+
+
+def record(args, items, cache: Path) -> dict:
+    t0 = time.time()
+    if args.workers > 1:
+        _record_sharded(args, cache)
+    else:
+        _record_items(args, items, cache)
+    meta = dict(device=args.device, device_name=device_name(args.device), dtype=args.dtype, model=args.model,
+                record_wall_seconds=time.time() - t0, record_workers=args.workers, commit=commit(),
+                torch=torch.__version__)
     if not args.no_timing:
         meta["timing"] = timing(args)
     path = cache / RECORD_META
@@ -265,7 +317,11 @@ def score(args, items, cache: Path, record_meta: dict | None) -> dict:
         seconds=dict(record_per_video_generated=float(np.mean(rec_sec["generated"])) if rec_sec["generated"] else None,
                      record_per_video_exact=float(np.mean(rec_sec["exact"])) if rec_sec["exact"] else None,
                      record_total=float(np.nansum(rec_sec["generated"] + rec_sec["exact"])),
-                     score=score_sec),
+                     record_wall=(record_meta or {}).get("record_wall_seconds"),
+                     record_workers=(record_meta or {}).get("record_workers", 1),
+                     score=score_sec,
+                     note="record_per_video_* and record_total: each video's own wall time (with record_workers "
+                          "> 1 the workers share one device, so these add up to more than record_wall)"),
         commit=commit(), record_commit=(record_meta or {}).get("commit"),
     )
     timing_res = (record_meta or {}).get("timing")
@@ -300,6 +356,10 @@ def main(argv=None) -> int:
     cache = _resolve(args.cache) / ia.model_tag(args.model, args.dtype)
     cache.mkdir(parents=True, exist_ok=True)
     items = ia.analysis_items(args.videos_per_family, args.exact, args.seed)
+    if args.shard is not None:  # a worker of --workers: record its slice, nothing else
+        k, n = args.shard
+        _record_items(args, items[k::n], cache)
+        return 0
     t0 = time.time()
     meta = None
     if args.phase in ("record", "all"):
