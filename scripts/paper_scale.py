@@ -237,6 +237,7 @@ def main(argv=None) -> int:
     if manifest and manifest.get("mode") != ("quick" if a.quick else "paper"):
         raise SystemExit(f"{mpath} is a {manifest.get('mode')} run's manifest; use another --out-dir")
     manifest.update(mode="quick" if a.quick else "paper", settings=a.settings, command=" ".join(sys.argv),
+                    device=device_name(a.device), commit=git_commit(),
                     description=__doc__.split("\n\n")[0])
     manifest.setdefault("stages", {})
     env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", GIT_COMMIT=git_commit())

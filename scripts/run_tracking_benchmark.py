@@ -233,6 +233,9 @@ def environment() -> dict:
     except Exception:  # noqa: BLE001
         pass
     env["git_commit"] = git_commit()
+    if os.environ.get("GIT_COMMIT"):  # the caller named the commit (a copied tree whose .git may be stale)
+        env["git_dirty_files"] = "not checked: the commit was given by $GIT_COMMIT"
+        return env
     try:
         env["git_dirty_files"] = subprocess.check_output(["git", "status", "--porcelain", "--", "difftrack", "scripts"],
                                                          cwd=ROOT, text=True).strip().splitlines()

@@ -104,3 +104,38 @@ def test_paper_results_read_back_the_committed_files(tmp_path):
     assert vids["cag/top3_s1/0"][0].max() == 1 and vids["cag/none/0"][1]["steps"] == 50
     (tmp_path / "paper_videos.json").write_text(json.dumps(dict(steps=6, cag={})))
     assert P.load_videos("cag/", tmp_path) == {}
+
+
+def test_manifest_totals_count_interrupted_attempts(tmp_path):
+    """total_wall_s adds every stage's time including interrupted attempts; complete only when all stages are done."""
+    m = {"stages": {s: {"status": "done", "wall_s": 10.0, "earlier_attempts_s": 0.0} for s in paper_scale.STAGES}}
+    m["stages"]["tracking"].update(earlier_attempts_s=62.0)
+    paper_scale._write_manifest(tmp_path / "m.json", m)
+    back = json.loads((tmp_path / "m.json").read_text())
+    assert back["total_wall_s"] == 10.0 * len(paper_scale.STAGES) + 62.0
+    assert back["complete"] and back["within_20_minutes"]
+    m["stages"]["videos"]["status"] = "interrupted"
+    paper_scale._write_manifest(tmp_path / "m.json", m)
+    back = json.loads((tmp_path / "m.json").read_text())
+    assert not back["complete"] and not back["within_20_minutes"]
+
+
+def test_analysis_record_in_two_workers_equals_one_process(tmp_path):
+    """run_analysis --workers 2 (each worker a slice of the videos, one shared cache) writes the same records as
+    a single process."""
+    base = [sys.executable, "scripts/run_analysis.py", "--phase", "record", "--no-timing", "--videos-per-family",
+            "1", "--exact", "0", "--steps", "1", "--grid", "2", "--device", "cpu"]
+    for workers, d in ((1, "one"), (2, "two")):
+        p = subprocess.run(base + ["--workers", str(workers), "--cache", str(tmp_path / d)], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+    one = sorted((tmp_path / "one").rglob("*.npz"))
+    two = sorted((tmp_path / "two").rglob("*.npz"))
+    assert len(one) == 2 and [f.name for f in one] == [f.name for f in two]
+    for a, b in zip(one, two):
+        za, zb = np.load(a), np.load(b)
+        for k in za.files:
+            if za[k].dtype.kind in "fiub":
+                np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{a.name}:{k}")
+    meta = json.loads(next((tmp_path / "two").rglob("record_meta.json")).read_text())
+    assert next(iter(meta.values()))["record_workers"] == 2
