@@ -82,6 +82,8 @@ def build_pipeline(name: str, tiny: bool, dev: str, dtype: torch.dtype):
                              vae=vae.to(dev, dtype).eval(), transformer=transformer.to(dev, dtype).eval(),
                              scheduler=CogVideoXDDIMScheduler(**SCHEDULER))
     pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
     return pipe
 
 
@@ -147,6 +149,9 @@ def bench_model(name: str, args, res: dict, write) -> None:
         if "peak_gib" in a:
             M["analysis_extra_peak_gib"] = a["peak_gib"] - p["peak_gib"]
         write()
+    if "exactness" in args.sections:
+        M["exactness"] = exactness(pipe, MODELS[name][2], args.grid)
+        write()
     if "breakdown" in args.sections:
         n = args.breakdown_steps
         bd = M["breakdown"] = dict(steps=n)
@@ -198,6 +203,42 @@ def bench_model(name: str, args, res: dict, write) -> None:
         write()
 
 
+@torch.no_grad()
+def exactness(pipe, layer: int, grid: int) -> dict:
+    """The half-precision CUDA matching path (tensor-core products, float32 accumulation) against the float32 path
+    on the same captured bf16 query/key/features of one forward: largest and mean track difference (pixels) and the
+    largest attention-row difference."""
+    from bench_gpu import make_inputs
+
+    from difftrack import matching as Mt
+    from difftrack.capture import capture
+    from difftrack.world import World
+
+    tr = pipe.transformer
+    layer = min(layer, tr.config.num_layers - 1)
+    dev, dt = tr.device, tr.dtype
+    with capture(tr, layers=[layer], store=True, what=("q", "k", "features")) as cap:
+        tr(**make_inputs(tr, 1, dev, dt, 500))
+        q, k, f = cap.q(layer)[0], cap.k(layer)[0], cap.features(layer)[0]
+    H, Fr, rows, cols, D = q.shape
+    stride = pipe.vae_scale_factor_spatial * tr.config.patch_size
+    pts = torch.from_numpy(World(Fr, rows * stride, cols * stride).grid_queries(grid)[:, 1:]).to(dev)
+    out = dict(layer=layer, dtype=str(q.dtype), shape_H_F_rows_cols_D=[H, Fr, rows, cols, D])
+    for name, fast, ref in (
+            ("qk", lambda: Mt.match_video(q, k, pts, stride)[0], lambda: Mt.match_video(q.float(), k.float(), pts,
+                                                                                           stride)[0]),
+            ("features", lambda: Mt.match_video_features(f, pts, stride)[0],
+             lambda: Mt.match_video_features(f.float(), pts, stride)[0])):
+        d = (fast() - ref()).abs()
+        out[f"{name}_track_diff_px_max"] = float(d.max())
+        out[f"{name}_track_diff_px_mean"] = float(d.mean())
+    qs, ks = q.reshape(H, -1, D), k.reshape(H, -1, D)
+    idx = torch.arange(0, qs.shape[1], max(1, qs.shape[1] // 100), device=dev)
+    out["attention_rows_diff_max"] = float((Mt.attention_rows(qs, ks, idx) - Mt.attention_rows(qs.float(), ks.float(),
+                                                                                              idx)).abs().max())
+    return out
+
+
 def _published(pipe, video: np.ndarray, layer: int, vae_encode_frames):
     """The published tracking recipe, re-enacted: every frame VAE-encoded as a 1-frame video (posterior sample),
     the full transformer at CFG batch 2 on the empty prompt with the query-key of ``layer`` matched frame 0 to every
@@ -205,6 +246,7 @@ def _published(pipe, video: np.ndarray, layer: int, vae_encode_frames):
     from difftrack.capture import capture
     from difftrack.matching import match_video
 
+    @torch.no_grad()
     def run():
         tr, vae, sched = pipe.transformer, pipe.vae, pipe.scheduler
         dev, dt = tr.device, tr.dtype
@@ -249,7 +291,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="cogvideox-2b", help=f"comma list of {sorted(MODELS)}")
-    ap.add_argument("--sections", default="analysis,breakdown,profile,cag,tracking")
+    ap.add_argument("--sections", default="analysis,exactness,breakdown,profile,cag,tracking")
     ap.add_argument("--steps", type=int, default=50, help="denoising steps of the generation / analysis")
     ap.add_argument("--breakdown-steps", type=int, default=5)
     ap.add_argument("--profile-steps", type=int, default=2)
@@ -266,7 +308,7 @@ def parse_args(argv=None):
     if bad:
         ap.error(f"--models: unknown {bad}; allowed: {sorted(MODELS)}")
     a.sections = [s.strip() for s in a.sections.split(",") if s.strip()]
-    allowed = ("analysis", "breakdown", "profile", "cag", "tracking")
+    allowed = ("analysis", "exactness", "breakdown", "profile", "cag", "tracking")
     if any(s not in allowed for s in a.sections):
         ap.error(f"--sections {a.sections}; allowed: {allowed}")
     for k in ("steps", "breakdown_steps", "profile_steps", "cag_steps", "grid"):

@@ -29,6 +29,23 @@ import torch
 import torch.nn.functional as F
 
 REFINE = ("argmax", "softargmax", "parabola", "paper")
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """``float32 (a @ b) / t`` for ``a [h, m, d]``, ``b [h, d, n]``.
+
+    On a CUDA device with half-precision inputs (captured bf16/fp16 query/key) the product runs on the tensor cores
+    from the half inputs with float32 accumulation and float32 output (``torch.bmm(..., out_dtype=float32)``): the
+    inputs are exact in either form, so this equals the float32 product up to accumulation order, without the
+    float32 copies of ``a`` and ``b`` and the slow non-tensor-core float32 GEMM. Everywhere else (CPU, float32
+    inputs): ``a.float() @ b.float()``, bit for bit as before."""
+    if a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32).div_(t)
+        except (RuntimeError, TypeError):  # a torch without bmm(out_dtype=...)
+            pass
+    return a.float() @ b.float() / t
 
 
 def temperature(tau: float | str | None, heads: int, head_dim: int) -> float:
@@ -63,9 +80,9 @@ def qk_cost(q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor, k_tgt
     out = torch.zeros(Ms, k_tgt.shape[1], dtype=torch.float32, device=q_src.device)
     for h0 in range(0, H, head_chunk):
         hs = slice(h0, h0 + head_chunk)
-        fwd = torch.softmax(q_src[hs].float() @ k_tgt[hs].float().transpose(-1, -2) / t, dim=-1)
+        fwd = torch.softmax(_mm_f32(q_src[hs], k_tgt[hs].transpose(-1, -2), t), dim=-1)
         if bidirectional:
-            bwd = torch.softmax(q_tgt[hs].float() @ k_src[hs].float().transpose(-1, -2) / t, dim=-1)
+            bwd = torch.softmax(_mm_f32(q_tgt[hs], k_src[hs].transpose(-1, -2), t), dim=-1)
             out += 0.5 * (fwd.sum(0) + bwd.sum(0).T)
         else:
             out += fwd.sum(0)
@@ -222,11 +239,11 @@ def qk_cost_frames(q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor
     out = torch.zeros(Fr, Ms, Mk, dtype=torch.float32, device=q_src.device)
     for h0 in range(0, H, head_chunk):
         hs = slice(h0, h0 + head_chunk)
-        kt = k_tgt[hs].float().reshape(-1, Fr * Mk, D)
-        fwd = (q_src[hs].float() @ kt.transpose(-1, -2) / t).view(-1, Ms, Fr, Mk).softmax(-1)  # [h, Ms, F, Mk]
+        kt = k_tgt[hs].reshape(-1, Fr * Mk, D)
+        fwd = _mm_f32(q_src[hs], kt.transpose(-1, -2), t).view(-1, Ms, Fr, Mk).softmax(-1)  # [h, Ms, F, Mk]
         if bidirectional:
-            qt = q_tgt[hs].float().reshape(-1, Fr * Mk, D)
-            bwd = (qt @ k_src[hs].float().transpose(-1, -2) / t).view(-1, Fr, Mk, Ms).softmax(-1)  # [h, F, Mk, Ms]
+            qt = q_tgt[hs].reshape(-1, Fr * Mk, D)
+            bwd = _mm_f32(qt, k_src[hs].transpose(-1, -2), t).view(-1, Fr, Mk, Ms).softmax(-1)  # [h, F, Mk, Ms]
             out += 0.5 * (fwd.sum(0).permute(1, 0, 2) + bwd.sum(0).transpose(-1, -2))
         else:
             out += fwd.sum(0).permute(1, 0, 2)
@@ -236,9 +253,18 @@ def qk_cost_frames(q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor
 def feature_cost_frames(f_src: torch.Tensor, f_tgt: torch.Tensor, tau: float = 0.05, bidirectional: bool = True
                         ) -> torch.Tensor:
     """:func:`feature_cost` for several target frames: ``f_src [M_s, C]``, ``f_tgt [F, M_k, C]`` -> ``[F, M_s, M_k]``."""
-    a = F.normalize(f_src.float(), dim=-1)
-    b = F.normalize(f_tgt.float(), dim=-1)
-    sim = torch.einsum("sc,fkc->fsk", a, b) / tau
+    if f_src.is_cuda and f_src.dtype in _HALF and f_tgt.dtype == f_src.dtype:
+        # half-precision features on CUDA: the raw dot products on the tensor cores (exact inputs, float32
+        # accumulation), then divided by the norms -- the cosine of the float32 path up to rounding
+        Fr, Mk, C = f_tgt.shape
+        dots = _mm_f32(f_src.unsqueeze(0), f_tgt.reshape(1, Fr * Mk, C).transpose(-1, -2), 1.0)[0]  # [Ms, F*Mk]
+        na = f_src.float().norm(dim=-1).clamp_min(1e-12)
+        nb = f_tgt.float().norm(dim=-1).clamp_min(1e-12).reshape(1, Fr * Mk)
+        sim = (dots.div_(na[:, None]).div_(nb).div_(tau)).view(-1, Fr, Mk).permute(1, 0, 2)  # [F, Ms, Mk]
+    else:
+        a = F.normalize(f_src.float(), dim=-1)
+        b = F.normalize(f_tgt.float(), dim=-1)
+        sim = torch.einsum("sc,fkc->fsk", a, b) / tau
     fwd = sim.softmax(-1)
     return 0.5 * (fwd + sim.softmax(-2)) if bidirectional else fwd
 
@@ -320,5 +346,5 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, rows_idx: torch.Tensor, tau
     out = torch.zeros(rows_idx.numel(), N, device=q.device)
     for h0 in range(0, H, head_chunk):
         hs = slice(h0, h0 + head_chunk)
-        out += torch.softmax(q[hs][:, rows_idx].float() @ k[hs].float().transpose(-1, -2) / t, -1).sum(0)
+        out += torch.softmax(_mm_f32(q[hs][:, rows_idx], k[hs].transpose(-1, -2), t), -1).sum(0)
     return out / H
