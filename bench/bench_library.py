@@ -274,16 +274,24 @@ def _published(pipe, video: np.ndarray, layer: int, vae_encode_frames):
 
 
 def merge(src: Path, dst: Path) -> None:
-    """A run's per-model results into ``results/bench_gpu.json`` under ``models[name]["library"]``."""
+    """A run's per-model results into ``results/bench_gpu.json`` under ``models[name]["library"]``: each measured
+    key replaces the earlier value and ``measured_by[key]`` names the run (commit, device, start) it came from;
+    the goals are recomputed from the merged values."""
     run = json.loads(src.read_text())
     out = json.loads(dst.read_text()) if dst.exists() else {"meta": {}, "models": {}}
+    who = {k: run["meta"].get(k) for k in ("commit", "device", "started", "torch", "diffusers")}
     for name, m in run.get("models", {}).items():
-        lib = dict(m, meta=run["meta"])
-        lib["goals"] = {k: dict(value=m.get(k), target=f"{op} {v}",
-                                met=None if m.get(k) is None else (m[k] <= v if op == "<=" else m[k] >= v))
+        lib = out.setdefault("models", {}).setdefault(name, {}).setdefault("library", {})
+        for k, v in m.items():
+            lib[k] = v
+            lib.setdefault("measured_by", {})[k] = who
+        lib["goals"] = {k: dict(value=lib.get(k), target=f"{op} {v}",
+                                met=None if lib.get(k) is None else (lib[k] <= v if op == "<=" else lib[k] >= v))
                         for k, (op, v) in GOALS.items()}
-        out.setdefault("models", {}).setdefault(name, {})["library"] = lib
-    dst.write_text(json.dumps(out, indent=1))
+        lib["script"] = "bench/bench_library.py"
+    tmp = dst.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(dst)
     print(f"merged {src} into {dst}")
 
 
@@ -315,7 +323,7 @@ def parse_args(argv=None):
         if getattr(a, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1")
     a.device = a.device or ("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
-    if a.device == "cpu" and not a.tiny:
+    if a.device == "cpu" and not a.tiny and not a.merge:
         ap.error("full-size configs need a CUDA GPU; pass --tiny for the CPU smoke test")
     return a
 
