@@ -115,3 +115,27 @@ def test_recorder_keeps_results_on_the_device_until_read():
     assert np.isfinite(out.feat_tracks[2, 1]).all() and np.isnan(out.feat_tracks[:2]).all()
     assert np.isnan(out.feat_tracks[2, 0]).all() and np.isnan(out.qk_tracks).all()
     np.testing.assert_array_equal(out.feat_tracks[2, 1, :, 0], [[6.0, 6.0], [10.0, 2.0]])  # source frame
+
+
+def test_float32_products_are_unchanged_off_cuda():
+    """``_mm_f32`` off CUDA (and for float32 inputs) is exactly ``a.float() @ b.float() / t``; bf16 inputs on the CPU
+    take the same float32 route (the tensor-core route is CUDA-only)."""
+    from difftrack.matching import _mm_f32
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 8, generator=g), torch.randn(3, 8, 7, generator=g)
+    assert torch.equal(_mm_f32(a, b, 1.7), a @ b / 1.7)
+    ab, bb = a.bfloat16(), b.bfloat16()
+    assert _mm_f32(ab, bb, 2.0).dtype == torch.float32
+    assert torch.equal(_mm_f32(ab, bb, 2.0), ab.float() @ bb.float() / 2.0)
+
+
+def test_feature_cost_frames_matches_per_pair_cosine_on_cpu():
+    """The batched feature cost equals the per-pair :func:`feature_cost` (cosine / tau, bidirectional softmax)."""
+    from difftrack.matching import feature_cost, feature_cost_frames
+
+    g = torch.Generator().manual_seed(1)
+    src, tgt = torch.randn(6, 16, generator=g), torch.randn(3, 6, 16, generator=g)
+    batched = feature_cost_frames(src, tgt, tau=0.1)
+    for f in range(3):
+        torch.testing.assert_close(batched[f], feature_cost(src, tgt[f], tau=0.1), rtol=1e-5, atol=1e-7)

@@ -108,8 +108,8 @@ BAD = [  # (notebook, parameter, bad value, a fragment of what is allowed)
     ("02_layer_analysis", "layer", 99, "-1..11"),
     ("02_layer_analysis", "layer", -2, "-1..11"),
     ("02_layer_analysis", "layer", 8.5, "an int (got float)"),
-    ("02_layer_analysis", "step", 6, "-6..5"),
-    ("02_layer_analysis", "step", -7, "-6..5"),
+    ("02_layer_analysis", "step", 4, "-4..3"),  # the default num_steps is 4
+    ("02_layer_analysis", "step", -5, "-4..3"),
     ("02_layer_analysis", "num_steps", 0, "1..1000"),
     ("02_layer_analysis", "grid_size", 0, "1..256"),
     ("02_layer_analysis", "inspect_video", -1, ">= 0"),
