@@ -53,13 +53,13 @@ What it does **not** do:
   defined for 64×64 world videos, and are not comparable to the paper's numbers.
 * **Not CogVideoX-2B/5B.** The embedded model is a 12-block CogVideoX-class DiT trained on the procedural world
   (64×64, 13 frames); the dominant layers are its own (`results/analysis_summary.json`, else 8, 11, 5).
-* **The CI-sized defaults are a smoke run** (2 prompts, 4 steps, one scale): their numbers are noise. Paper-scale:
+* **The CI-sized defaults are a smoke run** (2 prompts, 2 steps, one scale): their numbers are noise. Paper-scale:
   `python scripts/run_cag_eval.py --phase all --prompts 100 --steps 50 --scales 0.5 1 2 --device cuda --autocast bf16`.
 """)
 
 code(r'''
 n_prompts: int = 2  # prompts of this notebook's own run (world prompts, families alternate: objects, scenes)
-num_steps: int = 4  # denoising steps of this notebook's own run (the full evaluation uses 50)
+num_steps: int = 2  # denoising steps of this notebook's own run (the full evaluation uses 50)
 scales: list = [1.0]  # CAG scales of this notebook's own run (the full evaluation: 0.5, 1, 2)
 guidance_scale: float = 6.0  # classifier-free guidance weight w_cfg (the paper's CogVideoX runs use 6)
 variant: str = "renormalized"  # CAG perturbation: "renormalized" or "zero_after_softmax" (published CFG path)

@@ -28,7 +28,7 @@ COMMON_PARAMS = '''\
 model: str = "embedded"  # "embedded" or a local diffusers folder (02, 03: also CogVideoX, Wan, HunyuanVideo)
 videos_per_family: int = 1  # generated videos per family (objects, scenes), pseudo ground truth (Lucas-Kanade)
 exact_per_family: int = 1  # world videos per family analysed with exact ground truth (noised to each step)
-num_steps: int = 6  # denoising steps (the paper: 50)
+num_steps: int = 4  # denoising steps (the paper: 50)
 grid_size: int = 8  # query grid side in frame 0 (grid_size**2 points; the paper: 10 or 20)
 device: str = "cpu"  # "cpu" or "cuda"
 dtype: str = "float32"  # "float32", "float16" or "bfloat16"
@@ -570,7 +570,7 @@ Reproduces the paper's **Fig. 4c** (query-key matching accuracy over denoising s
 **Fig. 5** (share of attention a point's frame-0 token puts on its own frame / other frames / text over steps).
 A slider picks the layer (-1 = mean over layers).
 
-**What it does not do:** it analyses the embedded 12-layer model with a CI-sized number of steps (6 by default,
+**What it does not do:** it analyses the embedded 12-layer model with a CI-sized number of steps (4 by default,
 50 in the paper: `papermill -f notebooks/params/full.yaml`); "steps" are denoising-loop indices (0 = noisiest);
 world videos are analysed by noising the clean video to each step (one forward per step), generated videos along
 their own sampling trajectory, as the paper does for real and generated videos.
