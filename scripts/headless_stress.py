@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -198,9 +199,22 @@ def fresh_clone(out: Path) -> int:
         subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "DIFFTRACK_ROOT")}
         load_before = os.getloadavg()
+        loads: list[float] = []  # 1-minute load average every 10 s during the run (other jobs on the machine show)
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(10):
+                loads.append(os.getloadavg()[0])
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         t0 = time.monotonic()
-        r = subprocess.run(["bash", "scripts/lab.sh", "run"], cwd=repo, env=env, capture_output=True, text=True)
-        wall = time.monotonic() - t0
+        try:
+            r = subprocess.run(["bash", "scripts/lab.sh", "run"], cwd=repo, env=env, capture_output=True, text=True)
+        finally:
+            wall = time.monotonic() - t0
+            done.set()
+            sampler.join()
         log = r.stdout + r.stderr
         (tmp.parent / "difftrack-fresh-clone.log").write_text(log)
         if r.returncode != 0:
@@ -208,6 +222,7 @@ def fresh_clone(out: Path) -> int:
             print(f"[fresh] bash scripts/lab.sh run failed with exit {r.returncode} after {wall:.0f} s", file=sys.stderr)
             return 1
         m = re.search(r"main job took (\d+) s", log)
+        per_nb = {n: float(v) for n, v in re.findall(r"^\[lab\] (\S+)\.ipynb: ([0-9.]+) s", log, re.MULTILINE)}
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -221,12 +236,18 @@ def fresh_clone(out: Path) -> int:
             "local torch wheel; uv's download cache as left by earlier installs on this machine), then papermill over "
             "the five notebooks at their stored defaults with empty per-video caches; "
             "main_job_fresh_clone_notebooks_s is the notebooks part alone"),
+        "main_job_fresh_clone_per_notebook_s": per_nb,
         "main_job_fresh_clone_load_average": {"before_1min": round(load_before[0], 2),
+                                              "during_1min_mean": round(sum(loads) / len(loads), 2) if loads else None,
+                                              "during_1min_max": round(max(loads), 2) if loads else None,
                                               "after_1_5_15min": [round(x, 2) for x in os.getloadavg()]},
         "main_job_fresh_clone_date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"[fresh] bash scripts/lab.sh run on a fresh clone: {wall:.1f} s (notebooks {m.group(1) if m else '?'} s)")
+    print(f"[fresh] bash scripts/lab.sh run on a fresh clone: {wall:.1f} s (notebooks {m.group(1) if m else '?'} s: "
+          f"{per_nb}; 1-min load during the run: mean "
+          f"{record['main_job_fresh_clone_load_average']['during_1min_mean']}, max "
+          f"{record['main_job_fresh_clone_load_average']['during_1min_max']})")
     return 0
 
 
