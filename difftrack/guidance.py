@@ -544,6 +544,83 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
             handle.remove()
         state.grid = None
 
+# ------------------------------------------------------------------------------------------ shared prefix
+class PrefixShare:
+    """Computes the blocks before the first CAG layer once for the conditional and the perturbed slot.
+
+    The perturbed slot of ``[uncond, cond, perturbed]`` (``[cond, perturbed]`` without CFG or for a sequential-CFG
+    conditional call) equals the conditional one until the first perturbed block. While :attr:`rows` is
+    ``(full, keep)``, every block before ``first`` runs on the first ``keep`` rows of each batched argument (a view,
+    no copy), and the outputs of block ``first - 1`` get their last ``full - keep`` rows appended again (a copy of the
+    conditional rows), so the blocks from ``first`` on, the model's tail and the caller see the full batch as
+    before. ``rows = None`` (the default) leaves every call untouched.
+
+    Generic over backbones: only the block list of the adapter and the batch dimension of the block arguments and
+    outputs (tensors or tuples of tensors) are used. Hooks are removed by :meth:`remove`."""
+
+    def __init__(self, transformer, first: int):
+        from .backbones import adapter_for
+
+        blocks = [b for _, b in adapter_for(transformer).blocks(transformer)]
+        if not 0 <= first <= len(blocks):
+            raise ValueError(f"first={first}; allowed 0..{len(blocks)}")
+        self.first, self.rows = first, None
+        self._handles = []
+        if first == 0:  # nothing before the first perturbed block
+            return
+        for b in blocks[:first]:
+            self._handles.append(b.register_forward_pre_hook(self._cut, with_kwargs=True))
+        self._handles.append(blocks[first - 1].register_forward_hook(self._grow, with_kwargs=True))
+
+    def _cut(self, module, args, kwargs):
+        if self.rows is None:
+            return None
+        full, keep = self.rows
+
+        def cut(v):
+            return v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == full else v
+
+        return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+    def _grow(self, module, args, kwargs, output):
+        if self.rows is None:
+            return None
+        full, keep = self.rows
+        extra = full - keep
+
+        def grow(v):
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == keep:
+                return torch.cat([v, v[keep - extra:keep]])
+            return v
+
+        return tuple(grow(o) for o in output) if isinstance(output, tuple) else grow(output)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.rows = None
+
+
+@contextmanager
+def _maybe_prefix(transformer, first: int, enabled: bool):
+    if not enabled:
+        yield None
+        return
+    with shared_prefix(transformer, first) as share:
+        yield share
+
+
+@contextmanager
+def shared_prefix(transformer, first: int):
+    """:class:`PrefixShare` hooks on ``transformer`` (a pipeline's ``.transformer`` too), removed on exit (also when
+    the body raises)."""
+    share = PrefixShare(resolve_transformer(transformer), first)
+    try:
+        yield share
+    finally:
+        share.remove()
+
 
 # -------------------------------------------------------------------------------------------------- guidance
 def cag_combine(v_uncond: torch.Tensor | None, v_cond: torch.Tensor, v_perturbed: torch.Tensor, cfg_scale: float,
@@ -564,15 +641,16 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
                       num_inference_steps: int = 50, generator: torch.Generator | None = None,
                       negative_prompt: str | list[str] | None = None, num_frames: int | None = None,
                       height: int | None = None, width: int | None = None, latents: torch.Tensor | None = None,
-                      output_type: str = "np", callback_on_step_end=None, progress: bool = True):
+                      output_type: str = "np", callback_on_step_end=None, progress: bool = True,
+                      shared_prefix: bool = True):
     """Sample from a :class:`~difftrack.mini.MiniVideoPipeline` with CAG.
 
     The loop is ``MiniVideoPipeline.__call__``'s (same prompt encoding, noise, scheduler, RoPE, decoding), with one
     change: on steps whose CAG scale is non-zero the transformer gets **one** forward over the 3-slot batch
     ``[uncond, cond, perturbed-cond]`` (``[cond, perturbed-cond]`` without CFG) and :func:`cag_combine` mixes the
-    three predictions. One extra batch slot shares the weight pass and the pipeline's structure, so it is the simplest
-    correct choice. (Possible improvement: the perturbed and conditional slots are identical up to the first CAG
-    layer, so their shared prefix could be computed once.)
+    three predictions. With ``shared_prefix=True`` (default) the blocks before the first CAG layer run on
+    ``[uncond, cond]`` only and the perturbed slot starts from a copy of the conditional one (:class:`PrefixShare`;
+    the same values as the full 3-slot forward, tested bitwise in fp32 on the CPU).
 
     Exactness guarantee: on steps whose scale is 0 (all steps when ``config.scale == 0``, outside
     ``start_step..stop_step``, or ``config=None``) the step runs the unguided 2-slot forward with the processors in
@@ -620,12 +698,15 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
     pipe.scheduler.set_timesteps(num_inference_steps, device=device)
     rope = pipe.rotary_embedding(num_frames, height // mini.PATCH, width // mini.PATCH, device)
     n_plain = 2 if do_cfg else 1
-    with apply_cag(pipe.transformer, config) as state:
+    with apply_cag(pipe.transformer, config) as state, \
+            _maybe_prefix(pipe.transformer, min(config.layers), shared_prefix) as share:
         timesteps = pipe.scheduler.timesteps
         for i, t in enumerate(pipe.progress_bar(timesteps) if progress else timesteps):
             s = config.scale_at(i, num_inference_steps)
             slots = n_plain + (1 if s != 0 else 0)
             state.set_slots(slots, [slots - 1] if s != 0 else [])
+            if share is not None:
+                share.rows = (slots * B, n_plain * B) if s != 0 else None
             x = torch.cat([latents] * slots) if slots > 1 else latents
             tt = t.expand(x.shape[0])
             out = pipe.transformer(hidden_states=x.to(dtype), encoder_hidden_states=emb3 if s != 0 else emb,
@@ -654,7 +735,7 @@ _EXPANDED = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidd
 
 @contextmanager
 def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_inference_steps: int,
-              do_cfg: bool | None = None, **apply_kwargs):
+              do_cfg: bool | None = None, shared_prefix: bool = True, **apply_kwargs):
     """CAG inside an unmodified diffusers pipeline loop, by forward hooks on its transformer.
 
     * **Batched CFG** (CogVideoX, ``MiniVideoPipeline``: one call per step on ``[uncond, cond]``, then
@@ -671,9 +752,14 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     Steps are counted from the calls (a new timestep starts a step); steps with scale 0 pass through untouched
     (bitwise the plain pipeline). The folding through ``s/w`` equals :func:`cag_combine` up to float rounding.
 
+    With ``shared_prefix=True`` (default) the blocks before the first CAG layer run without the perturbed slot,
+    which starts from a copy of the conditional one there (:class:`PrefixShare`; the same values, tested bitwise in
+    fp32 on the CPU for every supported backbone).
+
     Args:
         guidance_scale: the CFG weight ``w`` the pipeline combines with (HunyuanVideo: ``true_cfg_scale``).
         do_cfg: whether the pipeline runs CFG (default ``guidance_scale > 1``).
+        shared_prefix: compute the blocks before the first CAG layer once for the conditional and perturbed slots.
 
     Yields:
         the :class:`CAGState` (``state.step`` holds the next step index).
@@ -690,7 +776,8 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     sequential = adapter_for(transformer).cfg == "sequential"
     sig = inspect.signature(transformer.forward)
     handles = []
-    with apply_cag(transformer, config, **apply_kwargs) as state:
+    with apply_cag(transformer, config, **apply_kwargs) as state, \
+            _maybe_prefix(transformer, min(config.layers), shared_prefix) as share:
         state.set_slots(1, [])
         state.step = 0
         n_plain = 2 if do_cfg and not sequential else 1
@@ -709,6 +796,8 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
             s = config.scale_at(state.step, num_inference_steps)
             state.step += 1
             pending["s"] = s
+            if share is not None:
+                share.rows = None
             if s == 0:
                 state.set_slots(1, [])
                 return None
@@ -721,10 +810,14 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
                 if isinstance(val, torch.Tensor) and val.dim() > 0 and val.shape[0] == x.shape[0]:
                     bound[name] = torch.cat([val, val[-b:]])
             state.set_slots(n_plain + 1, [n_plain])
+            if share is not None:
+                share.rows = ((n_plain + 1) * b, n_plain * b)
             return (), dict(bound)
 
         def post(m, args, kwargs, output):
             s = pending.pop("s")
+            if share is not None:
+                share.rows = None
             if s == 0:
                 return None
             state.set_slots(1, [])
@@ -751,7 +844,8 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
 
 
 def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_scale: float = 6.0,
-                                num_inference_steps: int = 50, use_dynamic_cfg: bool = False, **kwargs):
+                                num_inference_steps: int = 50, use_dynamic_cfg: bool = False,
+                                shared_prefix: bool = True, **kwargs):
     """Run an unmodified ``diffusers.CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline`` (or any
     pipeline of the same loop shape) with CAG.
 
@@ -762,6 +856,7 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
     and a negative prompt, which then is the weight folded. ``use_dynamic_cfg=True`` is refused (CogVideoX): the
     pipeline changes ``w`` only after the transformer call, so the hook could not fold ``s/w`` correctly (the
     published CAG code ignores dynamic CFG too). Wan 2.2's second transformer (``transformer_2``) is refused.
+    ``shared_prefix``: see :func:`cag_hooks`.
     """
     if use_dynamic_cfg:
         raise ValueError("use_dynamic_cfg=True is not supported with CAG (the CFG weight changes after the "
@@ -776,5 +871,5 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
         weight = float(kwargs.get("true_cfg_scale", 1.0))
         has_neg = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
         do_cfg = weight > 1.0 and has_neg
-    with cag_hooks(pipe, config, weight, num_inference_steps, do_cfg=do_cfg):
+    with cag_hooks(pipe, config, weight, num_inference_steps, do_cfg=do_cfg, shared_prefix=shared_prefix):
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)

@@ -181,3 +181,36 @@ def test_cag_errors_name_the_allowed_values():
     with pytest.raises(ValueError, match=rf"out of range.*allowed 0\.\.{n - 1}"):
         with apply_cag(m, CAGConfig(layers=[n])):
             pass
+
+
+@pytest.mark.parametrize("kind,extra", [("cogvideox", {}), ("wan", {}), ("hunyuanvideo", {}),
+                                        ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"})],
+                         ids=["cogvideox", "wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg"])
+def test_shared_prefix_cag_is_bitwise_the_three_slot_cag(kind, extra):
+    """On every pipeline CAG supports, the shared-prefix CAG (blocks before the first CAG layer computed once for the
+    conditional and perturbed slots) gives the 3-slot sample up to float rounding in fp32 on the CPU (not bitwise:
+    see test_guidance's batch-position test), for a layer set starting after block 0, and the first block really
+    runs without the perturbed slot."""
+    from difftrack.backbones import adapter_for
+
+    pipe = build_tiny_pipeline(kind)
+    kw = call_kwargs(kind, pipe, output_type="latent", **extra)
+    gs = kw.pop("guidance_scale")
+    blocks = adapter_for(pipe.transformer).blocks(pipe.transformer)
+    cfg = CAGConfig(layers=[len(blocks) - 1], scale=1.0)
+    batches = {}
+    # a forward hook registered before the run's own hooks sees the batch block 0 really computed
+    h = blocks[0][1].register_forward_hook(
+        lambda m, a, o: batches.setdefault("now", []).append((o[0] if isinstance(o, tuple) else o).shape[0]))
+    try:
+        out = {}
+        for share in (False, True):
+            batches["now"] = []
+            out[share] = generate_with_cag_diffusers(pipe, cfg, generator=torch.Generator().manual_seed(0),
+                                                     guidance_scale=gs, shared_prefix=share, **kw).frames
+            batches[share] = max(batches["now"])
+    finally:
+        h.remove()
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=2e-5)
+    assert batches[True] < batches[False]
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for _, b in blocks)
