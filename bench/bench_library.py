@@ -184,7 +184,10 @@ def bench_model(name: str, args, res: dict, write) -> None:
                             output_type="latent", use_dynamic_cfg=False)
         cag = lambda: generate_with_cag_diffusers(pipe, cfg, prompt=PROMPT, num_inference_steps=n,  # noqa: E731
                                                   guidance_scale=6.0, generator=g(), output_type="latent")
-        c = M["cag"] = dict(steps=n, layers=cfg.layers, scale=cfg.scale, variant=cfg.variant)
+        import inspect
+
+        shared = inspect.signature(generate_with_cag_diffusers).parameters["shared_prefix"].default
+        c = M["cag"] = dict(steps=n, layers=cfg.layers, scale=cfg.scale, variant=cfg.variant, shared_prefix=shared)
         c["cfg"] = timer(base, warmup=base)
         c["cag"] = timer(cag, warmup=cag)
         M["cag_step_over_cfg_step"] = _ratio(c["cag"]["seconds"], c["cfg"]["seconds"])
