@@ -645,17 +645,16 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
                       shared_prefix: bool = True):
     """Sample from a :class:`~difftrack.mini.MiniVideoPipeline` with CAG.
 
-    The loop is ``MiniVideoPipeline.__call__``'s (same prompt encoding, noise, scheduler, RoPE, decoding), with one
-    change: on steps whose CAG scale is non-zero the transformer gets **one** forward over the 3-slot batch
-    ``[uncond, cond, perturbed-cond]`` (``[cond, perturbed-cond]`` without CFG) and :func:`cag_combine` mixes the
-    three predictions. With ``shared_prefix=True`` (default) the blocks before the first CAG layer run on
-    ``[uncond, cond]`` only and the perturbed slot starts from a copy of the conditional one (:class:`PrefixShare`;
-    the same values as the full 3-slot forward, tested bitwise in fp32 on the CPU).
+    The pipeline's own ``__call__`` runs unmodified under :func:`cag_hooks`: on steps whose CAG scale is non-zero
+    the transformer gets **one** forward over ``[uncond, cond, perturbed-cond]`` (``[cond, perturbed-cond]`` without
+    CFG) and the hooks fold the CAG term into the pipeline's own CFG combine, giving
+    ``v_u + w (v_c - v_u) + s (v_c - v_p)`` (:func:`cag_combine`, up to float rounding). With ``shared_prefix=True``
+    (default) the blocks before the first CAG layer run without the perturbed slot, which starts from a copy of the
+    conditional one (:class:`PrefixShare`).
 
-    Exactness guarantee: on steps whose scale is 0 (all steps when ``config.scale == 0``, outside
-    ``start_step..stop_step``, or ``config=None``) the step runs the unguided 2-slot forward with the processors in
-    pass-through, i.e. exactly the operations of ``MiniVideoPipeline.__call__``; so ``scale=0`` reproduces the
-    unguided output bit for bit (tested). ``config=None`` simply calls the pipeline.
+    Exactness guarantee: steps whose scale is 0 (all steps when ``config.scale == 0``, outside
+    ``start_step..stop_step``, or ``config=None``) pass through the hooks untouched, so ``scale=0`` reproduces the
+    unguided pipeline bit for bit (tested).
 
     Args:
         pipe: the embedded pipeline.
@@ -664,67 +663,24 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
         config: the :class:`CAGConfig`, or ``None`` for no CAG.
         guidance_scale: CFG weight (> 1 enables CFG).
         output_type: ``"np"`` for ``uint8 [B, T, H, W, 3]`` or ``"latent"`` for ``[B, T, 12, H/2, W/2]``.
+        shared_prefix: see :func:`cag_hooks`.
 
     Returns:
         ``MiniVideoPipelineOutput`` as the pipeline.
     """
     from . import mini
 
-    num_frames = mini.FRAMES if num_frames is None else num_frames
-    height = mini.HEIGHT if height is None else height
-    width = mini.WIDTH if width is None else width
-    common = dict(negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
+    common = dict(negative_prompt=negative_prompt, num_frames=mini.FRAMES if num_frames is None else num_frames,
+                  height=mini.HEIGHT if height is None else height, width=mini.WIDTH if width is None else width,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
                   latents=latents, output_type=output_type, callback_on_step_end=callback_on_step_end,
                   progress=progress)
     if config is None:
         return pipe(prompt, **common)
-    # --- the same preamble as MiniVideoPipeline.__call__
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negs = None if negative_prompt is None else (
-        [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
-    pipe.check_inputs(num_frames, height, width, num_inference_steps, guidance_scale)
-    config.check_steps(num_inference_steps)
-    device = pipe._execution_device
-    dtype = pipe.transformer.dtype
-    do_cfg = guidance_scale > 1.0
-    emb = pipe.encode_prompt(prompts, negs, do_cfg).to(dtype)  # [uncond, cond] or [cond]
-    B = len(prompts)
-    emb3 = torch.cat([emb, emb[-B:]])  # + perturbed-cond slot
-    shape = (B, num_frames, 3 * mini.PATCH * mini.PATCH, height // mini.PATCH, width // mini.PATCH)
-    if latents is None:
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-    latents = latents.to(device=device, dtype=torch.float32) * pipe.scheduler.init_noise_sigma
-    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
-    rope = pipe.rotary_embedding(num_frames, height // mini.PATCH, width // mini.PATCH, device)
-    n_plain = 2 if do_cfg else 1
-    with apply_cag(pipe.transformer, config) as state, \
-            _maybe_prefix(pipe.transformer, min(config.layers), shared_prefix) as share:
-        timesteps = pipe.scheduler.timesteps
-        for i, t in enumerate(pipe.progress_bar(timesteps) if progress else timesteps):
-            s = config.scale_at(i, num_inference_steps)
-            slots = n_plain + (1 if s != 0 else 0)
-            state.set_slots(slots, [slots - 1] if s != 0 else [])
-            if share is not None:
-                share.rows = (slots * B, n_plain * B) if s != 0 else None
-            x = torch.cat([latents] * slots) if slots > 1 else latents
-            tt = t.expand(x.shape[0])
-            out = pipe.transformer(hidden_states=x.to(dtype), encoder_hidden_states=emb3 if s != 0 else emb,
-                                   timestep=tt, image_rotary_emb=rope, return_dict=False)[0].float()
-            if s != 0:
-                parts = out.chunk(slots)
-                out = cag_combine(parts[0] if do_cfg else None, parts[-2], parts[-1], guidance_scale, s)
-            elif do_cfg:  # exactly MiniVideoPipeline's combine
-                u, c = out.chunk(2)
-                out = u + guidance_scale * (c - u)
-            latents = pipe.scheduler.step(out, t, latents, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                callback_on_step_end(pipe, i, t, {"latents": latents})
-    if output_type == "latent":
-        return mini.MiniVideoPipelineOutput(frames=latents)
-    video = mini.latents_to_pixels(latents).clamp(0, 1)
-    frames = (video * 255 + 0.5).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
-    return mini.MiniVideoPipelineOutput(frames=frames)
+    pipe.check_inputs(common["num_frames"], common["height"], common["width"], num_inference_steps, guidance_scale)
+    with torch.no_grad(), cag_hooks(pipe, config, guidance_scale, num_inference_steps, do_cfg=guidance_scale > 1.0,
+                                    shared_prefix=shared_prefix):
+        return pipe(prompt, **common)
 
 
 # ------------------------------------------------------------------------------------- unmodified diffusers loop
