@@ -21,6 +21,7 @@ list and ``_SUBMODULES`` name exactly the modules on disk):
 * ``difftrack.sliders``       -- ipywidgets slider panels drawn in the kernel (headless-safe)
 * ``difftrack.params``        -- the notebooks' parameter checks (before any model load or file write)
 * ``difftrack.paper_results`` -- the committed paper-scale results, read back for the notebooks
+* ``difftrack.checks``        -- input checks shared by the public entry points (videos, queries, sizes)
 * ``difftrack.video_io``, ``difftrack.fileio``, ``difftrack.paths``, ``difftrack.provenance`` -- video files, damaged-file
   errors, the project's folders, commit and device of a measurement
 """
@@ -29,7 +30,7 @@ import importlib
 __version__ = "0.1.0"
 _SUBMODULES = ("capture", "backbones", "runners", "matching", "analysis", "inspect_attn", "tracking", "tapvid",
                "baselines", "guidance", "cag_eval", "world", "mini", "testing", "viz", "viz_tracks", "sliders",
-               "params", "paper_results", "video_io", "fileio", "paths", "provenance")
+               "params", "paper_results", "checks", "video_io", "fileio", "paths", "provenance")
 
 
 _EXPORTS = {"WorldTextEncoder": "mini", "MiniVideoPipeline": "mini", "capture": "capture"}

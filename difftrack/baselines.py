@@ -32,6 +32,8 @@ from typing import Callable, Dict, Tuple
 import cv2
 import numpy as np
 
+from .checks import check_queries, check_video
+
 __all__ = ["Tracker", "LucasKanadeTracker", "DenseFlowTracker", "PatchMatchTracker"]
 
 #: Offset between edge-convention pixels (ours) and OpenCV's centre-at-integer pixels.
@@ -44,37 +46,10 @@ StepFn = Callable[[int, int, np.ndarray], Tuple[np.ndarray, np.ndarray]]
 
 
 def _check_inputs(video: np.ndarray, queries: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate the common call; return ``(video, queries float32 [N, 3], frames int64 [N])``."""
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"video has shape {video.shape}; expected uint8 [T, H, W, 3]")
-    if video.dtype != np.uint8:
-        raise ValueError(f"video has dtype {video.dtype}; expected uint8 [T, H, W, 3]")
-    t, h, w, _ = video.shape
-    if t == 0 or h == 0 or w == 0:
-        raise ValueError(f"video has shape {video.shape}; expected non-empty uint8 [T, H, W, 3]")
-    queries = np.asarray(queries)
-    if queries.ndim != 2 or queries.shape[-1] != 3:
-        raise ValueError(f"queries has shape {queries.shape}; expected float32 [N, 3] (t, x, y)")
-    if not (np.issubdtype(queries.dtype, np.floating) or np.issubdtype(queries.dtype, np.integer)):
-        raise ValueError(f"queries has dtype {queries.dtype}; expected float32 [N, 3] (t, x, y)")
-    queries = queries.astype(np.float32)
-    if not np.all(np.isfinite(queries)):
-        raise ValueError("queries contains non-finite values; expected finite (t, x, y)")
-    frames = np.round(queries[:, 0]).astype(np.int64)
-    bad = (np.abs(queries[:, 0] - frames) > 1e-3) | (frames < 0) | (frames >= t)
-    if bad.any():
-        raise ValueError(
-            f"query frame t={float(queries[np.argmax(bad), 0])!r} is not an integer frame index in [0, {t - 1}]"
-        )
-    x, y = queries[:, 1], queries[:, 2]
-    outside = (x < 0) | (x > w) | (y < 0) | (y > h)
-    if outside.any():
-        i = int(np.argmax(outside))
-        raise ValueError(
-            f"query (x, y)=({float(x[i])!r}, {float(y[i])!r}) lies outside the frame "
-            f"[0, {w}] x [0, {h}] (edge-convention pixels)"
-        )
+    """Validate the common call; return ``(video, queries float32 [N, 3], frames int64 [N])``
+    (:mod:`difftrack.checks`)."""
+    video = check_video(video)
+    queries, frames = check_queries(queries, *video.shape[:3], allow_empty=True)
     return video, queries, frames
 
 

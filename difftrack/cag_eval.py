@@ -38,7 +38,6 @@ OpenCV is imported inside the functions that need it.
 from __future__ import annotations
 
 import colorsys
-import json
 import math
 import re
 import time
@@ -50,6 +49,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from . import world as _world
+from .checks import check_video
 
 # --------------------------------------------------------------------------------------------- constants
 HUE_TOLERANCE_DEG = 15.0  # half-width of the hue window around a named colour (world hues are >= 55 deg apart)
@@ -304,12 +304,7 @@ def classify_camera(video: np.ndarray, flows: np.ndarray | None = None) -> tuple
 
 # --------------------------------------------------------------------------------------------- measures
 def _check_video(video: np.ndarray, min_frames: int = 2) -> np.ndarray:
-    v = np.asarray(video)
-    if v.ndim != 4 or v.shape[-1] != 3 or v.dtype != np.uint8:
-        raise ValueError(f"video must be uint8 [T, H, W, 3]; got {v.dtype} {v.shape}")
-    if v.shape[0] < min_frames:
-        raise ValueError(f"video has {v.shape[0]} frame(s); at least {min_frames} are needed")
-    return np.ascontiguousarray(v)
+    return np.ascontiguousarray(check_video(video, min_frames))
 
 
 def object_direction(video: np.ndarray, colour: str) -> dict:

@@ -22,6 +22,8 @@ from typing import Any, Dict, Iterator, Mapping, Sequence, Tuple
 import cv2
 import numpy as np
 
+from .checks import check_hw
+
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "compute_tapvid_metrics",
@@ -97,13 +99,7 @@ def _check_tapvid_tracks(occluded: Any, points: Any) -> Tuple[np.ndarray, np.nda
 
 
 def _check_size(name: str, size: Any) -> Tuple[int, int]:
-    try:
-        h, w = (int(s) for s in size)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={size!r}; expected a (height, width) pair of positive ints") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{name}={size!r}; expected a (height, width) pair of positive ints")
-    return h, w
+    return check_hw(name, size)
 
 
 # --------------------------------------------------------------------------------------
@@ -270,6 +266,11 @@ def summary_table(metrics: Mapping[str, Any], name: str = "method"):
 # --------------------------------------------------------------------------------------
 
 
+def _swap_xy(queries: np.ndarray, layout: str) -> np.ndarray:
+    queries = _check_array("queries", queries, np.ndim(queries), f"[..., 3] {layout}", last=3)
+    return queries[..., [0, 2, 1]]
+
+
 def queries_txy_to_tyx(queries: np.ndarray) -> np.ndarray:
     """CoTracker-order queries ``(t, x, y)`` to tapnet order ``(t, y, x)``.
 
@@ -279,8 +280,7 @@ def queries_txy_to_tyx(queries: np.ndarray) -> np.ndarray:
     Returns:
         `[..., 3]`, same dtype, ``(t, y, x)`` (a new array).
     """
-    queries = _check_array("queries", queries, np.ndim(queries), "[..., 3] (t, x, y)", last=3)
-    return queries[..., [0, 2, 1]]
+    return _swap_xy(queries, "(t, x, y)")
 
 
 def queries_tyx_to_txy(queries: np.ndarray) -> np.ndarray:
@@ -292,8 +292,7 @@ def queries_tyx_to_txy(queries: np.ndarray) -> np.ndarray:
     Returns:
         `[..., 3]`, same dtype, ``(t, x, y)`` (a new array).
     """
-    queries = _check_array("queries", queries, np.ndim(queries), "[..., 3] (t, y, x)", last=3)
-    return queries[..., [0, 2, 1]]
+    return _swap_xy(queries, "(t, y, x)")
 
 
 def tracks_nt2_to_bnt2(tracks: np.ndarray) -> np.ndarray:

@@ -70,6 +70,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import checks as _checks
 from .backbones import adapter_for, resolve_transformer
 from .capture import capture, run_until
 from .matching import (REFINE, _bilinear_rows, feature_cost, match_from_cost, px_to_tokens, qk_cost, refine_peak,
@@ -111,52 +112,12 @@ DEFAULT_NCC_THRESHOLD = 0.75
 
 # ----------------------------------------------------------------------------------------------- validation
 def check_video(video, min_frames: int = 2) -> np.ndarray:
-    """Validate a public-API video: ``uint8 [T, H, W, 3]`` with ``T >= min_frames``; returns it as an ndarray."""
-    if isinstance(video, torch.Tensor):
-        video = video.detach().cpu().numpy()
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"video has shape {video.shape}; expected uint8 [T, H, W, 3] (RGB)")
-    if video.dtype != np.uint8:
-        raise ValueError(f"video has dtype {video.dtype}; expected uint8 [T, H, W, 3] (values 0..255)")
-    T, H, W, _ = video.shape
-    if T < min_frames:
-        raise ValueError(f"video has {T} frame(s); at least {min_frames} frames are needed to track")
-    if H == 0 or W == 0:
-        raise ValueError(f"video has an empty frame size {H}x{W}")
-    return video
+    """Validate a public-API video: ``uint8 [T, H, W, 3]`` with ``T >= min_frames`` (2: something to track into);
+    returns it as an ndarray (:func:`difftrack.checks.check_video`)."""
+    return _checks.check_video(video, min_frames)
 
 
-def check_queries(queries, num_frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate ``float [N, 3]`` queries ``(t, x, y)``; returns ``(queries float32 [N, 3], frames int64 [N])``.
-
-    ``t`` must be an integer frame index in ``[0, T-1]``; ``(x, y)`` edge-convention pixels in ``[0, W] x [0, H]``.
-    """
-    if isinstance(queries, torch.Tensor):
-        queries = queries.detach().cpu().numpy()
-    queries = np.asarray(queries)
-    if queries.ndim != 2 or queries.shape[1] != 3:
-        raise ValueError(f"queries has shape {queries.shape}; expected float32 [N, 3] as (t, x, y) pixels")
-    if queries.shape[0] == 0:
-        raise ValueError("queries is empty; expected at least one (t, x, y) query")
-    if queries.dtype == np.bool_ or not (np.issubdtype(queries.dtype, np.floating)
-                                         or np.issubdtype(queries.dtype, np.integer)):
-        raise ValueError(f"queries has dtype {queries.dtype}; expected float32 [N, 3] as (t, x, y) pixels")
-    q = queries.astype(np.float32)
-    if not np.isfinite(q).all():
-        raise ValueError("queries contains non-finite values; expected finite (t, x, y)")
-    frames = np.round(q[:, 0]).astype(np.int64)
-    bad = (np.abs(q[:, 0] - frames) > 1e-3) | (frames < 0) | (frames >= num_frames)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"query {i} has frame t={float(q[i, 0])!r}; allowed: an integer frame index in "
-                         f"[0, {num_frames - 1}]")
-    out = (q[:, 1] < 0) | (q[:, 1] > width) | (q[:, 2] < 0) | (q[:, 2] > height)
-    if out.any():
-        i = int(np.argmax(out))
-        raise ValueError(f"query {i} at (x, y)=({float(q[i, 1])!r}, {float(q[i, 2])!r}) lies outside the frame; "
-                         f"allowed: x in [0, {width}], y in [0, {height}] (edge-convention pixels)")
-    return q, frames
+check_queries = _checks.check_queries
 
 
 def _check_number(name: str, value, lo: float, hi: float, allow_none: bool = False, lo_open: bool = False

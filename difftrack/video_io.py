@@ -15,19 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_hw
+
 __all__ = ["read_video", "write_video"]
 
 
 def _check_size(resize) -> tuple[int, int] | None:
-    if resize is None:
-        return None
-    try:
-        h, w = (int(s) for s in resize)
-    except (TypeError, ValueError):
-        raise ValueError(f"resize={resize!r}; expected None or a (height, width) pair of positive ints") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"resize={resize!r}; expected None or a (height, width) pair of positive ints")
-    return h, w
+    return check_hw("resize", resize, none_ok=True)
 
 
 def _to_rgb(frame: np.ndarray) -> np.ndarray:

@@ -22,6 +22,30 @@ PART_COLOURS = {"self": "#4C72B0", "cross": "#DD8452", "text": "#55A868"}
 DPI = 120
 
 
+def _lines(series: Mapping[str, np.ndarray], figsize, percent: bool, styles: Mapping[str, str] | None = None):
+    """A figure with one line per series (x = index); returns ``(fig, ax, longest series length)``."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.subplots()
+    n = 0
+    for name, v in series.items():
+        v = np.asarray(v, float) * (100 if percent else 1)
+        n = max(n, len(v))
+        ax.plot(np.arange(len(v)), v, (styles or {}).get(name, "o-"), label=name, ms=4)
+    return fig, ax, n
+
+
+def _finish(fig: Figure, ax, save, ylabel: str, title: str | None, xlabel: str | None = None) -> Figure:
+    """The line plots' common ending: axis labels, light grid, legend, title, optional save."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, save)
+
+
 def _save(fig: Figure, save: str | Path | None) -> Figure:
     if save is not None:
         save = Path(save)
@@ -150,13 +174,7 @@ def threshold_curves(thresholds: Sequence[float], curves: Mapping[str, Sequence[
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(thresholds), [f"{t:g}" for t in thresholds])
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return _save(fig, save)
+    return _finish(fig, ax, save, ylabel, title, xlabel=xlabel)
 
 
 def histogram(values: Mapping[str, np.ndarray], bins=30, xlabel: str = "", title: str | None = None,
@@ -190,23 +208,11 @@ def layer_lines(series: Mapping[str, np.ndarray], ylabel: str, title: str | None
         highlight: layers marked with a shaded band (e.g. the top layers).
         percent: plot ``100 * value``.
     """
-    fig = Figure(figsize=(6.0, 3.4), layout="constrained")
-    ax = fig.subplots()
-    L = 0
-    for name, v in series.items():
-        v = np.asarray(v, float) * (100 if percent else 1)
-        L = max(L, len(v))
-        ax.plot(np.arange(len(v)), v, (styles or {}).get(name, "o-"), label=name, ms=4)
+    fig, ax, L = _lines(series, (6.0, 3.4), percent, styles)
     for l in highlight:
         ax.axvspan(l - 0.4, l + 0.4, color="gold", alpha=0.25, lw=0)
     ax.set_xticks(np.arange(L))
-    ax.set_xlabel("layer")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return _save(fig, save)
+    return _finish(fig, ax, save, ylabel, title, xlabel="layer")
 
 
 def layer_bars(values: np.ndarray, ylabel: str, title: str | None = None, highlight: Sequence[int] = (),
@@ -273,20 +279,9 @@ def step_lines(series: Mapping[str, np.ndarray], ylabel: str, timesteps: Sequenc
                title: str | None = None, percent: bool = True, save=None) -> Figure:
     """Values over denoising steps, one line per series (the paper's Fig. 4c). The x axis is the step index
     (noisiest first); with ``timesteps`` the scheduler timestep is written under each step."""
-    fig = Figure(figsize=(5.6, 3.4), layout="constrained")
-    ax = fig.subplots()
-    S = 0
-    for name, v in series.items():
-        v = np.asarray(v, float) * (100 if percent else 1)
-        S = max(S, len(v))
-        ax.plot(np.arange(len(v)), v, "o-", label=name, ms=4)
+    fig, ax, S = _lines(series, (5.6, 3.4), percent)
     _step_axis(ax, S, timesteps)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return _save(fig, save)
+    return _finish(fig, ax, save, ylabel, title)
 
 
 def _step_axis(ax, S: int, timesteps) -> None:
