@@ -34,7 +34,6 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -278,15 +277,10 @@ def timeit(fn, dev, reps: int, warmup: int) -> dict:
 
 
 def _git_commit(arg: str | None) -> str:
-    if arg:
-        return arg
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 -- no git on the GPU box
-        return "unknown"
+    """``--commit`` when given, else :func:`difftrack.provenance.git_commit` ($GIT_COMMIT, then git)."""
+    from difftrack.provenance import git_commit
+
+    return arg or git_commit()
 
 
 class Bench:

@@ -420,6 +420,12 @@ def _field_diff(stored: dict | None, want: dict) -> dict:
     return {k: (stored.get(k), v) for k, v in want.items() if stored.get(k) != v}
 
 
+def cache_key(item: dict, num_steps: int, grid_size: int) -> str:
+    """File stem of ``item``'s cached record (``<stem>.npz``) and video (``<stem>_video.npy``) in
+    :func:`run_dataset`'s cache folder; everything else the record depends on is in :func:`cache_fields`."""
+    return f"{item['kind']}_{item.get('family', 'x')}_{item['seed']}_s{num_steps}_g{grid_size}"
+
+
 def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int = 50, grid_size: int = 10,
                 progress: bool = True, size=None, guidance_scale: float = 6.0, **kw) -> list[tuple[dict, dict]]:
     """Analyse a list of videos with per-video caching (resumes after an interruption; finished videos are not
@@ -455,7 +461,7 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
         if item.get("kind") not in ("generated", "exact"):
             raise ValueError(f"unknown item kind {item.get('kind')!r} in {item}; allowed: 'generated', 'exact'")
         fields = cache_fields(item, num_steps, grid_size, want, guidance_scale, model, **kw)
-        key = f"{item['kind']}_{item.get('family', 'x')}_{item['seed']}_s{num_steps}_g{grid_size}"
+        key = cache_key(item, num_steps, grid_size)
         path = cache_dir / f"{key}.npz"
         vid_path = cache_dir / f"{key}_video.npy"
         rec = video = None

@@ -268,8 +268,10 @@ def analysis_items(generated_per_family: int, exact_per_family: int, seed: int =
 
 
 def cache_key(item: dict, num_steps: int, grid_size: int) -> str:
-    """File stem :func:`difftrack.analysis.run_dataset` uses for ``item`` (kept in step with it by a test)."""
-    return f"{item['kind']}_{item.get('family', 'x')}_{item['seed']}_s{num_steps}_g{grid_size}"
+    """File stem :func:`difftrack.analysis.run_dataset` uses for ``item`` (:func:`difftrack.analysis.cache_key`)."""
+    from .analysis import cache_key as key
+
+    return key(item, num_steps, grid_size)
 
 
 def load_cached(cache_dir, item: dict, num_steps: int, grid_size: int):

@@ -53,16 +53,14 @@ def _query_frames(visible: np.ndarray, query_frames) -> np.ndarray:
 
 
 def track_colors(tracks: np.ndarray, query_frames=None, visible=None, cmap: str = "gist_rainbow") -> np.ndarray:
-    """``uint8 [N, 3]`` RGB colour per track from the ``y`` of its query point (CoTracker's rainbow mode)."""
-    import matplotlib
+    """``uint8 [N, 3]`` RGB colour per track: :func:`difftrack.viz.track_colours` (the one colour rule: CoTracker's
+    rainbow keyed on the query point's y, then x) of each track's point at its query frame."""
+    from .viz import track_colours
 
     tracks = np.asarray(tracks, dtype=np.float32)
     vis = np.ones(tracks.shape[:2], bool) if visible is None else np.asarray(visible, bool)
     qf = _query_frames(vis, query_frames)
-    y = tracks[np.arange(len(tracks)), qf, 1]
-    lo, hi = (float(y.min()), float(y.max())) if len(y) else (0.0, 1.0)
-    u = (y - lo) / (hi - lo) if hi > lo else np.zeros_like(y)
-    rgba = matplotlib.colormaps[cmap](u)
+    rgba = track_colours(tracks[np.arange(len(tracks)), qf], cmap)
     return (np.asarray(rgba)[:, :3] * 255 + 0.5).astype(np.uint8)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 import types
@@ -33,6 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from difftrack.provenance import git_commit  # noqa: E402
 try:
     import cv2  # noqa: F401  (difftrack.tapvid imports it; the metric itself is pure numpy)
 except ImportError:  # a GPU box without OpenCV: the metric code does not need it
@@ -220,10 +220,7 @@ def main():
     report = dict(split="train", n_videos=len(videos), grid_queries=64, eval_size=EVAL,
                   device=str(args.device), torch=torch.__version__, platform=platform.platform(),
                   gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-    try:
-        report["git_commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        report["git_commit"] = None
+    report["git_commit"] = git_commit()
     if args.stage in ("select", "all"):
         report["select"] = sel = select_stage(pipe, videos, args.device, args.quick,
                                               args.only.split(";") if args.only else None,

@@ -20,6 +20,7 @@ from conftest import tiny_cogvideox, tiny_inputs  # noqa: E402
 from test_backbones import CASES  # noqa: E402
 
 from difftrack.capture import capture  # noqa: E402
+from difftrack.provenance import git_commit  # noqa: E402
 from difftrack.testing import build_tiny_pipeline  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -76,6 +77,6 @@ if args.suite:
     res["cpu_test_suite_seconds"] = round(time.time() - t0, 1)
     res["cpu_test_suite_summary"] = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
     res["cpu_test_suite_failed"] = [l.split(" - ")[0] for l in r.stdout.splitlines() if l.startswith("FAILED")]
-res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+res["commit"] = git_commit()
 Path(args.out).write_text(json.dumps(res, indent=1))
 print(json.dumps(res, indent=1))

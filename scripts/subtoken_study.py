@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from difftrack.provenance import git_commit  # noqa: E402
 from difftrack import matching as M  # noqa: E402
 from difftrack import mini  # noqa: E402
 from difftrack.capture import capture  # noqa: E402
@@ -117,8 +116,7 @@ def main(argv=None) -> int:
                rules_kwargs=RULES, videos_per_split=args.videos, timestep_index=49, num_steps=50,
                threshold_px=dict(half=2.0, one=4.0), device="cpu", torch=torch.__version__,
                threads=torch.get_num_threads(), seconds=round(time.time() - t0, 1),
-               commit=os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,
-                                                                      capture_output=True, text=True).stdout.strip())
+               commit=git_commit())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"chosen on train: {chosen} (layer {lay}); held-out: half {held['half'][lay]:.3f}, one {held['one'][lay]:.3f}")

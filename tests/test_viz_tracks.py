@@ -128,3 +128,13 @@ def test_load_benchmark_table(tmp_path):
     p3 = tmp_path / "c.csv"
     p3.write_text("method,average_jaccard\nDiffTracker,50\n")
     assert load_benchmark_table(p3).loc["DiffTracker", "average_jaccard"] == 50
+
+
+def test_one_colour_rule_for_notebook_plots_and_drawn_videos():
+    """viz_tracks.track_colors (videos) is viz.track_colours (matplotlib plots) of the query points, in uint8 RGB."""
+    from difftrack.viz import track_colours
+
+    tracks = np.array([[[5.0, 9.0], [6.0, 9.0]], [[2.0, 1.0], [2.0, 2.0]], [[7.0, 1.0], [8.0, 1.0]]], np.float32)
+    rgb = track_colors(tracks)
+    ref = (track_colours(tracks[:, 0])[:, :3] * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(rgb, ref) and len({tuple(c) for c in rgb}) == 3
