@@ -533,11 +533,11 @@ DEFAULT_BOTTOM3 = [0, 6, 9]
 def layer_sets(summary_path: str | Path | None = None) -> dict:
     """The dominant and least-dominant 3 layers of the embedded model.
 
-    From ``results/analysis_summary.json`` (``scripts/run_analysis.py``) when it exists: ``best_layers_top3`` (top
-    level, else its ``combined`` block); the bottom 3 from
-    ``worst_layers_bottom3`` / ``least_dominant_layers``, else from a ``layer_ranking`` list (best first) or a
-    ``harmonic_mean`` table ``[steps, layers]`` ranked with :func:`difftrack.analysis.top_layers`. Otherwise the
-    colleague's analysis defaults ``[8, 11, 5]`` and ``[0, 6, 9]``.
+    From the analysis summary (default ``results/analysis_summary.json``, written by ``scripts/run_analysis.py``):
+    its ``combined`` block (generated + exact videos), or the top level of a summary with one block, holds
+    ``best_layers_top3`` and ``worst_layers_bottom3`` or the full ``layer_ranking`` (best first; its last three are
+    the bottom 3). Without the file: the colleague's analysis defaults ``[8, 11, 5]`` and ``[0, 6, 9]``, said so in
+    ``source``.
 
     Returns ``{"top3": [...], "bottom3": [...], "source": str}``.
     """
@@ -552,31 +552,15 @@ def layer_sets(summary_path: str | Path | None = None) -> dict:
     from .fileio import read_json
 
     d = read_json(p, "analysis summary")
-
-    def find(*keys):  # top level first, then the combined (generated + exact) block of scripts/run_analysis.py
-        for block in (d, d.get("combined"), d.get("all"), (d.get("summary") or {}).get("all")):
-            for k in keys:
-                if isinstance(block, dict) and block.get(k) is not None:
-                    return block[k]
-        return None
-
-    top = find("best_layers_top3")
-    bottom = find("worst_layers_bottom3", "least_dominant_layers", "bottom_layers_3")
-    ranking = find("layer_ranking")
-    if bottom is None and ranking:
-        bottom = list(ranking)[-3:]
-    if (top is None or bottom is None) and find("harmonic_mean") is not None:
-        from .analysis import top_layers
-
-        hm = np.asarray(find("harmonic_mean"), np.float64)
-        order = top_layers(hm, k=hm.shape[1])
-        top = top if top is not None else order[:3]
-        bottom = bottom if bottom is not None else order[-3:]
-    src = f"{p.name}"
+    block = d.get("combined") if isinstance(d.get("combined"), dict) else d
+    ranking = block.get("layer_ranking")
+    top = block.get("best_layers_top3") or (list(ranking)[:3] if ranking else None)
+    bottom = block.get("worst_layers_bottom3") or (list(ranking)[-3:] if ranking else None)
+    src = p.name
     if top is None:
-        top, src = list(DEFAULT_TOP3), src + " (no best_layers_top3: default top)"
+        top, src = list(DEFAULT_TOP3), src + " (no best_layers_top3 / layer_ranking: default top)"
     if bottom is None:
-        bottom, src = list(DEFAULT_BOTTOM3), src + " (no ranking for the bottom 3: default [0, 6, 9])"
+        bottom, src = list(DEFAULT_BOTTOM3), src + " (no worst_layers_bottom3 / layer_ranking: default [0, 6, 9])"
     return dict(top3=[int(x) for x in top], bottom3=[int(x) for x in bottom], source=src)
 
 
