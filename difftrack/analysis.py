@@ -39,7 +39,9 @@ class AnalysisRecord:
 
     * ``qk_tracks``, ``feat_tracks``: ``float32 [S, L, n, F, 2]`` pixels;
     * ``max_text``, ``sum_text``: ``[S, L, n]``; ``max_frame``, ``sum_frame``: ``[S, L, n, F]`` (attention of the
-      point's frame-0 token, head-averaged).
+      point's frame-0 token, head-averaged);
+    * ``qk_tracks_heads``: ``float32 [S, L, K, n, F, 2]`` query-key tracks from the cost averaged over each of the
+      ``K`` head sets ``head_sets`` only (recorded when :class:`Recorder` gets ``head_sets``; else ``None``).
     """
 
     queries: np.ndarray  # [n, 2] pixels (x, y) in frame 0
@@ -54,6 +56,8 @@ class AnalysisRecord:
     sum_text: np.ndarray | None = None
     max_frame: np.ndarray | None = None
     sum_frame: np.ndarray | None = None
+    qk_tracks_heads: np.ndarray | None = None
+    head_sets: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
@@ -95,13 +99,15 @@ class Recorder:
         num_steps, num_layers: table size.
         tau, bidirectional, refine, radius: matching settings (:mod:`difftrack.matching`).
         feature_tau: temperature of block-feature cosine matching.
+        head_sets: also record query-key tracks from single heads or head subsets, e.g. ``[[0], [1], [0, 1]]``
+            (``qk_tracks_heads``; head indices of every layer; ``None``: the head average only).
     """
 
     TABLES = ("qk_tracks", "feat_tracks", "max_text", "sum_text", "max_frame", "sum_frame")
 
     def __init__(self, queries_px: np.ndarray, stride: float, num_steps: int, num_layers: int, frames: int,
                  tau=None, bidirectional: bool = True, refine: str = "softargmax", radius: int = 1,
-                 feature_tau: float = 0.05, scores: bool = True):
+                 feature_tau: float = 0.05, scores: bool = True, head_sets=None):
         for name, v in (("num_steps", num_steps), ("num_layers", num_layers), ("frames", frames)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name}={v!r}; allowed: an integer >= 1")
@@ -111,6 +117,15 @@ class Recorder:
                                    num_layers=L, frames=F)
         self._shapes = dict(qk_tracks=(S, L, n, F, 2), feat_tracks=(S, L, n, F, 2), max_text=(S, L, n),
                             sum_text=(S, L, n), max_frame=(S, L, n, F), sum_frame=(S, L, n, F))
+        if head_sets is not None:
+            if isinstance(head_sets, (str, bytes)) or not len(head_sets):
+                raise ValueError(f"head_sets={head_sets!r}; allowed: None or a non-empty list of head lists, "
+                                 f"e.g. [[0], [1], [0, 1]]")
+            self.head_sets = [list(M.check_heads(hs, 10 ** 9)) for hs in head_sets]  # range checked per layer
+            self._rec.head_sets = self.head_sets
+            self._shapes["qk_tracks_heads"] = (S, L, len(self.head_sets), n, F, 2)
+        else:
+            self.head_sets = None
         self._buf: dict[str, torch.Tensor] = {}  # name -> [S, L, ...] float32 on the capture's device
         self.kw = dict(tau=tau, bidirectional=bidirectional, refine=refine, radius=radius)
         self.feature_kw = dict(tau=feature_tau, bidirectional=bidirectional, refine=refine, radius=radius)
@@ -121,7 +136,7 @@ class Recorder:
     @property
     def rec(self) -> AnalysisRecord:
         """The record, with every table copied to host memory (``nan`` where nothing was recorded)."""
-        for name, shape in self._shapes.items():
+        for name, shape in self._shapes.items():  # qk_tracks_heads only with head_sets
             b = self._buf.get(name)
             setattr(self._rec, name, b.cpu().numpy() if b is not None else np.full(shape, np.nan, np.float32))
         return self._rec
@@ -163,6 +178,10 @@ class Recorder:
         q, k = ev.q_video[0], ev.k_video[0]  # [H, F, rows, cols, D]
         tr, _ = M.match_video(q, k, self._pts(q.device), self._rec.stride, **self.kw)
         self._store("qk_tracks", ev.step, ev.layer, tr)
+        if self.head_sets is not None:
+            self._store("qk_tracks_heads", ev.step, ev.layer, torch.stack(
+                [M.match_video(q, k, self._pts(q.device), self._rec.stride, heads=hs, **self.kw)[0]
+                 for hs in self.head_sets]))
         if not self.scores:
             return
         g = ev.grid
@@ -231,7 +250,8 @@ def score_tables(rec: AnalysisRecord, gt_tracks: np.ndarray, gt_visible: np.ndar
     """Per-(step, layer) tables ``[S, L]`` from one video's record and its ground truth.
 
     * ``qk_acc`` / ``feat_acc``: PCK at ``threshold_tokens`` tokens (the paper's half token; 8 px at 480x720),
-      visible points, frames 1.. only;
+      visible points, frames 1.. only; ``qk_acc_heads`` ``[S, L, K]`` the same per head set when the record has
+      ``qk_tracks_heads``;
     * ``conf_{text,self,cross}``: confidence score -- max attention on text keys / on frame-0 keys / mean over
       visible later frames of the max over that frame's keys (all points; never-visible points count 0 for cross);
     * ``attn_{text,self,cross}``: attention score -- summed attention on text / frame 0 / frames 1.., points
@@ -246,6 +266,9 @@ def score_tables(rec: AnalysisRecord, gt_tracks: np.ndarray, gt_visible: np.ndar
         d = np.linalg.norm(tr - gt_tracks[None, None], axis=-1)  # [S, L, n, F]
         ok = (d < thr) & v_later[None, None]
         out[name] = ok.sum((-1, -2)) / max(v_later.sum(), 1)
+    if rec.qk_tracks_heads is not None:  # [S, L, K]: accuracy of each head set
+        d = np.linalg.norm(rec.qk_tracks_heads - gt_tracks[None, None, None], axis=-1)
+        out["qk_acc_heads"] = ((d < thr) & v_later).sum((-1, -2)) / max(v_later.sum(), 1)
     vf = v_later.astype(np.float32)  # [n, F]
     out["conf_text"] = rec.max_text.mean(-1)
     out["conf_self"] = rec.max_frame[..., 0].mean(-1)

@@ -282,15 +282,30 @@ def _match_frames(costs: torch.Tensor, rows: int, cols: int, pts: torch.Tensor, 
     return pos.view(n, Fr, 2), conf.view(n, Fr)
 
 
+def check_heads(heads, num_heads: int) -> list[int] | None:
+    """``None`` (every head) or a non-empty list of distinct head indices in ``[0, num_heads - 1]``."""
+    if heads is None:
+        return None
+    if isinstance(heads, (int, bool)) or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
+        raise ValueError(f"heads={heads!r}; allowed: None (every head) or a list of head indices 0..{num_heads - 1}")
+    heads = [int(h) for h in heads]
+    if not heads or len(set(heads)) != len(heads) or not all(0 <= h < num_heads for h in heads):
+        raise ValueError(f"heads={heads!r}; allowed: None or a non-empty list of distinct head indices "
+                         f"0..{num_heads - 1}")
+    return heads
+
+
 def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, stride: float, src_frame: int = 0,
                 tau: float | str | None = None, bidirectional: bool = True, refine: str = "softargmax",
-                radius: int = 1, sharpen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                radius: int = 1, sharpen: float = 1.0, heads=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Match points of one frame to every frame of a clip from one layer's query/key.
 
     Args:
         q, k: ``[H, F, rows, cols, D]`` (one sample of :meth:`difftrack.capture.Capture.q`).
         points_px: ``[n, 2]`` pixel positions ``(x, y)`` in frame ``src_frame``.
         stride: pixels per token.
+        heads: average the cost over these heads only (``None``: every head, the paper's head average); the
+            temperature stays that of the layer (``tau`` resolved with the layer's head count and head size).
 
     Returns:
         ``(tracks [n, F, 2] pixels, confidence [n, F])``; the source frame holds the points themselves.
@@ -303,6 +318,11 @@ def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, strid
     if refine not in REFINE:
         raise ValueError(f"unknown refine {refine!r}; allowed: {REFINE}")
     pts = px_to_tokens(points_px.to(q.device).float(), stride)
+    heads = check_heads(heads, H)
+    if heads is not None:
+        tau = temperature(tau, H, D)  # the layer's temperature, not that of the subset
+        idx = torch.tensor(heads, device=q.device)
+        q, k, H = q.index_select(0, idx), k.index_select(0, idx), len(heads)
     qf, kf = q.reshape(H, Fr, rows * cols, D), k.reshape(H, Fr, rows * cols, D)
     costs = qk_cost_frames(qf[:, src_frame], kf[:, src_frame], _others(qf, 1, src_frame), _others(kf, 1, src_frame),
                            tau, bidirectional)

@@ -73,8 +73,8 @@ import torch
 from . import checks as _checks
 from .backbones import adapter_for, resolve_transformer
 from .capture import capture, run_until
-from .matching import (REFINE, _bilinear_rows, feature_cost, match_from_cost, px_to_tokens, qk_cost, refine_peak,
-                       tokens_to_px)
+from .matching import (REFINE, _bilinear_rows, check_heads, feature_cost, match_from_cost, px_to_tokens, qk_cost,
+                       refine_peak, temperature, tokens_to_px)
 from .runners import scale_vae_latents, scheduler_add_noise
 
 __all__ = ["DiffTracker", "FeatureTracker", "plan_chunks", "vae_encode_frames", "check_video", "check_queries",
@@ -300,6 +300,8 @@ class DiffTracker:
             model's own frame size (:meth:`resolve_work_size`; the video is resized to it and the tracks mapped back
             to the caller's pixels), ``"input"`` the caller's size (must be divisible by the token stride), or
             ``(height, width)``.
+        heads: match with the cost averaged over these attention heads of each layer only (``None``: every head,
+            the paper's head average); e.g. the best single head measured by ``scripts/head_study.py``.
         max_cost_bytes: the largest estimated memory of the cost matrices held at once
             (:meth:`estimate_cost_bytes`); a larger working size raises ``ValueError`` naming it before any forward
             (default :data:`DEFAULT_MAX_COST_BYTES`, 4 GiB).
@@ -321,7 +323,7 @@ class DiffTracker:
                  scheduler=None, feature_tau: float = 0.05, pixel_refine: str | None = None,
                  ncc_patch: int = 21, ncc_upsample: int = 4, ncc_threshold: float | None = DEFAULT_NCC_THRESHOLD,
                  device=None, dtype: torch.dtype | None = None, work_size: str | tuple[int, int] = "model",
-                 max_cost_bytes: int = DEFAULT_MAX_COST_BYTES):
+                 max_cost_bytes: int = DEFAULT_MAX_COST_BYTES, heads: Sequence[int] | None = None):
         if pipe_or_transformer is None:
             from .mini import load_default
 
@@ -336,6 +338,12 @@ class DiffTracker:
         self.layers = sorted(set(_check_index_list("layers", layers, f"block indices in 0..{n_blocks - 1}")))
         if any(not 0 <= l < n_blocks for l in self.layers):
             raise ValueError(f"layers={layers!r}; allowed: block indices in 0..{n_blocks - 1}")
+        if heads is not None and self.descriptor != "qk":
+            raise ValueError(f"heads={heads!r}: head selection applies to query-key matching only; allowed: None")
+        blocks = self.adapter.blocks(self.transformer)
+        n_heads = min(int(self.adapter.self_attention(blocks[l][1]).heads) for l in self.layers)
+        self.heads = check_heads(heads, n_heads)
+        self._tau_layer = None  # the layers' temperature when matching a head subset
         if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
             raise ValueError(f"num_steps={num_steps!r}; allowed: an int >= 1 (the length of the denoising schedule)")
         steps = _check_index_list("step", step, f"denoising-loop indices in -{num_steps}..{num_steps - 1}")
@@ -642,6 +650,10 @@ class DiffTracker:
             if self.descriptor == "qk":
                 q, k = cap.q(l)[0], cap.k(l)[0]  # [H, F, rows, cols, D]
                 H, Fq, r, c, D = q.shape
+                if self.heads is not None:  # the chosen heads only, at the layer's own temperature
+                    self._tau_layer = temperature(self.tau, H, D)
+                    idx = torch.tensor(self.heads, device=q.device)
+                    q, k, H = q.index_select(0, idx), k.index_select(0, idx), len(self.heads)
                 out[l] = (q.reshape(H, Fq, r * c, D), k.reshape(H, Fq, r * c, D))
             else:
                 f = cap.features(l)[0]  # [F, rows, cols, C]
@@ -653,11 +665,12 @@ class DiffTracker:
         """Fused cost ``[M, M]`` between chunk frame 0 (the query frame) and chunk frame ``j``."""
         if self.descriptor == "features":
             return sum(feature_cost(f[0], f[j], self.feature_tau, self.bidirectional) for f in desc.values()) / len(desc)
+        tau = self.tau if self.heads is None else self._tau_layer
         if self.fuse == "concat":
             q = torch.cat([desc[l][0] for l in self.layers], -1)
             k = torch.cat([desc[l][1] for l in self.layers], -1)
-            return qk_cost(q[:, 0], k[:, 0], q[:, j], k[:, j], self.tau, self.bidirectional)
-        return sum(qk_cost(q[:, 0], k[:, 0], q[:, j], k[:, j], self.tau, self.bidirectional)
+            return qk_cost(q[:, 0], k[:, 0], q[:, j], k[:, j], tau, self.bidirectional)
+        return sum(qk_cost(q[:, 0], k[:, 0], q[:, j], k[:, j], tau, self.bidirectional)
                    for q, k in desc.values()) / len(desc)
 
     # ------------------------------------------------------------------ public API

@@ -139,3 +139,47 @@ def test_feature_cost_frames_matches_per_pair_cosine_on_cpu():
     batched = feature_cost_frames(src, tgt, tau=0.1)
     for f in range(3):
         torch.testing.assert_close(batched[f], feature_cost(src, tgt[f], tau=0.1), rtol=1e-5, atol=1e-7)
+
+
+def test_head_subsets_average_only_those_heads():
+    """``heads=`` matches with the cost averaged over the chosen heads: every head equals the default head average
+    bitwise; one head equals matching that head alone with the layer's temperature; bad head lists are named."""
+    from difftrack.matching import match_video, temperature
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 4, 3, 5, 8, generator=g), torch.randn(3, 4, 3, 5, 8, generator=g)
+    pts = torch.tensor([[6.0, 6.0], [10.0, 2.0]])
+    full, _ = match_video(q, k, pts, 4.0)
+    assert torch.equal(match_video(q, k, pts, 4.0, heads=[0, 1, 2])[0], full)
+    one, _ = match_video(q, k, pts, 4.0, heads=[1])
+    alone, _ = match_video(q[1:2], k[1:2], pts, 4.0, tau=temperature(None, 3, 8))
+    assert torch.equal(one, alone)
+    assert not torch.equal(one, full)
+    for bad in ([], [3], [0, 0], [True], 1):
+        with pytest.raises(ValueError, match="heads="):
+            match_video(q, k, pts, 4.0, heads=bad)
+
+
+def test_recorder_records_head_sets_and_scores_them():
+    """Recorder(head_sets=...) keeps tracks per head set next to the head average; the set of every head equals the
+    head average and score_tables gives its accuracy per set."""
+    import numpy as np
+
+    from difftrack.analysis import Recorder, score_tables
+    from difftrack.capture import QKEvent
+    from difftrack.capture import TokenGrid
+
+    g = torch.Generator().manual_seed(1)
+    H, Fr, R, C, D = 2, 3, 3, 4, 8
+    grid = TokenGrid(frames=Fr, rows=R, cols=C, text_len=2, text_first=True, stride=4)
+    q, k = torch.randn(1, H, 2 + Fr * R * C, D, generator=g), torch.randn(1, H, 2 + Fr * R * C, D, generator=g)
+    rec = Recorder(np.array([[6.0, 6.0], [10.0, 2.0]], np.float32), 4.0, 1, 1, Fr, head_sets=[[0], [1], [0, 1]])
+    rec.on_qk(QKEvent(0, 0, 19.0, q, k, grid))
+    out = rec.rec
+    assert out.qk_tracks_heads.shape == (1, 1, 3, 2, Fr, 2) and out.head_sets == [[0], [1], [0, 1]]
+    np.testing.assert_array_equal(out.qk_tracks_heads[0, 0, 2], out.qk_tracks[0, 0])
+    gt = out.qk_tracks_heads[0, 0, 0]  # ground truth = head 0's own tracks
+    tab = score_tables(out, gt, np.ones(gt.shape[:2], bool))
+    assert tab["qk_acc_heads"].shape == (1, 1, 3) and tab["qk_acc_heads"][0, 0, 0] == 1.0
+    with pytest.raises(ValueError, match="head_sets"):
+        Recorder(np.zeros((1, 2), np.float32), 4.0, 1, 1, Fr, head_sets=[])

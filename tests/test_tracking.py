@@ -439,3 +439,24 @@ def test_wan_pipeline_with_its_vae():
     tracks, visible = tr(video, np.array([[2, 20.0, 10.0]], np.float32))
     assert tracks.shape == (1, 3, 2)
     np.testing.assert_allclose(tracks[0, 2], [20.0, 10.0])
+
+
+def test_heads_subset_tracker():
+    """DiffTracker(heads=...) averages the cost over the chosen heads: every head is bitwise the default tracker,
+    a single head gives other tracks; bad head lists and heads on features are refused with the allowed values."""
+    from difftrack.tracking import FeatureTracker
+
+    model = tiny_cogvideox(layers=2)
+    ehs = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(layers=(1,), encode=pool_encode, token_stride=16, encoder_hidden_states=ehs, occlusion="none")
+    H = model.transformer_blocks[1].attn1.heads
+    video = random_video(5, 64, 64, seed=3)
+    q = np.array([[0, 20.0, 30.0], [0, 40.0, 12.0]], np.float32)
+    ref = DiffTracker(model, **kw)(video, q)[0]
+    assert np.array_equal(DiffTracker(model, heads=list(range(H)), **kw)(video, q)[0], ref)
+    one = DiffTracker(model, heads=[0], **kw)(video, q)[0]
+    assert one.shape == ref.shape and not np.array_equal(one, ref)
+    with pytest.raises(ValueError, match=f"heads=\\[{H}\\]; allowed: None or a non-empty list"):
+        DiffTracker(model, heads=[H], **kw)
+    with pytest.raises(ValueError, match="query-key matching only"):
+        FeatureTracker(model, layers=(1,), encode=pool_encode, token_stride=16, encoder_hidden_states=ehs, heads=[0])
