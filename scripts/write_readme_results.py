@@ -180,6 +180,25 @@ if pa:
             f"{pct(pa['generated']['objects']['direction_ok'])}; scenes: camera motion right in "
             f"{pct(pa['generated']['scenes']['agreement'])}. The model draws the prompt's colours but not its motion.",
             "", "![samples](figures/mini_samples_grid.png)", ""]
+hs = load("heads.json")
+if hs:
+    ch = hs["choice"]
+    pr = hs["protocol"]
+    out += ["### Single attention heads vs the head average (issue 19)",
+            f"`scripts/head_study.py` on the embedded model ({hs['device']}, commit {hs['commit'][:7]}): every layer's "
+            f"single heads, head pairs and all heads (the paper's head average), the protocol of the table above at "
+            f"step {pr['step_index']} of {pr['num_steps']}; the (layer, heads) choice is made on "
+            f"{pr['videos_per_split']} train-split videos and reported on {pr['videos_per_split']} held-out videos "
+            "(`results/heads.json`).", "",
+            "| chosen on train videos | layer | heads | train, half a token | held-out, half a token | held-out, one token |",
+            "|---|---|---|---|---|---|"]
+    for kind, label in (("head_average", "head average"), ("single_head", "best single head"),
+                        ("head_pair", "best head pair")):
+        c = ch.get(kind)
+        if c:
+            out.append(f"| {label} | {c['layer']} | {c['heads']} | {pct(c['train_half'])} | "
+                       f"{pct(c['heldout_half'])} | {pct(c['heldout_one'])} |")
+    out += ["", f"**{hs['finding']}**", ""]
 tb = load("tracking_benchmark.json")
 if tb:
     out += ["### Zero-shot tracking (issue 6)", "", "Source: `results/tracking_benchmark.json`.", ""]

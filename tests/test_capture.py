@@ -285,6 +285,18 @@ def test_batch_expanded_by_cag_hooks_is_kept_whole():
 
     pipe = _tiny_mini_pipe()
     with torch.no_grad(), capture(pipe, layers=[0], steps=[0], num_steps=2) as cap, \
-            cag_hooks(pipe, CAGConfig(layers=[1]), 6.0, 2):
+            cag_hooks(pipe, CAGConfig(layers=[1]), 6.0, 2, shared_prefix=False):
         _gen(pipe, PROMPTS[0], 6.0)
     assert cap.q(0, step=0).shape[0] == 3
+
+
+def test_shared_prefix_cag_capture_sees_the_pair_before_the_first_cag_layer():
+    """With the shared-prefix CAG, blocks before the first CAG layer compute only [uncond, cond]: capture keeps the
+    conditional half there, as without CAG."""
+    from difftrack.guidance import CAGConfig, cag_hooks
+
+    pipe = _tiny_mini_pipe()
+    with torch.no_grad(), capture(pipe, layers=[0], steps=[0], num_steps=2) as cap, \
+            cag_hooks(pipe, CAGConfig(layers=[1]), 6.0, 2):
+        _gen(pipe, PROMPTS[0], 6.0)
+    assert cap.q(0, step=0).shape[0] == 1
