@@ -198,7 +198,14 @@ if hs:
         if c:
             out.append(f"| {label} | {c['layer']} | {c['heads']} | {pct(c['train_half'])} | "
                        f"{pct(c['heldout_half'])} | {pct(c['heldout_one'])} |")
-    out += ["", f"**{hs['finding']}**", ""]
+    mm = load("mini_model.json") or {}
+    avg_col = [row[hs["head_set_names"].index("all")] for row in hs["per_split"]["heldout"]["acc_half"]]
+    same = (mm.get("per_layer_qk_acc") is not None and len(mm["per_layer_qk_acc"]) == len(avg_col)
+            and max(abs(a - b) for a, b in zip(avg_col, mm["per_layer_qk_acc"])) < 1e-3)
+    out += ["", f"**{hs['finding']}** "
+            + ("The all-heads column reproduces the per-layer accuracies of the table above (same videos, same "
+               "protocol)." if same else "")
+            + " The tracker takes the choice as `DiffTracker(layers=[...], heads=[...])`.", ""]
 tb = load("tracking_benchmark.json")
 if tb:
     out += ["### Zero-shot tracking (issue 6)", "", "Source: `results/tracking_benchmark.json`.", ""]
