@@ -31,9 +31,11 @@ def main(argv=None) -> int:
     sel = select(mini.load_default(device=a.device), num_videos=a.videos)
     summary = ROOT / "results" / "analysis_summary.json"
     ref = json.loads(summary.read_text())["combined"] if summary.exists() else {}
+    import inspect
+
     from difftrack.tracking import DiffTracker
 
-    default_layer = DiffTracker.__init__.__defaults__[0]
+    default_layer = inspect.signature(DiffTracker).parameters["layers"].default
     out = dict(selection=sel.to_dict(), tracker_kwargs=sel.tracker_kwargs(),
                layer_skip_configs=sel.layer_skip_configs(),
                reference=dict(analysis_summary_top3=ref.get("best_layers_top3"),
