@@ -180,6 +180,13 @@ if pa:
             f"{pct(pa['generated']['objects']['direction_ok'])}; scenes: camera motion right in "
             f"{pct(pa['generated']['scenes']['agreement'])}. The model draws the prompt's colours but not its motion.",
             "", "![samples](figures/mini_samples_grid.png)", ""]
+st = load("headless_stress.json")
+if st and st.get("main_job_fresh_clone_s"):
+    out += ["### Headless main job (issue 14)",
+            f"`bash scripts/lab.sh run` on a fresh clone, set-up included, on the 2-core CPU: "
+            f"**{st['main_job_fresh_clone_s']:.0f} s** (goal <= 300 s; `results/headless_stress.json`, which also "
+            "records 10 headless papermill runs of each notebook at the stored defaults with their stalls and "
+            "slowest cells).", ""]
 hs = load("heads.json")
 if hs:
     ch = hs["choice"]
@@ -206,6 +213,19 @@ if hs:
             + ("The all-heads column reproduces the per-layer accuracies of the table above (same videos, same "
                "protocol)." if same else "")
             + " The tracker takes the choice as `DiffTracker(layers=[...], heads=[...])`.", ""]
+se = load("selection.json")
+if se:
+    sel, ref = se["selection"], se["reference"]
+    common = sorted(set(sel["guidance_layers"]) & set(ref.get("analysis_summary_top3") or []))
+    out += [f"Automatic choice (`difftrack.selection.select`, `scripts/select_layers.py`, {sel['scores']['videos']} "
+            f"train-split world videos, {len(sel['steps_analysed'])} steps of {sel['num_steps']}, {se['device']}): "
+            f"guidance layers **{sel['guidance_layers']}** by the harmonic mean (the paper-scale analysis of 80 "
+            f"videos: {ref.get('analysis_summary_top3')}; {len(common)} of 3 in common: {common}); tracking "
+            f"**layer {sel['track_layer']}, heads {sel['heads']}, step {sel['step']}** (the tracker's default: "
+            f"layers {ref.get('tracker_default_layers')}, every head, the last step). "
+            "`Selection.tracker_kwargs()`, `.cag_config()` and `.layer_skip_configs()` hand the choice to "
+            "`DiffTracker`, CAG and diffusers' `SkipLayerGuidance` / `PerturbedAttentionGuidance` (diffusers 0.42's "
+            "PAG hooks do not support these backbones' attention processors).", ""]
 tb = load("tracking_benchmark.json")
 if tb:
     out += ["### Zero-shot tracking (issue 6)", "", "Source: `results/tracking_benchmark.json`.", ""]
