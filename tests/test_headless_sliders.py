@@ -24,7 +24,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PATTERN = os.environ.get("DIFFTRACK_SLIDER_PATTERN", "slider_panel")
