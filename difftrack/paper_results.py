@@ -6,6 +6,7 @@ the CPU defaults stays small and is labelled as such. Nothing here runs a model.
 * :func:`load_analysis`: ``results/analysis_summary.json`` -> the per-(step, layer) mean tables per subset, in the
   layout of :func:`difftrack.inspect_attn.group_tables` (``"generated"``, ``"exact"``, ``"all"``), or ``None``.
 * :func:`load_videos`: the 50-step videos the figures show (``results/paper_videos.npz`` + ``.json``).
+* :func:`load_heads`: the single-head study (``results/heads.json``, ``scripts/head_study.py``).
 """
 from __future__ import annotations
 
@@ -81,3 +82,34 @@ def load_videos(prefix: str, results_dir=None) -> dict[str, tuple[np.ndarray, di
     group = prefix.split("/")[0]
     return {k: (v, dict(meta.get(group, {}).get(k, {}), steps=meta["steps"], device=meta.get("device")))
             for k, v in arrays.items()}
+
+
+@dataclass
+class HeadStudy:
+    """Held-out matching accuracy per layer and head set (``acc_half`` ``[L, K]``, half a token), the head sets and
+    their names (``"0"``, ``"0+1"``, ``"all"`` = the head average), the train-chosen sets and a caption."""
+
+    acc_half: np.ndarray
+    head_sets: list[list[int]]
+    names: list[str]
+    choice: dict
+    caption: str
+
+
+def load_heads(results_dir=None) -> HeadStudy | None:
+    """``results/heads.json`` or ``None`` when missing; ``ValueError`` naming the file when it is unreadable."""
+    path = _results_dir(results_dir) / "heads.json"
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        acc = np.asarray(d["per_split"]["heldout"]["acc_half"], np.float64)
+        pr = d["protocol"]
+        caption = (f"{pr['videos_per_split']} held-out world videos, step {pr['step_index']} of {pr['num_steps']}, "
+                   f"half a token; choice on {pr['videos_per_split']} train videos; {d['device']} (commit "
+                   f"{d['commit'][:7]}; {path.parent.name}/{path.name})")
+        return HeadStudy(acc_half=acc, head_sets=d["head_sets"], names=d["head_set_names"], choice=d["choice"],
+                         caption=caption)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a head study ({type(e).__name__}: {e}); regenerate it with "
+                         f"scripts/head_study.py") from e

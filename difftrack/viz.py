@@ -256,6 +256,33 @@ def table_heatmap(table: np.ndarray, title: str | None = None, cbar_label: str =
     return _save(fig, save)
 
 
+def head_heatmap(acc: np.ndarray, names: Sequence[str], title: str | None = None, mark: Sequence[tuple[int, int]] = (),
+                 save=None) -> Figure:
+    """Matching accuracy per layer (rows) and head set (columns, e.g. single heads, pairs, ``"all"`` = the head
+    average) as a heat map in percent, each cell labelled; ``mark``: ``(layer, column)`` cells outlined."""
+    t = np.asarray(acc, float) * 100
+    L, K = t.shape
+    if len(names) != K:
+        raise ValueError(f"{len(names)} head-set names for {K} columns")
+    fig = Figure(figsize=(0.75 * K + 2.2, 0.32 * L + 1.4), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(t, aspect="auto", cmap="viridis")
+    for l in range(L):
+        for k in range(K):
+            ax.text(k, l, f"{t[l, k]:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if t[l, k] < np.nanmax(t) * 0.6 else "black")
+    for l, k in mark:
+        ax.add_patch(Rectangle((k - 0.5, l - 0.5), 1, 1, fill=False, ec="red", lw=1.8))
+    ax.set_xticks(np.arange(K), list(names))
+    ax.set_yticks(np.arange(L))
+    ax.set_xlabel("heads")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="matching accuracy (%)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, save)
+
+
 def score_bars(scores: Mapping[str, np.ndarray], ylabel: str, title: str | None = None, save=None) -> Figure:
     """Grouped bars per layer of the self / cross / text scores (confidence or attention score)."""
     names = list(scores)

@@ -425,6 +425,43 @@ live run above is CI-sized.
                          title=f"Fig. 4b: harmonic mean per layer (all videos, last step); top-3 = {ptop3}")
     display(viz.captioned(fig, paper.caption, save=FIG / "02_fig4b_harmonic_mean.png"))
 '''),
+    md('''
+## Single heads vs the head average
+
+The paper matches with the cost averaged over all attention heads of a layer. `scripts/head_study.py` measured
+every single head and head pair of the embedded model on held-out world videos (the protocol of
+`scripts/eval_mini.py`; the choice made on train videos, outlined in red): a single head can match better than the
+average. The tracker takes it as `DiffTracker(layers=[8], heads=[2])`; `difftrack.selection.select` chooses layers,
+heads and step for any supported backbone.
+'''),
+    code('''
+heads = paper_results.load_heads() if model == "embedded" else None  # the committed study is the embedded model's
+if heads is None:
+    print("no head study of this model committed (results/heads.json holds the embedded model's; "
+          "python scripts/head_study.py)")
+else:
+    c = heads.choice["single_head"]
+    mark = [(c["layer"], heads.head_sets.index(c["heads"]))]
+    fig = viz.head_heatmap(heads.acc_half, heads.names, mark=mark,
+                           title="matching accuracy per layer and head set (held-out, half a token)")
+    display(viz.captioned(fig, heads.caption, save=FIG / "02_heads_heatmap.png"))
+    avg = heads.choice["head_average"]
+    print(f"chosen on train videos: layer {c['layer']} head {c['heads'][0]}: {100 * c['heldout_half']:.1f} % held-out "
+          f"vs the head average's best layer {avg['layer']}: {100 * avg['heldout_half']:.1f} %")
+'''),
+    code('''
+# NBVAL_IGNORE_OUTPUT
+def show_heads(heads_shown: str):
+    k = heads.names.index(heads_shown)
+    return viz.layer_lines({f"heads {heads_shown}": heads.acc_half[:, k], "head average": heads.acc_half[:, -1]},
+                           "matching accuracy (%)", title=f"heads {heads_shown} vs the head average per layer")
+
+
+if heads is not None:
+    s_heads = widgets.SelectionSlider(options=heads.names, value=heads.names[0], description="heads",
+                                      continuous_update=False)
+    display(slider_panel(show_heads, {"heads_shown": s_heads}))
+'''),
     code('''
 fig = viz.table_heatmap(grouped["all"]["hm"], cbar_label="harmonic mean", step_labels=timesteps, highlight=top3,
                         title="Harmonic mean over steps x layers (all videos)", save=FIG / "02_hm_steps_layers.png")

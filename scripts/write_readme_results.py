@@ -212,7 +212,8 @@ if hs:
     out += ["", f"**{hs['finding']}** "
             + ("The all-heads column reproduces the per-layer accuracies of the table above (same videos, same "
                "protocol)." if same else "")
-            + " The tracker takes the choice as `DiffTracker(layers=[...], heads=[...])`.", ""]
+            + " The tracker takes the choice as `DiffTracker(layers=[...], heads=[...])`; notebook 02 draws the "
+            "table and has a head slider.", "", "![heads](figures/02_heads_heatmap.png)", ""]
 se = load("selection.json")
 if se:
     sel, ref = se["selection"], se["reference"]

@@ -139,3 +139,25 @@ def test_analysis_record_in_two_workers_equals_one_process(tmp_path):
                 np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{a.name}:{k}")
     meta = json.loads(next((tmp_path / "two").rglob("record_meta.json")).read_text())
     assert next(iter(meta.values()))["record_workers"] == 2
+
+
+def test_head_study_is_read_back_and_drawn(tmp_path):
+    """paper_results.load_heads reads results/heads.json (None when missing, a named error when damaged) and
+    viz.head_heatmap draws its [layers, head sets] table with the chosen cell outlined."""
+    from difftrack import paper_results, viz
+
+    assert paper_results.load_heads(tmp_path) is None
+    (tmp_path / "heads.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a head study"):
+        paper_results.load_heads(tmp_path)
+    d = {"per_split": {"heldout": {"acc_half": [[0.1, 0.2, 0.15], [0.5, 0.3, 0.4]]}},
+         "protocol": {"videos_per_split": 2, "step_index": 49, "num_steps": 50}, "device": "cpu", "commit": "abcdef0123",
+         "head_sets": [[0], [1], [0, 1]], "head_set_names": ["0", "1", "all"],
+         "choice": {"single_head": {"layer": 1, "heads": [0]}}}
+    (tmp_path / "heads.json").write_text(json.dumps(d))
+    h = paper_results.load_heads(tmp_path)
+    assert h.acc_half.shape == (2, 3) and h.names[-1] == "all" and "commit abcdef0" in h.caption
+    fig = viz.head_heatmap(h.acc_half, h.names, mark=[(1, 0)], save=tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 0 and len(fig.axes[0].patches) == 1
+    with pytest.raises(ValueError, match="2 head-set names for 3 columns"):
+        viz.head_heatmap(h.acc_half, ["a", "b"])
