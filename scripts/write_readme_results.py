@@ -146,7 +146,8 @@ if an and "combined" in an and an.get("num_steps", 0) >= 50:
                         "(see the table).")
         out += ["", verdict_text + " Cost: "
                 + (f"a CAG step is **{'-'.join(f'{r:.2f}' for r in ratios)}x** a plain CFG step ({dev}, batch "
-                   f"{next(iter(tm.values()))['batch']}, bf16 autocast)" if ratios else "not measured")
+                   f"{next(iter(tm.values()))['batch']}, bf16 autocast, commit {str(cag.get('commit'))[:7]})"
+                   if ratios else "not measured")
                 + ". Per setting: `results/cag.json` (paired deltas with 95 % intervals); its `conclusion` lists every "
                 "significant change."]
     t = an.get("timing")
