@@ -121,7 +121,7 @@ class Recorder:
             if isinstance(head_sets, (str, bytes)) or not len(head_sets):
                 raise ValueError(f"head_sets={head_sets!r}; allowed: None or a non-empty list of head lists, "
                                  f"e.g. [[0], [1], [0, 1]]")
-            self.head_sets = [list(M.check_heads(hs, 10 ** 9)) for hs in head_sets]  # range checked per layer
+            self.head_sets = [M.check_heads(hs, None) for hs in head_sets]  # range checked per layer
             self._rec.head_sets = self.head_sets
             self._shapes["qk_tracks_heads"] = (S, L, len(self.head_sets), n, F, 2)
         else:

@@ -107,6 +107,15 @@ def resolve_transformer(model_or_pipe) -> nn.Module:
     return model_or_pipe
 
 
+def attention_heads(model: nn.Module, layers=None) -> int:
+    """The fewest self-attention heads among ``layers`` (block indices; ``None``: every block) of a supported
+    transformer: the head indices valid in all of them are ``0..attention_heads - 1``."""
+    a = adapter_for(model)
+    blocks = a.blocks(model)
+    chosen = [blocks[l][1] for l in layers] if layers is not None else [b for _, b in blocks]
+    return min(int(a.self_attention(b).heads) for b in chosen)
+
+
 def adapter_for(model: nn.Module) -> BackboneAdapter:
     """The adapter of ``model``'s class; ``ValueError`` naming the class and the supported ones otherwise."""
     name = type(resolve_transformer(model)).__name__

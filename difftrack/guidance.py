@@ -43,7 +43,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -556,11 +556,10 @@ class PrefixShare:
     before. ``rows = None`` (the default) leaves every call untouched.
 
     Generic over backbones: only the block list of the adapter and the batch dimension of the block arguments and
-    outputs (tensors or tuples of tensors) are used. Hooks are removed by :meth:`remove`."""
+    outputs (tensors or tuples of tensors) are used. Hooks are removed by :meth:`remove` or on leaving a ``with``
+    block."""
 
     def __init__(self, transformer, first: int):
-        from .backbones import adapter_for
-
         blocks = [b for _, b in adapter_for(transformer).blocks(transformer)]
         if not 0 <= first <= len(blocks):
             raise ValueError(f"first={first}; allowed 0..{len(blocks)}")
@@ -601,25 +600,17 @@ class PrefixShare:
         self._handles = []
         self.rows = None
 
+    def __enter__(self) -> "PrefixShare":
+        return self
 
-@contextmanager
-def _maybe_prefix(transformer, first: int, enabled: bool):
-    if not enabled:
-        yield None
-        return
-    with shared_prefix(transformer, first) as share:
-        yield share
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
-@contextmanager
-def shared_prefix(transformer, first: int):
-    """:class:`PrefixShare` hooks on ``transformer`` (a pipeline's ``.transformer`` too), removed on exit (also when
-    the body raises)."""
-    share = PrefixShare(resolve_transformer(transformer), first)
-    try:
-        yield share
-    finally:
-        share.remove()
+def shared_prefix(transformer, first: int) -> PrefixShare:
+    """:class:`PrefixShare` hooks on ``transformer`` (a pipeline's ``.transformer`` too), as a context manager that
+    removes them on exit (also when the body raises)."""
+    return PrefixShare(resolve_transformer(transformer), first)
 
 
 # -------------------------------------------------------------------------------------------------- guidance
@@ -678,9 +669,9 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
     if config is None:
         return pipe(prompt, **common)
     pipe.check_inputs(common["num_frames"], common["height"], common["width"], num_inference_steps, guidance_scale)
-    with torch.no_grad(), cag_hooks(pipe, config, guidance_scale, num_inference_steps, do_cfg=guidance_scale > 1.0,
-                                    shared_prefix=shared_prefix):
-        return pipe(prompt, **common)
+    with cag_hooks(pipe, config, guidance_scale, num_inference_steps, do_cfg=guidance_scale > 1.0,
+                   shared_prefix=shared_prefix):
+        return pipe(prompt, **common)  # MiniVideoPipeline.__call__ runs without autograd
 
 
 # ------------------------------------------------------------------------------------- unmodified diffusers loop
@@ -709,8 +700,9 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     (bitwise the plain pipeline). The folding through ``s/w`` equals :func:`cag_combine` up to float rounding.
 
     With ``shared_prefix=True`` (default) the blocks before the first CAG layer run without the perturbed slot,
-    which starts from a copy of the conditional one there (:class:`PrefixShare`; the same values, tested bitwise in
-    fp32 on the CPU for every supported backbone).
+    which starts from a copy of the conditional one there (:class:`PrefixShare`; the same values up to float
+    rounding, tested in fp32 on the CPU for every supported backbone: not bitwise, because the 3-slot forward itself
+    gives identical rows at different batch positions different last bits).
 
     Args:
         guidance_scale: the CFG weight ``w`` the pipeline combines with (HunyuanVideo: ``true_cfg_scale``).
@@ -733,7 +725,7 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     sig = inspect.signature(transformer.forward)
     handles = []
     with apply_cag(transformer, config, **apply_kwargs) as state, \
-            _maybe_prefix(transformer, min(config.layers), shared_prefix) as share:
+            (PrefixShare(transformer, min(config.layers)) if shared_prefix else nullcontext()) as share:
         state.set_slots(1, [])
         state.step = 0
         n_plain = 2 if do_cfg and not sequential else 1

@@ -282,17 +282,31 @@ def _match_frames(costs: torch.Tensor, rows: int, cols: int, pts: torch.Tensor, 
     return pos.view(n, Fr, 2), conf.view(n, Fr)
 
 
-def check_heads(heads, num_heads: int) -> list[int] | None:
-    """``None`` (every head) or a non-empty list of distinct head indices in ``[0, num_heads - 1]``."""
+def check_heads(heads, num_heads: int | None) -> list[int] | None:
+    """``None`` (every head) or a non-empty list of distinct head indices in ``[0, num_heads - 1]`` (any
+    non-negative index when ``num_heads`` is ``None``: the range is then checked where the layer is known)."""
     if heads is None:
         return None
+    span = f"0..{num_heads - 1}" if num_heads is not None else ">= 0"
     if isinstance(heads, (int, bool)) or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
-        raise ValueError(f"heads={heads!r}; allowed: None (every head) or a list of head indices 0..{num_heads - 1}")
+        raise ValueError(f"heads={heads!r}; allowed: None (every head) or a list of head indices {span}")
     heads = [int(h) for h in heads]
-    if not heads or len(set(heads)) != len(heads) or not all(0 <= h < num_heads for h in heads):
-        raise ValueError(f"heads={heads!r}; allowed: None or a non-empty list of distinct head indices "
-                         f"0..{num_heads - 1}")
+    if (not heads or len(set(heads)) != len(heads)
+            or not all(0 <= h and (num_heads is None or h < num_heads) for h in heads)):
+        raise ValueError(f"heads={heads!r}; allowed: None or a non-empty list of distinct head indices {span}")
     return heads
+
+
+def select_heads(q: torch.Tensor, k: torch.Tensor, heads, tau: float | str | None = None):
+    """``(q, k, tau)`` restricted to ``heads`` along dim 0 (``[H, ...]``, head size last), with ``tau`` resolved
+    for the whole layer (:func:`temperature` of its ``H`` heads and head size): matching a head subset keeps the
+    layer's temperature. ``heads=None`` returns the inputs unchanged."""
+    heads = check_heads(heads, q.shape[0])
+    if heads is None:
+        return q, k, tau
+    tau = temperature(tau, q.shape[0], q.shape[-1])
+    idx = torch.tensor(heads, device=q.device)
+    return q.index_select(0, idx), k.index_select(0, idx), tau
 
 
 def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, stride: float, src_frame: int = 0,
@@ -318,11 +332,8 @@ def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, strid
     if refine not in REFINE:
         raise ValueError(f"unknown refine {refine!r}; allowed: {REFINE}")
     pts = px_to_tokens(points_px.to(q.device).float(), stride)
-    heads = check_heads(heads, H)
-    if heads is not None:
-        tau = temperature(tau, H, D)  # the layer's temperature, not that of the subset
-        idx = torch.tensor(heads, device=q.device)
-        q, k, H = q.index_select(0, idx), k.index_select(0, idx), len(heads)
+    q, k, tau = select_heads(q, k, heads, tau)  # the layer's temperature, not that of the subset
+    H = q.shape[0]
     qf, kf = q.reshape(H, Fr, rows * cols, D), k.reshape(H, Fr, rows * cols, D)
     costs = qk_cost_frames(qf[:, src_frame], kf[:, src_frame], _others(qf, 1, src_frame), _others(kf, 1, src_frame),
                            tau, bidirectional)

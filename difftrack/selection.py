@@ -115,15 +115,11 @@ def select(pipe, num_videos: int = 4, num_steps: int = 50, steps=None, grid_size
         raise ValueError(f"top_k={top_k}; allowed 1..{n_layers} (the model's blocks)")
     T, H, W = runner.resolve_size(None)
     world = World(T, H, W)
-    n_heads = None
     head_sets = None
     if heads == "singles":
-        from .backbones import adapter_for
+        from .backbones import attention_heads
 
-        tr = runner.pipe.transformer
-        blocks = adapter_for(tr).blocks(tr)
-        n_heads = min(int(adapter_for(tr).self_attention(b).heads) for _, b in blocks)
-        head_sets = [[h] for h in range(n_heads)]
+        head_sets = [[h] for h in range(attention_heads(runner.pipe.transformer))]
     tables = []
     it = range(num_videos)
     for i in (tqdm(it, desc="select") if progress else it):

@@ -71,10 +71,10 @@ import numpy as np
 import torch
 
 from . import checks as _checks
-from .backbones import adapter_for, resolve_transformer
+from .backbones import adapter_for, attention_heads, resolve_transformer
 from .capture import capture, run_until
 from .matching import (REFINE, _bilinear_rows, check_heads, feature_cost, match_from_cost, px_to_tokens, qk_cost,
-                       refine_peak, temperature, tokens_to_px)
+                       refine_peak, select_heads, tokens_to_px)
 from .runners import scale_vae_latents, scheduler_add_noise
 
 __all__ = ["DiffTracker", "FeatureTracker", "plan_chunks", "vae_encode_frames", "check_video", "check_queries",
@@ -340,9 +340,7 @@ class DiffTracker:
             raise ValueError(f"layers={layers!r}; allowed: block indices in 0..{n_blocks - 1}")
         if heads is not None and self.descriptor != "qk":
             raise ValueError(f"heads={heads!r}: head selection applies to query-key matching only; allowed: None")
-        blocks = self.adapter.blocks(self.transformer)
-        n_heads = min(int(self.adapter.self_attention(blocks[l][1]).heads) for l in self.layers)
-        self.heads = check_heads(heads, n_heads)
+        self.heads = check_heads(heads, attention_heads(self.transformer, self.layers))
         self._tau_layer = None  # the layers' temperature when matching a head subset
         if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
             raise ValueError(f"num_steps={num_steps!r}; allowed: an int >= 1 (the length of the denoising schedule)")
@@ -651,9 +649,8 @@ class DiffTracker:
                 q, k = cap.q(l)[0], cap.k(l)[0]  # [H, F, rows, cols, D]
                 H, Fq, r, c, D = q.shape
                 if self.heads is not None:  # the chosen heads only, at the layer's own temperature
-                    self._tau_layer = temperature(self.tau, H, D)
-                    idx = torch.tensor(self.heads, device=q.device)
-                    q, k, H = q.index_select(0, idx), k.index_select(0, idx), len(self.heads)
+                    q, k, self._tau_layer = select_heads(q, k, self.heads, self.tau)
+                    H = q.shape[0]
                 out[l] = (q.reshape(H, Fq, r * c, D), k.reshape(H, Fq, r * c, D))
             else:
                 f = cap.features(l)[0]  # [F, rows, cols, C]
