@@ -235,6 +235,33 @@ def exactness(pipe, layer: int, grid: int) -> dict:
         d = (fast() - ref()).abs()
         out[f"{name}_track_diff_px_max"] = float(d.max())
         out[f"{name}_track_diff_px_mean"] = float(d.mean())
+    # the CUDA source-row subset (the rows around the points, flash log-sum-exp for the backward softmax) against
+    # the float32 full-cost path on the CPU, which is what every earlier version computed
+    cpu = dict(qk=Mt.match_video(q.float().cpu(), k.float().cpu(), pts.cpu(), stride)[0],
+               features=Mt.match_video_features(f.float().cpu(), pts.cpu(), stride)[0])
+    for name, fast in (("qk", lambda: Mt.match_video(q, k, pts, stride)[0]),
+                       ("features", lambda: Mt.match_video_features(f, pts, stride)[0])):
+        d = (fast().cpu() - cpu[name]).abs()
+        out[f"{name}_track_diff_vs_cpu_full_px_max"] = float(d.max())
+        out[f"{name}_track_diff_vs_cpu_full_px_mean"] = float(d.mean())
+    # one layer-call of the matching, subset path against the full cost on the same device (ms, CUDA events)
+    qf, kf = q.reshape(H, Fr, rows * cols, D), k.reshape(H, Fr, rows * cols, D)
+    tok = Mt.px_to_tokens(pts.float(), stride)
+
+    def full_qk():
+        c = Mt.qk_cost_frames(qf[:, 0], kf[:, 0], qf[:, 1:], kf[:, 1:])
+        return Mt._place_tracks(c, tok, Fr, 0, rows, cols, stride, "softargmax", 1, 1.0)
+
+    for name, fn in (("qk_subset", lambda: Mt.match_video(q, k, pts, stride)), ("qk_full", full_qk),
+                     ("features_subset", lambda: Mt.match_video_features(f, pts, stride))):
+        if dev.type == "cuda":
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            out[f"per_call_ms_{name}"] = (time.perf_counter() - t0) / 5 * 1e3
     qs, ks = q.reshape(H, -1, D), k.reshape(H, -1, D)
     idx = torch.arange(0, qs.shape[1], max(1, qs.shape[1] // 100), device=dev)
     out["attention_rows_diff_max"] = float((Mt.attention_rows(qs, ks, idx) - Mt.attention_rows(qs.float(), ks.float(),

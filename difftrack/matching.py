@@ -116,18 +116,37 @@ def tokens_to_px(points_tok: torch.Tensor, stride: float) -> torch.Tensor:
     return (points_tok + 0.5) * stride
 
 
-def _bilinear_rows(cost: torch.Tensor, rows: int, cols: int, pts: torch.Tensor) -> torch.Tensor:
-    """Blend the cost rows of the 4 source tokens around each point. cost ``[..., M_s, M_k]`` (any leading frame
-    dimensions), pts ``[n, 2]`` token units -> ``[..., n, M_k]``."""
+def _corners(pts: torch.Tensor, rows: int, cols: int):
+    """The 4 source tokens around each point (border-clamped) and the blend fractions: ``(index [4, n] long flat
+    token indices in the order (v0, u0), (v0, u1), (v1, u0), (v1, u1); fu [n, 1]; fv [n, 1])``."""
     u = pts[:, 0].clamp(0, cols - 1)
     v = pts[:, 1].clamp(0, rows - 1)
     u0, v0 = u.floor().long().clamp(max=cols - 2 if cols > 1 else 0), v.floor().long().clamp(
         max=rows - 2 if rows > 1 else 0)
     u1, v1 = (u0 + 1).clamp(max=cols - 1), (v0 + 1).clamp(max=rows - 1)
     fu, fv = (u - u0).unsqueeze(1), (v - v0).unsqueeze(1)
-    r = lambda vv, uu: cost[..., vv * cols + uu, :]  # noqa: E731
-    return (r(v0, u0) * (1 - fu) * (1 - fv) + r(v0, u1) * fu * (1 - fv) + r(v1, u0) * (1 - fu) * fv
-            + r(v1, u1) * fu * fv)
+    index = torch.stack([v0 * cols + u0, v0 * cols + u1, v1 * cols + u0, v1 * cols + u1])
+    return index, fu, fv
+
+
+def _blend(r, fu: torch.Tensor, fv: torch.Tensor) -> torch.Tensor:
+    """Bilinear blend of the 4 corner rows ``r(c)`` (``c`` in the order of :func:`_corners`)."""
+    return r(0) * (1 - fu) * (1 - fv) + r(1) * fu * (1 - fv) + r(2) * (1 - fu) * fv + r(3) * fu * fv
+
+
+def _bilinear_rows(cost: torch.Tensor, rows: int, cols: int, pts: torch.Tensor) -> torch.Tensor:
+    """Blend the cost rows of the 4 source tokens around each point. cost ``[..., M_s, M_k]`` (any leading frame
+    dimensions), pts ``[n, 2]`` token units -> ``[..., n, M_k]``."""
+    index, fu, fv = _corners(pts, rows, cols)
+    return _blend(lambda c: cost[..., index[c], :], fu, fv)
+
+
+def _bilinear_subset(cost: torch.Tensor, pts: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """As :func:`_bilinear_rows` for a cost computed for the source rows ``_corners(...)[0].flatten()`` only
+    (``[..., 4 n, M_k]``, corner-major) -> ``[..., n, M_k]``."""
+    _, fu, fv = _corners(pts, rows, cols)
+    n = pts.shape[0]
+    return _blend(lambda c: cost[..., c * n:(c + 1) * n, :], fu, fv)
 
 
 def _others(x: torch.Tensor, dim: int, src: int) -> torch.Tensor:
@@ -223,36 +242,85 @@ def match_from_cost(cost: torch.Tensor, rows: int, cols: int, points_tok: torch.
     return refine_peak(rows_prob, rows, cols, refine, radius, sharpen)
 
 
+def _lse(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tensor:
+    """``logsumexp_j (q_i . k_j) / t`` for ``q [h, m, D]``, ``k [h, n, D]`` -> ``float32 [h, m]``.
+
+    On CUDA with half-precision inputs this is the log-sum-exp that the flash-attention kernel returns with its
+    output (float32 softmax statistics over tensor-core products), so the ``[m, n]`` logits are never written to
+    memory; the kernel's value is checked once per device against the float32 formula and not used if it
+    disagrees. Elsewhere: ``torch.logsumexp`` over :func:`_mm_f32`."""
+    if q.is_cuda and q.dtype in _HALF and k.dtype == q.dtype and _flash_lse_ok(q.device, q.dtype):
+        return _flash_lse(q, k, t)
+    return torch.logsumexp(_mm_f32(q, k.transpose(-1, -2), t), -1)
+
+
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tensor:
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q.unsqueeze(0), k.unsqueeze(0), k.unsqueeze(0), 0.0,
+                                                             False, False, scale=1.0 / t)
+    return out[1][0, :, :q.shape[1]].float()
+
+
+_FLASH_LSE: dict = {}
+
+
+def _flash_lse_ok(device, dtype) -> bool:
+    key = (str(device), dtype)
+    if key not in _FLASH_LSE:
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(2, 77, 64, device=device, generator=g).to(dtype)
+            k = torch.randn(2, 300, 64, device=device, generator=g).to(dtype)
+            ref = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) / 8.0, -1)
+            _FLASH_LSE[key] = bool((_flash_lse(q, k, 8.0) - ref).abs().max() < 1e-3)
+        except (RuntimeError, TypeError, AttributeError, IndexError):
+            _FLASH_LSE[key] = False
+    return _FLASH_LSE[key]
+
+
 def qk_cost_frames(q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor, k_tgt: torch.Tensor,
-                   tau: float | str | None = None, bidirectional: bool = True, head_chunk: int = 8) -> torch.Tensor:
+                   tau: float | str | None = None, bidirectional: bool = True, head_chunk: int = 8,
+                   src_rows: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`qk_cost` for several target frames at once (one matmul per head chunk instead of one per pair).
 
     Args:
         q_src, k_src: ``[H, M_s, D]``; q_tgt, k_tgt: ``[H, F, M_k, D]``.
+        src_rows: ``long [R]`` source tokens whose cost rows are wanted (``None``: all ``M_s``). The
+            target->source softmax still normalises over every source token (its log-sum-exp comes from
+            :func:`_lse`), so the rows equal those of the full cost up to rounding.
 
     Returns:
-        ``float32 [F, M_s, M_k]`` (memory: ``head_chunk * F * M_s * M_k`` floats at a time).
+        ``float32 [F, M_s, M_k]`` (``[F, R, M_k]`` with ``src_rows``; memory: ``head_chunk * F * M_s * M_k``
+        floats at a time, ``head_chunk * F * R * M_k`` with ``src_rows``).
     """
     H, Ms, D = q_src.shape
     _, Fr, Mk, _ = k_tgt.shape
     t = temperature(tau, H, D)
-    out = torch.zeros(Fr, Ms, Mk, dtype=torch.float32, device=q_src.device)
+    R = Ms if src_rows is None else src_rows.numel()
+    out = torch.zeros(Fr, R, Mk, dtype=torch.float32, device=q_src.device)
     for h0 in range(0, H, head_chunk):
         hs = slice(h0, h0 + head_chunk)
         kt = k_tgt[hs].reshape(-1, Fr * Mk, D)
-        fwd = _mm_f32(q_src[hs], kt.transpose(-1, -2), t).view(-1, Ms, Fr, Mk).softmax(-1)  # [h, Ms, F, Mk]
+        qs = q_src[hs] if src_rows is None else q_src[hs].index_select(1, src_rows)
+        fwd = _mm_f32(qs, kt.transpose(-1, -2), t).view(-1, R, Fr, Mk).softmax(-1)  # [h, R, F, Mk]
         if bidirectional:
             qt = q_tgt[hs].reshape(-1, Fr * Mk, D)
-            bwd = _mm_f32(qt, k_src[hs].transpose(-1, -2), t).view(-1, Fr, Mk, Ms).softmax(-1)  # [h, F, Mk, Ms]
+            if src_rows is None:
+                bwd = _mm_f32(qt, k_src[hs].transpose(-1, -2), t).view(-1, Fr, Mk, Ms).softmax(-1)  # [h, F, Mk, Ms]
+            else:
+                ks = k_src[hs].index_select(1, src_rows)
+                bwd = _mm_f32(qt, ks.transpose(-1, -2), t).sub_(_lse(qt, k_src[hs], t).unsqueeze(-1)).exp_()
+                bwd = bwd.view(-1, Fr, Mk, R)
             out += 0.5 * (fwd.sum(0).permute(1, 0, 2) + bwd.sum(0).transpose(-1, -2))
         else:
             out += fwd.sum(0).permute(1, 0, 2)
     return out / H
 
 
-def feature_cost_frames(f_src: torch.Tensor, f_tgt: torch.Tensor, tau: float = 0.05, bidirectional: bool = True
-                        ) -> torch.Tensor:
-    """:func:`feature_cost` for several target frames: ``f_src [M_s, C]``, ``f_tgt [F, M_k, C]`` -> ``[F, M_s, M_k]``."""
+def feature_cost_frames(f_src: torch.Tensor, f_tgt: torch.Tensor, tau: float = 0.05, bidirectional: bool = True,
+                        src_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`feature_cost` for several target frames: ``f_src [M_s, C]``, ``f_tgt [F, M_k, C]`` -> ``[F, M_s, M_k]``
+    (``[F, R, M_k]`` for the source tokens ``src_rows [R]``; the target->source softmax still normalises over
+    every source token)."""
     if f_src.is_cuda and f_src.dtype in _HALF and f_tgt.dtype == f_src.dtype:
         # half-precision features on CUDA: the raw dot products on the tensor cores (exact inputs, float32
         # accumulation), then divided by the norms -- the cosine of the float32 path up to rounding
@@ -265,18 +333,24 @@ def feature_cost_frames(f_src: torch.Tensor, f_tgt: torch.Tensor, tau: float = 0
         a = F.normalize(f_src.float(), dim=-1)
         b = F.normalize(f_tgt.float(), dim=-1)
         sim = torch.einsum("sc,fkc->fsk", a, b) / tau
-    fwd = sim.softmax(-1)
-    return 0.5 * (fwd + sim.softmax(-2)) if bidirectional else fwd
+    if src_rows is None:
+        fwd = sim.softmax(-1)
+        return 0.5 * (fwd + sim.softmax(-2)) if bidirectional else fwd
+    rows = sim.index_select(1, src_rows)  # [F, R, Mk]
+    fwd = rows.softmax(-1)
+    return 0.5 * (fwd + (rows - sim.logsumexp(-2, keepdim=True)).exp()) if bidirectional else fwd
 
 
 def _match_frames(costs: torch.Tensor, rows: int, cols: int, pts: torch.Tensor, refine: str, radius: int,
-                  sharpen: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """costs ``[F, M_s, M_k]`` -> positions ``[n, F, 2]`` token units and confidence ``[n, F]``."""
+                  sharpen: float, subset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """costs ``[F, M_s, M_k]`` (``subset``: ``[F, 4 n, M_k]``, the rows of :func:`_point_rows`) -> positions
+    ``[n, F, 2]`` token units and confidence ``[n, F]``."""
     Fr = costs.shape[0]
     if refine == "paper":
         res = [match_from_cost(costs[f], rows, cols, pts, refine, radius, sharpen) for f in range(Fr)]
         return torch.stack([r[0] for r in res], 1), torch.stack([r[1] for r in res], 1)
-    rows_prob = _bilinear_rows(costs, rows, cols, pts).transpose(0, 1)  # [n, F, Mk]
+    blend = _bilinear_subset(costs, pts, rows, cols) if subset else _bilinear_rows(costs, rows, cols, pts)
+    rows_prob = blend.transpose(0, 1)  # [n, F, Mk]
     n = pts.shape[0]
     pos, conf = refine_peak(rows_prob.reshape(n * Fr, -1), rows, cols, refine, radius, sharpen)
     return pos.view(n, Fr, 2), conf.view(n, Fr)
@@ -335,16 +409,27 @@ def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, strid
     q, k, tau = select_heads(q, k, heads, tau)  # the layer's temperature, not that of the subset
     H = q.shape[0]
     qf, kf = q.reshape(H, Fr, rows * cols, D), k.reshape(H, Fr, rows * cols, D)
+    src_rows = _point_rows(pts, rows, cols, refine)
     costs = qk_cost_frames(qf[:, src_frame], kf[:, src_frame], _others(qf, 1, src_frame), _others(kf, 1, src_frame),
-                           tau, bidirectional)
-    return _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen)
+                           tau, bidirectional, src_rows=src_rows)
+    return _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen, src_rows)
 
 
-def _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen):
-    """Tracks ``[n, F, 2]`` pixels and confidence ``[n, F]`` from the costs of every frame but ``src_frame``."""
+def _point_rows(pts: torch.Tensor, rows: int, cols: int, refine: str) -> torch.Tensor | None:
+    """The source rows a match needs: on CUDA, the 4 tokens around each point (``[4 n]``, corner-major) when they
+    are fewer than the frame's tokens; ``None`` (every row) on the CPU, where the full cost keeps results
+    bit-identical to earlier versions, and for ``refine="paper"``, which takes the argmax of every source token."""
+    if not pts.is_cuda or refine == "paper" or 4 * pts.shape[0] >= rows * cols:
+        return None
+    return _corners(pts, rows, cols)[0].reshape(-1)
+
+
+def _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen, src_rows=None):
+    """Tracks ``[n, F, 2]`` pixels and confidence ``[n, F]`` from the costs of every frame but ``src_frame``
+    (costs ``[F - 1, M_s, M_k]``, or ``[F - 1, 4 n, M_k]`` for the rows of :func:`_point_rows`)."""
     tracks = pts.unsqueeze(1).repeat(1, Fr, 1)
     conf = torch.ones(pts.shape[0], Fr, device=pts.device)
-    pos, c = _match_frames(costs, rows, cols, pts, refine, radius, sharpen)
+    pos, c = _match_frames(costs, rows, cols, pts, refine, radius, sharpen, subset=src_rows is not None)
     _set_others(tracks, 1, src_frame, pos)
     _set_others(conf, 1, src_frame, c)
     return tokens_to_px(tracks, stride), conf
@@ -357,8 +442,9 @@ def match_video_features(feat: torch.Tensor, points_px: torch.Tensor, stride: fl
     Fr, rows, cols, C = feat.shape
     pts = px_to_tokens(points_px.to(feat.device).float(), stride)
     ff = feat.reshape(Fr, rows * cols, C)
-    costs = feature_cost_frames(ff[src_frame], _others(ff, 0, src_frame), tau, bidirectional)
-    return _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen)
+    src_rows = _point_rows(pts, rows, cols, refine)
+    costs = feature_cost_frames(ff[src_frame], _others(ff, 0, src_frame), tau, bidirectional, src_rows=src_rows)
+    return _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen, src_rows)
 
 
 def attention_rows(q: torch.Tensor, k: torch.Tensor, rows_idx: torch.Tensor, tau: float | str | None = None,

@@ -183,3 +183,47 @@ def test_recorder_records_head_sets_and_scores_them():
     assert tab["qk_acc_heads"].shape == (1, 1, 3) and tab["qk_acc_heads"][0, 0, 0] == 1.0
     with pytest.raises(ValueError, match="head_sets"):
         Recorder(np.zeros((1, 2), np.float32), 4.0, 1, 1, Fr, head_sets=[])
+
+
+def test_source_row_subset_equals_the_full_cost_rows():
+    """``src_rows``: the cost rows of chosen source tokens only (the CUDA fast path of the analysis). They equal the
+    same rows of the full cost -- the target->source softmax still normalises over every source token -- and the
+    tracks placed from them equal the full-cost tracks, for query-key and feature costs, both directions or one."""
+    from difftrack.matching import (_corners, _match_frames, feature_cost_frames, px_to_tokens, qk_cost_frames)
+
+    g = torch.Generator().manual_seed(3)
+    H, Fr, R, C, D = 3, 4, 5, 7, 8
+    q, k = torch.randn(H, Fr + 1, R * C, D, generator=g), torch.randn(H, Fr + 1, R * C, D, generator=g)
+    rows = torch.tensor([0, 34, 5, 5, 17])  # any order, repeats allowed
+    for bidir in (True, False):
+        full = qk_cost_frames(q[:, 0], k[:, 0], q[:, 1:], k[:, 1:], bidirectional=bidir, head_chunk=2)
+        sub = qk_cost_frames(q[:, 0], k[:, 0], q[:, 1:], k[:, 1:], bidirectional=bidir, head_chunk=2, src_rows=rows)
+        assert sub.shape == (Fr, 5, R * C)
+        torch.testing.assert_close(sub, full[:, rows], rtol=1e-5, atol=1e-7)
+        f_src, f_tgt = torch.randn(R * C, 16, generator=g), torch.randn(Fr, R * C, 16, generator=g)
+        full_f = feature_cost_frames(f_src, f_tgt, tau=0.1, bidirectional=bidir)
+        sub_f = feature_cost_frames(f_src, f_tgt, tau=0.1, bidirectional=bidir, src_rows=rows)
+        torch.testing.assert_close(sub_f, full_f[:, rows], rtol=1e-5, atol=1e-7)
+    pts = px_to_tokens(torch.tensor([[3.0, 2.0], [25.5, 17.25], [0.5, 19.0], [27.9, 0.1]]), 4.0)
+    idx = _corners(pts, R, C)[0].reshape(-1)
+    assert idx.shape == (16,) and int(idx.min()) >= 0 and int(idx.max()) < R * C
+    full = qk_cost_frames(q[:, 0], k[:, 0], q[:, 1:], k[:, 1:])
+    sub = qk_cost_frames(q[:, 0], k[:, 0], q[:, 1:], k[:, 1:], src_rows=idx)
+    for refine in ("argmax", "softargmax", "parabola"):
+        pos_full, conf_full = _match_frames(full, R, C, pts, refine, 1, 1.0)
+        pos_sub, conf_sub = _match_frames(sub, R, C, pts, refine, 1, 1.0, subset=True)
+        torch.testing.assert_close(pos_sub, pos_full, rtol=0, atol=1e-4)
+        torch.testing.assert_close(conf_sub, conf_full, rtol=1e-5, atol=1e-7)
+
+
+def test_row_subset_is_cuda_only_and_never_for_the_paper_rule():
+    """On the CPU the full cost is kept (bit-identical tracks to earlier versions); ``refine="paper"`` needs every
+    source row; so does a point set whose corners would cover the frame."""
+    from difftrack.matching import _point_rows
+
+    pts = torch.tensor([[1.0, 1.0]])
+    assert _point_rows(pts, 5, 7, "softargmax") is None
+    if torch.cuda.is_available():
+        assert _point_rows(pts.cuda(), 5, 7, "softargmax").shape == (4,)
+        assert _point_rows(pts.cuda(), 5, 7, "paper") is None
+        assert _point_rows(pts.repeat(9, 1).cuda(), 5, 7, "softargmax") is None
