@@ -28,6 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 REFINE = ("argmax", "softargmax", "parabola", "paper")
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -295,6 +297,8 @@ def qk_cost_frames(q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor
     H, Ms, D = q_src.shape
     _, Fr, Mk, _ = k_tgt.shape
     t = temperature(tau, H, D)
+    if src_rows is not None and fused.triton_ok(q_src, k_tgt):
+        return _qk_rows_fused(q_src, k_src, q_tgt, k_tgt, t, bidirectional, src_rows)
     R = Ms if src_rows is None else src_rows.numel()
     out = torch.zeros(Fr, R, Mk, dtype=torch.float32, device=q_src.device)
     for h0 in range(0, H, head_chunk):
@@ -314,6 +318,25 @@ def qk_cost_frames(q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor
         else:
             out += fwd.sum(0).permute(1, 0, 2)
     return out / H
+
+
+def _qk_rows_fused(q_src, k_src, q_tgt, k_tgt, t: float, bidirectional: bool, src_rows) -> torch.Tensor:
+    """The ``src_rows`` cost of :func:`qk_cost_frames` through :func:`difftrack.fused.headsum_exp`: the per-head
+    softmax normalisers come from :func:`_lse` (source rows against each target frame; every target token against
+    all source tokens), the head sums of the probabilities from one kernel per direction. ``float32 [F, R, M_k]``."""
+    H, Ms, D = q_src.shape
+    _, Fr, Mk, _ = k_tgt.shape
+    R = src_rows.numel()
+    qs = q_src.index_select(1, src_rows)  # [H, R, D]
+    lse_f = _lse(qs.unsqueeze(1).expand(H, Fr, R, D).reshape(H * Fr, R, D), k_tgt.reshape(H * Fr, Mk, D), t)
+    fwd = fused.headsum_exp(qs.unsqueeze(0).expand(Fr, H, R, D), k_tgt.transpose(0, 1),
+                            lse_f.view(H, Fr, R).transpose(0, 1), 1.0 / t)  # [F, R, Mk]
+    if not bidirectional:
+        return fwd / H
+    qt = q_tgt.reshape(H, Fr * Mk, D)
+    bwd = fused.headsum_exp(qt.unsqueeze(0), k_src.index_select(1, src_rows).unsqueeze(0),
+                            _lse(qt, k_src, t).unsqueeze(0), 1.0 / t)[0]  # [F * Mk, R]
+    return 0.5 * (fwd + bwd.view(Fr, Mk, R).transpose(-1, -2)) / H
 
 
 def feature_cost_frames(f_src: torch.Tensor, f_tgt: torch.Tensor, tau: float = 0.05, bidirectional: bool = True,

@@ -227,3 +227,18 @@ def test_row_subset_is_cuda_only_and_never_for_the_paper_rule():
         assert _point_rows(pts.cuda(), 5, 7, "softargmax").shape == (4,)
         assert _point_rows(pts.cuda(), 5, 7, "paper") is None
         assert _point_rows(pts.repeat(9, 1).cuda(), 5, 7, "softargmax") is None
+
+
+def test_fused_row_path_equals_the_full_cost_rows():
+    """The fused source-row path (per-head normalisers from the log-sum-exp, head sums of the probabilities; on the
+    CPU through the torch reference of the kernel) equals the same rows of the full cost, both directions or one."""
+    from difftrack.matching import _qk_rows_fused, qk_cost_frames, temperature
+
+    g = torch.Generator().manual_seed(5)
+    H, Fr, M, D = 3, 4, 35, 8
+    q, k = torch.randn(H, Fr + 1, M, D, generator=g), torch.randn(H, Fr + 1, M, D, generator=g)
+    rows = torch.tensor([0, 34, 5, 5, 17])
+    for bidir in (True, False):
+        full = qk_cost_frames(q[:, 0], k[:, 0], q[:, 1:], k[:, 1:], bidirectional=bidir)
+        got = _qk_rows_fused(q[:, 0], k[:, 0], q[:, 1:], k[:, 1:], temperature(None, H, D), bidir, rows)
+        torch.testing.assert_close(got, full[:, rows], rtol=1e-5, atol=1e-7)
