@@ -28,6 +28,7 @@ p.add_argument("--videos", type=int, default=40)
 p.add_argument("--steps", type=int, default=50)
 p.add_argument("--out", default="results/mini_model.json")
 p.add_argument("--device", default="cpu")
+p.add_argument("--weights", help="a saved pipeline folder to evaluate instead of the committed weights")
 p.add_argument("--cpu-forward", choices=["measure", "skip", "only"], default="measure",
                help="time one CFG-batch-2 forward on this machine's CPU (skip on a GPU box; 'only' merges it into --out)")
 args = p.parse_args()
@@ -76,7 +77,8 @@ if args.cpu_forward == "only":
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     sys.exit(0)
-pipe = mini.load_default().to(args.device)
+pipe = (mini.MiniVideoPipeline.from_pretrained(args.weights, dtype=torch.float32) if args.weights
+        else mini.load_default()).to(args.device)
 trained, n_pts = evaluate(pipe, args.videos)
 untrained, _ = evaluate(mini.build_untrained(0).to(args.device), args.videos)
 fmin, fmed = cpu_forward_seconds(mini.load_default()) if args.cpu_forward == "measure" else (float("nan"),) * 2
