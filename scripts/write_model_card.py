@@ -87,6 +87,29 @@ if pa:
               f"({'met' if pa.get('passes_target') else 'not met'}). The measure: results/mini_prompt_agreement.json. "
               f"Samples (first 16, title green = agrees):", "",
               "![samples](../../../figures/mini_samples_grid.png)", ""]
+rounds_file = ROOT / "results/train_rounds/rounds.json"
+if rounds_file.exists():  # issue 20: every training round, kept or not, with its held-out evaluation
+    rd = json.loads(rounds_file.read_text())
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines += ["## Training rounds (issue 20)", f"Held-out protocol: {rd['protocol']}.", "",
+              "| round | what changed | steps | minutes | device | half token | one token | features | prompt agreement "
+              "| kept | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rd["rounds"]:
+        lines.append(f"| {r['name']} | {r['changed']} | {r['steps']} | {r['minutes']:.1f} | {r['device']} | "
+                     f"{fmt(r['qk_half'])} | {fmt(r['qk_one'])} | {fmt(r['features_half'])} | "
+                     f"{fmt(r.get('prompt_agreement'))} | {'yes' if r['kept'] else 'no'} | {r.get('note', '')} |")
+    lines.append("")
+tb_file = ROOT / "results/train_bench.json"
+if tb_file.exists():
+    tb = json.loads(tb_file.read_text())
+    t, m = tb["results"], tb["meta"]
+    lines += [f"Training throughput (`bench/bench_train.py`, {m['device']}, batch {m['batch_size']}, commit "
+              f"{m['commit'][:7]}): rendering a batch {t['render_batch']['ms']:.0f} ms, a model step "
+              f"{t['model_step']['ms']:.0f} ms ({t['model_step']['per_s']:.1f} steps/s; TF32 makes no difference under "
+              f"bf16 autocast), both {t['render_and_step']['per_s']:.1f} steps/s"
+              + (f"; under `torch.compile` {t['model_step_compiled']['ms']:.0f} ms ({t['model_step_compiled']['per_s']:.1f}"
+                 f" steps/s, compiled in {t['compile_s']:.0f} s): `scripts/train_mini.py --compile`."
+                 if "model_step_compiled" in t else "."), ""]
 lines += ["## Load", "```python", "from difftrack.mini import load_default", "pipe = load_default()  # offline",
           "video = pipe('a red circle moving left on a still background', num_inference_steps=50).frames[0]", "```"]
 (W / "README.md").write_text("\n".join(lines) + "\n")

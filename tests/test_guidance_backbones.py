@@ -186,7 +186,7 @@ def test_cag_errors_name_the_allowed_values():
 @pytest.mark.parametrize("kind,extra", [("cogvideox", {}), ("wan", {}), ("hunyuanvideo", {}),
                                         ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"})],
                          ids=["cogvideox", "wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg"])
-def test_shared_prefix_cag_is_bitwise_the_three_slot_cag(kind, extra):
+def test_shared_prefix_cag_equals_the_three_slot_cag_up_to_rounding(kind, extra):
     """On every pipeline CAG supports, the shared-prefix CAG (blocks before the first CAG layer computed once for the
     conditional and perturbed slots) gives the 3-slot sample up to float rounding in fp32 on the CPU (not bitwise:
     see test_guidance's batch-position test), for a layer set starting after block 0, and the first block really
