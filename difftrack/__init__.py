@@ -7,6 +7,7 @@ list and ``_SUBMODULES`` name exactly the modules on disk):
 * ``difftrack.backbones``     -- per-backbone adapters (token layout, attention modules, CFG branches)
 * ``difftrack.runners``       -- loading local pipelines and running them with each backbone's conventions
 * ``difftrack.matching``      -- memory-bounded frame-to-frame matching
+* ``difftrack.fused``         -- the matching's fused GPU kernel (Triton; a torch reference elsewhere)
 * ``difftrack.analysis``      -- the paper's layer/timestep analysis: recording, metrics, per-video cache
 * ``difftrack.inspect_attn``  -- attention maps, q/k PCA and analysis bookkeeping for the notebooks
 * ``difftrack.tracking``      -- zero-shot point tracking (DiffTracker, FeatureTracker)
@@ -29,7 +30,7 @@ list and ``_SUBMODULES`` name exactly the modules on disk):
 import importlib
 
 __version__ = "0.1.0"
-_SUBMODULES = ("capture", "backbones", "runners", "matching", "analysis", "inspect_attn", "tracking", "tapvid",
+_SUBMODULES = ("capture", "backbones", "runners", "matching", "fused", "analysis", "inspect_attn", "tracking", "tapvid",
                "baselines", "guidance", "selection", "cag_eval", "world", "mini", "testing", "viz", "viz_tracks", "sliders",
                "params", "paper_results", "checks", "video_io", "fileio", "paths", "provenance")
 
