@@ -26,16 +26,14 @@ confidence-score rule, shared reference section 4.4; :func:`latent_visibility`).
 """
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .backbones import adapter_for, resolve_transformer
+from .backbones import adapter_for, family_for, family_of_class, pipeline_families, resolve_transformer
 
-PIPELINES = {"MiniVideoPipeline": "embedded", "CogVideoXPipeline": "cogvideox", "WanPipeline": "wan",
-             "HunyuanVideoPipeline": "hunyuanvideo"}
+PIPELINES = pipeline_families()  # {pipeline class: family}, from difftrack.backbones
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -86,15 +84,7 @@ def load_pipeline(model: str = "embedded", device: str = "cpu", dtype="float32")
                          f"{sorted(PIPELINES)}")
     if model == "embedded":
         return mini.load_default(device=device, dtype=dt)
-    if cls == "MiniVideoPipeline":
-        return mini.MiniVideoPipeline.from_pretrained(str(Path(model).expanduser()), dtype=dt,
-                                                      local_files_only=True).to(device)
-    import diffusers
-
-    pipe = getattr(diffusers, cls).from_pretrained(str(Path(model).expanduser()), torch_dtype=dt,
-                                                   local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return family_of_class(cls).load(str(Path(model).expanduser()), dt).to(device)
 
 
 def model_tag(model: str, dtype: str = "float32") -> str:
@@ -107,19 +97,6 @@ def model_tag(model: str, dtype: str = "float32") -> str:
         p = Path(model).expanduser().resolve()
         base = f"{p.name}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
     return base if str(dtype) == "float32" else f"{base}-{dtype}"
-
-
-def scale_vae_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    """VAE latents ``z`` (channels on dim 1) in the transformer's scale, as the pipelines undo it before decoding:
-    normalised by ``latents_mean`` / ``latents_std`` where the VAE config has them (Wan), else multiplied by
-    ``scaling_factor`` (CogVideoX, HunyuanVideo)."""
-    cfg = vae.config
-    shape = (1, -1) + (1,) * (z.dim() - 2)
-    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean, device=z.device).view(shape)
-        std = torch.tensor(cfg.latents_std, device=z.device).view(shape)
-        return (z - mean) / std
-    return z * float(getattr(cfg, "scaling_factor", 1.0))
 
 
 def scheduler_add_noise(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -169,10 +146,8 @@ class VideoRunner:
 
     def __init__(self, pipe, guidance_embed: float = 6.0):
         cls = type(pipe).__name__
-        if cls not in PIPELINES:
-            raise ValueError(f"unsupported pipeline {cls}; allowed: {sorted(PIPELINES)} (a bare transformer has no "
-                             f"text encoder or VAE: use difftrack.capture / DiffTracker with explicit inputs)")
-        self.pipe, self.kind = pipe, PIPELINES[cls]
+        self.family = family_for(pipe)
+        self.pipe, self.kind = pipe, self.family.name
         self.transformer = resolve_transformer(pipe)
         self.adapter = adapter_for(self.transformer)
         self.num_layers = len(self.adapter.blocks(self.transformer))
@@ -180,13 +155,7 @@ class VideoRunner:
         cfg = self.transformer.config
         ps = cfg.patch_size
         self.patch = int(ps[-1] if isinstance(ps, (tuple, list)) else ps)
-        if self.kind == "embedded":
-            from . import mini
-
-            self.temporal, self.vae_spatial = 1, mini.PATCH
-        else:
-            self.temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
-            self.vae_spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
+        self.temporal, self.vae_spatial = self.family.compression(pipe)
         pt = getattr(cfg, "patch_size_t", None) or (ps[0] if isinstance(ps, (tuple, list)) else 1)
         if pt != 1:
             raise ValueError(f"temporal patch size {pt} ({cls}): one token frame per latent frame is needed "
@@ -209,16 +178,7 @@ class VideoRunner:
     def default_size(self) -> tuple[int, int, int]:
         """``(frames, height, width)`` the pipeline generates by default (CogVideoX: from the transformer config;
         Wan / HunyuanVideo: the ``__call__`` defaults; embedded: 13 x 64 x 64)."""
-        if self.kind == "embedded":
-            from . import mini
-
-            return mini.FRAMES, mini.HEIGHT, mini.WIDTH
-        cfg = self.transformer.config
-        if self.kind == "cogvideox":
-            T = (cfg.sample_frames - 1) // self.temporal * self.temporal + 1 if cfg.sample_frames else 49
-            return int(T), int(cfg.sample_height * self.vae_spatial), int(cfg.sample_width * self.vae_spatial)
-        sig = inspect.signature(type(self.pipe).__call__).parameters
-        return int(sig["num_frames"].default), int(sig["height"].default), int(sig["width"].default)
+        return self.family.default_size(self.pipe, self.temporal, self.vae_spatial)
 
     def resolve_size(self, size=None) -> tuple[int, int, int]:
         """:meth:`check_size` of ``size``, or of :meth:`default_size` when ``size`` is ``None`` or empty."""
@@ -260,11 +220,7 @@ class VideoRunner:
 
     def _set_timesteps(self, num_steps: int) -> None:
         check_num_steps(num_steps)
-        sched = self.pipe.scheduler
-        if self.kind == "hunyuanvideo":  # HunyuanVideoPipeline passes sigmas linspace(1, 0, n + 1)[:-1]
-            sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1], device=self.device)
-        else:
-            sched.set_timesteps(num_steps, device=self.device)
+        self.family.set_timesteps(self.pipe.scheduler, num_steps, self.device)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -275,34 +231,14 @@ class VideoRunner:
         ``guidance_scale`` is CFG for CogVideoX / Wan / the embedded model (batched or sequential, as the pipeline
         does it) and the embedded guidance for HunyuanVideo (one call per step, as its pipeline by default)."""
         g = torch.Generator().manual_seed(int(seed))
-        T, H, W = self.resolve_size(size)
-        if self.kind == "embedded":
-            return self.pipe(prompt, num_frames=T, height=H, width=W, num_inference_steps=num_steps,
-                             guidance_scale=guidance_scale, generator=g, progress=False).frames[0]
-        kw = dict(prompt=prompt, num_frames=T, height=H, width=W, num_inference_steps=num_steps,
-                  guidance_scale=guidance_scale, generator=g, output_type="np")
-        if self.kind in ("cogvideox", "wan"):
-            kw["negative_prompt"] = negative_prompt
-        out = self.pipe(**kw).frames[0]
-        out = np.asarray(out, np.float32)
-        return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+        return self.family.generate(self.pipe, prompt, self.resolve_size(size), num_steps, guidance_scale, g,
+                                    negative_prompt)
 
     # ------------------------------------------------------------------ conditioning and latents
     @torch.no_grad()
     def cond(self, prompt: str) -> dict:
         """Keyword arguments of a conditional transformer call for ``prompt`` (batch 1)."""
-        dev, dt = self.device, self.dtype
-        if self.kind == "embedded":
-            te = self.pipe.text_encoder
-            return dict(encoder_hidden_states=te(te.tokenize([prompt]).to(dev)).to(dt))
-        if self.kind in ("cogvideox", "wan"):
-            e = self.pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                                        device=dev)[0]
-            return dict(encoder_hidden_states=e.to(dt))
-        pe, pooled, mask = self.pipe.encode_prompt(prompt=prompt, device=dev)
-        return dict(encoder_hidden_states=pe.to(dt), pooled_projections=pooled.to(dt),
-                    encoder_attention_mask=mask,
-                    guidance=torch.tensor([self.guidance_embed * 1000.0], device=dev, dtype=dt))
+        return self.family.cond(self.pipe, prompt, self.device, self.dtype, self.guidance_embed)
 
     @torch.no_grad()
     def encode_video(self, video: np.ndarray) -> torch.Tensor:
@@ -313,15 +249,7 @@ class VideoRunner:
         if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
             raise ValueError(f"video must be uint8 [T, H, W, 3]; got {video.dtype} {video.shape}")
         self.check_size(video.shape[:3])
-        if self.kind == "embedded":
-            from .mini import video_uint8_to_latents
-
-            return video_uint8_to_latents(video, device=self.device)
-        vae = self.pipe.vae
-        p = next(vae.parameters())
-        x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, T, H, W]
-        z = scale_vae_latents(vae, vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float())  # [1,C,F,h,w]
-        return z.permute(0, 2, 1, 3, 4).contiguous() if self.kind == "cogvideox" else z
+        return self.family.encode_video(self.pipe, video, self.device)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x0`` forward-noised to timestep ``t`` by the pipeline's scheduler (:func:`scheduler_add_noise`)."""
@@ -331,14 +259,7 @@ class VideoRunner:
         """Keyword arguments of one transformer call on latents ``x`` (layout of :meth:`encode_video`)."""
         kw = dict(hidden_states=x.to(self.dtype), timestep=t.reshape(1).expand(x.shape[0]).to(self.device),
                   return_dict=False, **cond)
-        cfg = self.transformer.config
-        if self.kind in ("embedded", "cogvideox") and cfg.use_rotary_positional_embeddings:
-            F_, _, _, h, w = x.shape
-            if self.kind == "embedded":
-                kw["image_rotary_emb"] = self.pipe.rotary_embedding(F_, h, w, self.device)
-            else:
-                kw["image_rotary_emb"] = self.pipe._prepare_rotary_positional_embeddings(
-                    h * self.vae_spatial, w * self.vae_spatial, F_, self.device)
+        kw.update(self.family.rope_kwargs(self.pipe, self.transformer, x, self.vae_spatial, self.device))
         return kw
 
     @torch.no_grad()

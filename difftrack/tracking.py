@@ -75,7 +75,8 @@ from .backbones import adapter_for, attention_heads, resolve_transformer
 from .capture import capture, run_until
 from .matching import (REFINE, _bilinear_rows, check_heads, feature_cost, match_from_cost, px_to_tokens, qk_cost,
                        refine_peak, select_heads, tokens_to_px)
-from .runners import scale_vae_latents, scheduler_add_noise
+from .backbones import scale_vae_latents
+from .runners import scheduler_add_noise
 
 __all__ = ["DiffTracker", "FeatureTracker", "plan_chunks", "vae_encode_frames", "check_video", "check_queries",
            "OCCLUSION", "WORK_SIZES", "DEFAULT_MAX_COST_BYTES"]

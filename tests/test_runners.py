@@ -1,4 +1,5 @@
-"""difftrack.runners: latent-frame visibility by hand, step counts, model choices, VAE latent scaling."""
+"""difftrack.runners: latent-frame visibility by hand, step counts, model choices; the backbones package's VAE
+latent scaling."""
 import types
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from difftrack import runners
+from difftrack.backbones import scale_vae_latents
 
 
 def test_latent_visibility_by_hand():
@@ -65,8 +67,8 @@ def test_scale_vae_latents_uses_mean_std_or_scaling_factor():
     ``scaling_factor``."""
     z = torch.arange(12.0).view(1, 2, 3, 2)
     wan = types.SimpleNamespace(config=types.SimpleNamespace(latents_mean=[1.0, 2.0], latents_std=[2.0, 4.0]))
-    out = runners.scale_vae_latents(wan, z)
+    out = scale_vae_latents(wan, z)
     torch.testing.assert_close(out[0, 0], (z[0, 0] - 1) / 2)
     torch.testing.assert_close(out[0, 1], (z[0, 1] - 2) / 4)
     cog = types.SimpleNamespace(config=types.SimpleNamespace(scaling_factor=0.5))
-    torch.testing.assert_close(runners.scale_vae_latents(cog, z), z * 0.5)
+    torch.testing.assert_close(scale_vae_latents(cog, z), z * 0.5)

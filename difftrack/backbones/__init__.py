@@ -1,0 +1,268 @@
+"""Per-backbone adapters: every decision that depends on the backbone family lives in this package.
+
+Two registries, filled by one module per family (``cogvideox``, ``hunyuanvideo``, ``wan``, ``ltxvideo``,
+``embedded``):
+
+* :class:`BackboneAdapter`, by transformer class name: where the blocks are, how the attention sequence is laid out,
+  which CFG branch is which. The capture core (:mod:`difftrack.capture`) uses nothing else.
+* :class:`PipelineFamily`, by pipeline class name: text conditioning, VAE encoding and latent layout and scaling,
+  default size, the schedule's timesteps, the RoPE inputs a bare transformer call needs, how the pipeline is called.
+  :class:`difftrack.runners.VideoRunner` uses nothing else.
+
+Adding a backbone means adding one module here (its adapter and, for a pipeline, its family) plus its tiny-config
+test.
+
+| backbone | class | sequence inside self-attention | CFG in the pipeline |
+|---|---|---|---|
+| CogVideoX-2B/5B/5B-I2V/1.5 | ``CogVideoXTransformer3DModel`` | ``[text, video]`` | one batch ``[uncond, cond]`` |
+| HunyuanVideo (T2V, I2V) | ``HunyuanVideoTransformer3DModel`` | ``[video, text]``; 20 dual + 40 single blocks as one list | embedded guidance, batch 1; true CFG: separate forwards, cond first |
+| Wan 2.1/2.2 | ``WanTransformer3DModel`` | ``[video]`` (text by cross-attention) | separate forwards, cond first |
+| LTX-Video | ``LTXVideoTransformer3DModel`` | ``[video]`` (text by cross-attention), input already patchified | one batch ``[uncond, cond]`` |
+
+Not covered: ``HunyuanVideoFramepackTransformer3DModel`` (history tokens are prepended to the video and the text is
+cropped per call, so there is no fixed grid), HunyuanVideo 1.5, Wan VACE/Animate, LTX-2.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Layout of one transformer call.
+
+    Attributes:
+        frames, rows, cols: latent frames and tokens per frame (video tokens are frame-major, then row-major).
+        text_len: text tokens inside the self-attention sequence (0 when text enters by cross-attention).
+        text_first: True when text precedes video in the sequence (CogVideoX), False when it follows (HunyuanVideo).
+        stride: input pixels (or latent pixels) per token side, for mapping tokens back to pixels.
+    """
+
+    frames: int
+    rows: int
+    cols: int
+    text_len: int = 0
+    text_first: bool = True
+    stride: int = 1
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def num_video(self) -> int:
+        return self.frames * self.rows * self.cols
+
+    def video_slice(self, seq_len: int) -> slice:
+        """Slice of the video tokens inside an attention sequence of ``seq_len`` tokens."""
+        if seq_len == self.num_video:
+            return slice(0, self.num_video)
+        if seq_len != self.num_video + self.text_len:
+            raise ValueError(f"attention sequence of {seq_len} tokens does not match the grid "
+                             f"({self.num_video} video + {self.text_len} text tokens)")
+        return slice(self.text_len, seq_len) if self.text_first else slice(0, self.num_video)
+
+    def index(self, frame: int, row: int, col: int) -> int:
+        """Flat index of token ``(frame, row, col)`` among the video tokens."""
+        return (frame * self.rows + row) * self.cols + col
+
+
+@dataclass
+class BackboneAdapter:
+    """What the capture needs to know about one transformer class.
+
+    Attributes:
+        name: short name (``"cogvideox"``).
+        class_names: transformer class names handled.
+        blocks: ``model -> list[(qualified name, block module)]`` in layer order.
+        self_attention: ``block -> attention module`` whose processor computes the video self-attention.
+        grid: ``(model, args, kwargs) -> TokenGrid`` from the forward call's inputs.
+        block_video_output: ``(block output, grid) -> [B, N_video, C]`` video hidden states after the block.
+        cfg: ``"batched"`` (CFG halves in one batch, ``[uncond, cond]``) or ``"sequential"`` (separate calls).
+        sequential_cond_first: for ``"sequential"``, whether the conditional call comes first in a step.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    blocks: Callable[[nn.Module], list[tuple[str, nn.Module]]]
+    self_attention: Callable[[nn.Module], nn.Module]
+    grid: Callable[[nn.Module, tuple, dict], TokenGrid]
+    block_video_output: Callable[[Any, TokenGrid], Any]
+    cfg: str = "batched"
+    sequential_cond_first: bool = True
+
+
+_REGISTRY: dict[str, BackboneAdapter] = {}
+
+
+def register(adapter: BackboneAdapter) -> BackboneAdapter:
+    """Register an adapter for its class names (later registrations win)."""
+    for c in adapter.class_names:
+        _REGISTRY[c] = adapter
+    return adapter
+
+
+def supported() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def resolve_transformer(model_or_pipe) -> nn.Module:
+    """The transformer of a pipeline (``pipe.transformer``) or the model itself."""
+    if type(model_or_pipe).__name__ not in _REGISTRY and hasattr(model_or_pipe, "transformer"):
+        return model_or_pipe.transformer
+    return model_or_pipe
+
+
+def attention_heads(model: nn.Module, layers=None) -> int:
+    """The fewest self-attention heads among ``layers`` (block indices; ``None``: every block) of a supported
+    transformer: the head indices valid in all of them are ``0..attention_heads - 1``."""
+    a = adapter_for(model)
+    blocks = a.blocks(model)
+    chosen = [blocks[l][1] for l in layers] if layers is not None else [b for _, b in blocks]
+    return min(int(a.self_attention(b).heads) for b in chosen)
+
+
+def adapter_for(model: nn.Module) -> BackboneAdapter:
+    """The adapter of ``model``'s class; ``ValueError`` naming the class and the supported ones otherwise."""
+    name = type(resolve_transformer(model)).__name__
+    if name not in _REGISTRY:
+        raise ValueError(f"unsupported backbone {name!r}; supported transformer classes: {supported()}")
+    return _REGISTRY[name]
+
+
+def _arg(args: tuple, kwargs: dict, name: str, pos: int):
+    if name in kwargs:
+        return kwargs[name]
+    if len(args) > pos:
+        return args[pos]
+    raise ValueError(f"forward call has no {name!r} argument")
+
+
+def _check_tokens(grid: TokenGrid, n: int, what: str) -> TokenGrid:
+    if grid.num_video != n:
+        raise ValueError(f"{what}: {n} video tokens in the input, but the grid {grid.frames}x{grid.rows}x{grid.cols} "
+                         f"has {grid.num_video}")
+    return grid
+
+
+
+
+def scale_vae_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents ``z`` (channels on dim 1) in the transformer's scale, as the pipelines undo it before decoding:
+    normalised by ``latents_mean`` / ``latents_std`` where the VAE config has them (Wan), else multiplied by
+    ``scaling_factor`` (CogVideoX, HunyuanVideo)."""
+    cfg = vae.config
+    shape = (1, -1) + (1,) * (z.dim() - 2)
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean, device=z.device).view(shape)
+        std = torch.tensor(cfg.latents_std, device=z.device).view(shape)
+        return (z - mean) / std
+    return z * float(getattr(cfg, "scaling_factor", 1.0))
+
+
+class PipelineFamily:
+    """The pipeline-level conventions of one backbone family (what a transformer alone does not say).
+
+    The defaults are those of a diffusers text-to-video pipeline with a video VAE and a transformer taking
+    ``[B, C, F, h, w]`` latents (Wan, HunyuanVideo); families override what differs.
+
+    Attributes:
+        name: the family's short name (``VideoRunner.kind``).
+        pipeline_classes: pipeline class names handled.
+        takes_negative_prompt: whether ``__call__`` takes ``negative_prompt``.
+    """
+
+    name = "base"
+    pipeline_classes: tuple[str, ...] = ()
+    takes_negative_prompt = False
+
+    def load(self, path: str, dtype: torch.dtype):
+        """The pipeline saved in the local folder ``path`` (offline), in ``dtype``, progress bars off."""
+        import diffusers
+
+        pipe = getattr(diffusers, self.pipeline_classes[0]).from_pretrained(path, torch_dtype=dtype,
+                                                                             local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def compression(self, pipe) -> tuple[int, int]:
+        """``(temporal, spatial)``: video frames per latent frame and pixels per latent pixel."""
+        return int(getattr(pipe, "vae_scale_factor_temporal", 4)), int(getattr(pipe, "vae_scale_factor_spatial", 8))
+
+    def default_size(self, pipe, temporal: int, spatial: int) -> tuple[int, int, int]:
+        """``(frames, height, width)`` the pipeline generates by default (its ``__call__`` defaults)."""
+        sig = inspect.signature(type(pipe).__call__).parameters
+        return int(sig["num_frames"].default), int(sig["height"].default), int(sig["width"].default)
+
+    def set_timesteps(self, scheduler, num_steps: int, device) -> None:
+        """Set ``num_steps`` timesteps the way the pipeline does."""
+        scheduler.set_timesteps(num_steps, device=device)
+
+    def generate(self, pipe, prompt: str, size: tuple[int, int, int], num_steps: int, guidance_scale: float,
+                 generator: torch.Generator, negative_prompt: str = "") -> np.ndarray:
+        """One video from the pipeline's own ``__call__``: ``uint8 [T, H, W, 3]``."""
+        T, H, W = size
+        kw = dict(prompt=prompt, num_frames=T, height=H, width=W, num_inference_steps=num_steps,
+                  guidance_scale=guidance_scale, generator=generator, output_type="np")
+        if self.takes_negative_prompt:
+            kw["negative_prompt"] = negative_prompt
+        out = np.asarray(pipe(**kw).frames[0], np.float32)
+        return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+    def cond(self, pipe, prompt: str, device, dtype, guidance_embed: float) -> dict:
+        """Keyword arguments of a conditional transformer call for ``prompt`` (batch 1)."""
+        e = pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                               device=device)[0]
+        return dict(encoder_hidden_states=e.to(dtype))
+
+    def encode_video(self, pipe, video: np.ndarray, device) -> torch.Tensor:
+        """Clean latents of a checked ``uint8 [T, H, W, 3]`` clip in the transformer's input layout (batch 1,
+        float32): the VAE encodes the clip as one video and the latents are scaled as the pipeline decodes them.
+        Default layout ``[1, C, F, h, w]``."""
+        vae = pipe.vae
+        p = next(vae.parameters())
+        x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, T, H, W]
+        return scale_vae_latents(vae, vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float())  # [1,C,F,h,w]
+
+    def rope_kwargs(self, pipe, transformer, x: torch.Tensor, spatial: int, device) -> dict:
+        """Extra transformer keyword arguments the pipeline builds for latents ``x`` (RoPE tables); none by
+        default (the transformer builds its own)."""
+        return {}
+
+
+_FAMILIES: dict[str, PipelineFamily] = {}
+
+
+def register_family(family: PipelineFamily) -> PipelineFamily:
+    """Register a pipeline family for its pipeline class names (in registration order)."""
+    for c in family.pipeline_classes:
+        _FAMILIES[c] = family
+    return family
+
+
+def pipeline_families() -> dict[str, str]:
+    """``{pipeline class name: family name}`` in registration order."""
+    return {c: f.name for c, f in _FAMILIES.items()}
+
+
+def family_for(pipe) -> PipelineFamily:
+    """The family of ``pipe``'s class; ``ValueError`` naming the class and the supported ones otherwise."""
+    return family_of_class(type(pipe).__name__)
+
+
+def family_of_class(cls: str) -> PipelineFamily:
+    """The family of the pipeline class named ``cls`` (see :func:`family_for`)."""
+    if cls not in _FAMILIES:
+        raise ValueError(f"unsupported pipeline {cls}; allowed: {sorted(_FAMILIES)} (a bare transformer has no "
+                         f"text encoder or VAE: use difftrack.capture / DiffTracker with explicit inputs)")
+    return _FAMILIES[cls]
+
+
+# one module per family; importing them registers their adapters and pipeline families (order: pipeline listing)
+from . import embedded, cogvideox, wan, hunyuanvideo, ltxvideo  # noqa: E402,F401

@@ -1,0 +1,55 @@
+"""CogVideoX (2B sin-cos, 5B RoPE, 5B-I2V; 1.5 captured but not run by VideoRunner): ``[text, video]`` inside the
+self-attention, CFG as one batch ``[uncond, cond]``, latents ``[B, F, C, h, w]``."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import BackboneAdapter, PipelineFamily, TokenGrid, _arg, register, register_family
+
+def _cog_grid(model, args, kwargs) -> TokenGrid:
+    x = _arg(args, kwargs, "hidden_states", 0)  # [B, F, C, H, W]
+    e = _arg(args, kwargs, "encoder_hidden_states", 1)  # [B, L, D]
+    p = model.config.patch_size
+    pt = model.config.patch_size_t or 1
+    return TokenGrid(frames=x.shape[1] // pt, rows=x.shape[3] // p, cols=x.shape[4] // p, text_len=e.shape[1],
+                     text_first=True, stride=p)
+
+
+register(BackboneAdapter(
+    name="cogvideox",
+    class_names=("CogVideoXTransformer3DModel",),
+    blocks=lambda m: [(f"transformer_blocks.{i}", b) for i, b in enumerate(m.transformer_blocks)],
+    self_attention=lambda b: b.attn1,
+    grid=_cog_grid,
+    block_video_output=lambda out, g: out[0],  # (hidden_states, encoder_hidden_states)
+    cfg="batched",
+))
+
+
+
+
+class CogVideoXFamily(PipelineFamily):
+    name = "cogvideox"
+    pipeline_classes = ("CogVideoXPipeline",)
+    takes_negative_prompt = True
+
+    def default_size(self, pipe, temporal: int, spatial: int) -> tuple[int, int, int]:
+        """From the transformer config (``sample_frames`` / ``sample_height`` / ``sample_width`` in latents)."""
+        cfg = pipe.transformer.config
+        T = (cfg.sample_frames - 1) // temporal * temporal + 1 if cfg.sample_frames else 49
+        return int(T), int(cfg.sample_height * spatial), int(cfg.sample_width * spatial)
+
+    def encode_video(self, pipe, video: np.ndarray, device) -> torch.Tensor:
+        """``[1, F, C, h, w]`` (the transformer's frame-major layout)."""
+        return super().encode_video(pipe, video, device).permute(0, 2, 1, 3, 4).contiguous()
+
+    def rope_kwargs(self, pipe, transformer, x: torch.Tensor, spatial: int, device) -> dict:
+        """The 3D RoPE tables the pipeline builds (5B), none for sin-cos positions (2B)."""
+        if not transformer.config.use_rotary_positional_embeddings:
+            return {}
+        F_, _, _, h, w = x.shape
+        return dict(image_rotary_emb=pipe._prepare_rotary_positional_embeddings(h * spatial, w * spatial, F_, device))
+
+
+register_family(CogVideoXFamily())

@@ -1,0 +1,53 @@
+"""The embedded mini model (:mod:`difftrack.mini`): a ``CogVideoXTransformer3DModel`` (its transformer adapter is
+CogVideoX's) in a ``MiniVideoPipeline`` without a VAE: a fixed invertible patching maps pixels to latents."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import PipelineFamily, register_family
+
+
+class EmbeddedFamily(PipelineFamily):
+    name = "embedded"
+    pipeline_classes = ("MiniVideoPipeline",)
+
+    def load(self, path: str, dtype: torch.dtype):
+        from ..mini import MiniVideoPipeline
+
+        return MiniVideoPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+
+    def compression(self, pipe) -> tuple[int, int]:
+        from .. import mini
+
+        return 1, mini.PATCH
+
+    def default_size(self, pipe, temporal: int, spatial: int) -> tuple[int, int, int]:
+        from .. import mini
+
+        return mini.FRAMES, mini.HEIGHT, mini.WIDTH
+
+    def generate(self, pipe, prompt: str, size: tuple[int, int, int], num_steps: int, guidance_scale: float,
+                 generator: torch.Generator, negative_prompt: str = "") -> np.ndarray:
+        T, H, W = size
+        return pipe(prompt, num_frames=T, height=H, width=W, num_inference_steps=num_steps,
+                    guidance_scale=guidance_scale, generator=generator, progress=False).frames[0]
+
+    def cond(self, pipe, prompt: str, device, dtype, guidance_embed: float) -> dict:
+        te = pipe.text_encoder
+        return dict(encoder_hidden_states=te(te.tokenize([prompt]).to(device)).to(dtype))
+
+    def encode_video(self, pipe, video: np.ndarray, device) -> torch.Tensor:
+        """``[1, F, C, h, w]`` by the fixed patching (no VAE)."""
+        from ..mini import video_uint8_to_latents
+
+        return video_uint8_to_latents(video, device=device)
+
+    def rope_kwargs(self, pipe, transformer, x: torch.Tensor, spatial: int, device) -> dict:
+        if not transformer.config.use_rotary_positional_embeddings:
+            return {}
+        F_, _, _, h, w = x.shape
+        return dict(image_rotary_emb=pipe.rotary_embedding(F_, h, w, device))
+
+
+register_family(EmbeddedFamily())

@@ -1,0 +1,68 @@
+"""HunyuanVideo (T2V, I2V): ``[video, text]`` inside the self-attention, embedded guidance (one call per step), latents
+``[B, C, F, h, w]``."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import BackboneAdapter, PipelineFamily, TokenGrid, _arg, register, register_family
+
+# forward(hidden_states [B, C, F, H, W], timestep, encoder_hidden_states [B, L, D], encoder_attention_mask [B, L],
+#         pooled_projections, guidance, ...). Inside every block's attention the sequence is [video, text]:
+# * dual-stream ``HunyuanVideoTransformerBlock.attn``: video q/k from to_q/to_k -> RMSNorm -> RoPE, text q/k from
+#   add_q_proj/add_k_proj -> norm_added_q/k, concatenated after the video;
+# * single-stream ``HunyuanVideoSingleTransformerBlock.attn``: cat([video, text]) projected jointly -> RMSNorm,
+#   RoPE on ``[:, :-text_len]``.
+# The text length is the padded prompt length (``encoder_hidden_states.shape[1]``, 256 in the pipeline; the token
+# refiner keeps it); padded text tokens stay in the sequence and are masked out of the attention by
+# ``encoder_attention_mask``. Both block types return ``(video hidden states, text hidden states)``.
+# The token-replace I2V variant (``image_condition_type="token_replace"``, HunyuanVideo-I2V) uses the
+# ``HunyuanVideoTokenReplace*`` blocks with the same ``.attn``, the same [video, text] layout and the same return
+# value, so it is covered; ``latent_concat`` (SkyReels-I2V) only doubles the input channels.
+def _hunyuan_grid(model, args, kwargs) -> TokenGrid:
+    x = _arg(args, kwargs, "hidden_states", 0)  # [B, C, F, H, W]
+    e = _arg(args, kwargs, "encoder_hidden_states", 2)  # [B, L, D]
+    p, pt = model.config.patch_size, model.config.patch_size_t or 1
+    return TokenGrid(frames=x.shape[2] // pt, rows=x.shape[3] // p, cols=x.shape[4] // p, text_len=e.shape[1],
+                     text_first=False, stride=p)
+
+
+def _hunyuan_blocks(m) -> list[tuple[str, nn.Module]]:
+    return ([(f"transformer_blocks.{i}", b) for i, b in enumerate(m.transformer_blocks)]
+            + [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(m.single_transformer_blocks)])
+
+
+register(BackboneAdapter(
+    name="hunyuanvideo",
+    class_names=("HunyuanVideoTransformer3DModel",),
+    blocks=_hunyuan_blocks,
+    self_attention=lambda b: b.attn,
+    grid=_hunyuan_grid,
+    block_video_output=lambda out, g: out[0],  # (video hidden states, text hidden states)
+    # embedded guidance: one call of batch 1 per step; with true_cfg_scale > 1 the pipeline calls the transformer
+    # again for the negative prompt, after the positive one (pipeline_hunyuan_video.py, also the I2V pipelines)
+    cfg="sequential",
+    sequential_cond_first=True,
+))
+
+
+
+
+class HunyuanVideoFamily(PipelineFamily):
+    name = "hunyuanvideo"
+    pipeline_classes = ("HunyuanVideoPipeline",)
+
+    def set_timesteps(self, scheduler, num_steps: int, device) -> None:
+        """``HunyuanVideoPipeline`` passes ``sigmas = linspace(1, 0, n + 1)[:-1]``."""
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1], device=device)
+
+    def cond(self, pipe, prompt: str, device, dtype, guidance_embed: float) -> dict:
+        """Prompt embeddings, pooled projections, attention mask and the embedded guidance (``x 1000``)."""
+        pe, pooled, mask = pipe.encode_prompt(prompt=prompt, device=device)
+        return dict(encoder_hidden_states=pe.to(dtype), pooled_projections=pooled.to(dtype),
+                    encoder_attention_mask=mask,
+                    guidance=torch.tensor([guidance_embed * 1000.0], device=device, dtype=dtype))
+
+
+register_family(HunyuanVideoFamily())

@@ -1,0 +1,32 @@
+"""LTX-Video: captured (video-only self-attention, CFG as one batch); no pipeline family (not run by VideoRunner)."""
+from __future__ import annotations
+
+from . import BackboneAdapter, TokenGrid, _arg, _check_tokens, register
+
+# forward(hidden_states [B, N, C] already patchified by the pipeline, encoder_hidden_states, timestep,
+#         encoder_attention_mask, num_frames, height, width, ...): ``num_frames/height/width`` are the latent sizes
+# before patchifying (the released models use patch 1x1x1, so they equal the token grid). ``attn1`` is the
+# video-only self-attention (RMSNorm across heads, RoPE before the head split); text by cross-attention ``attn2``.
+# CFG is one batch [uncond, cond]. Calls with ``video_coords`` instead of sizes (LTXConditionPipeline, which can
+# append conditioning tokens) have no regular grid and are refused.
+def _ltx_grid(model, args, kwargs) -> TokenGrid:
+    x = _arg(args, kwargs, "hidden_states", 0)  # [B, N, C]
+    f, h, w = (kwargs.get(k, args[i] if len(args) > i else None) for i, k in ((4, "num_frames"), (5, "height"),
+                                                                               (6, "width")))
+    if f is None or h is None or w is None:
+        raise ValueError("LTX-Video capture needs the num_frames=, height=, width= arguments of the transformer "
+                         "call (calls with video_coords only, as in LTXConditionPipeline, are not supported)")
+    p, pt = model.config.patch_size, model.config.patch_size_t or 1
+    g = TokenGrid(frames=int(f) // pt, rows=int(h) // p, cols=int(w) // p, text_len=0, text_first=False, stride=p)
+    return _check_tokens(g, x.shape[1], "LTXVideoTransformer3DModel")
+
+
+register(BackboneAdapter(
+    name="ltxvideo",
+    class_names=("LTXVideoTransformer3DModel",),
+    blocks=lambda m: [(f"transformer_blocks.{i}", b) for i, b in enumerate(m.transformer_blocks)],
+    self_attention=lambda b: b.attn1,
+    grid=_ltx_grid,
+    block_video_output=lambda out, g: out,
+    cfg="batched",
+))
