@@ -71,7 +71,8 @@ import numpy as np
 import torch
 
 from . import checks as _checks
-from .backbones import adapter_for, attention_heads, resolve_transformer
+from .backbones import (adapter_for, adapters, attention_heads, frame_encoder, pipeline_families,
+                        resolve_transformer)
 from .capture import capture, run_until
 from .matching import (REFINE, _bilinear_rows, check_heads, feature_cost, match_from_cost, px_to_tokens, qk_cost,
                        refine_peak, select_heads, tokens_to_px)
@@ -235,12 +236,6 @@ def vae_encode_frames(vae, frames: torch.Tensor, sample: bool = False, generator
     return scale_vae_latents(vae, torch.cat(out))
 
 
-def _mini_encode(video: np.ndarray) -> torch.Tensor:
-    from .mini import video_uint8_to_latents
-
-    return video_uint8_to_latents(video)[0]  # [T, 12, H/2, W/2]
-
-
 # ----------------------------------------------------------------------------------------------- the tracker
 class DiffTracker:
     """Zero-shot point tracker from a video diffusion transformer's query/key (see the module docstring).
@@ -332,9 +327,10 @@ class DiffTracker:
         self.pipe = pipe_or_transformer
         self.transformer = resolve_transformer(pipe_or_transformer)
         self.adapter = adapter_for(self.transformer)
-        if self.adapter.name not in ("cogvideox", "wan", "hunyuanvideo"):
-            raise ValueError(f"backbone {self.adapter.name!r} is not supported for tracking; allowed: cogvideox, wan, "
-                             f"hunyuanvideo layouts")
+        if not self.adapter.trackable:
+            allowed = sorted({a.name for a in adapters() if a.trackable})
+            raise ValueError(f"backbone {self.adapter.name!r} is not supported for tracking; allowed: "
+                             f"{', '.join(allowed)} layouts")
         n_blocks = len(self.adapter.blocks(self.transformer))
         self.layers = sorted(set(_check_index_list("layers", layers, f"block indices in 0..{n_blocks - 1}")))
         if any(not 0 <= l < n_blocks for l in self.layers):
@@ -430,15 +426,12 @@ class DiffTracker:
                              f"(CogVideoX 1.0 / Wan / HunyuanVideo layouts; not CogVideoX 1.5)")
         self.patch = p
         vae = getattr(self.pipe, "vae", None)
-        from .mini import PATCH
-
-        mini_layout = self.adapter.name == "cogvideox" and cfg.in_channels == 3 * PATCH * PATCH and vae is None
+        pixels = frame_encoder(self.transformer, vae)  # the embedded model's patched pixels (no VAE)
         if encode is not None:
             self.encode = encode
             self.token_stride = token_stride
-        elif mini_layout:
-            self.encode = _mini_encode
-            self.token_stride = PATCH * p
+        elif pixels is not None:
+            self.encode, self.token_stride = pixels
         elif vae is not None:
             self.encode = lambda video: vae_encode_frames(vae, video)
             factor = getattr(self.pipe, "vae_scale_factor_spatial", None) or getattr(
@@ -457,10 +450,7 @@ class DiffTracker:
         if self._fixed_ehs is not None:
             return self._fixed_ehs.to(self.device, self.dtype)
         if prompt not in self._ehs_cache:
-            te = getattr(self.pipe, "text_encoder", None)
-            if te is not None and hasattr(te, "tokenize"):  # the embedded model
-                e = te(te.tokenize([prompt]).to(next(te.parameters()).device))
-            elif type(self.pipe).__name__ in ("CogVideoXPipeline", "WanPipeline", "HunyuanVideoPipeline"):
+            if type(self.pipe).__name__ in pipeline_families():
                 from .runners import VideoRunner
 
                 c = VideoRunner(self.pipe).cond(prompt)  # HunyuanVideo: + pooled projections, mask, guidance
@@ -471,21 +461,6 @@ class DiffTracker:
                                  f"([1, L, D] text embeddings) to DiffTracker")
             self._ehs_cache[prompt] = e.detach()
         return self._ehs_cache[prompt].to(self.device, self.dtype)
-
-    def _rope(self, frames: int, rows: int, cols: int):
-        """CogVideoX 3D RoPE for a chunk, built as ``CogVideoXPipeline`` builds it (``None`` without RoPE)."""
-        cfg = self.transformer.config
-        if self.adapter.name != "cogvideox" or not cfg.use_rotary_positional_embeddings:
-            return None
-        if hasattr(self.pipe, "rotary_embedding"):  # MiniVideoPipeline
-            return self.pipe.rotary_embedding(frames, rows * self.patch, cols * self.patch, self.device)
-        from diffusers.models.embeddings import get_3d_rotary_pos_embed
-        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-
-        crops = get_resize_crop_region_for_grid((rows, cols), cfg.sample_width // self.patch,
-                                                cfg.sample_height // self.patch)
-        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=(rows, cols),
-                                       temporal_size=frames, device=self.device)
 
     def _latents(self, video: np.ndarray) -> torch.Tensor:
         z = self.encode(video)
@@ -538,15 +513,10 @@ class DiffTracker:
     def _weights_frame_size(self) -> tuple[int, int] | None:
         """The frame size fixed by the weights' config (embedded, CogVideoX), else ``None`` (Wan, HunyuanVideo:
         RoPE positions, no trained size in the config)."""
-        from . import mini
-
-        if self.encode is _mini_encode or isinstance(self.pipe, mini.MiniVideoPipeline):
-            return mini.HEIGHT, mini.WIDTH
-        cfg = self.transformer.config
-        sh, sw = getattr(cfg, "sample_height", None), getattr(cfg, "sample_width", None)
-        if self.adapter.name == "cogvideox" and sh and sw and self.token_stride:
-            return sh // self.patch * self.token_stride, sw // self.patch * self.token_stride
-        return None
+        tokens = self.adapter.trained_tokens(self.transformer) if self.adapter.trained_tokens else None
+        if tokens is None or not self.token_stride:
+            return None
+        return tokens[0] * self.token_stride, tokens[1] * self.token_stride
 
     def resolve_work_size(self, num_frames: int, height: int, width: int, query_frames=(0,)) -> tuple[int, int]:
         """The ``(h, w)`` a ``height x width`` video is tracked at under this tracker's ``work_size``.
@@ -627,12 +597,9 @@ class DiffTracker:
         F_, C, h, w = x.shape
         rows, cols = h // self.patch, w // self.patch
         tt = t.reshape(1).to(self.device)
-        if self.adapter.name == "cogvideox":
-            kw = dict(hidden_states=x[None].to(self.dtype), encoder_hidden_states=ehs, timestep=tt,
-                      image_rotary_emb=self._rope(F_, rows, cols), return_dict=False)
-        else:  # wan / hunyuanvideo: [B, C, F, H, W]
-            kw = dict(hidden_states=x.permute(1, 0, 2, 3)[None].to(self.dtype), encoder_hidden_states=ehs,
-                      timestep=tt, return_dict=False)
+        kw = dict(hidden_states=self.adapter.latent_input(x).to(self.dtype), encoder_hidden_states=ehs, timestep=tt,
+                  return_dict=False, **self.adapter.rope_kwargs(self.transformer, self.pipe, F_, rows, cols,
+                                                                self.device))
         kw.update({k: v.to(self.device, self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
                    else v for k, v in extra.items()})
         kw.update(self.transformer_kwargs)

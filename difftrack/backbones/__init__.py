@@ -86,6 +86,13 @@ class BackboneAdapter:
         block_video_output: ``(block output, grid) -> [B, N_video, C]`` video hidden states after the block.
         cfg: ``"batched"`` (CFG halves in one batch, ``[uncond, cond]``) or ``"sequential"`` (separate calls).
         sequential_cond_first: for ``"sequential"``, whether the conditional call comes first in a step.
+        frames_first: the transformer takes latents ``[B, F, C, h, w]`` (CogVideoX) instead of ``[B, C, F, h, w]``.
+        trackable: :class:`difftrack.tracking.DiffTracker` can run it (per-frame latents, a regular grid).
+        rope: ``(transformer, pipe, frames, rows, cols, device) -> dict`` extra keyword arguments (RoPE tables) a
+            bare transformer call needs for a ``frames x rows x cols`` token grid, as the pipeline builds them;
+            ``None``: the transformer builds its own.
+        trained_tokens: ``transformer -> (rows, cols)`` token grid the weights were trained at, when the config
+            fixes one (CogVideoX ``sample_height x sample_width``), else ``None``.
     """
 
     name: str
@@ -96,6 +103,17 @@ class BackboneAdapter:
     block_video_output: Callable[[Any, TokenGrid], Any]
     cfg: str = "batched"
     sequential_cond_first: bool = True
+    frames_first: bool = False
+    trackable: bool = True
+    rope: Callable | None = None
+    trained_tokens: Callable | None = None
+
+    def latent_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-frame latents ``[F, C, h, w]`` -> the transformer's ``hidden_states`` (batch 1)."""
+        return x[None] if self.frames_first else x.permute(1, 0, 2, 3)[None]
+
+    def rope_kwargs(self, transformer, pipe, frames: int, rows: int, cols: int, device) -> dict:
+        return {} if self.rope is None else self.rope(transformer, pipe, frames, rows, cols, device)
 
 
 _REGISTRY: dict[str, BackboneAdapter] = {}
@@ -110,6 +128,11 @@ def register(adapter: BackboneAdapter) -> BackboneAdapter:
 
 def supported() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def adapters() -> list[BackboneAdapter]:
+    """Every registered adapter once, in registration order."""
+    return list({id(a): a for a in _REGISTRY.values()}.values())
 
 
 def resolve_transformer(model_or_pipe) -> nn.Module:
@@ -262,6 +285,26 @@ def family_of_class(cls: str) -> PipelineFamily:
         raise ValueError(f"unsupported pipeline {cls}; allowed: {sorted(_FAMILIES)} (a bare transformer has no "
                          f"text encoder or VAE: use difftrack.capture / DiffTracker with explicit inputs)")
     return _FAMILIES[cls]
+
+
+_FRAME_ENCODERS: list[Callable] = []
+
+
+def register_frame_encoder(fn: Callable) -> Callable:
+    """Register ``fn(transformer, vae) -> (encode, token_stride) | None``: how to turn video frames into latents for
+    a transformer that needs no VAE (see :func:`frame_encoder`)."""
+    _FRAME_ENCODERS.append(fn)
+    return fn
+
+
+def frame_encoder(transformer, vae):
+    """``(encode, token_stride)`` for a transformer whose input is not a VAE's (the embedded model's patched
+    pixels): ``encode(video uint8 [T, H, W, 3]) -> [T, C, h, w]``; ``None`` when no registered family claims it."""
+    for fn in _FRAME_ENCODERS:
+        found = fn(transformer, vae)
+        if found is not None:
+            return found
+    return None
 
 
 # one module per family; importing them registers their adapters and pipeline families (order: pipeline listing)

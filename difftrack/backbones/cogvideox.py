@@ -24,7 +24,37 @@ register(BackboneAdapter(
     grid=_cog_grid,
     block_video_output=lambda out, g: out[0],  # (hidden_states, encoder_hidden_states)
     cfg="batched",
+    frames_first=True,
+    rope=lambda tr, pipe, frames, rows, cols, device: _rope(tr, pipe, frames, rows, cols, device),
+    trained_tokens=lambda tr: _trained_tokens(tr),
 ))
+
+
+def _patch(tr) -> int:
+    p = tr.config.patch_size
+    return int(p[-1] if isinstance(p, (tuple, list)) else p)
+
+
+def _rope(tr, pipe, frames: int, rows: int, cols: int, device) -> dict:
+    """3D RoPE for a ``frames x rows x cols`` token grid, built as ``CogVideoXPipeline`` builds it (the embedded
+    pipeline's own ``rotary_embedding``); nothing for sin-cos positions."""
+    cfg = tr.config
+    if not cfg.use_rotary_positional_embeddings:
+        return {}
+    p = _patch(tr)
+    if hasattr(pipe, "rotary_embedding"):  # MiniVideoPipeline
+        return dict(image_rotary_emb=pipe.rotary_embedding(frames, rows * p, cols * p, device))
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    crops = get_resize_crop_region_for_grid((rows, cols), cfg.sample_width // p, cfg.sample_height // p)
+    return dict(image_rotary_emb=get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops,
+                                                         grid_size=(rows, cols), temporal_size=frames, device=device))
+
+
+def _trained_tokens(tr):
+    sh, sw = getattr(tr.config, "sample_height", None), getattr(tr.config, "sample_width", None)
+    return (sh // _patch(tr), sw // _patch(tr)) if sh and sw else None
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import PipelineFamily, register_family
+from . import PipelineFamily, register_family, register_frame_encoder
 
 
 class EmbeddedFamily(PipelineFamily):
@@ -51,3 +51,17 @@ class EmbeddedFamily(PipelineFamily):
 
 
 register_family(EmbeddedFamily())
+
+
+@register_frame_encoder
+def _patched_pixels(transformer, vae):
+    """A bare transformer in the embedded layout (CogVideoX class, ``3 * PATCH^2`` input channels, no VAE) takes
+    the fixed pixel patching: ``(encode, PATCH x transformer patch)``."""
+    from .. import mini
+
+    cfg = transformer.config
+    if type(transformer).__name__ != "CogVideoXTransformer3DModel" or vae is not None or \
+            cfg.in_channels != 3 * mini.PATCH * mini.PATCH:
+        return None
+    p = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[-1]
+    return (lambda video: mini.video_uint8_to_latents(video)[0]), mini.PATCH * p  # [T, 12, H/2, W/2]

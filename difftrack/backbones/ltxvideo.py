@@ -29,4 +29,5 @@ register(BackboneAdapter(
     grid=_ltx_grid,
     block_video_output=lambda out, g: out,
     cfg="batched",
+    trackable=False,  # patchified [B, N, C] input: no per-frame latents
 ))
