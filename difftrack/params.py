@@ -365,7 +365,7 @@ def _temporal_one(ctx):
                         f"notebooks 02 and 03 take it")
 
 
-COMMON = {  # notebooks 01-03 (make_notebooks_01_03.COMMON_PARAMS)
+COMMON = {  # notebooks 01-03 (same defaults in their parameters cells: tests/test_notebook_pairs.py)
     "model": Param("model"),
     "videos_per_family": Param("int", lo=0),
     "exact_per_family": Param("int", lo=0),

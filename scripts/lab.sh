@@ -6,6 +6,8 @@
 #                              the browser test included) + nbval (notebooks/)
 # Extra: bash scripts/lab.sh setup | browser (JupyterLab in headless Chromium only) | notebook NAME [parameter args:
 #        -f FILE.yaml, -p NAME VALUE, -y YAML, -r NAME VALUE, as papermill's]
+#        | sync-notebooks: after editing notebooks/NN_name.py or .ipynb, bring each pair in line (the newer file
+#        wins: jupytext --sync), then strip the .ipynb (nbstripout); tests/test_notebook_pairs.py checks the pairs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -75,9 +77,22 @@ run_notebooks() {
   echo "[lab] done: executed notebooks in build/notebooks/, figures in figures/, numbers in results/"
 }
 
+sync_notebooks() {
+  # notebooks/jupytext.toml pairs each NN_name.ipynb with NN_name.py (percent format, cell metadata: tags only)
+  local nb
+  for nb in notebooks/[0-9]*.py notebooks/[0-9]*.ipynb; do
+    [ -e "$nb" ] || continue
+    case "$nb" in *.ipynb) [ -e "${nb%.ipynb}.py" ] && continue ;; esac  # a pair: synced once, through its .py
+    "$VENV/bin/jupytext" --sync "$nb"
+  done
+  # committed stripped (ids 0..n); the filter settings jupytext records in the .ipynb stay in notebooks/jupytext.toml
+  "$VENV/bin/python" -m nbstripout --extra-keys "metadata.jupytext" notebooks/[0-9]*.ipynb
+}
+
 cmd="${1:-}"; shift || true
 case "$cmd" in
   setup) setup ;;
+  sync-notebooks) setup; sync_notebooks ;;
   run) setup; start=$(date +%s); run_notebooks "$@"; echo "[lab] main job took $(( $(date +%s) - start )) s" ;;
   notebook) setup; nb="$1"; shift; mkdir -p build/notebooks  # no per-cell timeout unless DIFFTRACK_CELL_TIMEOUT
     "$VENV/bin/python" scripts/run_notebooks.py "notebooks/$nb" --out-dir build/notebooks --cwd notebooks \
@@ -92,5 +107,5 @@ case "$cmd" in
       --nbval-current-env --nbval-cell-timeout=1200 "$@"
     echo "[lab] test suite took $(( $(date +%s) - start )) s" ;;
   browser) setup; bash scripts/install_browser.sh; "$VENV/bin/python" -m pytest -p no:cacheprovider -q -m browser tests "$@" ;;
-  *) echo "usage: bash scripts/lab.sh run|test|setup|browser|notebook NAME" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/lab.sh run|test|setup|browser|notebook NAME|sync-notebooks" >&2; exit 2 ;;
 esac

@@ -97,12 +97,6 @@ def test_committed_paper_scale_parameter_files_pass(yaml_name, notebooks, tmp_pa
         check_notebook(name, vals)
 
 
-def test_generated_notebooks_are_up_to_date():
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_notebooks_01_03.py"), "--check"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-
-
 # ------------------------------------------------------------------------------------------ each rule
 BAD = [  # (notebook, parameter, bad value, a fragment of what is allowed)
     ("02_layer_analysis", "layer", 99, "-1..11"),
