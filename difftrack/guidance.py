@@ -52,10 +52,10 @@ import torch.nn.functional as F
 
 from torch.overrides import TorchFunctionMode
 
-from .backbones import TokenGrid, adapter_for, resolve_transformer
+from .backbones import TokenGrid, adapter_for, adapters, family_for, resolve_transformer
 
 VARIANTS = ("renormalized", "zero_after_softmax")
-CAG_BACKBONES = ("cogvideox", "wan", "hunyuanvideo")
+CAG_BACKBONES = tuple(a.name for a in adapters() if a.cag_attention)  # ("cogvideox", "hunyuanvideo", "wan")
 SCHEDULES = ("constant", "linear_decay")
 QUERY_CHUNK = 1024  # video query rows per chunk in the "zero_after_softmax" log-sum-exp pass
 # CAG scales accepted: 0 disables CAG; the paper uses 0.5 .. 2; negative values guide towards the perturbed model and
@@ -506,7 +506,7 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
         raise ValueError(f"config must be a CAGConfig; got {type(config).__name__}")
     transformer = resolve_transformer(model_or_pipe)
     adapter = adapter_for(transformer)
-    if adapter.name not in CAG_BACKBONES:
+    if adapter.cag_attention is None:
         raise ValueError(f"CAG is implemented for {CAG_BACKBONES} transformers; got {type(transformer).__name__} "
                          f"({adapter.name})")
     blocks = adapter.blocks(transformer)
@@ -530,7 +530,7 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
 
         handle = transformer.register_forward_pre_hook(pre, with_kwargs=True)
         for l, attn in zip(config.layers, attns):
-            if adapter.name == "cogvideox":
+            if adapter.cag_attention == "joint":
                 proc = CogVideoXCAGAttnProcessor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
             else:
                 proc = _sdpa_cag_processor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
@@ -814,10 +814,6 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
                          "hooks; allowed: a single transformer")
     if config is None:
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
-    weight, do_cfg = guidance_scale, guidance_scale > 1.0
-    if type(pipe).__name__ == "HunyuanVideoPipeline":  # guidance_scale is embedded guidance there
-        weight = float(kwargs.get("true_cfg_scale", 1.0))
-        has_neg = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
-        do_cfg = weight > 1.0 and has_neg
+    weight, do_cfg = family_for(pipe).cfg_weight(guidance_scale, kwargs)  # HunyuanVideo: embedded guidance
     with cag_hooks(pipe, config, weight, num_inference_steps, do_cfg=do_cfg, shared_prefix=shared_prefix):
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)

@@ -93,6 +93,9 @@ class BackboneAdapter:
             ``None``: the transformer builds its own.
         trained_tokens: ``transformer -> (rows, cols)`` token grid the weights were trained at, when the config
             fixes one (CogVideoX ``sample_height x sample_width``), else ``None``.
+        cag_attention: how :mod:`difftrack.guidance` perturbs the self-attention for CAG: ``"joint"`` (the
+            processor computes q/k/v of ``[text, video]`` itself, CogVideoX), ``"sdpa"`` (intercept the processor's
+            SDPA call), ``None`` (not supported).
     """
 
     name: str
@@ -107,6 +110,7 @@ class BackboneAdapter:
     trackable: bool = True
     rope: Callable | None = None
     trained_tokens: Callable | None = None
+    cag_attention: str | None = "sdpa"
 
     def latent_input(self, x: torch.Tensor) -> torch.Tensor:
         """Per-frame latents ``[F, C, h, w]`` -> the transformer's ``hidden_states`` (batch 1)."""
@@ -257,6 +261,11 @@ class PipelineFamily:
         """Extra transformer keyword arguments the pipeline builds for latents ``x`` (RoPE tables); none by
         default (the transformer builds its own)."""
         return {}
+
+    def cfg_weight(self, guidance_scale: float, call_kwargs: dict) -> tuple[float, bool]:
+        """``(CFG weight, whether the pipeline runs an unconditional branch)`` of a ``__call__`` with
+        ``guidance_scale`` and the other keyword arguments ``call_kwargs``."""
+        return guidance_scale, guidance_scale > 1.0
 
 
 _FAMILIES: dict[str, PipelineFamily] = {}

@@ -25,6 +25,7 @@ register(BackboneAdapter(
     block_video_output=lambda out, g: out[0],  # (hidden_states, encoder_hidden_states)
     cfg="batched",
     frames_first=True,
+    cag_attention="joint",
     rope=lambda tr, pipe, frames, rows, cols, device: _rope(tr, pipe, frames, rows, cols, device),
     trained_tokens=lambda tr: _trained_tokens(tr),
 ))

@@ -64,5 +64,12 @@ class HunyuanVideoFamily(PipelineFamily):
                     encoder_attention_mask=mask,
                     guidance=torch.tensor([guidance_embed * 1000.0], device=device, dtype=dtype))
 
+    def cfg_weight(self, guidance_scale: float, call_kwargs: dict) -> tuple[float, bool]:
+        """``guidance_scale`` is embedded guidance here: the CFG weight is ``true_cfg_scale``, and there is an
+        unconditional branch only with it above 1 and a negative prompt."""
+        weight = float(call_kwargs.get("true_cfg_scale", 1.0))
+        has_neg = call_kwargs.get("negative_prompt") is not None or call_kwargs.get("negative_prompt_embeds") is not None
+        return weight, weight > 1.0 and has_neg
+
 
 register_family(HunyuanVideoFamily())

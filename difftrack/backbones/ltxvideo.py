@@ -30,4 +30,5 @@ register(BackboneAdapter(
     block_video_output=lambda out, g: out,
     cfg="batched",
     trackable=False,  # patchified [B, N, C] input: no per-frame latents
+    cag_attention=None,
 ))
