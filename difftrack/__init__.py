@@ -14,6 +14,7 @@ list and ``_SUBMODULES`` name exactly the modules on disk):
 * ``difftrack.tapvid``        -- TAP-Vid loader and metrics (pure numpy)
 * ``difftrack.baselines``     -- classical trackers (Lucas-Kanade, dense flow, patch matching)
 * ``difftrack.guidance``      -- Cross-Attention Guidance (CAG)
+* ``difftrack.guiders``       -- CAG as a diffusers guider (``BaseGuidance``) for modular pipelines
 * ``difftrack.selection``     -- layers, heads and step chosen by measurement (tracker, CAG, diffusers guiders)
 * ``difftrack.cag_eval``      -- CAG evaluation measures, cached generation and plots
 * ``difftrack.world``         -- the procedural video world with exact tracks
@@ -31,7 +32,7 @@ import importlib
 
 __version__ = "0.1.0"
 _SUBMODULES = ("capture", "backbones", "runners", "matching", "fused", "analysis", "inspect_attn", "tracking", "tapvid",
-               "baselines", "guidance", "selection", "cag_eval", "world", "mini", "testing", "viz", "viz_tracks", "sliders",
+               "baselines", "guidance", "guiders", "selection", "cag_eval", "world", "mini", "testing", "viz", "viz_tracks", "sliders",
                "params", "paper_results", "checks", "video_io", "fileio", "paths", "provenance")
 
 

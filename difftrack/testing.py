@@ -200,3 +200,46 @@ def build_tiny_pipeline(kind: str, path: str | Path | None = None):
     if path is not None:
         pipe.save_pretrained(str(path))
     return pipe
+
+
+def build_tiny_modular_pipeline(kind: str = "wan", pipe=None, guider=None):
+    """A tiny ``WanModularPipeline`` (blocks: diffusers' Wan text-to-video denoise and VAE decode steps) on the
+    components of the tiny ``WanPipeline`` of :func:`build_tiny_pipeline`, built offline.
+
+    The modular text-encoder step is left out: diffusers 0.42.1's ``WanTextEncoderStep`` calls ``ftfy``
+    unconditionally (a ``NameError`` without that package), so pass ``prompt_embeds`` / ``negative_prompt_embeds``
+    ``[B, 512, 16]`` from the standard pipeline's ``encode_prompt(..., max_sequence_length=512)``.
+
+    Args:
+        kind: ``"wan"`` (the only modular family built here).
+        pipe: a tiny ``WanPipeline`` whose ``transformer``, ``vae`` and ``scheduler`` are shared (the same objects);
+            ``None`` builds one with ``build_tiny_pipeline("wan")``.
+        guider: the ``guider`` component (``None``: diffusers' default, ``ClassifierFreeGuidance(guidance_scale=5)``).
+
+    Returns:
+        the modular pipeline (fp32, CPU, progress bar off). Call it with ``prompt_embeds``,
+        ``negative_prompt_embeds``, ``num_frames``, ``height``, ``width``, ``num_inference_steps``, ``generator`` and
+        ``output="latents"`` (``[B, 16, 3, 4, 4]``) or ``output="videos"``.
+    """
+    if kind != "wan":
+        raise ValueError(f"unknown tiny modular pipeline kind {kind!r}; allowed: ['wan']")
+    from diffusers.modular_pipelines import SequentialPipelineBlocks
+    from diffusers.modular_pipelines.wan.decoders import WanVaeDecoderStep
+    from diffusers.modular_pipelines.wan.modular_blocks_wan import WanCoreDenoiseStep
+
+    pipe = build_tiny_pipeline("wan") if pipe is None else pipe
+    if type(pipe).__name__ != "WanPipeline":
+        raise ValueError(f"pipe must be a tiny WanPipeline (build_tiny_pipeline('wan')); got {type(pipe).__name__}")
+    blocks = SequentialPipelineBlocks.from_blocks_dict({"denoise": WanCoreDenoiseStep, "decode": WanVaeDecoderStep})
+    modular = blocks.init_pipeline()
+    components = dict(transformer=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler)
+    if guider is not None:
+        components["guider"] = guider
+    modular.update_components(**components)
+    todo = list(modular._blocks.sub_blocks.values())  # (.blocks is a copy)
+    while todo:  # the denoising loop is nested (ModularPipeline.set_progress_bar_config only sees the top level)
+        b = todo.pop()
+        if hasattr(b, "set_progress_bar_config"):
+            b.set_progress_bar_config(disable=True)
+        todo.extend(getattr(b, "sub_blocks", {}).values())
+    return modular
