@@ -4,6 +4,7 @@ Submodules are imported lazily so that ``import difftrack`` stays cheap (``tests
 list and ``_SUBMODULES`` name exactly the modules on disk):
 
 * ``difftrack.capture``       -- query/key/feature capture from diffusers video transformers
+* ``difftrack.hooks``         -- the interception layer of capture and CAG (SDPA calls, processor wrappers, grids)
 * ``difftrack.backbones``     -- per-backbone adapters (token layout, attention modules, CFG branches)
 * ``difftrack.runners``       -- loading local pipelines and running them with each backbone's conventions
 * ``difftrack.matching``      -- memory-bounded frame-to-frame matching
@@ -31,7 +32,7 @@ list and ``_SUBMODULES`` name exactly the modules on disk):
 import importlib
 
 __version__ = "0.1.0"
-_SUBMODULES = ("capture", "backbones", "runners", "matching", "fused", "analysis", "inspect_attn", "tracking", "tapvid",
+_SUBMODULES = ("capture", "hooks", "backbones", "runners", "matching", "fused", "analysis", "inspect_attn", "tracking", "tapvid",
                "baselines", "guidance", "guiders", "selection", "cag_eval", "world", "mini", "testing", "viz", "viz_tracks", "sliders",
                "params", "paper_results", "checks", "video_io", "fileio", "paths", "provenance")
 

@@ -45,10 +45,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .backbones import BackboneAdapter, TokenGrid, adapter_for, resolve_transformer
+from .hooks import SDPAIntercept, processor_wrapper_class, unwrap_processor  # noqa: F401 (re-exported)
 
 BRANCHES = ("cond", "uncond", "all")
 WHAT = ("q", "k", "features")
@@ -99,23 +98,6 @@ class FeatureEvent:
     grid: TokenGrid
 
 
-class _SDPAWatch(TorchFunctionMode):
-    """Passes every torch call through unchanged; hands the first SDPA call's (query, key) to ``fn``."""
-
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], None]):
-        super().__init__()
-        self.fn, self.seen = fn, False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and not self.seen:
-            self.seen = True
-            q = kwargs["query"] if "query" in kwargs else args[0]
-            k = kwargs["key"] if "key" in kwargs else args[1]
-            self.fn(q, k)
-        return func(*args, **kwargs)
-
-
 class _CapturingProcessor:
     """Wraps an attention processor; subclasses copy the wrapped class's ``__call__`` signature so that diffusers'
     ``Attention`` keeps passing the same keyword arguments (it drops those not in the signature)."""
@@ -126,66 +108,18 @@ class _CapturingProcessor:
     def _run(self, *args, **kwargs):
         if not self.owner._active("qk"):
             return self.inner(*args, **kwargs)
-        watch = _SDPAWatch(lambda q, k: self.owner._on_sdpa(self.layer, q, k))
+        watch = SDPAIntercept(lambda call: self.owner._on_sdpa(self.layer, call["query"], call["key"]))
         with watch:
             out = self.inner(*args, **kwargs)
-        if not watch.seen:
+        if not watch.handled:
             raise RuntimeError(
                 f"no scaled_dot_product_attention call was seen in layer {self.layer}'s processor "
                 f"{type(self.inner).__name__}; capture needs the native SDPA attention backend")
         return out
 
 
-_WRAPPERS: dict[tuple[type, type], type] = {}
-
-
-def processor_wrapper_class(base: type, wrapped: type, prefix: str) -> type:
-    """A subclass of ``base`` whose ``__call__`` forwards to ``self._run`` with the **signature of** ``wrapped``'s
-    ``__call__`` (diffusers' ``Attention`` drops keyword arguments a processor's signature lacks, so a wrapper must
-    declare the wrapped processor's, e.g. ``image_rotary_emb``). Cached per ``(base, wrapped)``."""
-    key = (base, wrapped)
-    if key not in _WRAPPERS:
-        def __call__(self, *args, **kwargs):
-            return self._run(*args, **kwargs)
-
-        __call__.__signature__ = inspect.signature(wrapped.__call__)
-        _WRAPPERS[key] = type(f"{prefix}{wrapped.__name__}", (base,), {"__call__": __call__})
-    return _WRAPPERS[key]
-
-
 def _wrap(proc, layer: int, owner: "Capture") -> _CapturingProcessor:
     return processor_wrapper_class(_CapturingProcessor, type(proc), "Capturing")(proc, layer, owner)
-
-
-def _inner_of(proc):
-    """What a wrapping processor wraps (its ``inner`` or ``original`` attribute), else ``None``."""
-    for name in ("inner", "original"):
-        if hasattr(proc, name):
-            return name, getattr(proc, name)
-    return None, None
-
-
-def unwrap_processor(attn: nn.Module, wrapper) -> bool:
-    """Remove ``wrapper`` from ``attn``'s processor chain, wherever it now sits, re-linking what it currently wraps.
-
-    Wrappers installed later (a nested capture, CAG) may sit on top of ``wrapper``; they are kept and re-linked, and
-    one removed earlier from below ``wrapper`` has re-linked ``wrapper`` itself, so contexts can be exited in any
-    order. A wrapper is any processor with an ``inner`` (capture) or ``original`` (CAG) attribute pointing to what it
-    wraps. Returns whether ``wrapper`` was found (``False`` when the processor was replaced from outside meanwhile,
-    e.g. by ``set_attn_processor``; then nothing is touched)."""
-    _, below = _inner_of(wrapper)
-    if attn.processor is wrapper:
-        attn.set_processor(below)
-        return True
-    cur, seen = attn.processor, set()
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        name, nxt = _inner_of(cur)
-        if nxt is wrapper:
-            setattr(cur, name, below)
-            return True
-        cur = nxt
-    return False
 
 
 def _normalise_layers(layers, n_blocks: int, model_name: str) -> list[int]:

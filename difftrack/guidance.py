@@ -50,9 +50,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from torch.overrides import TorchFunctionMode
 
 from .backbones import TokenGrid, adapter_for, adapters, family_for, resolve_transformer
+from .hooks import SDPAIntercept, processor_wrapper_class, track_grid, unwrap_processor
 
 VARIANTS = ("renormalized", "zero_after_softmax")
 CAG_BACKBONES = tuple(a.name for a in adapters() if a.cag_attention)  # ("cogvideox", "hunyuanvideo", "wan")
@@ -396,29 +396,10 @@ class CogVideoXCAGAttnProcessor:
         return h, e
 
 
-class _SDPAReplace(TorchFunctionMode):
-    """Replaces the processor's self-attention SDPA call (the one whose query and key span the whole token
-    sequence) by ``fn(q, k, v, attn_mask)``; every other torch call runs unchanged."""
-
-    def __init__(self, fn, seq_len: int):
-        super().__init__()
-        self.fn, self.seq_len, self.replaced = fn, seq_len, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and not self.replaced:
-            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-            bound = dict(zip(names, args))
-            bound.update(kwargs)
-            q, k = bound["query"], bound["key"]
-            if q.dim() == 4 and q.shape[2] == self.seq_len and k.shape[2] == self.seq_len:
-                if bound.get("is_causal") or bound.get("dropout_p", 0.0) or bound.get("scale") is not None \
-                        or bound.get("enable_gqa"):
-                    raise ValueError("CAG's perturbed attention supports plain SDPA calls only (no causal mask, "
-                                     "dropout, custom scale or GQA)")
-                self.replaced += 1  # (inside a mode's handler the mode is off: fn's own SDPA calls run plainly)
-                return self.fn(q, k, bound["value"], bound.get("attn_mask"))
-        return func(*args, **kwargs)
+def _check_plain_sdpa(call: dict) -> None:
+    if call.get("is_causal") or call.get("dropout_p", 0.0) or call.get("scale") is not None or call.get("enable_gqa"):
+        raise ValueError("CAG's perturbed attention supports plain SDPA calls only (no causal mask, dropout, custom "
+                         "scale or GQA)")
 
 
 class SDPACAGAttnProcessor:
@@ -448,15 +429,22 @@ class SDPACAGAttnProcessor:
         if g is None:
             raise RuntimeError(f"CAG processor of layer {self.layer} called outside a transformer forward (token "
                                f"grid unknown); run the transformer itself inside apply_cag")
-        mode = _SDPAReplace(self._attention, g.num_video + g.text_len)
+        n = g.num_video + g.text_len
+        # the self-attention call: query and key over the whole token sequence of the grid
+        mode = SDPAIntercept(self._replace, match=lambda c: c["query"].dim() == 4 and c["query"].shape[2] == n
+                             and c["key"].shape[2] == n)
         with mode:
             out = self.original(*args, **kwargs)
-        if not mode.replaced:
+        if not mode.handled:
             raise RuntimeError(f"layer {self.layer}: no self-attention SDPA call over {g.num_video + g.text_len} "
                                f"tokens was seen in {type(self.original).__name__}; CAG needs diffusers' native "
                                f"attention backend")
         st.calls += 1
         return out
+
+    def _replace(self, call: dict):
+        _check_plain_sdpa(call)
+        return self._attention(call["query"], call["key"], call["value"], call.get("attn_mask"))
 
     def _attention(self, q, k, v, attn_mask):
         st, g = self.state, self.state.grid
@@ -481,8 +469,6 @@ class SDPACAGAttnProcessor:
 
 
 def _sdpa_cag_processor(original, state, variant, layer, query_chunk, key_chunk) -> SDPACAGAttnProcessor:
-    from .capture import processor_wrapper_class
-
     cls = processor_wrapper_class(SDPACAGAttnProcessor, type(original), "CAG")
     return cls(original, state, variant, layer, query_chunk, key_chunk)
 
@@ -519,16 +505,11 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
     if fused:
         raise ValueError(f"layers {fused} use fused QKV projections; call transformer.unfuse_qkv_projections() "
                          f"before CAG")
-    from .capture import unwrap_processor
-
     state = CAGState()
     installed = []
     handle = None
     try:
-        def pre(m, args, kwargs):
-            state.grid = adapter.grid(m, args, kwargs)
-
-        handle = transformer.register_forward_pre_hook(pre, with_kwargs=True)
+        handle = track_grid(transformer, adapter, lambda grid: setattr(state, "grid", grid))
         for l, attn in zip(config.layers, attns):
             if adapter.cag_attention == "joint":
                 proc = CogVideoXCAGAttnProcessor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
