@@ -191,3 +191,16 @@ def test_guider_config_round_trip(tmp_path):
         assert copy.cag_config.to_dict() == dict(layers=[13, 17, 21], scale=0.5, variant="zero_after_softmax",
                                                  schedule="linear_decay", start_step=2, stop_step=9)
         assert copy.guidance_scale == 4.0 and copy.shared_prefix is False
+
+
+def test_batches_per_step_follow_cfg_and_the_identifiers():
+    pe, npe = torch.zeros(1, 4, 16), torch.ones(1, 4, 16)
+    g = CrossAttentionGuidance(guidance_scale=5.0, layers=[1], stop=0.5)
+    for step, expected in ((0, ["pred_cond", "pred_uncond"]), (1, ["pred_cond"])):  # CFG on for step 0 of 2 only
+        g.set_state(step, 2, torch.tensor(999.0))
+        batches = g.prepare_inputs({"encoder_hidden_states": (pe, npe)})
+        assert [b.__guidance_identifier__ for b in batches] == expected == g._input_predictions[:g.num_conditions]
+        assert all(b.encoder_hidden_states is e for b, e in zip(batches, (pe, npe)))
+    g1 = CrossAttentionGuidance(guidance_scale=1.0, layers=[1])  # w <= 1: no CFG, as WanPipeline
+    g1.set_state(0, 2, torch.tensor(999.0))
+    assert g1.num_conditions == 1
