@@ -23,6 +23,7 @@ list and ``_SUBMODULES`` name exactly the modules on disk):
 * ``difftrack.testing``       -- tiny random pipelines of the real diffusers classes (tests, benchmarks)
 * ``difftrack.viz``           -- plotting only; ``difftrack.viz_tracks`` -- track drawing and benchmark tables
 * ``difftrack.sliders``       -- ipywidgets slider panels drawn in the kernel (headless-safe)
+* ``difftrack.click_track``   -- click points on any frame and track them (notebook 04; a widget drawn in the kernel)
 * ``difftrack.params``        -- the notebooks' parameter checks (before any model load or file write)
 * ``difftrack.paper_results`` -- the committed paper-scale results, read back for the notebooks
 * ``difftrack.checks``        -- input checks shared by the public entry points (videos, queries, sizes)
@@ -34,7 +35,7 @@ import importlib
 __version__ = "0.1.0"
 _SUBMODULES = ("capture", "hooks", "backbones", "runners", "matching", "fused", "analysis", "inspect_attn", "tracking", "tapvid",
                "baselines", "guidance", "guiders", "selection", "cag_eval", "world", "mini", "testing", "viz", "viz_tracks", "sliders",
-               "params", "paper_results", "checks", "video_io", "fileio", "paths", "provenance")
+               "click_track", "params", "paper_results", "checks", "video_io", "fileio", "paths", "provenance")
 
 
 _EXPORTS = {"WorldTextEncoder": "mini", "MiniVideoPipeline": "mini", "capture": "capture"}

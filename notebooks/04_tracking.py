@@ -23,6 +23,7 @@
 # 1. **Tracks over the video** with trails (prediction | exact ground truth), saved as `figures/04_tracks.mp4` and as a
 #    strip `figures/04_tracks_strip.png`; a static figure at the default layer/step, then **layer and timestep
 #    sliders** over precomputed runs, and the layer × step error map `figures/04_layer_step.png`.
+#    **Click to track**: click points on any frame in JupyterLab and see their tracks over the video.
 # 2. **A metrics table against the baselines** (pyramidal Lucas–Kanade, dense optical flow, raw-pixel patch matching,
 #    the same model with untrained weights and, with `include_features=True`, the same tracker on block-output
 #    features) on held-out world videos
@@ -86,6 +87,7 @@ from IPython.display import Video, display
 
 from difftrack import mini
 from difftrack.baselines import DenseFlowTracker, LucasKanadeTracker, PatchMatchTracker
+from difftrack.click_track import ClickTrack, click_track_panel, moving_points  # click points, see tracks
 from difftrack.paths import figures_dir, repo_root, results_dir
 from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.tapvid import load_tapvid, resize_video, sample_queries_first, summary_table
@@ -234,6 +236,35 @@ mp4 = write_video(FIG / "04_tracks.mp4", frames, fps=4)
 print(f"{mp4.name}: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}, {mp4.stat().st_size / 1e3:.0f} kB")
 assert mp4.stat().st_size < 1e6, "the committed mp4 must stay below 1 MB"
 display(Video(str(mp4), embed=True, width=min(frames.shape[2], 640)))
+
+# %% [markdown]
+# ### Click to track
+#
+# Pick your own points: move the **frame** slider to any frame and click the frame. Each click adds the query
+# `(t, x, y)` at that frame and tracks it with DiffTracker at the default layer/step, forwards and backwards, so a
+# point may start after frame 0; the tracks are drawn over the video (scrub with the slider) and over a strip of
+# frames, a white ring marks where a point was clicked. `clear` forgets the points. The widget is
+# `difftrack.click_track.click_track_panel` (the clicks reach the kernel through `ipyevents`, a JupyterLab widget
+# extension: no extra server); it draws in the kernel, so a headless run shows the two points below, clicked in
+# advance on the middle frame.
+
+# %%
+click_frame = len(video) // 2  # two points "clicked" in advance on this later frame:
+if gt_tracks is not None:  # a world video: the ground-truth points that move most, where they are at click_frame
+    start_points = moving_points(gt_tracks, gt_visible, click_frame, n=2)
+else:  # your video: two fixed places of the frame
+    start_points = [(0.3 * W, 0.35 * H), (0.65 * W, 0.6 * H)]
+clicked = ClickTrack(video, DiffTracker(pipe, layers=(layer,), step=step), scale=scale, trail=trail)
+for x, y in start_points:
+    clicked.add(click_frame, x, y)
+clicked.track()
+fig = clicked.figure(title=f"DiffTracker layer {layer}, step {step}: {len(clicked.tracks)} points clicked on frame "
+                           f"{click_frame}")
+plt.show()
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+display(click_track_panel(clicked, frame=click_frame))  # in JupyterLab: pick a frame with the slider, click points
 
 # %% [markdown]
 # ## Metrics against the baselines (this notebook's videos)

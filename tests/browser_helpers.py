@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CLICK_PANEL_CLASS = "difftrack-click-track"  # difftrack.click_track.PANEL_CLASS (no difftrack import here)
 CHROMIUM = os.environ.get("DIFFTRACK_CHROMIUM", "/usr/bin/chromium")
 # Headless Debian Chromium as known to work on these machines (closed network: no background connections).
 CHROMIUM_ARGS = [
@@ -74,7 +75,12 @@ def prepare_root(root: Path) -> Path:
     src_nb = ROOT / "notebooks"
     if src_nb.is_dir():
         for entry in src_nb.iterdir():
-            if entry.suffix == ".ipynb" or entry.name.startswith(".") or (nbdir / entry.name).exists():
+            # not the notebooks' jupytext pairs (NN_name.py) nor their pairing config: JupyterLab's jupytext
+            # extension would open a copy's cells from the repository's .py (dropping the injected parameters) and
+            # write the copy's cells back into it on save
+            paired = entry.suffix == ".py" and (src_nb / f"{entry.stem}.ipynb").exists()
+            if (entry.suffix == ".ipynb" or paired or entry.name == "jupytext.toml" or entry.name.startswith(".")
+                    or (nbdir / entry.name).exists()):
                 continue
             (nbdir / entry.name).symlink_to(entry)
     for name in ("figures", "build"):
@@ -338,8 +344,36 @@ def move_slider(slider) -> tuple[str, str]:
 
 
 def widget_images(cell) -> list[str]:
-    """src (data: URLs with the PNG in base64) of images inside the widget Output areas of `cell`."""
-    return cell.locator(".widget-output img").evaluate_all("els => els.map(e => e.src)")
+    """src of the images inside the widget Output areas of `cell` (data: URLs with the PNG in base64) and of its
+    ipywidgets Image widgets (blob: URLs, a new one for each new value)."""
+    return cell.locator(".widget-output img, img.widget-image").evaluate_all("els => els.map(e => e.src)")
+
+
+def set_slider(slider, value: int) -> str:
+    """Set an IntSlider by typing `value` into its editable readout (Enter sends it). Returns the new readout."""
+    readout = slider.locator(".widget-readout").first
+    readout.scroll_into_view_if_needed()
+    readout.click()
+    readout.press("Control+a")
+    readout.type(str(value))
+    readout.press("Enter")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and slider_value(slider) != str(value):
+        time.sleep(0.1)
+    return slider_value(slider)
+
+
+def wait_for_text(locator, pattern: str, timeout_s: float, fail_pattern: str | None = None) -> str:
+    """Poll `locator`'s inner text until it matches the regex `pattern` (or `fail_pattern`, or the timeout);
+    returns the last text seen."""
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = locator.inner_text().strip()
+        if re.search(pattern, text) or (fail_pattern and re.search(fail_pattern, text)):
+            return text
+        time.sleep(0.25)
+    return text
 
 
 def wait_for_new_figure(page, cell, before: list[str], timeout_s: float) -> tuple[list[str], list[str]]:

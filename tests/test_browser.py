@@ -4,8 +4,11 @@ For each notebook: copy it (papermill --prepare-only, CI-sized parameters inject
 start JupyterLab on a free localhost port with a random token, open the notebook in Debian's Chromium through
 Playwright, Run > Run All Cells, check that every code cell ran and no output shows an error, then move the sliders
 ("layer", "step"/"timestep", "frame", "prompt": each one the notebook has, at least those REQUIRED names) with the
-keyboard and check that the figure in the widget's Output area changed (different PNG) without an error. Every
-notebook with sliders is driven (01-05; their slider cells use difftrack.sliders.slider_panel). A screenshot of the
+keyboard and check that the figure in the widget's Output area (or Image widget) changed (different PNG) without an
+error. Every notebook with sliders is driven (01-05; their slider cells use difftrack.sliders.slider_panel). In
+notebook 04 the click-to-track widget (difftrack.click_track) is then cleared, its frame slider set to a later frame,
+two points clicked on the frame, and the label must count two tracks queried at that frame, with the strip of frames
+redrawn (screenshot: build/browser/browser_04_tracking_click.png). A screenshot of the
 widget cell with the moved slider goes to figures/browser_<notebook>.png. JupyterLab (and its kernels) is shut down even when the test fails.
 
 Run alone:   bash scripts/lab.sh browser            (= pytest -m browser tests)
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -48,6 +52,11 @@ SLIDERS = {"layer": r"\blayer\b", "step": r"\b(time[ _-]?)?step\b", "frame": r"\
 REQUIRED = {"01_dataset": ("frame",), "02_layer_analysis": ("layer", "step"), "03_timestep": ("layer",),
             "04_tracking": ("layer", "step"), "05_cag": ("prompt",)}
 
+# Notebooks with the click-to-track widget (difftrack.click_track): after the sliders, the test picks a later frame
+# with the widget's frame slider, clicks two points on the frame and waits until the label counts two tracks and the
+# strip of frames with the tracks has been redrawn.
+CLICK_NOTEBOOKS = {"04_tracking"}
+CLICK_TIMEOUT = float(os.environ.get("DIFFTRACK_BROWSER_CLICK_TIMEOUT", "180"))  # per click: one DiffTracker call
 RUN_TIMEOUT = float(os.environ.get("DIFFTRACK_BROWSER_RUN_TIMEOUT", "900"))
 SLIDER_TIMEOUT = float(os.environ.get("DIFFTRACK_BROWSER_SLIDER_TIMEOUT", "120"))
 FAILURE_DIR = bh.ROOT / "build" / "browser"
@@ -66,6 +75,47 @@ def _notebook_cases():
 
 def _known_name(stem: str) -> str | None:
     return next((n for n in NOTEBOOKS if stem.startswith(n)), None)
+
+
+def _click_to_track(page, notebook: str, log: list[str]):
+    """Clear the click-to-track panel, move its frame slider to a later frame, click two points on the frame and
+    check that two tracks appear (label, frame and strip images redrawn, no error). Returns the panel locator."""
+    panel = page.locator(f".{bh.CLICK_PANEL_CLASS}").first
+    assert panel.count(), f"{notebook}: no click-to-track panel (.{bh.CLICK_PANEL_CLASS}) after Run All Cells"
+    cell = page.locator(".jp-Notebook .jp-Cell").filter(has=page.locator(f".{bh.CLICK_PANEL_CLASS}")).first
+    label = panel.locator(".difftrack-click-track-label").first
+    frame_img = panel.locator("img.difftrack-click-track-frame").first
+    strip_img = panel.locator("img.difftrack-click-track-strip").first
+    panel.scroll_into_view_if_needed()
+    start = label.inner_text().strip()
+    panel.locator("button", has_text="clear").first.click()
+    text = bh.wait_for_text(label, r"^0 tracks\b", 30)
+    assert text.startswith("0 tracks"), f"{notebook}: 'clear' did not empty the click panel (label {text!r})"
+    slider = panel.locator(".widget-slider").first
+    top = int(float(slider.locator(".noUi-handle").first.get_attribute("aria-valuemax")))
+    target = max(1, top - 2)  # a later frame, not the one the panel started on (the middle one)
+    shown = frame_img.get_attribute("src")
+    assert bh.set_slider(slider, target) == str(target), f"{notebook}: could not set the click panel's frame slider"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and frame_img.get_attribute("src") == shown:
+        time.sleep(0.2)
+    assert frame_img.get_attribute("src") != shown, f"{notebook}: frame {target} was not drawn in the click panel"
+    strip_before = strip_img.get_attribute("src")
+    box = frame_img.bounding_box()
+    t0 = time.monotonic()
+    for i, (fx, fy) in enumerate([(0.3, 0.4), (0.7, 0.65)], start=1):
+        frame_img.click(position={"x": fx * box["width"], "y": fy * box["height"]})
+        want = rf"^{i} tracks?:"
+        text = bh.wait_for_text(label, want, CLICK_TIMEOUT, fail_pattern=r"tracking failed")
+        assert re.match(want, text), (f"{notebook}: after click {i} on frame {target} the label reads {text!r} "
+                                      f"(expected {i} track{'s' if i > 1 else ''}; within {CLICK_TIMEOUT:.0f} s)")
+    assert text.count(f"(t={target},") == 2, f"{notebook}: the clicks were not queried at frame {target}: {text!r}"
+    assert strip_img.get_attribute("src") != strip_before, f"{notebook}: the strip of frames was not redrawn"
+    errors = bh.error_outputs(cell)
+    assert not errors, f"{notebook}: the click panel's cell shows an error:\n" + "\n---\n".join(errors)
+    log.append(f"click-to-track: {start!r} -> cleared -> frame {target}, two clicks -> {text!r} "
+               f"({time.monotonic() - t0:.1f} s)")
+    return panel
 
 
 @pytest.fixture(scope="module")  # module: JupyterLab and Chromium are gone before the rest of the suite runs
@@ -163,6 +213,15 @@ def test_notebook_in_jupyterlab(notebook: Path, overridden: bool, request, tmp_p
 
         errors = bh.error_outputs(page)
         assert not errors, f"{notebook.name}: an output shows an error after moving sliders:\n" + "\n---\n".join(errors)
+
+        if name in CLICK_NOTEBOOKS:
+            panel = _click_to_track(page, notebook.name, log)
+            click_dir = Path(os.environ.get("DIFFTRACK_BROWSER_FIGURES", "")
+                             or (tmp_path if overridden else FAILURE_DIR))
+            click_dir.mkdir(parents=True, exist_ok=True)
+            page.mouse.move(0, 0)
+            panel.screenshot(path=str(click_dir / f"browser_{notebook.stem}_click.png"))
+            log.append(f"screenshot: {click_dir / f'browser_{notebook.stem}_click.png'}")
 
         shot_dir.mkdir(parents=True, exist_ok=True)
         shot = shot_dir / f"browser_{notebook.stem}.png"
