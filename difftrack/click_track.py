@@ -3,8 +3,8 @@
 :class:`ClickTrack` holds the state and does all the work, with no widget involved: the clicked queries
 ``float32 [N, 3] (t, x, y)`` in the video's pixels (edge convention, ``docs/conventions.md``; ``t`` any frame, so a
 point may start after frame 0), the tracker call (any ``tracker(video, queries) -> (tracks, visible)`` callable, e.g.
-:class:`difftrack.tracking.DiffTracker`), and the drawing: a frame with the tracks (:func:`difftrack.viz_tracks.draw_tracks`,
-whole tracks, before and after each query frame) and a strip of frames.
+:class:`difftrack.tracking.DiffTracker`), and the drawing: a frame with the tracks
+(:func:`difftrack.viz_tracks.draw_tracks`, whole tracks, before and after each query frame) and a strip of frames.
 
 :func:`click_track_panel` wires it for JupyterLab: a ``frame`` slider, the frame as an ``ipywidgets.Image`` that
 takes clicks (``ipyevents.Event``, a front-end-only widget extension: no extra server), a ``clear`` button, a label
@@ -18,11 +18,12 @@ tracks the start points and completes without a front-end.
     state.track()                                                # tracks float32 [2, T, 2], visible bool [2, T]
     display(click_track_panel(state, frame=6))                   # click more points in JupyterLab
 
-``ipywidgets`` and ``ipyevents`` are imported inside :func:`click_track_panel` only: ``import difftrack`` never needs them.
+``ipywidgets`` and ``ipyevents`` are imported inside :func:`click_track_panel` only: ``import difftrack`` never
+needs them.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import cv2
 import numpy as np
@@ -30,7 +31,7 @@ import numpy as np
 from .checks import check_queries, check_video
 from .viz_tracks import draw_tracks
 
-__all__ = ["ClickTrack", "event_to_point", "click_track_panel", "moving_points", "encode_png", "PALETTE"]
+__all__ = ["PALETTE", "ClickTrack", "click_track_panel", "encode_png", "event_to_point", "moving_points"]
 
 PANEL_CLASS = "difftrack-click-track"  # CSS class of the panel (the browser test finds it by this)
 # one colour per clicked point, in click order (so adding a point never recolours the others): bright colours that
@@ -202,7 +203,7 @@ class ClickTrack:
         for qt, x, y in self._queries:
             if int(qt) != t:
                 continue
-            c = (int(round(x * self.scale - 0.5)), int(round(y * self.scale - 0.5)))
+            c = (round(float(x) * self.scale - 0.5), round(float(y) * self.scale - 0.5))
             cv2.circle(img, c, r + 1, (0, 0, 0), thick + 1, cv2.LINE_AA)
             cv2.circle(img, c, r, (255, 255, 255), thick, cv2.LINE_AA)
 

@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_cogvideox
-from difftrack.click_track import (PALETTE, PANEL_CLASS, ClickTrack, click_track_panel, encode_png, event_to_point,
-                                   moving_points)
+
+from difftrack.click_track import (
+    PALETTE,
+    PANEL_CLASS,
+    ClickTrack,
+    click_track_panel,
+    encode_png,
+    event_to_point,
+    moving_points,
+)
 from difftrack.tracking import DiffTracker
 
 T, H, W = 8, 32, 48

@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = ["01_dataset", "02_layer_analysis", "03_timestep", "04_tracking", "05_cag"]
-FIX = "bash scripts/lab.sh sync-notebooks  (= jupytext --sync notebooks/{name}.py, then nbstripout; the newer file wins)"
+FIX = ("bash scripts/lab.sh sync-notebooks  (= jupytext --sync notebooks/{name}.py, then nbstripout; "
+       "the newer file wins)")
 
 
 def _cells(nb) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -90,7 +91,7 @@ def test_notebooks_01_03_share_the_analysis_parameters():
         nb = jupytext.read(NB_DIR / f"{name}.py")
         cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", ()))
         g: dict = {}
-        exec(cell.source, g)
+        exec(cell.source, g)  # noqa: S102 -- the committed parameters cell: typed literal assignments
         return {k: g[k] for k in COMMON}
 
     first = defaults("01_dataset")
