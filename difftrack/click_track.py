@@ -260,10 +260,11 @@ class ClickTrack:
         return head + (f": {pts}" if pts else ": click the frame to add a point")
 
 
-def click_track_panel(state: ClickTrack, frame: int = 0):
+def click_track_panel(state: ClickTrack, frame: int = 0, max_width: int = 768):
     """The JupyterLab widget of ``state`` (a :class:`ClickTrack`): a ``frame`` slider, a ``clear`` button and a
     label above the clickable frame, a strip of frames with the tracks below. A click on the frame adds the point at
-    the slider's frame and tracks it; points not tracked yet in ``state`` are tracked here first.
+    the slider's frame and tracks it; points not tracked yet in ``state`` are tracked here first. The frame is shown
+    at its drawn size, or scaled down to ``max_width`` CSS pixels (clicks map to video pixels either way).
 
     Returns an ``ipywidgets.VBox`` (CSS class ``difftrack-click-track``) with attributes ``state``, ``frame_slider``,
     ``image``, ``strip``, ``label``, ``clear_button``, ``events`` (the ``ipyevents.Event``) and
@@ -283,7 +284,9 @@ def click_track_panel(state: ClickTrack, frame: int = 0):
     clear = widgets.Button(description="clear", tooltip="forget every clicked point")
     label = widgets.Label(value=state.describe())
     label.add_class("difftrack-click-track-label")
-    image = widgets.Image(format="png", layout=widgets.Layout(width=f"{w}px", height=f"{h}px"))
+    shown_w = min(w, int(max_width))
+    image = widgets.Image(format="png", layout=widgets.Layout(width=f"{shown_w}px",
+                                                              height=f"{round(h * shown_w / w)}px"))
     image.add_class("difftrack-click-track-frame")
     strip = widgets.Image(format="png")
     strip.add_class("difftrack-click-track-strip")

@@ -254,7 +254,8 @@ if gt_tracks is not None:  # a world video: the ground-truth points that move mo
     start_points = moving_points(gt_tracks, gt_visible, click_frame, n=2)
 else:  # your video: two fixed places of the frame
     start_points = [(0.3 * W, 0.35 * H), (0.65 * W, 0.6 * H)]
-clicked = ClickTrack(video, DiffTracker(pipe, layers=(layer,), step=step), scale=scale, trail=trail)
+clicked = ClickTrack(video, DiffTracker(pipe, layers=(layer,), step=step), scale=max(1, 256 // max(H, W)),
+                     trail=trail)  # frames drawn about 256 px wide (4x for the embedded model)
 for x, y in start_points:
     clicked.add(click_frame, x, y)
 clicked.track()

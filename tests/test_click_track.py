@@ -156,6 +156,9 @@ def test_panel_clicks_on_a_later_frame_without_a_frontend():
     panel = click_track_panel(st, frame=1)
     assert PANEL_CLASS in panel._dom_classes and len(fake.calls) == 1
     assert panel.frame_slider.description == "frame" and panel.frame_slider.max == T - 1
+    assert (panel.image.layout.width, panel.image.layout.height) == ("192px", "128px")
+    small = click_track_panel(ClickTrack(video(), fake, scale=4), max_width=96)
+    assert (small.image.layout.width, small.image.layout.height) == ("96px", "64px")
     assert panel.label.value.startswith("1 track:")
     first_image, first_strip = panel.image.value, panel.strip.value
     assert first_image[:4] == b"\x89PNG"
