@@ -19,6 +19,7 @@ videos (:func:`analysis_items`), loading a cached record (:func:`load_cached`, s
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -390,3 +391,46 @@ def tables_frame(grouped: dict[str, dict[str, np.ndarray]], timesteps=None):
                 r.update({k: float(v[s, l]) for k, v in tabs.items()})
                 rows.append(r)
     return pd.DataFrame(rows)
+
+
+@dataclass
+class NotebookAnalysis:
+    """One analysis run of notebooks 02 and 03 (:func:`run_notebook_analysis`): the pipeline and its runner, the
+    video size, the items, their per-item cache folder, the schedule's timesteps, the per-video results of
+    :func:`difftrack.analysis.run_dataset` and their :func:`group_tables`."""
+
+    pipe: object
+    runner: object
+    size: tuple
+    items: list
+    cache: object
+    timesteps: list
+    results: list
+    grouped: dict
+    seconds: float
+
+
+def run_notebook_analysis(model: str, device: str, dtype: str, size, videos_per_family: int, exact_per_family: int,
+                          seed: int, num_steps: int, grid_size: int, log=print) -> NotebookAnalysis:
+    """Load ``model``, analyse ``videos_per_family`` generated and ``exact_per_family`` world videos of each family
+    with :func:`difftrack.analysis.run_dataset` (per-video cache under ``cache/analysis_nb/<model tag>``, shared
+    by notebooks 01-03: a rerun with the same parameters skips the model) and group the tables; ``log`` gets what
+    was run."""
+    from . import analysis, paths
+    from .runners import VideoRunner
+
+    pipe = load_pipeline(model, device, dtype)
+    runner = VideoRunner(pipe)  # the backbone's conventions: token stride, latent frames, VAE, text conditioning
+    size = runner.resolve_size(size)  # empty: the model's default
+    log(f"model {model}: {type(pipe).__name__}, {runner.num_layers} blocks, videos of {size[0]} frames at "
+        f"{size[2]}x{size[1]} px, {runner.stride} px per token, {runner.latent_frames(size[0])} latent frames")
+    items = analysis_items(videos_per_family, exact_per_family, seed)
+    cache = paths.cache_dir(f"analysis_nb/{model_tag(model, dtype)}")
+    timesteps = [int(t) for t in runner.timesteps(num_steps)]
+    t0 = time.time()
+    results = analysis.run_dataset(runner, items, cache, num_steps=num_steps, grid_size=grid_size, size=size)
+    seconds = time.time() - t0
+    log(f"{len(results)} videos analysed in {seconds:.1f} s (per-video cache: {cache})")
+    grouped = group_tables(results)
+    log("subsets:", {k: sum(1 for it, _ in results if k == "all" or it["kind"] == k) for k in grouped})
+    return NotebookAnalysis(pipe, runner, size, items, cache, timesteps, results, grouped, seconds)

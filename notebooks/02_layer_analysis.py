@@ -61,7 +61,6 @@ from tqdm.auto import tqdm
 
 from difftrack import analysis, paper_results, paths, viz
 from difftrack import inspect_attn as ia
-from difftrack.runners import VideoRunner
 from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.world import FAMILIES, World
 
@@ -75,21 +74,12 @@ from difftrack.world import FAMILIES, World
 # %%
 torch.manual_seed(seed)
 FIG, RES = paths.figures_dir(), paths.results_dir()
-pipe = ia.load_pipeline(model, device, dtype)
-runner = VideoRunner(pipe)  # the backbone's conventions: token stride, latent frames, VAE, text conditioning
-size = runner.resolve_size(size)  # empty: the model's default
-print(f"model {model}: {type(pipe).__name__}, {runner.num_layers} blocks, videos of {size[0]} frames at "
-      f"{size[2]}x{size[1]} px, {runner.stride} px per token, {runner.latent_frames(size[0])} latent frames")
-items = ia.analysis_items(videos_per_family, exact_per_family, seed)
-cache = paths.cache_dir(f"analysis_nb/{ia.model_tag(model, dtype)}")
-timesteps = [int(t) for t in runner.timesteps(num_steps)]
-t0 = time.time()
-results = analysis.run_dataset(runner, items, cache, num_steps=num_steps, grid_size=grid_size, size=size)
-print(f"{len(results)} videos analysed in {time.time() - t0:.1f} s (per-video cache: {cache})")
-grouped = ia.group_tables(results)
+run = ia.run_notebook_analysis(model, device, dtype, size, videos_per_family, exact_per_family, seed, num_steps,
+                               grid_size)  # per-video cache: a rerun with the same parameters skips the model
+pipe, runner, size, items, timesteps = run.pipe, run.runner, run.size, run.items, run.timesteps
+results, grouped, cache = run.results, run.grouped, run.cache
 L = grouped["all"]["qk_acc"].shape[1]
 S = num_steps
-print("subsets:", {k: sum(1 for it, _ in results if k == "all" or it["kind"] == k) for k in grouped})
 assert all(t["qk_acc"].shape == (S, L) for _, t in results)
 
 # %%
