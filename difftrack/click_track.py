@@ -29,15 +29,13 @@ import cv2
 import numpy as np
 
 from .checks import check_queries, check_video
+from .viz import POINT_PALETTE, point_colours
 from .viz_tracks import draw_tracks
 
 __all__ = ["PALETTE", "ClickTrack", "click_track_panel", "encode_png", "event_to_point", "moving_points"]
 
 PANEL_CLASS = "difftrack-click-track"  # CSS class of the panel (the browser test finds it by this)
-# one colour per clicked point, in click order (so adding a point never recolours the others): bright colours that
-# stay apart on the world's textures
-PALETTE = np.array([(0, 255, 255), (255, 255, 0), (0, 255, 0), (255, 0, 255), (255, 140, 0), (0, 120, 255),
-                    (255, 255, 255), (150, 255, 150), (255, 80, 80), (170, 110, 255)], np.uint8)
+PALETTE = POINT_PALETTE  # one colour per clicked point, in click order (the colour rule lives in difftrack.viz)
 
 
 def event_to_point(event: Mapping, image_size: tuple[int, int], video_size: tuple[int, int]) -> tuple[float, float]:
@@ -182,8 +180,8 @@ class ClickTrack:
     # ------------------------------------------------------------------------------------------- drawing
     @staticmethod
     def colors(n: int) -> np.ndarray:
-        """``uint8 [n, 3]`` RGB of the first ``n`` clicked points (:data:`PALETTE`, repeated)."""
-        return PALETTE[np.arange(n) % len(PALETTE)]
+        """``uint8 [n, 3]`` RGB of the first ``n`` clicked points (:func:`difftrack.viz.point_colours`)."""
+        return point_colours(n)
 
     def _drawn_video(self) -> np.ndarray:
         if self._drawn is None:

@@ -80,6 +80,19 @@ def track_colours(queries_xy: np.ndarray, cmap: str = "gist_rainbow") -> np.ndar
     return colormaps[cmap](order / max(len(q) - 1, 1))
 
 
+# the colour rule for points added one at a time (click-to-track): colour i is fixed by the order the points came in,
+# so adding a point never recolours the others (the rainbow of :func:`track_colours` is keyed on all the queries);
+# bright colours that stay apart on the world's textures
+POINT_PALETTE = np.array([(0, 255, 255), (255, 255, 0), (0, 255, 0), (255, 0, 255), (255, 140, 0), (0, 120, 255),
+                          (255, 255, 255), (150, 255, 150), (255, 80, 80), (170, 110, 255)], np.uint8)
+
+
+def point_colours(n: int) -> np.ndarray:
+    """``uint8 [n, 3]`` RGB of the first ``n`` points in the order they were added (:data:`POINT_PALETTE`,
+    repeated)."""
+    return POINT_PALETTE[np.arange(n) % len(POINT_PALETTE)]
+
+
 def draw_tracks(ax, frame: np.ndarray, tracks: np.ndarray, visible: np.ndarray, t: int, trail: int = 4,
                 colours: np.ndarray | None = None, size: float = 18.0) -> None:
     """Draw ``frame`` and the tracks at time ``t`` on ``ax``: filled dots for visible points, hollow ones for

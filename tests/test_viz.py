@@ -80,3 +80,14 @@ def test_library_does_not_import_widgets():
 
 
 # ---------------------------------------------------------------------------------------------- inspect_attn
+
+
+def test_point_colours_are_fixed_by_the_order_points_came_in():
+    """Click-to-track's rule: adding points never recolours the earlier ones; the palette repeats after 10."""
+    from difftrack.viz import POINT_PALETTE, point_colours
+
+    three, twelve = point_colours(3), point_colours(12)
+    assert three.shape == (3, 3) and three.dtype == np.uint8
+    np.testing.assert_array_equal(twelve[:3], three)
+    np.testing.assert_array_equal(twelve[10], POINT_PALETTE[0])
+    assert len({tuple(c) for c in POINT_PALETTE}) == len(POINT_PALETTE)  # distinct colours
