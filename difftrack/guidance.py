@@ -50,7 +50,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-
 from .backbones import TokenGrid, adapter_for, adapters, family_for, resolve_transformer
 from .hooks import SDPAIntercept, processor_wrapper_class, track_grid, unwrap_processor
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import adapter_for, family_for, family_of_class, pipeline_families, resolve_transformer
+from .backbones import adapter_for, family_for, family_of_class, patch_sizes, pipeline_families, resolve_transformer
 
 PIPELINES = pipeline_families()  # {pipeline class: family}, from difftrack.backbones
 DTYPES = ("float32", "float16", "bfloat16")
@@ -152,11 +152,8 @@ class VideoRunner:
         self.adapter = adapter_for(self.transformer)
         self.num_layers = len(self.adapter.blocks(self.transformer))
         self.guidance_embed = float(guidance_embed)
-        cfg = self.transformer.config
-        ps = cfg.patch_size
-        self.patch = int(ps[-1] if isinstance(ps, (tuple, list)) else ps)
+        pt, self.patch = patch_sizes(self.transformer)
         self.temporal, self.vae_spatial = self.family.compression(pipe)
-        pt = getattr(cfg, "patch_size_t", None) or (ps[0] if isinstance(ps, (tuple, list)) else 1)
         if pt != 1:
             raise ValueError(f"temporal patch size {pt} ({cls}): one token frame per latent frame is needed "
                              f"(CogVideoX 1.0, Wan, HunyuanVideo layouts; not CogVideoX 1.5)")

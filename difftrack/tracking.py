@@ -71,12 +71,11 @@ import numpy as np
 import torch
 
 from . import checks as _checks
-from .backbones import (adapter_for, adapters, attention_heads, frame_encoder, pipeline_families,
-                        resolve_transformer)
+from .backbones import (adapter_for, adapters, attention_heads, frame_encoder, patch_sizes, pipeline_families,
+                        resolve_transformer, scale_vae_latents)
 from .capture import capture, run_until
 from .matching import (REFINE, _bilinear_rows, check_heads, feature_cost, match_from_cost, px_to_tokens, qk_cost,
                        refine_peak, select_heads, tokens_to_px)
-from .backbones import scale_vae_latents
 from .runners import scheduler_add_noise
 
 __all__ = ["DiffTracker", "FeatureTracker", "plan_chunks", "vae_encode_frames", "check_video", "check_queries",
@@ -417,10 +416,7 @@ class DiffTracker:
     # ------------------------------------------------------------------ setup helpers
     def _setup_encoder(self, encode, token_stride):
         cfg = self.transformer.config
-        p = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[-1]
-        pt = getattr(cfg, "patch_size_t", None) or 1
-        if isinstance(cfg.patch_size, (tuple, list)):
-            pt = cfg.patch_size[0]
+        pt, p = patch_sizes(self.transformer)
         if pt != 1:
             raise ValueError(f"temporal patch size {pt}: per-frame tracking needs one latent frame per token frame "
                              f"(CogVideoX 1.0 / Wan / HunyuanVideo layouts; not CogVideoX 1.5)")

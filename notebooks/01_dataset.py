@@ -62,7 +62,6 @@ from tqdm.auto import tqdm
 
 from difftrack import analysis, paper_results, paths, viz
 from difftrack import inspect_attn as ia
-from difftrack.runners import VideoRunner
 from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.world import FAMILIES, World
 from difftrack import tapvid
@@ -111,12 +110,10 @@ fig
 # and its record; pseudo ground truth is Lucas-Kanade with a forward-backward check from the frame-0 grid.
 
 # %%
-pipe = ia.load_pipeline(model, device, dtype)  # one latent frame per video frame: checked with the parameters
-items = ia.analysis_items(videos_per_family, exact_per_family, seed)
-cache = paths.cache_dir(f"analysis_nb/{ia.model_tag(model, dtype)}")
-t0 = time.time()
-results = analysis.run_dataset(pipe, items, cache, num_steps=num_steps, grid_size=grid_size, size=(T, H, W))
-print(f"{len(items)} videos analysed in {time.time() - t0:.1f} s (cache: {cache})")
+# one latent frame per video frame: checked with the parameters; the per-video cache is shared with notebooks 02-03
+run = ia.run_notebook_analysis(model, device, dtype, (T, H, W), videos_per_family, exact_per_family, seed, num_steps,
+                               grid_size)
+pipe, items, cache = run.pipe, run.items, run.cache
 generated = []  # (item, video, pseudo tracks, pseudo visible, record)
 for it in items:
     if it["kind"] == "generated":

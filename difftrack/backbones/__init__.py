@@ -163,6 +163,15 @@ def adapter_for(model: nn.Module) -> BackboneAdapter:
     return _REGISTRY[name]
 
 
+def patch_sizes(transformer) -> tuple[int, int]:
+    """``(temporal, spatial)`` patch size of a transformer config: ``patch_size`` an int (with ``patch_size_t``, 1
+    when unset) or a ``(t, h, w)`` tuple (Wan)."""
+    cfg = transformer.config
+    ps = cfg.patch_size
+    tup = isinstance(ps, (tuple, list))
+    return int(getattr(cfg, "patch_size_t", None) or (ps[0] if tup else 1)), int(ps[-1] if tup else ps)
+
+
 def _arg(args: tuple, kwargs: dict, name: str, pos: int):
     if name in kwargs:
         return kwargs[name]
@@ -258,9 +267,15 @@ class PipelineFamily:
         return scale_vae_latents(vae, vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float())  # [1,C,F,h,w]
 
     def rope_kwargs(self, pipe, transformer, x: torch.Tensor, spatial: int, device) -> dict:
-        """Extra transformer keyword arguments the pipeline builds for latents ``x`` (RoPE tables); none by
-        default (the transformer builds its own)."""
-        return {}
+        """Extra transformer keyword arguments for latents ``x`` (RoPE tables): by default those of the
+        transformer's adapter for ``x``'s token grid (:meth:`BackboneAdapter.rope_kwargs`; none where the
+        transformer builds its own)."""
+        a = adapter_for(transformer)
+        if a.rope is None:
+            return {}
+        frames, h, w = (x.shape[1] if a.frames_first else x.shape[2]), x.shape[-2], x.shape[-1]
+        p = patch_sizes(transformer)[1]
+        return a.rope_kwargs(transformer, pipe, frames, h // p, w // p, device)
 
     def cfg_weight(self, guidance_scale: float, call_kwargs: dict) -> tuple[float, bool]:
         """``(CFG weight, whether the pipeline runs an unconditional branch)`` of a ``__call__`` with

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import BackboneAdapter, PipelineFamily, TokenGrid, _arg, register, register_family
+from . import BackboneAdapter, PipelineFamily, TokenGrid, _arg, patch_sizes, register, register_family
 
 def _cog_grid(model, args, kwargs) -> TokenGrid:
     x = _arg(args, kwargs, "hidden_states", 0)  # [B, F, C, H, W]
@@ -31,18 +31,13 @@ register(BackboneAdapter(
 ))
 
 
-def _patch(tr) -> int:
-    p = tr.config.patch_size
-    return int(p[-1] if isinstance(p, (tuple, list)) else p)
-
-
 def _rope(tr, pipe, frames: int, rows: int, cols: int, device) -> dict:
     """3D RoPE for a ``frames x rows x cols`` token grid, built as ``CogVideoXPipeline`` builds it (the embedded
     pipeline's own ``rotary_embedding``); nothing for sin-cos positions."""
     cfg = tr.config
     if not cfg.use_rotary_positional_embeddings:
         return {}
-    p = _patch(tr)
+    p = patch_sizes(tr)[1]
     if hasattr(pipe, "rotary_embedding"):  # MiniVideoPipeline
         return dict(image_rotary_emb=pipe.rotary_embedding(frames, rows * p, cols * p, device))
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -55,7 +50,7 @@ def _rope(tr, pipe, frames: int, rows: int, cols: int, device) -> dict:
 
 def _trained_tokens(tr):
     sh, sw = getattr(tr.config, "sample_height", None), getattr(tr.config, "sample_width", None)
-    return (sh // _patch(tr), sw // _patch(tr)) if sh and sw else None
+    return (sh // patch_sizes(tr)[1], sw // patch_sizes(tr)[1]) if sh and sw else None
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import PipelineFamily, register_family, register_frame_encoder
+from . import PipelineFamily, patch_sizes, register_family, register_frame_encoder
 
 
 class EmbeddedFamily(PipelineFamily):
@@ -43,12 +43,6 @@ class EmbeddedFamily(PipelineFamily):
 
         return video_uint8_to_latents(video, device=device)
 
-    def rope_kwargs(self, pipe, transformer, x: torch.Tensor, spatial: int, device) -> dict:
-        if not transformer.config.use_rotary_positional_embeddings:
-            return {}
-        F_, _, _, h, w = x.shape
-        return dict(image_rotary_emb=pipe.rotary_embedding(F_, h, w, device))
-
 
 register_family(EmbeddedFamily())
 
@@ -63,5 +57,5 @@ def _patched_pixels(transformer, vae):
     if type(transformer).__name__ != "CogVideoXTransformer3DModel" or vae is not None or \
             cfg.in_channels != 3 * mini.PATCH * mini.PATCH:
         return None
-    p = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[-1]
+    p = patch_sizes(transformer)[1]
     return (lambda video: mini.video_uint8_to_latents(video)[0]), mini.PATCH * p  # [T, 12, H/2, W/2]
