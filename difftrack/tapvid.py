@@ -284,14 +284,8 @@ def queries_txy_to_tyx(queries: np.ndarray) -> np.ndarray:
 
 
 def queries_tyx_to_txy(queries: np.ndarray) -> np.ndarray:
-    """tapnet-order queries ``(t, y, x)`` to CoTracker order ``(t, x, y)``.
-
-    Args:
-        queries: `[..., 3]`, float, ``(t, y, x)``.
-
-    Returns:
-        `[..., 3]`, same dtype, ``(t, x, y)`` (a new array).
-    """
+    """tapnet-order queries `[..., 3]` ``(t, y, x)`` to CoTracker order ``(t, x, y)``, a new array of the same dtype
+    (the inverse of :func:`queries_txy_to_tyx`)."""
     return _swap_xy(queries, "(t, y, x)")
 
 

@@ -296,3 +296,30 @@ def test_layer_out_of_range_names_flat_count(case):
                                          rf"blocks, allowed 0\.\.{n_blocks - 1}"):
         with capture(m, layers=[n_blocks]):
             pass
+
+
+def test_adapter_defaults_and_bad_fields():
+    from types import SimpleNamespace
+
+    from difftrack.backbones import BackboneAdapter, TokenGrid, block_list, latent_grid, patch_sizes
+
+    a = BackboneAdapter(name="toy", class_names=("Toy",), grid=lambda m, args, kw: None)
+    blocks = [SimpleNamespace(attn1=f"attn{i}") for i in range(3)]
+    model = SimpleNamespace(transformer_blocks=blocks, blocks=blocks[:2])
+    assert a.blocks(model) == [(f"transformer_blocks.{i}", b) for i, b in enumerate(blocks)]
+    assert block_list("blocks")(model) == [("blocks.0", blocks[0]), ("blocks.1", blocks[1])]
+    assert a.self_attention(blocks[2]) == "attn2"
+    out = object()
+    assert a.block_video_output(out, None) is out
+    with pytest.raises(ValueError, match=r"cfg='both'; allowed: 'batched', 'sequential'"):
+        BackboneAdapter(name="toy", class_names=("Toy",), grid=None, cfg="both")
+    with pytest.raises(ValueError, match=r"cag_attention='qk'"):
+        BackboneAdapter(name="toy", class_names=("Toy",), grid=None, cag_attention="qk")
+
+    # latent_grid: frames on the given axis under the temporal patch, rows/cols the last two axes
+    cfg = SimpleNamespace(config=SimpleNamespace(patch_size=(2, 2, 2)))
+    g = latent_grid(cfg, torch.zeros(1, 4, 6, 8, 10), frame_axis=2, text_len=5, text_first=True)
+    assert g == TokenGrid(frames=3, rows=4, cols=5, text_len=5, text_first=True, stride=2)
+    assert patch_sizes(SimpleNamespace(config=SimpleNamespace(patch_size=2, patch_size_t=None))) == (1, 2)
+    with pytest.raises(ValueError, match=r"patch_size \(1, 2, 4\): expected \(t, s, s\)"):
+        patch_sizes(SimpleNamespace(config=SimpleNamespace(patch_size=(1, 2, 4))))

@@ -80,10 +80,13 @@ class BackboneAdapter:
     Attributes:
         name: short name (``"cogvideox"``).
         class_names: transformer class names handled.
-        blocks: ``model -> list[(qualified name, block module)]`` in layer order.
-        self_attention: ``block -> attention module`` whose processor computes the video self-attention.
         grid: ``(model, args, kwargs) -> TokenGrid`` from the forward call's inputs.
-        block_video_output: ``(block output, grid) -> [B, N_video, C]`` video hidden states after the block.
+        blocks: ``model -> list[(qualified name, block module)]`` in layer order (default: the
+            ``transformer_blocks`` list, :func:`block_list`).
+        self_attention: ``block -> attention module`` whose processor computes the video self-attention (default:
+            ``block.attn1``).
+        block_video_output: ``(block output, grid) -> [B, N_video, C]`` video hidden states after the block
+            (default: the output itself; :func:`first_output` for blocks returning ``(video, text)``).
         cfg: ``"batched"`` (CFG halves in one batch, ``[uncond, cond]``) or ``"sequential"`` (separate calls).
         sequential_cond_first: for ``"sequential"``, whether the conditional call comes first in a step.
         frames_first: the transformer takes latents ``[B, F, C, h, w]`` (CogVideoX) instead of ``[B, C, F, h, w]``.
@@ -100,10 +103,10 @@ class BackboneAdapter:
 
     name: str
     class_names: tuple[str, ...]
-    blocks: Callable[[nn.Module], list[tuple[str, nn.Module]]]
-    self_attention: Callable[[nn.Module], nn.Module]
     grid: Callable[[nn.Module, tuple, dict], TokenGrid]
-    block_video_output: Callable[[Any, TokenGrid], Any]
+    blocks: Callable[[nn.Module], list[tuple[str, nn.Module]]] = None  # default: block_list("transformer_blocks")
+    self_attention: Callable[[nn.Module], nn.Module] = None  # default: the block's ``attn1``
+    block_video_output: Callable[[Any, TokenGrid], Any] = None  # default: the block's output as it is
     cfg: str = "batched"
     sequential_cond_first: bool = True
     frames_first: bool = False
@@ -112,12 +115,45 @@ class BackboneAdapter:
     trained_tokens: Callable | None = None
     cag_attention: str | None = "sdpa"
 
+    def __post_init__(self):
+        if self.cfg not in ("batched", "sequential"):
+            raise ValueError(f"adapter {self.name!r}: cfg={self.cfg!r}; allowed: 'batched', 'sequential'")
+        if self.cag_attention not in ("joint", "sdpa", None):
+            raise ValueError(f"adapter {self.name!r}: cag_attention={self.cag_attention!r}; allowed: 'joint', "
+                             "'sdpa', None")
+        if self.blocks is None:
+            self.blocks = block_list("transformer_blocks")
+        if self.self_attention is None:
+            self.self_attention = _attn1
+        if self.block_video_output is None:
+            self.block_video_output = _output_as_is
+
     def latent_input(self, x: torch.Tensor) -> torch.Tensor:
         """Per-frame latents ``[F, C, h, w]`` -> the transformer's ``hidden_states`` (batch 1)."""
         return x[None] if self.frames_first else x.permute(1, 0, 2, 3)[None]
 
     def rope_kwargs(self, transformer, pipe, frames: int, rows: int, cols: int, device) -> dict:
         return {} if self.rope is None else self.rope(transformer, pipe, frames, rows, cols, device)
+
+
+def block_list(attr: str) -> Callable[[nn.Module], list[tuple[str, nn.Module]]]:
+    """``model -> [(f"{attr}.{i}", block), ...]`` over the ``nn.ModuleList`` ``model.<attr>``."""
+    def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{attr}.{i}", b) for i, b in enumerate(getattr(model, attr))]
+    return blocks
+
+
+def _attn1(block: nn.Module) -> nn.Module:
+    return block.attn1
+
+
+def _output_as_is(out, grid: TokenGrid):
+    return out
+
+
+def first_output(out, grid: TokenGrid):
+    """Block outputs ``(video hidden states, text hidden states)``: the video part."""
+    return out[0]
 
 
 _REGISTRY: dict[str, BackboneAdapter] = {}
@@ -169,7 +205,17 @@ def patch_sizes(transformer) -> tuple[int, int]:
     cfg = transformer.config
     ps = cfg.patch_size
     tup = isinstance(ps, (tuple, list))
+    if tup and (len(ps) != 3 or ps[1] != ps[2]):
+        raise ValueError(f"patch_size {tuple(ps)}: expected (t, s, s), a square spatial patch")
     return int(getattr(cfg, "patch_size_t", None) or (ps[0] if tup else 1)), int(ps[-1] if tup else ps)
+
+
+def latent_grid(model, x: torch.Tensor, frame_axis: int, text_len: int = 0, text_first: bool = False) -> TokenGrid:
+    """The token grid of latents ``x`` (frames on ``frame_axis``, rows and columns the last two axes) under the
+    model's patch sizes (:func:`patch_sizes`)."""
+    pt, p = patch_sizes(model)
+    return TokenGrid(frames=x.shape[frame_axis] // pt, rows=x.shape[-2] // p, cols=x.shape[-1] // p,
+                     text_len=text_len, text_first=text_first, stride=p)
 
 
 def _arg(args: tuple, kwargs: dict, name: str, pos: int):

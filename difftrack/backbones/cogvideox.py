@@ -5,24 +5,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import BackboneAdapter, PipelineFamily, TokenGrid, _arg, patch_sizes, register, register_family
+from . import (BackboneAdapter, PipelineFamily, TokenGrid, _arg, first_output, latent_grid, patch_sizes, register,
+               register_family)
+
 
 def _cog_grid(model, args, kwargs) -> TokenGrid:
-    x = _arg(args, kwargs, "hidden_states", 0)  # [B, F, C, H, W]
     e = _arg(args, kwargs, "encoder_hidden_states", 1)  # [B, L, D]
-    p = model.config.patch_size
-    pt = model.config.patch_size_t or 1
-    return TokenGrid(frames=x.shape[1] // pt, rows=x.shape[3] // p, cols=x.shape[4] // p, text_len=e.shape[1],
-                     text_first=True, stride=p)
+    return latent_grid(model, _arg(args, kwargs, "hidden_states", 0), frame_axis=1,  # [B, F, C, H, W]
+                       text_len=e.shape[1], text_first=True)
 
 
 register(BackboneAdapter(
     name="cogvideox",
     class_names=("CogVideoXTransformer3DModel",),
-    blocks=lambda m: [(f"transformer_blocks.{i}", b) for i, b in enumerate(m.transformer_blocks)],
-    self_attention=lambda b: b.attn1,
     grid=_cog_grid,
-    block_video_output=lambda out, g: out[0],  # (hidden_states, encoder_hidden_states)
+    block_video_output=first_output,  # (hidden_states, encoder_hidden_states)
     cfg="batched",
     frames_first=True,
     cag_attention="joint",

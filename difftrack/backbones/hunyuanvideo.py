@@ -6,7 +6,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import BackboneAdapter, PipelineFamily, TokenGrid, _arg, register, register_family
+from . import (BackboneAdapter, PipelineFamily, TokenGrid, _arg, block_list, first_output, latent_grid, register,
+               register_family)
 
 # forward(hidden_states [B, C, F, H, W], timestep, encoder_hidden_states [B, L, D], encoder_attention_mask [B, L],
 #         pooled_projections, guidance, ...). Inside every block's attention the sequence is [video, text]:
@@ -21,25 +22,22 @@ from . import BackboneAdapter, PipelineFamily, TokenGrid, _arg, register, regist
 # ``HunyuanVideoTokenReplace*`` blocks with the same ``.attn``, the same [video, text] layout and the same return
 # value, so it is covered; ``latent_concat`` (SkyReels-I2V) only doubles the input channels.
 def _hunyuan_grid(model, args, kwargs) -> TokenGrid:
-    x = _arg(args, kwargs, "hidden_states", 0)  # [B, C, F, H, W]
     e = _arg(args, kwargs, "encoder_hidden_states", 2)  # [B, L, D]
-    p, pt = model.config.patch_size, model.config.patch_size_t or 1
-    return TokenGrid(frames=x.shape[2] // pt, rows=x.shape[3] // p, cols=x.shape[4] // p, text_len=e.shape[1],
-                     text_first=False, stride=p)
+    return latent_grid(model, _arg(args, kwargs, "hidden_states", 0), frame_axis=2,  # [B, C, F, H, W]
+                       text_len=e.shape[1], text_first=False)
 
 
 def _hunyuan_blocks(m) -> list[tuple[str, nn.Module]]:
-    return ([(f"transformer_blocks.{i}", b) for i, b in enumerate(m.transformer_blocks)]
-            + [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(m.single_transformer_blocks)])
+    return block_list("transformer_blocks")(m) + block_list("single_transformer_blocks")(m)
 
 
 register(BackboneAdapter(
     name="hunyuanvideo",
     class_names=("HunyuanVideoTransformer3DModel",),
+    grid=_hunyuan_grid,
     blocks=_hunyuan_blocks,
     self_attention=lambda b: b.attn,
-    grid=_hunyuan_grid,
-    block_video_output=lambda out, g: out[0],  # (video hidden states, text hidden states)
+    block_video_output=first_output,  # (video hidden states, text hidden states)
     # embedded guidance: one call of batch 1 per step; with true_cfg_scale > 1 the pipeline calls the transformer
     # again for the negative prompt, after the positive one (pipeline_hunyuan_video.py, also the I2V pipelines)
     cfg="sequential",

@@ -1,7 +1,7 @@
 """LTX-Video: captured (video-only self-attention, CFG as one batch); no pipeline family (not run by VideoRunner)."""
 from __future__ import annotations
 
-from . import BackboneAdapter, TokenGrid, _arg, _check_tokens, register
+from . import BackboneAdapter, TokenGrid, _arg, _check_tokens, patch_sizes, register
 
 # forward(hidden_states [B, N, C] already patchified by the pipeline, encoder_hidden_states, timestep,
 #         encoder_attention_mask, num_frames, height, width, ...): ``num_frames/height/width`` are the latent sizes
@@ -16,7 +16,7 @@ def _ltx_grid(model, args, kwargs) -> TokenGrid:
     if f is None or h is None or w is None:
         raise ValueError("LTX-Video capture needs the num_frames=, height=, width= arguments of the transformer "
                          "call (calls with video_coords only, as in LTXConditionPipeline, are not supported)")
-    p, pt = model.config.patch_size, model.config.patch_size_t or 1
+    pt, p = patch_sizes(model)
     g = TokenGrid(frames=int(f) // pt, rows=int(h) // p, cols=int(w) // p, text_len=0, text_first=False, stride=p)
     return _check_tokens(g, x.shape[1], "LTXVideoTransformer3DModel")
 
@@ -24,10 +24,7 @@ def _ltx_grid(model, args, kwargs) -> TokenGrid:
 register(BackboneAdapter(
     name="ltxvideo",
     class_names=("LTXVideoTransformer3DModel",),
-    blocks=lambda m: [(f"transformer_blocks.{i}", b) for i, b in enumerate(m.transformer_blocks)],
-    self_attention=lambda b: b.attn1,
     grid=_ltx_grid,
-    block_video_output=lambda out, g: out,
     cfg="batched",
     trackable=False,  # patchified [B, N, C] input: no per-frame latents
     cag_attention=None,

@@ -2,7 +2,8 @@
 (cond first), latents ``[B, C, F, h, w]`` normalised by the VAE's ``latents_mean`` / ``latents_std``."""
 from __future__ import annotations
 
-from . import BackboneAdapter, PipelineFamily, TokenGrid, _arg, register, register_family
+from . import (BackboneAdapter, PipelineFamily, TokenGrid, _arg, block_list, latent_grid, register,
+               register_family)
 
 # forward(hidden_states [B, C, F, H, W], timestep [B] (Wan 2.2 TI2V: [B, N]), encoder_hidden_states, ...).
 # ``WanTransformerBlock.attn1`` is the self-attention over the video tokens only (RMSNorm across heads, then RoPE);
@@ -11,21 +12,15 @@ from . import BackboneAdapter, PipelineFamily, TokenGrid, _arg, register, regist
 # video hidden states as a plain tensor. The pipelines call the transformer once per branch, cond first, then
 # uncond (pipeline_wan.py, pipeline_wan_i2v.py).
 def _wan_grid(model, args, kwargs) -> TokenGrid:
-    x = _arg(args, kwargs, "hidden_states", 0)  # [B, C, F, H, W]
-    pt, ph, pw = model.config.patch_size
-    return TokenGrid(frames=x.shape[2] // pt, rows=x.shape[3] // ph, cols=x.shape[4] // pw, text_len=0,
-                     text_first=False, stride=ph)
+    return latent_grid(model, _arg(args, kwargs, "hidden_states", 0), frame_axis=2)  # [B, C, F, H, W]
 
 
 register(BackboneAdapter(
     name="wan",
     class_names=("WanTransformer3DModel",),
-    blocks=lambda m: [(f"blocks.{i}", b) for i, b in enumerate(m.blocks)],
-    self_attention=lambda b: b.attn1,
     grid=_wan_grid,
-    block_video_output=lambda out, g: out,
-    cfg="sequential",
-    sequential_cond_first=True,
+    blocks=block_list("blocks"),
+    cfg="sequential",  # cond first
 ))
 
 
