@@ -24,15 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import backbones as _backbones
+from .backbones import embedded as _embedded
+
 # kept equal to the modules that define them (tests/test_params.py compares), so this module never imports torch
-PIPELINES = ("MiniVideoPipeline", "CogVideoXPipeline", "WanPipeline", "HunyuanVideoPipeline")  # runners.PIPELINES
+PIPELINES = tuple(_backbones.pipeline_families())  # runners.PIPELINES (the backbones package imports no torch)
 DTYPES = ("float32", "float16", "bfloat16")  # runners.DTYPES
 FAMILIES = ("objects", "scenes")  # world.FAMILIES
 CAG_VARIANTS = ("renormalized", "zero_after_softmax")  # guidance.VARIANTS
 CAG_SCALE_RANGE = (0.0, 20.0)  # guidance.CAG_SCALE_RANGE
 GUIDANCE_SCALE_RANGE = (0.0, 50.0)  # mini.GUIDANCE_SCALE_RANGE
 EMBEDDED_DIR = Path(__file__).parent / "weights" / "mini-cogvideox"  # mini.WEIGHTS_DIR
-EMBEDDED_PATCH = 2  # mini.PATCH: the embedded model's pixel patching in front of the transformer's own patch
+EMBEDDED_PATCH = _embedded.PIXEL_PATCH  # mini.PATCH: the embedded model's pixel patching
 TRACKER_STEPS = 50  # DiffTracker's default num_steps: notebook 04's `step` indexes a 50-step schedule
 MAX_STEPS = 1000  # the schedulers' num_train_timesteps
 
@@ -55,6 +58,7 @@ class Geometry:
     stride: int  # pixels per token side (VAE or patching factor x transformer patch)
     temporal: int  # video frames per latent frame
     default_size: tuple[int, int, int] | None  # (frames, height, width) when the configs say it
+    fixed_size: bool = False  # the family runs at its default size only (the embedded model)
 
     def describe(self) -> str:
         return (f"model {self.model!r} ({self.pipeline}) has {self.num_layers} blocks, {self.stride} px per token, "
@@ -97,32 +101,17 @@ def model_geometry(model: str) -> Geometry:
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{folder / 'transformer' / 'config.json'} has no usable num_layers / patch_size "
                          f"({err!r})") from None
-    default = None
-    if cls == "MiniVideoPipeline":
-        temporal, spatial = 1, EMBEDDED_PATCH
-        try:
-            default = (int(tcfg["sample_frames"]), int(tcfg["sample_height"]) * spatial,
-                       int(tcfg["sample_width"]) * spatial)
-        except (KeyError, TypeError, ValueError):
-            default = None
-    else:  # the pipelines' own vae_scale_factor_* rules (diffusers), defaults 4 and 8 as theirs without a VAE
-        vpath = folder / "vae" / "config.json"
-        vcfg = _read_json(vpath, "VAE config") if vpath.is_file() else {}
-        if cls == "CogVideoXPipeline":
-            temporal = int(vcfg.get("temporal_compression_ratio", 4))
-            boc = vcfg.get("block_out_channels")
-            spatial = 2 ** (len(boc) - 1) if boc else 8
-            if tcfg.get("sample_frames") and tcfg.get("sample_height") and tcfg.get("sample_width"):
-                T = (int(tcfg["sample_frames"]) - 1) // temporal * temporal + 1
-                default = (T, int(tcfg["sample_height"]) * spatial, int(tcfg["sample_width"]) * spatial)
-        elif cls == "WanPipeline":
-            temporal = int(vcfg.get("scale_factor_temporal") or 4)
-            spatial = int(vcfg.get("scale_factor_spatial") or 8)
-        else:
-            temporal = int(vcfg.get("temporal_compression_ratio", 4))
-            spatial = int(vcfg.get("spatial_compression_ratio", 8))
+    # the family's rule (the pipelines' own vae_scale_factor_* rules; diffusers' defaults 4 and 8 without a VAE)
+    vpath = folder / "vae" / "config.json"
+    vcfg = _read_json(vpath, "VAE config") if vpath.is_file() else {}
+    family = _backbones.family_of_class(cls)
+    try:
+        temporal, spatial, default = family.geometry(tcfg, vcfg)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{folder / 'vae' / 'config.json'} or {folder / 'transformer' / 'config.json'}: no usable "
+                         f"compression or sample size ({err!r})") from None
     return Geometry(model=model, pipeline=cls, num_layers=layers, stride=spatial * patch, temporal=temporal,
-                    default_size=default)
+                    default_size=default, fixed_size=family.fixed_size)
 
 
 # ---------------------------------------------------------------------------------------------- declarative spec
@@ -382,7 +371,7 @@ COMMON_RULES = (Rule(("videos_per_family", "exact_per_family"), _some_videos), _
 def _native_size_rule(ctx):
     g = ctx["geometry"]
     H, W = (int(v) for v in ctx["native_size"])
-    if g.pipeline == "MiniVideoPipeline":
+    if g.fixed_size:
         return  # the embedded layout always works at its own 64x64
     s = g.stride
     if H < s or W < s or H % s or W % s:

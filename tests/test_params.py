@@ -351,3 +351,21 @@ def test_notebook_02_with_a_bad_layer_fails_fast_and_writes_nothing(tmp_path):
                                                                              for o in c.outputs)]
     ran = [i for i, c in enumerate(out.cells) if c.cell_type == "code" and c.get("execution_count")]
     assert len(failed) == 1 and ran[-1] == failed[0] and "check_notebook" in out.cells[failed[0]].source
+
+
+def test_geometry_rules_belong_to_the_families():
+    """params reads each family's config-level rule (no branch on the pipeline class outside difftrack.backbones)."""
+    from difftrack.backbones import family_of_class
+
+    cog = family_of_class("CogVideoXPipeline").geometry(
+        dict(sample_frames=49, sample_height=60, sample_width=90), dict(temporal_compression_ratio=4,
+                                                                         block_out_channels=[1, 2, 3, 4]))
+    assert cog == (4, 8, (49, 480, 720))
+    assert family_of_class("WanPipeline").geometry({}, dict(scale_factor_temporal=4, scale_factor_spatial=8)) == \
+        (4, 8, None)
+    assert family_of_class("HunyuanVideoPipeline").geometry({}, dict(temporal_compression_ratio=4,
+                                                                     spatial_compression_ratio=8)) == (4, 8, None)
+    emb = family_of_class("MiniVideoPipeline")
+    assert emb.geometry(dict(sample_frames=13, sample_height=32, sample_width=32), {}) == (1, 2, (13, 64, 64))
+    assert emb.fixed_size and not family_of_class("CogVideoXPipeline").fixed_size
+    assert model_geometry("embedded").fixed_size

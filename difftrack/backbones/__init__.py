@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
-import torch
-import torch.nn as nn
+# torch and numpy are imported where they are used: importing this package (the registries, the config-level
+# geometry rules of :meth:`PipelineFamily.geometry`) stays torch-free for :mod:`difftrack.params`.
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,8 @@ def scale_vae_latents(vae, z: torch.Tensor) -> torch.Tensor:
     """VAE latents ``z`` (channels on dim 1) in the transformer's scale, as the pipelines undo it before decoding:
     normalised by ``latents_mean`` / ``latents_std`` where the VAE config has them (Wan), else multiplied by
     ``scaling_factor`` (CogVideoX, HunyuanVideo)."""
+    import torch
+
     cfg = vae.config
     shape = (1, -1) + (1,) * (z.dim() - 2)
     if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
@@ -258,11 +263,13 @@ class PipelineFamily:
         name: the family's short name (``VideoRunner.kind``).
         pipeline_classes: pipeline class names handled.
         takes_negative_prompt: whether ``__call__`` takes ``negative_prompt``.
+        fixed_size: the family runs at its default size only (the embedded model), whatever size is asked.
     """
 
     name = "base"
     pipeline_classes: tuple[str, ...] = ()
     takes_negative_prompt = False
+    fixed_size = False
 
     def load(self, path: str, dtype: torch.dtype):
         """The pipeline saved in the local folder ``path`` (offline), in ``dtype``, progress bars off."""
@@ -272,6 +279,15 @@ class PipelineFamily:
                                                                              local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def geometry(self, transformer_config: dict, vae_config: dict) -> tuple[int, int, tuple[int, int, int] | None]:
+        """``(temporal, spatial, default size or None)`` from the pipeline folder's ``transformer/config.json`` and
+        ``vae/config.json`` (``{}`` without a VAE), without loading anything: what :meth:`compression` and
+        :meth:`default_size` give once loaded, where the configs say it (:func:`difftrack.params.model_geometry`
+        reads it torch-free). Default: the VAE's ``temporal_compression_ratio`` / ``spatial_compression_ratio``
+        (4 and 8 without them), no default size."""
+        v = vae_config
+        return int(v.get("temporal_compression_ratio", 4)), int(v.get("spatial_compression_ratio", 8)), None
 
     def compression(self, pipe) -> tuple[int, int]:
         """``(temporal, spatial)``: video frames per latent frame and pixels per latent pixel."""
@@ -289,6 +305,8 @@ class PipelineFamily:
     def generate(self, pipe, prompt: str, size: tuple[int, int, int], num_steps: int, guidance_scale: float,
                  generator: torch.Generator, negative_prompt: str = "") -> np.ndarray:
         """One video from the pipeline's own ``__call__``: ``uint8 [T, H, W, 3]``."""
+        import numpy as np
+
         T, H, W = size
         kw = dict(prompt=prompt, num_frames=T, height=H, width=W, num_inference_steps=num_steps,
                   guidance_scale=guidance_scale, generator=generator, output_type="np")
@@ -307,6 +325,8 @@ class PipelineFamily:
         """Clean latents of a checked ``uint8 [T, H, W, 3]`` clip in the transformer's input layout (batch 1,
         float32): the VAE encodes the clip as one video and the latents are scaled as the pipeline decodes them.
         Default layout ``[1, C, F, h, w]``."""
+        import torch
+
         vae = pipe.vae
         p = next(vae.parameters())
         x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, T, H, W]

@@ -2,11 +2,14 @@
 self-attention, CFG as one batch ``[uncond, cond]``, latents ``[B, F, C, h, w]``."""
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from . import (BackboneAdapter, PipelineFamily, TokenGrid, _arg, first_output, latent_grid, patch_sizes, register,
                register_family)
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 def _cog_grid(model, args, kwargs) -> TokenGrid:
@@ -52,16 +55,32 @@ def _trained_tokens(tr):
 
 
 
+def _sample_size(frames, height, width, temporal: int, spatial: int) -> tuple[int, int, int]:
+    """``(T, H, W)`` in pixels of a transformer sample size in latents (``T`` = 49 without ``sample_frames``)."""
+    T = (int(frames) - 1) // temporal * temporal + 1 if frames else 49
+    return int(T), int(height) * spatial, int(width) * spatial
+
+
 class CogVideoXFamily(PipelineFamily):
     name = "cogvideox"
     pipeline_classes = ("CogVideoXPipeline",)
     takes_negative_prompt = True
 
+    def geometry(self, transformer_config: dict, vae_config: dict):
+        """CogVideoXPipeline's ``vae_scale_factor_*``: the VAE's ``temporal_compression_ratio`` and
+        ``2 ** (len(block_out_channels) - 1)``; the default size from the transformer config's sample size."""
+        temporal = int(vae_config.get("temporal_compression_ratio", 4))
+        boc = vae_config.get("block_out_channels")
+        spatial = 2 ** (len(boc) - 1) if boc else 8
+        c = transformer_config
+        has = c.get("sample_frames") and c.get("sample_height") and c.get("sample_width")
+        return temporal, spatial, (_sample_size(c["sample_frames"], c["sample_height"], c["sample_width"], temporal,
+                                                spatial) if has else None)
+
     def default_size(self, pipe, temporal: int, spatial: int) -> tuple[int, int, int]:
         """From the transformer config (``sample_frames`` / ``sample_height`` / ``sample_width`` in latents)."""
         cfg = pipe.transformer.config
-        T = (cfg.sample_frames - 1) // temporal * temporal + 1 if cfg.sample_frames else 49
-        return int(T), int(cfg.sample_height * spatial), int(cfg.sample_width * spatial)
+        return _sample_size(cfg.sample_frames, cfg.sample_height, cfg.sample_width, temporal, spatial)
 
     def encode_video(self, pipe, video: np.ndarray, device) -> torch.Tensor:
         """``[1, F, C, h, w]`` (the transformer's frame-major layout)."""

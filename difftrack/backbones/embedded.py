@@ -2,20 +2,37 @@
 CogVideoX's) in a ``MiniVideoPipeline`` without a VAE: a fixed invertible patching maps pixels to latents."""
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from . import PipelineFamily, patch_sizes, register_family, register_frame_encoder
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+PIXEL_PATCH = 2  # mini.PATCH (tests compare): the fixed pixel patching in front of the transformer's own patch
 
 
 class EmbeddedFamily(PipelineFamily):
     name = "embedded"
     pipeline_classes = ("MiniVideoPipeline",)
+    fixed_size = True  # 64x64: the notebooks' size parameters do not apply
 
     def load(self, path: str, dtype: torch.dtype):
         from ..mini import MiniVideoPipeline
 
         return MiniVideoPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+
+    def geometry(self, transformer_config: dict, vae_config: dict):
+        """No VAE: one latent frame per video frame, ``PIXEL_PATCH`` pixels per latent pixel; the default size is the
+        transformer config's sample size."""
+        c = transformer_config
+        try:
+            default = (int(c["sample_frames"]), int(c["sample_height"]) * PIXEL_PATCH,
+                       int(c["sample_width"]) * PIXEL_PATCH)
+        except (KeyError, TypeError, ValueError):
+            default = None
+        return 1, PIXEL_PATCH, default
 
     def compression(self, pipe) -> tuple[int, int]:
         from .. import mini

@@ -2,12 +2,13 @@
 ``[B, C, F, h, w]``."""
 from __future__ import annotations
 
-import numpy as np
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from . import (BackboneAdapter, PipelineFamily, TokenGrid, _arg, block_list, first_output, latent_grid, register,
                register_family)
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 # forward(hidden_states [B, C, F, H, W], timestep, encoder_hidden_states [B, L, D], encoder_attention_mask [B, L],
 #         pooled_projections, guidance, ...). Inside every block's attention the sequence is [video, text]:
@@ -53,10 +54,14 @@ class HunyuanVideoFamily(PipelineFamily):
 
     def set_timesteps(self, scheduler, num_steps: int, device) -> None:
         """``HunyuanVideoPipeline`` passes ``sigmas = linspace(1, 0, n + 1)[:-1]``."""
+        import numpy as np
+
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1], device=device)
 
     def cond(self, pipe, prompt: str, device, dtype, guidance_embed: float) -> dict:
         """Prompt embeddings, pooled projections, attention mask and the embedded guidance (``x 1000``)."""
+        import torch
+
         pe, pooled, mask = pipe.encode_prompt(prompt=prompt, device=device)
         return dict(encoder_hidden_states=pe.to(dtype), pooled_projections=pooled.to(dtype),
                     encoder_attention_mask=mask,

@@ -31,5 +31,10 @@ class WanFamily(PipelineFamily):
     pipeline_classes = ("WanPipeline",)
     takes_negative_prompt = True
 
+    def geometry(self, transformer_config: dict, vae_config: dict):
+        """WanPipeline's ``vae_scale_factor_*``: the VAE's ``scale_factor_temporal`` / ``scale_factor_spatial``."""
+        return (int(vae_config.get("scale_factor_temporal") or 4), int(vae_config.get("scale_factor_spatial") or 8),
+                None)
+
 
 register_family(WanFamily())
