@@ -27,11 +27,8 @@ Measures (higher is better unless marked):
   high-frequency artefacts *raise* it, so read it together with warp error and integrity, which noise lowers.
 
 Generation helpers (no OpenCV needed, so the generate phase runs on a machine without it): :func:`eval_prompts`,
-:func:`initial_noise`, :func:`generate_videos`, :func:`cag_settings`, :func:`layer_sets`.
-
-Plotting helpers for notebook ``05_cag`` (matplotlib only, return Figures, save only when asked):
-:func:`plot_side_by_side`, :func:`plot_metric_vs_scale`, :func:`plot_sample_grid`; tables: :func:`summarize`,
-:func:`metrics_table`.
+:func:`initial_noise`, :func:`generate_videos`; statistics: :func:`summarize`. Cached generation, the layer sets and
+result tables are in :mod:`difftrack.experiments.cag`; the plots in :mod:`difftrack.viz`.
 
 OpenCV is imported inside the functions that need it.
 """
@@ -41,10 +38,8 @@ import colorsys
 import math
 import re
 import time
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -499,80 +494,9 @@ def summarize(scores: Sequence[dict], reference: Sequence[dict] | None = None, m
     return out
 
 
-def _num(x) -> float:
-    """``None`` (a ``nan`` after :func:`json_clean`) -> ``nan``."""
+def nan_if_none(x) -> float:
+    """``None`` (a ``nan`` after :func:`difftrack.experiments.json_clean`) -> ``nan``."""
     return float("nan") if x is None else float(x)
-
-
-def metrics_table(settings: dict, measures: Sequence[str] = MEASURES):
-    """``pandas.DataFrame`` with one row per setting (``settings``: name -> ``{"layer_set", "scale", "summary"}``) and
-    ``mean ± sem`` strings per measure."""
-    import pandas as pd
-
-    rows = []
-    for name, s in settings.items():
-        row = {"setting": name, "layers": s.get("layer_set", ""), "scale": s.get("scale", 0.0)}
-        for m in measures:
-            d = s["summary"].get(m)
-            if d is None:
-                continue
-            mean, sem, delta = _num(d.get("mean")), _num(d.get("sem")), _num(d.get("delta"))
-            txt = f"{mean:.3f} ± {sem:.3f}" if not math.isnan(sem) else f"{mean:.3f}"
-            if not math.isnan(delta):
-                txt += f" ({delta:+.3f})"
-            row[MEASURE_LABELS.get(m, m)] = txt
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("setting")
-
-
-# --------------------------------------------------------------------------------------------- settings
-DEFAULT_TOP3 = [8, 11, 5]
-DEFAULT_BOTTOM3 = [0, 6, 9]
-
-
-def layer_sets(summary_path: str | Path | None = None) -> dict:
-    """The dominant and least-dominant 3 layers of the embedded model.
-
-    From the analysis summary (default ``results/analysis_summary.json``, written by ``scripts/run_analysis.py``):
-    its ``combined`` block (generated + exact videos), or the top level of a summary with one block, holds
-    ``best_layers_top3`` and ``worst_layers_bottom3`` or the full ``layer_ranking`` (best first; its last three are
-    the bottom 3). Without the file: the colleague's analysis defaults ``[8, 11, 5]`` and ``[0, 6, 9]``, said so in
-    ``source``.
-
-    Returns ``{"top3": [...], "bottom3": [...], "source": str}``.
-    """
-    if summary_path is None:
-        from .paths import results_dir
-
-        summary_path = results_dir() / "analysis_summary.json"
-    p = Path(summary_path)
-    if not p.exists():
-        return dict(top3=list(DEFAULT_TOP3), bottom3=list(DEFAULT_BOTTOM3),
-                    source=f"defaults ({p.name} not found): top [8, 11, 5], bottom [0, 6, 9]")
-    from .fileio import read_json
-
-    d = read_json(p, "analysis summary")
-    block = d.get("combined") if isinstance(d.get("combined"), dict) else d
-    ranking = block.get("layer_ranking")
-    top = block.get("best_layers_top3") or (list(ranking)[:3] if ranking else None)
-    bottom = block.get("worst_layers_bottom3") or (list(ranking)[-3:] if ranking else None)
-    src = p.name
-    if top is None:
-        top, src = list(DEFAULT_TOP3), src + " (no best_layers_top3 / layer_ranking: default top)"
-    if bottom is None:
-        bottom, src = list(DEFAULT_BOTTOM3), src + " (no worst_layers_bottom3 / layer_ranking: default [0, 6, 9])"
-    return dict(top3=[int(x) for x in top], bottom3=[int(x) for x in bottom], source=src)
-
-
-def cag_settings(layers: dict, scales: Sequence[float]) -> dict:
-    """Setting name -> ``{"layer_set", "layers", "scale"}``: ``"none"`` (plain CFG) then, per scale, the top-3 and
-    the bottom-3 layer sets."""
-    out = {"none": dict(layer_set="none", layers=[], scale=0.0)}
-    for s in scales:
-        for key in ("top3", "bottom3"):
-            out[f"{key}_s{float(s):g}"] = dict(layer_set=key, layers=list(layers[key]), scale=float(s))
-    return out
-
 
 # --------------------------------------------------------------------------------------------- generation
 def initial_noise(seed: int, num_frames: int | None = None, height: int | None = None, width: int | None = None):
@@ -640,201 +564,3 @@ def autocast_context(device, name: str | None):
     if name not in dtypes:
         raise ValueError(f"autocast={name!r}; allowed: None, 'bf16', 'fp16'")
     return torch.autocast(torch.device(device).type, dtype=dtypes[name])
-
-
-# --------------------------------------------------------------------------------------------- plotting
-def _strip(video: np.ndarray, frames: Sequence[int]) -> np.ndarray:
-    return np.concatenate([video[f] for f in frames], axis=1)
-
-
-def plot_side_by_side(videos: dict, frames: Sequence[int] | None = None, title: str | None = None,
-                      save: str | Path | None = None):
-    """One row per named video (``name -> uint8 [T, H, W, 3]``), the chosen ``frames`` side by side (default: 5
-    evenly spaced). Returns the Figure; saves it when ``save`` is given."""
-    import matplotlib.pyplot as plt
-
-    names = list(videos)
-    T = len(next(iter(videos.values())))
-    frames = list(np.linspace(0, T - 1, 5).round().astype(int)) if frames is None else list(frames)
-    fig, axes = plt.subplots(len(names), 1, figsize=(1.3 * len(frames) + 0.6, 1.45 * len(names) + 0.4),
-                             squeeze=False)
-    for ax, n in zip(axes[:, 0], names):
-        ax.imshow(_strip(videos[n], frames))
-        ax.set_yticks([])
-        ax.set_ylabel(n, rotation=0, ha="right", va="center", fontsize=8)
-        W = videos[n].shape[2]
-        ax.set_xticks([W * (k + 0.5) for k in range(len(frames))])
-        ax.set_xticklabels([f"t={f}" for f in frames], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    if save is not None:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    return fig
-
-
-def plot_metric_vs_scale(settings: dict, measures: Sequence[str] = ("agree", "object_integrity", "warp_error",
-                                                                     "motion_magnitude", "sharpness"),
-                         save: str | Path | None = None):
-    """Each measure (mean ± sem) against the CAG scale, one line per layer set, the no-CAG value at scale 0 and as a
-    dashed line. ``settings``: name -> ``{"layer_set", "scale", "summary"}`` (as in ``results/cag.json``)."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(measures), figsize=(3.0 * len(measures), 2.8), squeeze=False)
-    base = settings.get("none")
-    sets = sorted({s["layer_set"] for s in settings.values() if s["layer_set"] != "none"})
-    colours = {"top3": "tab:blue", "bottom3": "tab:orange"}
-    for ax, m in zip(axes[0], measures):
-        for ls in sets:
-            rows = sorted(((s["scale"], s["summary"][m]) for s in settings.values() if s["layer_set"] == ls),
-                          key=lambda r: r[0])
-            xs = [0.0] + [r[0] for r in rows] if base else [r[0] for r in rows]
-            ys = [_num(v) for v in ([base["summary"][m]["mean"]] if base else []) + [r[1]["mean"] for r in rows]]
-            es = [_num(v) for v in ([base["summary"][m]["sem"]] if base else []) + [r[1]["sem"] for r in rows]]
-            lab = f"{ls} {settings[next(k for k in settings if settings[k]['layer_set'] == ls)].get('layers', '')}"
-            ax.errorbar(xs, ys, yerr=np.nan_to_num(es), marker="o", capsize=3, label=lab, color=colours.get(ls))
-        if base:
-            ax.axhline(_num(base["summary"][m]["mean"]), color="gray", ls="--", lw=1, label="no CAG")
-        ax.set_xlabel("CAG scale")
-        ax.set_title(MEASURE_LABELS.get(m, m), fontsize=9)
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    if save is not None:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    return fig
-
-
-def plot_sample_grid(videos: Sequence[np.ndarray], prompts: Sequence[str], flags: Sequence[bool] | None = None,
-                     nrow: int = 4, ncol: int = 4, frames: Sequence[int] | None = None,
-                     save: str | Path | None = None):
-    """A ``nrow x ncol`` grid; each cell is one video's frames (default first, middle, last) side by side, titled
-    with its prompt (green when ``flags`` says it agrees, red otherwise)."""
-    import textwrap
-
-    import matplotlib.pyplot as plt
-
-    n = min(len(videos), nrow * ncol)
-    T = len(videos[0])
-    frames = [0, T // 2, T - 1] if frames is None else list(frames)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 1.55 * nrow + 0.2), squeeze=False)
-    for k, ax in enumerate(axes.ravel()):
-        ax.axis("off")
-        if k >= n:
-            continue
-        ax.imshow(_strip(videos[k], frames))
-        colour = "black" if flags is None else ("tab:green" if flags[k] else "tab:red")
-        ax.set_title("\n".join(textwrap.wrap(prompts[k], 44)), fontsize=6, color=colour)
-    fig.tight_layout()
-    if save is not None:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    return fig
-
-
-# --------------------------------------------------------------------------------------------- cached runs
-def setting_dir(run_dir: str | Path, name: str, setting: dict) -> Path:
-    """Cache folder of one CAG setting (:func:`cag_settings`); its layers are part of the name, so a new layer
-    ranking never reuses videos."""
-    layers = setting["layers"]
-    return Path(run_dir) / (name if not layers else f"{name}_L{'-'.join(str(l) for l in layers)}")
-
-
-def video_path(directory: str | Path, index: int, seed: int) -> Path:
-    """Cache file of one generated video: ``<directory>/<index:04d>_seed<seed>.npy`` (``uint8 [T, H, W, 3]``)."""
-    return Path(directory) / f"{int(index):04d}_seed{int(seed)}.npy"
-
-
-def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: Sequence[int] = (),
-                    scale: float = 0.0, num_inference_steps: int = 50, guidance_scale: float = 6.0,
-                    variant: str = "renormalized", batch_size: int = 100, log: Callable[[str], None] | None = print,
-                    autocast: str | None = None) -> list[dict]:
-    """Generate every item (``{"index", "prompt", "noise_seed"}``) whose video is not cached yet under
-    ``directory``, ``batch_size`` videos per pipeline call; each video is saved as soon as its batch ends, so an
-    interrupted run resumes. Returns one timing record per batch: ``{"batch", "steps", "step_seconds" (median over
-    the steps after the first), "first_step_seconds", "total_seconds"}``."""
-    from .fileio import npy_intact
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    todo = []
-    for it in items:
-        p = video_path(directory, it["index"], it["noise_seed"])
-        if p.exists() and not npy_intact(p):  # truncated / garbled by a crash or a full disk: redo it
-            warnings.warn(f"cached video {str(p)!r} is corrupt (truncated or garbled); it is recomputed",
-                          stacklevel=2)
-            p.unlink()
-        if not p.exists():
-            todo.append(it)
-    records = []
-    for k in range(0, len(todo), batch_size):
-        chunk = todo[k:k + batch_size]
-        times: list[float] = []
-        t0 = time.perf_counter()
-        vids = generate_videos(pipe, [it["prompt"] for it in chunk], [it["noise_seed"] for it in chunk], layers,
-                               scale, num_inference_steps, guidance_scale, variant, step_times=times,
-                               autocast=autocast)
-        total = time.perf_counter() - t0
-        for it, v in zip(chunk, vids):
-            np.save(video_path(directory, it["index"], it["noise_seed"]), v)
-        rec = dict(batch=len(chunk), steps=num_inference_steps,
-                   step_seconds=float(np.median(times[1:] if len(times) > 1 else times)),
-                   first_step_seconds=float(times[0]), total_seconds=float(total))
-        records.append(rec)
-        if log:
-            log(f"  {directory.name}: {k + len(chunk)}/{len(todo)} videos, {rec['step_seconds']:.3f} s/step at batch "
-                f"{len(chunk)} ({total:.1f} s)")
-    return records
-
-
-def load_cached(directory: str | Path, items: Sequence[dict]) -> list[np.ndarray]:
-    """The cached videos of ``items`` (``FileNotFoundError`` naming the first missing one,
-    :class:`difftrack.fileio.CorruptFileError` naming a corrupt one: the generate phase recomputes those)."""
-    from .fileio import load_npy
-
-    out = []
-    for it in items:
-        p = video_path(directory, it["index"], it["noise_seed"])
-        if not p.exists():
-            raise FileNotFoundError(f"{p} missing: run the generate phase first")
-        out.append(load_npy(p, "cached CAG video", hint="run the generate phase again: it recomputes corrupt videos"))
-    return out
-
-
-def time_steps(pipe, layers: Sequence[int], batch_size: int = 1, num_inference_steps: int = 3, scale: float = 1.0,
-               variant: str = "renormalized", prompt: str = "a red circle moving left on a still background",
-               autocast: str | None = None) -> dict:
-    """Seconds per denoising step of the plain CFG pipeline and of CAG (3-slot batch) for ``batch_size`` videos:
-    median over the steps after the first of one ``num_inference_steps`` run each (``num_inference_steps >= 2``)."""
-    import platform
-
-    import torch
-
-    device = pipe._execution_device
-    out = {}
-    for name, (ls, s) in {"plain_cfg": ((), 0.0), "cag": (tuple(layers), scale)}.items():
-        times: list[float] = []
-        generate_videos(pipe, [prompt] * batch_size, list(range(batch_size)), ls, s, num_inference_steps,
-                        variant=variant, step_times=times, autocast=autocast)
-        out[name] = float(np.median(times[1:] if len(times) > 1 else times))
-    dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return dict(device=str(dev), device_name=name, autocast=autocast, batch=batch_size,
-                steps_timed=max(1, num_inference_steps - 1),
-                plain_cfg_s_per_step=out["plain_cfg"], cag_s_per_step=out["cag"],
-                cag_over_plain=out["cag"] / out["plain_cfg"], torch_threads=torch.get_num_threads())
-
-
-def json_clean(obj):
-    """``obj`` with every non-finite float replaced by ``None`` (strict JSON), numpy scalars as Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_clean(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj

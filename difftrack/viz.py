@@ -3,7 +3,9 @@ when the caller passes ``save=`` (co-tracker's ``Visualizer(save_dir=...)`` rule
 
 Figures are built with :class:`~matplotlib.figure.Figure` directly, not through ``pyplot``: nothing accumulates in
 pyplot's figure manager, and a notebook shows a figure exactly once when it is the cell's last expression or is
-passed to ``display``. No widget code lives here (notebooks own the sliders).
+passed to ``display``. The CAG evaluation's plots (:func:`plot_side_by_side`, :func:`plot_metric_vs_scale`,
+:func:`plot_sample_grid`) are pyplot figures, as notebook 05 shows them with ``plt.show()``. No widget code lives here
+(notebooks own the sliders).
 
 Array conventions follow ``docs/conventions.md``: videos ``uint8 [T, H, W, 3]``, tracks ``float32 [N, T, 2]`` pixels
 ``(x, y)`` with the edge convention, ``visible bool [N, T]``; tables are ``[S, L]`` (steps x layers).
@@ -424,4 +426,87 @@ def bar_table(values: Mapping[str, float], ylabel: str, title: str | None = None
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(fig, save)
+
+
+# --------------------------------------------------------------------------------------------- CAG evaluation
+# (pyplot figures, so that notebook 05's plt.show() displays them)
+def _strip(video: np.ndarray, frames: Sequence[int]) -> np.ndarray:
+    return np.concatenate([video[f] for f in frames], axis=1)
+
+
+def plot_side_by_side(videos: dict, frames: Sequence[int] | None = None, title: str | None = None,
+                      save: str | Path | None = None):
+    """One row per named video (``name -> uint8 [T, H, W, 3]``), the chosen ``frames`` side by side (default: 5
+    evenly spaced). Returns the Figure; saves it when ``save`` is given."""
+    import matplotlib.pyplot as plt
+
+    names = list(videos)
+    T = len(next(iter(videos.values())))
+    frames = list(np.linspace(0, T - 1, 5).round().astype(int)) if frames is None else list(frames)
+    fig, axes = plt.subplots(len(names), 1, figsize=(1.3 * len(frames) + 0.6, 1.45 * len(names) + 0.4),
+                             squeeze=False)
+    for ax, n in zip(axes[:, 0], names):
+        ax.imshow(_strip(videos[n], frames))
+        ax.set_yticks([])
+        ax.set_ylabel(n, rotation=0, ha="right", va="center", fontsize=8)
+        W = videos[n].shape[2]
+        ax.set_xticks([W * (k + 0.5) for k in range(len(frames))])
+        ax.set_xticklabels([f"t={f}" for f in frames], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, save)
+
+
+def plot_metric_vs_scale(settings: dict, measures: Sequence[str] = ("agree", "object_integrity", "warp_error",
+                                                                     "motion_magnitude", "sharpness"),
+                         save: str | Path | None = None):
+    """Each measure (mean ± sem) against the CAG scale, one line per layer set, the no-CAG value at scale 0 and as a
+    dashed line. ``settings``: name -> ``{"layer_set", "scale", "summary"}`` (as in ``results/cag.json``)."""
+    import matplotlib.pyplot as plt
+
+    from .cag_eval import MEASURE_LABELS, nan_if_none as _num
+
+    fig, axes = plt.subplots(1, len(measures), figsize=(3.0 * len(measures), 2.8), squeeze=False)
+    base = settings.get("none")
+    sets = sorted({s["layer_set"] for s in settings.values() if s["layer_set"] != "none"})
+    colours = {"top3": "tab:blue", "bottom3": "tab:orange"}
+    for ax, m in zip(axes[0], measures):
+        for ls in sets:
+            rows = sorted(((s["scale"], s["summary"][m]) for s in settings.values() if s["layer_set"] == ls),
+                          key=lambda r: r[0])
+            xs = [0.0] + [r[0] for r in rows] if base else [r[0] for r in rows]
+            ys = [_num(v) for v in ([base["summary"][m]["mean"]] if base else []) + [r[1]["mean"] for r in rows]]
+            es = [_num(v) for v in ([base["summary"][m]["sem"]] if base else []) + [r[1]["sem"] for r in rows]]
+            lab = f"{ls} {settings[next(k for k in settings if settings[k]['layer_set'] == ls)].get('layers', '')}"
+            ax.errorbar(xs, ys, yerr=np.nan_to_num(es), marker="o", capsize=3, label=lab, color=colours.get(ls))
+        if base:
+            ax.axhline(_num(base["summary"][m]["mean"]), color="gray", ls="--", lw=1, label="no CAG")
+        ax.set_xlabel("CAG scale")
+        ax.set_title(MEASURE_LABELS.get(m, m), fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, save)
+
+
+def plot_sample_grid(videos: Sequence[np.ndarray], prompts: Sequence[str], flags: Sequence[bool] | None = None,
+                     nrow: int = 4, ncol: int = 4, frames: Sequence[int] | None = None,
+                     save: str | Path | None = None):
+    """A ``nrow x ncol`` grid; each cell is one video's frames (default first, middle, last) side by side, titled
+    with its prompt (green when ``flags`` says it agrees, red otherwise)."""
+    import matplotlib.pyplot as plt
+
+    n = min(len(videos), nrow * ncol)
+    T = len(videos[0])
+    frames = [0, T // 2, T - 1] if frames is None else list(frames)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 1.55 * nrow + 0.2), squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if k >= n:
+            continue
+        ax.imshow(_strip(videos[k], frames))
+        colour = "black" if flags is None else ("tab:green" if flags[k] else "tab:red")
+        ax.set_title(_wrap(prompts[k], 44), fontsize=6, color=colour)
+    fig.tight_layout()
     return _save(fig, save)

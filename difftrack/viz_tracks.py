@@ -10,18 +10,17 @@ Coordinates are edge-convention pixels (``docs/conventions.md``: the image spans
     frames = draw_tracks(video, tracks, visible, trail=5, scale=4)   # uint8 [T, 4H, 4W, 3]
     fig = track_strip(video, tracks, visible, gt_tracks=gt, gt_visible=gv)
 
-No widget code here: notebooks wire sliders to these functions.
+No widget code here: notebooks wire sliders to these functions. Scoring tracks and reading benchmark tables back is
+in :mod:`difftrack.experiments.tracking`.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
-__all__ = ["track_colors", "draw_tracks", "track_strip", "side_by_side", "mean_error_per_frame", "score_tracks",
-           "load_benchmark_table"]
+__all__ = ["track_colors", "draw_tracks", "track_strip", "side_by_side", "mean_error_per_frame"]
 
 _SHIFT = 4  # cv2 sub-pixel bits
 _ONE = 1 << _SHIFT
@@ -208,65 +207,3 @@ def track_strip(video: np.ndarray, tracks: np.ndarray, visible: np.ndarray | Non
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
-
-
-def score_tracks(queries: np.ndarray, tracks: np.ndarray, visible: np.ndarray, gt_tracks: np.ndarray,
-                 gt_visible: np.ndarray, size: tuple[int, int], eval_size: tuple[int, int] = (256, 256),
-                 query_mode: str = "first") -> dict:
-    """TAP-Vid metrics of one video's pixel tracks, rescaled to ``eval_size`` (the benchmark's 256x256) first.
-
-    Args:
-        queries: ``[N, 3]`` ``(t, x, y)`` pixels at ``size``; tracks / gt_tracks ``[N, T, 2]`` pixels at ``size``;
-        visible / gt_visible ``[N, T]`` bool; size: ``(H, W)`` of the video tracked.
-
-    Returns:
-        :func:`difftrack.tapvid.compute_tapvid_metrics` output (``key -> [1]`` arrays).
-    """
-    from .tapvid import compute_tapvid_metrics, rescale_tracks
-
-    q = np.asarray(queries, np.float32)
-    qp = np.stack([q[:, 0], q[:, 2] * eval_size[0] / size[0], q[:, 1] * eval_size[1] / size[1]], -1)  # (t, y, x)
-    return compute_tapvid_metrics(
-        qp[None], ~np.asarray(gt_visible, bool)[None], rescale_tracks(gt_tracks, size, eval_size)[None],
-        ~np.asarray(visible, bool)[None], rescale_tracks(tracks, size, eval_size)[None], query_mode=query_mode)
-
-
-def load_benchmark_table(path: str | Path):
-    """A results table (``results/tracking_benchmark.csv`` or ``.json``) as a pandas DataFrame indexed by method.
-
-    CSV: a ``method`` column becomes the index if present. JSON: a list of row dicts, a ``{method: {metric: value}}``
-    mapping, or a dict holding one of those under ``"table"``, ``"summary"``, ``"rows"``, ``"methods"`` or
-    ``"results"`` (other keys, e.g. the run's configuration, are returned in ``df.attrs["meta"]``).
-    """
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark table not found: {str(path)!r}")
-    if path.suffix == ".csv":
-        df = pd.read_csv(path)
-        if "method" in df.columns:
-            df = df.set_index("method")
-        return df
-    from .fileio import read_json
-
-    data = read_json(path, "benchmark table")
-    meta = {}
-    if isinstance(data, dict):
-        for key in ("table", "summary", "rows", "methods", "results"):
-            if key in data and isinstance(data[key], (list, dict)):
-                meta = {k: v for k, v in data.items() if k != key}
-                data = data[key]
-                break
-    if isinstance(data, list):
-        df = pd.DataFrame(data)
-        if "method" in df.columns:
-            df = df.set_index("method")
-    elif isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
-        df = pd.DataFrame.from_dict(data, orient="index")
-        df.index.name = "method"
-    else:
-        raise ValueError(f"{str(path)!r}: unrecognised layout; expected rows or a {{method: {{metric: value}}}} map")
-    df = df[[c for c in df.columns if not isinstance(df[c].iloc[0], (dict, list))]] if len(df) else df
-    df.attrs["meta"] = meta
-    return df

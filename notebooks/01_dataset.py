@@ -21,7 +21,7 @@
 # * **how far pseudo GT is from exact GT**, measured by running the same Lucas-Kanade tracker on world videos where
 #   both exist (TAP-Vid point accuracy, Jaccard, occlusion accuracy, mean error).
 #
-# Generation goes through `analysis.run_dataset`, which records every (layer, step) of the 3D attention on the fly
+# Generation goes through `experiments.analysis.run_dataset`, which records every (layer, step) of the 3D attention on the fly
 # and caches each video, so notebooks 02 and 03 with the same parameters reuse this work.
 #
 # **What it does not do:** it uses no CoTracker and no foreground (SAM) mask -- `objects` points on the background
@@ -60,8 +60,9 @@ import torch
 from IPython.display import display
 from tqdm.auto import tqdm
 
-from difftrack import analysis, paper_results, paths, viz
-from difftrack import inspect_attn as ia
+from difftrack import analysis, paths, viz
+from difftrack.experiments import analysis as xa
+from difftrack.experiments import paper_results
 from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.world import FAMILIES, World
 from difftrack import tapvid
@@ -111,13 +112,13 @@ fig
 
 # %%
 # one latent frame per video frame: checked with the parameters; the per-video cache is shared with notebooks 02-03
-run = ia.run_notebook_analysis(model, device, dtype, (T, H, W), videos_per_family, exact_per_family, seed, num_steps,
+run = xa.run_notebook_analysis(model, device, dtype, (T, H, W), videos_per_family, exact_per_family, seed, num_steps,
                                grid_size)
 pipe, items, cache = run.pipe, run.items, run.cache
 generated = []  # (item, video, pseudo tracks, pseudo visible, record)
 for it in items:
     if it["kind"] == "generated":
-        rec, video = ia.load_cached(cache, it, num_steps, grid_size)
+        rec, video = xa.load_cached(cache, it, num_steps, grid_size)
         generated.append((it, video, *pseudo_ground_truth(video, rec.queries), rec))
 for it, video, *_ in generated:
     print(f"  {it['family']:7s} seed {it['seed']}: {it['prompt']}")

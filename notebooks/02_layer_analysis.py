@@ -59,22 +59,24 @@ import torch
 from IPython.display import display
 from tqdm.auto import tqdm
 
-from difftrack import analysis, paper_results, paths, viz
+from difftrack import analysis, paths, viz
 from difftrack import inspect_attn as ia
+from difftrack.experiments import analysis as xa
+from difftrack.experiments import paper_results
 from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.world import FAMILIES, World
 
 # %% [markdown]
 # ## Per-video analysis (cached)
 #
-# `analysis.run_dataset` runs one generation per generated video (and one noised forward per step per world video),
+# `experiments.analysis.run_dataset` runs one generation per generated video (and one noised forward per step per world video),
 # recording every (layer, step) on the fly, and scores it against the ground truth; videos are cached per file, so a
 # rerun with the same parameters (or notebook 01 before this one) skips the model.
 
 # %%
 torch.manual_seed(seed)
 FIG, RES = paths.figures_dir(), paths.results_dir()
-run = ia.run_notebook_analysis(model, device, dtype, size, videos_per_family, exact_per_family, seed, num_steps,
+run = xa.run_notebook_analysis(model, device, dtype, size, videos_per_family, exact_per_family, seed, num_steps,
                                grid_size)  # per-video cache: a rerun with the same parameters skips the model
 pipe, runner, size, items, timesteps = run.pipe, run.runner, run.size, run.items, run.timesteps
 results, grouped, cache = run.results, run.grouped, run.cache
@@ -86,8 +88,8 @@ assert all(t["qk_acc"].shape == (S, L) for _, t in results)
 top3 = analysis.top_layers(grouped["all"]["hm"], k=min(3, L), step=-1)
 layer = top3[0] if layer < 0 else int(layer)  # resolve the "-1" defaults
 step = int(step) % S
-summary = {name: ia.summarize_tables(tabs).to_dict() for name, tabs in grouped.items()}
-frame = ia.tables_frame(grouped, timesteps)
+summary = {name: xa.summarize_tables(tabs).to_dict() for name, tabs in grouped.items()}
+frame = xa.tables_frame(grouped, timesteps)
 frame.to_csv(RES / "02_layer_tables.csv", index=False)
 pd.DataFrame(summary).T
 
@@ -221,7 +223,7 @@ if untrained_control and first_exact and runner.kind == "embedded":  # the contr
     untrained = build_untrained(seed).to(device)
     if pipe.transformer.dtype != torch.float32:
         untrained.transformer.to(dtype=pipe.transformer.dtype)
-    res_u = analysis.run_dataset(untrained, first_exact, paths.cache_dir(f"analysis_nb/untrained-{dtype}"),
+    res_u = xa.run_dataset(untrained, first_exact, paths.cache_dir(f"analysis_nb/untrained-{dtype}"),
                                  num_steps=num_steps, grid_size=grid_size, progress=False)
     trained_tabs = results[items.index(first_exact[0])][1]
     control = dict(video=first_exact[0], trained=float(np.nanmax(trained_tabs["qk_acc"][-1])),
@@ -254,14 +256,14 @@ if control is not None:
 # a generated video only at >= 50 steps (fewer steps give smears): world videos otherwise or without generated ones
 pool = [it for it in items if it["kind"] == "generated" and num_steps >= paper_results.MIN_STEPS] or     [it for it in items if it["kind"] == "exact"] or items
 insp_item = pool[inspect_video % len(pool)]
-rec, cached_video = ia.load_cached(cache, insp_item, num_steps, grid_size)
-gt_tr, gt_vis, _ = ia.item_ground_truth(insp_item, rec, cached_video)
+rec, cached_video = xa.load_cached(cache, insp_item, num_steps, grid_size)
+gt_tr, gt_vis, _ = xa.item_ground_truth(insp_item, rec, cached_video)
 # query points visible in every frame of the pseudo GT, spread over the grid
 always = np.flatnonzero(gt_vis.all(1))
 pick = always[np.linspace(0, len(always) - 1, min(num_points, len(always))).round().astype(int)] if len(always) \
     else np.arange(min(num_points, len(rec.queries)))
 points = rec.queries[pick]
-insp_file = cache / f"inspect_{ia.cache_key(insp_item, num_steps, grid_size)}_p{len(points)}.npz"
+insp_file = cache / f"inspect_{xa.record_stem(insp_item, num_steps, grid_size)}_p{len(points)}.npz"
 t0 = time.time()
 if insp_file.exists() and np.allclose(ia.QKInspector.load(insp_file).points, points):
     video, insp = cached_video, ia.QKInspector.load(insp_file)
@@ -278,7 +280,7 @@ else:
 print(f"{insp_item['kind']} {insp_item['family']} seed {insp_item['seed']}: q/k maps and PCA for {S} steps x {L} "
       f"layers in {time.time() - t0:.1f} s (cached in {insp_file.name})")
 assert np.allclose(insp.attn[step, layer].sum((-1, -2)), 1, atol=1e-3)
-shown = ia.latent_video(rec, video)  # the frame each latent frame stands for (all frames for the embedded model)
+shown = xa.latent_video(rec, video)  # the frame each latent frame stands for (all frames for the embedded model)
 
 
 # %%

@@ -49,8 +49,10 @@ import torch
 from IPython.display import display
 from tqdm.auto import tqdm
 
-from difftrack import analysis, paper_results, paths, viz
+from difftrack import analysis, paths, viz
 from difftrack import inspect_attn as ia
+from difftrack.experiments import analysis as xa
+from difftrack.experiments import paper_results
 from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.world import FAMILIES, World
 
@@ -60,7 +62,7 @@ from difftrack.world import FAMILIES, World
 # %%
 torch.manual_seed(seed)
 FIG, RES = paths.figures_dir(), paths.results_dir()
-run = ia.run_notebook_analysis(model, device, dtype, size, videos_per_family, exact_per_family, seed, num_steps,
+run = xa.run_notebook_analysis(model, device, dtype, size, videos_per_family, exact_per_family, seed, num_steps,
                                grid_size)  # per-video cache: a rerun with the same parameters skips the model
 pipe, runner, size, items, timesteps = run.pipe, run.runner, run.size, run.items, run.timesteps
 results, grouped = run.results, run.grouped
@@ -104,7 +106,7 @@ claims = dict(best_layer=best, acc_best_first=float(acc_best[0]), acc_best_last=
               acc_best_peak_step=int(np.argmax(acc_best)), top3=top3,
               cross_share_first=float(share_mean["cross"][0]), cross_share_last=float(share_mean["cross"][-1]),
               text_share_first=float(share_mean["text"][0]), text_share_last=float(share_mean["text"][-1]),
-              per_subset={n: ia.summarize_tables(g).to_dict() for n, g in grouped.items()})
+              per_subset={n: xa.summarize_tables(g).to_dict() for n, g in grouped.items()})
 (RES / "03_summary.json").write_text(json.dumps(dict(
     settings=dict(model=model, videos_per_family=videos_per_family, exact_per_family=exact_per_family,
                   num_steps=num_steps, grid_size=grid_size, device=device, dtype=dtype, seed=seed),

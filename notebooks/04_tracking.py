@@ -92,8 +92,8 @@ from difftrack.paths import figures_dir, repo_root, results_dir
 from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.tapvid import load_tapvid, resize_video, sample_queries_first, summary_table
 from difftrack.tracking import DiffTracker, FeatureTracker
-from difftrack.viz_tracks import (draw_tracks, load_benchmark_table, mean_error_per_frame, score_tracks,
-                                  side_by_side, track_strip)
+from difftrack.experiments.tracking import load_benchmark_table, score_tracks
+from difftrack.viz_tracks import draw_tracks, mean_error_per_frame, side_by_side, track_strip
 from difftrack.world import World
 
 FIG = figures_dir()

@@ -61,7 +61,6 @@ params_ok = check_notebook("05_cag", globals())  # also reads the model's block 
 
 # %%
 # %matplotlib inline
-import json
 import time
 
 import ipywidgets as widgets
@@ -71,8 +70,9 @@ import torch
 from IPython.display import display
 
 from difftrack import cag_eval as E
-from difftrack import mini, paper_results
-from difftrack import viz
+from difftrack import mini, viz
+from difftrack.experiments import cag as X
+from difftrack.experiments import paper_results, read_record, write_record
 from difftrack.paths import cache_dir, figures_dir, results_dir
 from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
 from difftrack.world import World
@@ -92,9 +92,9 @@ scales = [float(s) for s in scales]  # scale, layer_set, prompt_index: checked w
 # noise seed, shared by every setting.
 
 # %%
-layers = E.layer_sets()
+layers = X.layer_sets()
 items = E.eval_prompts(n_prompts)
-settings = E.cag_settings(layers, scales)
+settings = X.cag_settings(layers, scales)
 print(f"dominant layers {layers['top3']}, least-dominant {layers['bottom3']}  (source: {layers['source']})")
 print(f"{len(items)} prompts x {len(settings)} settings: {list(settings)}")
 for it in items:
@@ -113,16 +113,10 @@ pipe.set_progress_bar_config(disable=True)
 run_dir = cache_dir("cag_notebook") / f"steps{num_steps}_cfg{guidance_scale:g}_{variant}"
 videos, step_seconds = {}, {}
 for name, s in settings.items():
-    d = run_dir / (name if not s["layers"] else f"{name}_L{'-'.join(map(str, s['layers']))}")
-    recs = E.generate_cached(pipe, items, d, s["layers"], s["scale"], num_steps, guidance_scale, variant,
-                             batch_size=n_prompts, log=None)
-    t_file = d / "step_seconds.json"  # timing of the run that generated the cached videos, kept for re-runs
-    if recs:
-        step_seconds[name] = recs[0]["step_seconds"]
-        t_file.write_text(json.dumps(step_seconds[name]))
-    elif t_file.exists():
-        step_seconds[name] = json.loads(t_file.read_text())
-    videos[name] = E.load_cached(d, items)
+    videos[name], sec = X.setting_videos(pipe, items, run_dir, name, s, num_steps, guidance_scale, variant,
+                                         batch_size=n_prompts)
+    if sec is not None:  # the timing of the run that generated the cached videos, kept for re-runs
+        step_seconds[name] = sec
 world = World()
 world_videos = [world.sample(it["world_seed"], it["family"], "heldout").video for it in items]
 timing = pd.DataFrame([dict(setting=k, seconds_per_step=v, videos_per_batch=n_prompts,
@@ -144,7 +138,7 @@ def side_by_side(scale, layer_set, prompt_index, save=None):
     keys = [layer_set] + [k for k in ("top3", "bottom3") if k != layer_set]
     for k in keys:
         rows[f"CAG {k} {layers[k]} s={scale:g}"] = videos[f"{k}_s{scale:g}"][prompt_index]
-    return E.plot_side_by_side(rows, title=items[prompt_index]["prompt"], save=save)
+    return viz.plot_side_by_side(rows, title=items[prompt_index]["prompt"], save=save)
 
 
 # live run: displayed; saved only at >= 50 steps (fewer steps give smears, the paper-scale figure is below)
@@ -171,7 +165,7 @@ else:
     for name in ("top3_s1", "bottom3_s1"):
         if name in pick:
             prow[f"CAG {name.split('_')[0]} {pick[name][1]['layers']} s=1"] = pick[name][0]
-    fig = E.plot_side_by_side(prow, title=pick["none"][1]["prompt"])
+    fig = viz.plot_side_by_side(prow, title=pick["none"][1]["prompt"])
     m = pick["none"][1]
     fig = viz.captioned(fig, f"paper-scale CAG run: {m['steps']} steps, CFG 6, layers from the measured ranking, on "
                              f"{m['device']} (results/paper_videos.npz, results/cag.json)",
@@ -211,7 +205,7 @@ own = dict(
     timing=dict(notebook_cpu_step_seconds={k: dict(seconds_per_step=v, batch=n_prompts)
                                            for k, v in step_seconds.items()}),
 )
-display(E.metrics_table(own["settings"]))
+display(X.metrics_table(own["settings"]))
 print(f"prompt agreement of the measure on the world renders of these prompts: "
       f"{own['prompt_agreement_on_world_videos']:.2f}")
 
@@ -224,21 +218,21 @@ print(f"prompt agreement of the measure on the world renders of these prompts: "
 
 # %%
 full_path = RES / "cag.json"
-full = json.loads(full_path.read_text()) if full_path.exists() else None
+full = read_record(X.CagResult, full_path).to_json() if full_path.exists() else None
 shown = full if (full is not None and full.get("source") != "notebook") else own
 label = "full run, scripts/run_cag_eval.py" if shown is full else "this notebook's CI-sized run"
 p = shown["protocol"]
 print(f"showing: {label}: {p['n_prompts']} prompts x {p['n_seeds_per_prompt']} seed, {p['steps']} steps, "
       f"CFG {p['cfg']:g}, variant {p['cag_variant']}, layers top {p['layers']['top3']} / bottom "
       f"{p['layers']['bottom3']}, scales {p['scales']}")
-display(E.metrics_table(shown["settings"]))
+display(X.metrics_table(shown["settings"]))
 print("world renders (reference):")
-display(E.metrics_table({"world": dict(layer_set="-", scale=float("nan"), summary=shown["world_reference"]["summary"])}))
+display(X.metrics_table({"world": dict(layer_set="-", scale=float("nan"), summary=shown["world_reference"]["summary"])}))
 if shown.get("conclusion"):
     print(shown["conclusion"])
 
 # %%
-fig = E.plot_metric_vs_scale(shown["settings"], save=FIG / "05_cag_metric_vs_scale.png")
+fig = viz.plot_metric_vs_scale(shown["settings"], save=FIG / "05_cag_metric_vs_scale.png")
 plt.show()
 
 # %% [markdown]
@@ -273,9 +267,9 @@ display(pd.DataFrame(rows))
 # written by this notebook, so a full script run is never overwritten.
 
 # %%
-(RES / "cag_notebook.json").write_text(json.dumps(E.json_clean(own), indent=1))
+write_record(RES / "cag_notebook.json", X.CagResult.from_json(own))
 if full is None or full.get("source") == "notebook":
-    full_path.write_text(json.dumps(E.json_clean(own), indent=1))
+    write_record(full_path, X.CagResult.from_json(own))
 print(f"wrote {RES / 'cag_notebook.json'}" + (f" and {full_path}" if shown is own else ""))
 
 # checks

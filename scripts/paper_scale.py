@@ -168,18 +168,19 @@ def export_videos(a) -> dict:
     ``paper_videos.json``."""
     import numpy as np
 
-    from difftrack import cag_eval as E
-    from difftrack import inspect_attn as ia
+    from difftrack.experiments import analysis as xa
+    from difftrack.experiments import cag as X
+    from difftrack.runners import model_tag
 
     s, cache, tag = a.settings, Path(a.cache), ("quick" if a.quick else "paper")
     arrays = {}
     meta = dict(steps=s["steps"], cfg=s["cfg"], autocast=s["autocast"], device=device_name(a.device), analysis={},
                 cag={}, agreement={})
     # analysis: generated videos (fp32, the analysis' own generations)
-    an_dir = cache / tag / "analysis" / ia.model_tag("embedded", "float32")
-    items = [it for it in ia.analysis_items(min(SHOWN["analysis_per_family"], s["videos_per_family"]), 0)]
+    an_dir = cache / tag / "analysis" / model_tag("embedded", "float32")
+    items = [it for it in xa.analysis_items(min(SHOWN["analysis_per_family"], s["videos_per_family"]), 0)]
     for it in items:
-        _, video = ia.load_cached(an_dir, it, s["steps"], s["grid"])
+        _, video = xa.load_cached(an_dir, it, s["steps"], s["grid"])
         key = f"analysis/{it['family']}_{it['seed']}"
         arrays[key] = video
         meta["analysis"][key] = dict(prompt=it["prompt"], seed=it["seed"], family=it["family"], dtype="float32")
@@ -187,17 +188,17 @@ def export_videos(a) -> dict:
     cag_man_path = next((cache / tag / "cag").glob("*/manifest.json"))
     man = json.loads(cag_man_path.read_text())
     for name, st in man["settings"].items():
-        d = E.setting_dir(cag_man_path.parent, name, st)
+        d = X.setting_dir(cag_man_path.parent, name, st)
         for it in man["items"][:SHOWN["cag_prompts"]]:
             key = f"cag/{name}/{it['index']}"
-            arrays[key] = np.load(E.video_path(d, it["index"], it["noise_seed"]))
+            arrays[key] = np.load(X.video_path(d, it["index"], it["noise_seed"]))
             meta["cag"][key] = dict(prompt=it["prompt"], noise_seed=it["noise_seed"], **st)
     # prompt agreement: the first samples (the model card's grid)
     pa_man_path = next((cache / tag / "agreement").glob("*/manifest.json"))
     pa = json.loads(pa_man_path.read_text())
     for it in pa["items"][:SHOWN["agreement"]]:
         key = f"agreement/{it['index']}"
-        arrays[key] = np.load(E.video_path(pa_man_path.parent / "videos", it["index"], it["noise_seed"]))
+        arrays[key] = np.load(X.video_path(pa_man_path.parent / "videos", it["index"], it["noise_seed"]))
         meta["agreement"][key] = dict(prompt=it["prompt"], noise_seed=it["noise_seed"])
     tmp = a.out_dir / f"{VIDEOS}.tmp.npz"
     np.savez_compressed(tmp, **arrays)

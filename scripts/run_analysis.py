@@ -11,8 +11,8 @@
     # CPU check with tiny settings
     python scripts/run_analysis.py --videos-per-family 1 --exact 1 --steps 3 --grid 4 --cache /tmp/ra --out /tmp/ra.json
 
-``record`` runs the model: every video of :func:`difftrack.inspect_attn.analysis_items` goes through
-:func:`difftrack.analysis.run_dataset` (one cached ``.npz`` record + video per file, resumable), and one extra
+``record`` runs the model: every video of :func:`difftrack.experiments.analysis.analysis_items` goes through
+:func:`difftrack.experiments.analysis.run_dataset` (one cached ``.npz`` record + video per file, resumable), and one extra
 video is timed against plain generation in separate subprocesses (``analysis_time_ratio``,
 ``analysis_extra_peak_mib``). It imports only torch, numpy, diffusers and difftrack. ``score`` needs no model: it
 adds ground truth (exact world tracks; Lucas-Kanade pseudo GT, OpenCV) through ``run_dataset``'s cache and writes
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -42,7 +41,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from difftrack import analysis  # noqa: E402
-from difftrack import inspect_attn as ia  # noqa: E402
+from difftrack.experiments import analysis as xa  # noqa: E402
+from difftrack.experiments import json_clean, write_json, write_record  # noqa: E402
+from difftrack.runners import load_pipeline, model_tag  # noqa: E402
 from difftrack.provenance import device_name, git_commit  # noqa: E402
 
 RECORD_META = "record_meta.json"
@@ -101,28 +102,15 @@ def commit() -> str:
     return git_commit(short=True)
 
 
-def _clean(x):
-    """JSON-safe: numpy scalars to Python, non-finite floats to None."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 # ---------------------------------------------------------------------------------------------- timing
 def measure(args) -> dict:
     """Subprocess body: one plain generation or one recorded analysis of the first generated item's prompt."""
     dev = args.device
     from difftrack.runners import VideoRunner
 
-    runner = VideoRunner(ia.load_pipeline(args.model, dev, args.dtype))
+    runner = VideoRunner(load_pipeline(args.model, dev, args.dtype))
     steps = args.timing_steps or args.steps
-    prompt = ia.analysis_items(1, 0, args.seed)[0]["prompt"]
+    prompt = xa.analysis_items(1, 0, args.seed)[0]["prompt"]
     cuda = dev.startswith("cuda")
 
     def once(n):
@@ -187,9 +175,9 @@ def _no_pseudo_gt():
 
 
 def _record_items(args, items, cache: Path) -> None:
-    pipe = ia.load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
     with _no_pseudo_gt():
-        analysis.run_dataset(pipe, items, cache, num_steps=args.steps, grid_size=args.grid)
+        xa.run_dataset(pipe, items, cache, num_steps=args.steps, grid_size=args.grid)
     del pipe
 
 
@@ -238,7 +226,7 @@ def record(args, items, cache: Path) -> dict:
     path = cache / RECORD_META
     old = json.loads(path.read_text()) if path.exists() else {}
     old[f"s{args.steps}_g{args.grid}"] = meta
-    path.write_text(json.dumps(_clean(old), indent=2))
+    write_json(path, json_clean(old), indent=2)
     return meta
 
 
@@ -259,7 +247,7 @@ def pseudo_vs_exact_summary(items, cache: Path, args) -> dict | None:
     for it in items:
         if it["kind"] != "exact":
             continue
-        rec, video = ia.load_cached(cache, it, args.steps, args.grid)
+        rec, video = xa.load_cached(cache, it, args.steps, args.grid)
         w = World(*video.shape[:3])
         q = np.concatenate([np.zeros((len(rec.queries), 1), np.float32), rec.queries], 1)
         tr, vis = w.tracks(w.sample(it["seed"], it["family"], it.get("split", "heldout")), q)
@@ -274,35 +262,35 @@ def pseudo_vs_exact_summary(items, cache: Path, args) -> dict | None:
 
 
 def score(args, items, cache: Path, record_meta: dict | None) -> dict:
-    missing = [it for it in items if not (cache / f"{ia.cache_key(it, args.steps, args.grid)}.npz").exists()]
+    missing = [it for it in items if not (cache / f"{xa.record_stem(it, args.steps, args.grid)}.npz").exists()]
     if missing and args.phase == "score":
         raise SystemExit(f"{len(missing)} of {len(items)} videos have no record in {cache} (first: {missing[0]}); "
                          f"run --phase record with the same --videos-per-family/--exact/--steps/--grid/--seed first")
     t0 = time.time()
-    results = analysis.run_dataset(None, items, cache, num_steps=args.steps, grid_size=args.grid)
+    results = xa.run_dataset(None, items, cache, num_steps=args.steps, grid_size=args.grid)
     score_sec = time.time() - t0
-    grouped = ia.group_tables(results)
+    grouped = xa.group_tables(results)
     names = {"generated": "generated", "exact": "exact", "all": "combined"}
     rec_sec = {k: [] for k in ("generated", "exact")}
     for it in items:
-        rec, _ = ia.load_cached(cache, it, args.steps, args.grid)
+        rec, _ = xa.load_cached(cache, it, args.steps, args.grid)
         rec_sec[it["kind"]].append(float(rec.meta.get("seconds", float("nan"))))
     if record_meta is None:
         meta_path = cache / RECORD_META
         record_meta = json.loads(meta_path.read_text()).get(f"s{args.steps}_g{args.grid}") if meta_path.exists() \
             else None
-    rec0, _ = ia.load_cached(cache, items[0], args.steps, args.grid)
+    rec0, _ = xa.load_cached(cache, items[0], args.steps, args.grid)
     out = dict(
         num_steps=args.steps, generated_per_family=args.videos_per_family, exact_per_family=args.exact,
         **{names[k]: dict(count=sum(1 for it in items if k == "all" or it["kind"] == k),
-                          **ia.summarize_tables(g).to_dict(), **ranking(g)) for k, g in grouped.items()},
+                          **xa.summarize_tables(g).to_dict(), **ranking(g)) for k, g in grouped.items()},
         timesteps=[int(t) for t in rec0.timesteps],
         tables={names[k]: {n: np.round(v, 5).tolist() for n, v in g.items()} for k, g in grouped.items()},
         tables_note="per subset, each table [steps][layers] (step 0 = noisiest), mean over videos: qk_acc / feat_acc "
                     "(fraction of visible points within half a token, frames 1..), conf_{text,self,cross} "
                     "(confidence score), attn_{text,self,cross} (attention score), hm (harmonic mean of min-max "
                     "normalised qk_acc, conf_cross, attn_cross)",
-        attention_share={names[k]: {p: np.round(g[f"attn_{p}"].mean(1), 5).tolist() for p in ia.PARTS}
+        attention_share={names[k]: {p: np.round(g[f"attn_{p}"].mean(1), 5).tolist() for p in analysis.SCORE_PARTS}
                          for k, g in grouped.items()},
         attention_share_note="Fig. 5: share of a frame-0 query's attention on text / its own frame / other frames, "
                              "per step (mean over layers and videos)",
@@ -347,15 +335,14 @@ def main(argv=None) -> int:
         if "combined" not in prev:
             prev["status"] = ("timing only: the full-scale record (--phase all) has not been run yet; the "
                               "correspondence numbers are missing")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_clean(prev), indent=2))
+        write_json(out, json_clean(prev), indent=2)
         print(f"one video, {t['timing_steps']} steps on {t['device']}: analysis {t['analysis_seconds']:.1f} s vs "
               f"plain {t['plain_seconds']:.1f} s (x{t['analysis_time_ratio']:.2f}), extra peak RSS "
               f"{t['analysis_extra_peak_mib']:.0f} MiB; wrote {out}")
         return 0
-    cache = _resolve(args.cache) / ia.model_tag(args.model, args.dtype)
+    cache = _resolve(args.cache) / model_tag(args.model, args.dtype)
     cache.mkdir(parents=True, exist_ok=True)
-    items = ia.analysis_items(args.videos_per_family, args.exact, args.seed)
+    items = xa.analysis_items(args.videos_per_family, args.exact, args.seed)
     if args.shard is not None:  # a worker of --workers: record its slice, nothing else
         k, n = args.shard
         _record_items(args, items[k::n], cache)
@@ -374,12 +361,11 @@ def main(argv=None) -> int:
         summary = score(args, items, cache, meta)
         summary["seconds"]["this_run_wall"] = time.time() - t0
         out = _resolve(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         prev = json.loads(out.read_text()) if out.exists() else {}
         if "timing" not in summary and prev.get("timing"):  # keep an earlier --timing-only measurement
             summary.update({k: prev[k] for k in ("timing", "analysis_time_ratio", "analysis_extra_peak_mib")
                             if k in prev})
-        out.write_text(json.dumps(_clean(summary), indent=2))
+        write_record(out, xa.AnalysisSummary.from_json(summary), indent=2)
         for k in ("generated", "exact", "combined"):
             if k in summary:
                 s = summary[k]

@@ -40,6 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from difftrack import cag_eval as E  # noqa: E402  (imports neither torch nor OpenCV at module level)
+from difftrack.experiments import cag as X  # noqa: E402
+from difftrack.experiments import json_clean, write_json, write_record  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -91,7 +93,7 @@ def run_tag(a) -> str:
 def plan(a):
     """Prompts, layer sets and settings of this run."""
     items = E.eval_prompts(a.prompts)
-    layers = E.layer_sets(a.analysis_summary)
+    layers = X.layer_sets(a.analysis_summary)
     if a.require_measured_layers and ("default" in layers["source"] or a.layers_top or a.layers_bottom):
         raise SystemExit(f"--require-measured-layers: the layer sets are not the measured ranking ({layers['source']}); "
                          f"run the analysis first (scripts/run_analysis.py) or pass --analysis-summary")
@@ -100,7 +102,7 @@ def plan(a):
     if a.layers_bottom:
         layers.update(bottom3=list(a.layers_bottom),
                       source=layers["source"] + "; bottom3 overridden on the command line")
-    return items, layers, E.cag_settings(layers, a.scales)
+    return items, layers, X.cag_settings(layers, a.scales)
 
 
 def load_pipe(a):
@@ -124,7 +126,7 @@ def device_tag(a) -> str:
     return "cpu"
 
 
-setting_dir = E.setting_dir  # cache folder of one setting
+setting_dir = X.setting_dir  # cache folder of one setting
 
 
 def generate(a):
@@ -142,7 +144,7 @@ def generate(a):
     print(f"[cag] generate {len(items)} prompts x {len(settings)} settings, {a.steps} steps on {a.device} "
           f"({tag}); layers {layers}")
     for name, s in settings.items():
-        recs = E.generate_cached(pipe, items, setting_dir(run_dir, name, s), s["layers"], s["scale"], a.steps,
+        recs = X.generate_cached(pipe, items, setting_dir(run_dir, name, s), s["layers"], s["scale"], a.steps,
                                  a.cfg, a.variant, a.batch, autocast=None if a.autocast == "none" else a.autocast)
         if recs:
             timing.setdefault(name, []).extend(recs)
@@ -153,7 +155,7 @@ def generate(a):
 def time_phase(a):
     _, layers, _ = plan(a)
     pipe = load_pipe(a)
-    r = E.time_steps(pipe, layers["top3"], a.time_batch, a.time_steps, variant=a.variant,
+    r = X.time_steps(pipe, layers["top3"], a.time_batch, a.time_steps, variant=a.variant,
                      autocast=None if a.autocast == "none" else a.autocast)
     r.update(dtype=a.dtype, measured_at=time.strftime("%Y-%m-%d %H:%M:%S"), load_average=_loadavg())
     tag = device_tag(a)
@@ -208,7 +210,7 @@ def score(a):
     tasks = [("world", it["world_seed"], it["prompt"], it["family"]) for it in items]
     for name, s in settings.items():
         d = setting_dir(run_dir, name, s)
-        tasks += [("video", str(E.video_path(d, it["index"], it["noise_seed"])), it["prompt"], it["family"])
+        tasks += [("video", str(X.video_path(d, it["index"], it["noise_seed"])), it["prompt"], it["family"])
                   for it in items]
     missing = [t[1] for t in tasks if t[0] == "video" and not Path(t[1]).exists()]
     if missing:
@@ -295,12 +297,11 @@ def score(a):
         timing=timing,
     )
     result["conclusion"] = conclusion(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(E.json_clean(result), indent=1))
+    write_record(out, X.CagResult.from_json(result))
     per_video = dict(items=items, world=world_scores, settings=per)
-    (out.parent / (out.stem + "_per_video.json")).write_text(json.dumps(E.json_clean(per_video)))
+    write_json(out.parent / (out.stem + "_per_video.json"), json_clean(per_video), indent=None)
     print(f"[cag] wrote {out}")
-    print(E.metrics_table(out_settings).to_string())
+    print(X.metrics_table(out_settings).to_string())
     print(result["conclusion"])
 
 

@@ -26,6 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from difftrack import cag_eval as E  # noqa: E402
+from difftrack.experiments import cag as X  # noqa: E402
+from difftrack.experiments import write_record  # noqa: E402
 from difftrack.provenance import device_name  # noqa: E402
 
 SEED0 = 500  # world seeds of the prompts (disjoint from run_cag_eval's 0..)
@@ -73,7 +75,7 @@ def generate(a):
     (d / "manifest.json").write_text(json.dumps(dict(items=items, steps=a.steps, cfg=a.cfg, dtype=a.dtype,
                                                      autocast=a.autocast), indent=1))
     t0 = time.time()
-    recs = E.generate_cached(pipe, items, d / "videos", (), 0.0, a.steps, a.cfg, batch_size=a.batch,
+    recs = X.generate_cached(pipe, items, d / "videos", (), 0.0, a.steps, a.cfg, batch_size=a.batch,
                              autocast=None if a.autocast == "none" else a.autocast)
     if recs:
         tp = d / "timing_generate.json"
@@ -124,7 +126,7 @@ def score(a):
 
     d = run_dir(a)
     items = E.eval_prompts(a.videos, seed0=SEED0)
-    paths = [E.video_path(d / "videos", it["index"], it["noise_seed"]) for it in items]
+    paths = [X.video_path(d / "videos", it["index"], it["noise_seed"]) for it in items]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise SystemExit(f"{len(missing)} videos missing (first: {missing[0]}); run --phase generate first")
@@ -169,16 +171,17 @@ def score(a):
         per_video=[dict(prompt=it["prompt"], noise_seed=it["noise_seed"], **r) for it, r in zip(items, gen)],
     )
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(E.json_clean(result), indent=1))
+    write_record(out, X.PromptAgreement.from_json(result))
     import matplotlib
 
     matplotlib.use("Agg")
     k = min(16, len(items))
     vids = [np.load(p) for p in paths[:k]]
     Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
-    E.plot_sample_grid(vids, [it["prompt"] for it in items[:k]], [r["agree"] for r in gen[:k]],
-                       nrow=4, ncol=4, save=a.grid)
+    from difftrack.viz import plot_sample_grid
+
+    plot_sample_grid(vids, [it["prompt"] for it in items[:k]], [r["agree"] for r in gen[:k]],
+                     nrow=4, ncol=4, save=a.grid)
     print(f"[agreement] scored {len(tasks)} videos in {time.time() - t0:.1f} s: generated {g['agreement']:.3f} "
           f"(n={len(gen)}), world {result['prompt_agreement_on_world_videos']:.3f} (n={len(wor)}); wrote {out}, "
           f"{a.grid}")

@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from difftrack import baselines, mini, tapvid  # noqa: E402
+from difftrack.experiments import write_record  # noqa: E402
+from difftrack.experiments.tracking import TrackingBenchmark  # noqa: E402
 from difftrack.provenance import git_commit  # noqa: E402
 from difftrack.tracking import DiffTracker, FeatureTracker  # noqa: E402
 from difftrack.world import FAMILIES, make_dataset  # noqa: E402
@@ -324,7 +326,7 @@ def main(argv=None):
         report["methods"] = old_methods
         report["timing_conditions"] = {**old.get("timing_conditions", {}), **loads}
         report["ranking"] = {k: sorted(old_methods, key=lambda n: -old_methods[n][k]) for k in ranking}
-    out.write_text(json.dumps(report, indent=1))
+    write_record(out, TrackingBenchmark.from_json(report), clean=False)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
         cols = ["method", "delta_avg", "AJ", "OA"] + [f"pts_within_{d}" for d in tapvid.DEFAULT_THRESHOLDS] + \

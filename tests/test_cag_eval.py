@@ -1,5 +1,4 @@
 """Measures of difftrack.cag_eval on synthetic and world videos (no generation; a few seconds on 2 CPU cores)."""
-import json
 import math
 
 import numpy as np
@@ -138,17 +137,6 @@ def test_summarize_paired_delta():
     assert s["delta"] == pytest.approx(2 / 3)
     lo, hi = s["delta_ci95"]
     assert lo < s["delta"] < hi
-
-
-def test_settings_layers_and_json(tmp_path):
-    ls = E.layer_sets(tmp_path / "missing.json")
-    assert ls["top3"] == [8, 11, 5] and ls["bottom3"] == [0, 6, 9] and "defaults" in ls["source"]
-    (tmp_path / "a.json").write_text(json.dumps({"best_layers_top3": [1, 2, 3], "layer_ranking": list(range(12))}))
-    ls = E.layer_sets(tmp_path / "a.json")
-    assert ls["top3"] == [1, 2, 3] and ls["bottom3"] == [9, 10, 11]
-    st = E.cag_settings(ls, [0.5, 2])
-    assert list(st) == ["none", "top3_s0.5", "bottom3_s0.5", "top3_s2", "bottom3_s2"]
-    assert json.loads(json.dumps(E.json_clean({"a": float("nan"), "b": np.float32(1.5)}))) == {"a": None, "b": 1.5}
 
 
 def test_eval_prompts_deterministic_and_match_world():

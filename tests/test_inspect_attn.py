@@ -1,5 +1,5 @@
-"""difftrack.inspect_attn: attention maps, q/k PCA, the capture callback, the analysis cache key, model loading
-errors and table summaries. CPU-only, seconds."""
+"""difftrack.inspect_attn: attention maps, q/k PCA, the capture callback and model loading errors. CPU-only,
+seconds. (The analysis cache, items and table summaries are tested in test_experiments_analysis.py.)"""
 import json
 
 import numpy as np
@@ -99,52 +99,6 @@ def test_inspector_on_tiny_model(tiny, tmp_path):
     assert np.array_equal(back.points, insp.points) and back.stride == 2.0 and (back.S, back.L) == (1, 2)
 
 
-def test_cache_key_matches_run_dataset(tmp_path, monkeypatch):
-    """load_cached reads exactly the files analysis.run_dataset writes (a fake analysis stands in for the model)."""
-    from difftrack import analysis
-
-    queries = np.array([[10.0, 10.0], [30.0, 20.0]], np.float32)
-
-    def fake_generation(pipe, prompt, seed, num_steps, grid_size, **kw):
-        rec = analysis.Recorder(queries, 4.0, num_steps, 2, 13).rec
-        rec.meta = dict(kind="generated", prompt=prompt, seed=seed)
-        return np.zeros((13, 64, 64, 3), np.uint8), rec
-
-    monkeypatch.setattr(analysis, "analyze_generation", fake_generation)
-    monkeypatch.setattr(analysis, "pseudo_ground_truth",
-                        lambda v, q: (np.zeros((len(q), 13, 2), np.float32), np.ones((len(q), 13), bool)))
-    item = dict(kind="generated", family="objects", seed=3, prompt="a red circle moving left on a still background")
-    from test_guidance import tiny_mini_pipe
-
-    with pytest.raises(ValueError, match="no cached analysis .* no pipeline to compute it"):
-        analysis.run_dataset(None, [item], tmp_path, num_steps=2, grid_size=4, progress=False)
-    analysis.run_dataset(tiny_mini_pipe(), [item], tmp_path, num_steps=2, grid_size=4, progress=False)
-    rec, vid = ia.load_cached(tmp_path, item, 2, 4)
-    assert vid.shape == (13, 64, 64, 3) and np.allclose(rec.queries, queries)
-    (res,) = analysis.run_dataset(None, [item], tmp_path, num_steps=2, grid_size=4, progress=False)  # cache only
-    assert res[1]["qk_acc"].shape == (2, 2)
-    with pytest.raises(FileNotFoundError, match="run_dataset"):
-        ia.load_cached(tmp_path, dict(item, seed=4), 2, 4)
-
-
-def test_analysis_items_and_ground_truth():
-    items = ia.analysis_items(1, 2, seed=5)
-    kinds = [(it["kind"], it["family"], it["seed"]) for it in items]
-    assert kinds == [("generated", "objects", 5), ("generated", "scenes", 5), ("exact", "objects", 5),
-                     ("exact", "objects", 6), ("exact", "scenes", 5), ("exact", "scenes", 6)]
-    assert all(isinstance(it["prompt"], str) for it in items if it["kind"] == "generated")
-    # exact ground truth of an exact item starts at the queries
-    from difftrack.analysis import AnalysisRecord
-    from difftrack.world import World
-
-    w = World()
-    q = w.grid_queries(3)[:, 1:]
-    rec = AnalysisRecord(queries=q, stride=4.0, num_steps=1, num_layers=1, frames=13)
-    s = w.sample(5, "objects", "heldout")
-    tr, vis, src = ia.item_ground_truth(items[2], rec, s.video)
-    assert src == "exact" and tr.shape == (9, 13, 2) and np.allclose(tr[:, 0], q) and vis[:, 0].all()
-
-
 def test_load_pipeline_rejects_other_layouts(tmp_path):
     with pytest.raises(ValueError, match="neither 'embedded'"):
         ia.load_pipeline(str(tmp_path))
@@ -164,20 +118,3 @@ def test_load_pipeline_from_minivideo_folder():
 
     pipe = ia.load_pipeline(str(mini.WEIGHTS_DIR))
     assert isinstance(pipe, mini.MiniVideoPipeline) and pipe.transformer.dtype == torch.float32
-
-
-def test_summarize_and_group_tables():
-    S, L = 3, 5
-    acc = np.tile(np.linspace(0.1, 0.5, L), (S, 1)) * np.array([[0.5], [0.8], [1.0]])
-    acc[:, 2] += 0.4
-    tab = dict(qk_acc=acc, feat_acc=acc * 0.5, conf_cross=acc.copy(), attn_cross=acc.copy(),
-               conf_text=acc, conf_self=acc, attn_text=acc, attn_self=acc)
-    s = ia.summarize_tables(tab)
-    assert s.qk_best_layer == 2 and s.best_layers_top3[0] == 2
-    assert s.qk_best_acc == pytest.approx(acc[-1, 2]) and s.feat_best_acc == pytest.approx(acc[-1, 2] * 0.5)
-    assert s.acc_last_over_first_step == pytest.approx(acc[-1, 2] / acc[0, 2])
-    assert s.hm_top3_over_median > 1
-    grouped = ia.group_tables([(dict(kind="generated"), tab), (dict(kind="exact"), tab)])
-    assert set(grouped) == {"generated", "exact", "all"} and "hm" in grouped["all"]
-    df = ia.tables_frame(grouped, timesteps=[999, 500, 1])
-    assert len(df) == 3 * S * L and {"subset", "step", "layer", "timestep", "qk_acc", "hm"} <= set(df.columns)

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from difftrack import cag_eval, fileio
-from difftrack.inspect_attn import QKInspector, cache_key, load_cached
+from difftrack.experiments import cag as cag_exp
+from difftrack.experiments.analysis import load_cached
+from difftrack.experiments.analysis import record_stem as cache_key
+from difftrack.inspect_attn import QKInspector
 from difftrack.runners import load_pipeline, pipeline_class
 
 
@@ -64,20 +67,20 @@ def test_cag_video_cache_recomputes_a_corrupt_entry(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cag_eval, "generate_videos", fake_generate)
     items = [dict(index=i, prompt="p", noise_seed=10 + i) for i in range(3)]
-    cag_eval.generate_cached(None, items, tmp_path, log=None)
+    cag_exp.generate_cached(None, items, tmp_path, log=None)
     assert calls == [[10, 11, 12]]
-    p = cag_eval.video_path(tmp_path, 1, 11)
+    p = cag_exp.video_path(tmp_path, 1, 11)
     p.write_bytes(p.read_bytes()[:-5])  # a crash / full disk left it short
     with pytest.raises(ValueError, match=r"cannot read cached CAG video '.*0001_seed11\.npy'.*generate phase"):
-        cag_eval.load_cached(tmp_path, items)
+        cag_exp.load_cached(tmp_path, items)
     with pytest.warns(UserWarning, match=r"cached video '.*0001_seed11\.npy' is corrupt .* recomputed"):
-        cag_eval.generate_cached(None, items, tmp_path, log=None)
+        cag_exp.generate_cached(None, items, tmp_path, log=None)
     assert calls[-1] == [11]
-    assert [int(v[0, 0, 0, 0]) for v in cag_eval.load_cached(tmp_path, items)] == [10, 11, 12]
+    assert [int(v[0, 0, 0, 0]) for v in cag_exp.load_cached(tmp_path, items)] == [10, 11, 12]
 
 
 def test_broken_json_files_are_named(tmp_path):
-    from difftrack.viz_tracks import load_benchmark_table
+    from difftrack.experiments.tracking import load_benchmark_table
 
     bad = tmp_path / "tracking_benchmark.json"
     bad.write_text('{"table": [')
@@ -86,7 +89,7 @@ def test_broken_json_files_are_named(tmp_path):
     summary = tmp_path / "analysis_summary.json"
     summary.write_text("{oops")
     with pytest.raises(ValueError, match=r"cannot read analysis summary '.*analysis_summary\.json'"):
-        cag_eval.layer_sets(summary)
+        cag_exp.layer_sets(summary)
 
 
 def test_num_steps_zero_is_named():

@@ -47,7 +47,7 @@ def test_cag_eval_refuses_default_layers_when_measured_ones_are_required(tmp_pat
     assert p.returncode != 0 and "not the measured ranking" in p.stderr
     (tmp_path / "a.json").write_text(json.dumps({"combined": {"best_layers_top3": [3, 1, 2],
                                                               "worst_layers_bottom3": [0, 4, 5]}}))
-    from difftrack.cag_eval import layer_sets
+    from difftrack.experiments.cag import layer_sets
 
     ls = layer_sets(tmp_path / "a.json")
     assert ls["top3"] == [3, 1, 2] and ls["bottom3"] == [0, 4, 5] and "default" not in ls["source"]
@@ -79,7 +79,7 @@ def test_pseudo_vs_exact_on_a_still_video_and_with_shifted_truth():
 def test_paper_results_read_back_the_committed_files(tmp_path):
     """load_analysis returns the tables in group_tables' layout only for a >= 50-step summary; load_videos filters
     by prefix and carries the per-video metadata."""
-    from difftrack import paper_results as P
+    from difftrack.experiments import paper_results as P
 
     assert P.load_analysis(tmp_path) is None and P.load_videos("cag/", tmp_path) == {}
     d = dict(num_steps=50, timesteps=[999, 19], counts=dict(generated=2, exact=2), settings=dict(grid=10),
@@ -144,7 +144,8 @@ def test_analysis_record_in_two_workers_equals_one_process(tmp_path):
 def test_head_study_is_read_back_and_drawn(tmp_path):
     """paper_results.load_heads reads results/heads.json (None when missing, a named error when damaged) and
     viz.head_heatmap draws its [layers, head sets] table with the chosen cell outlined."""
-    from difftrack import paper_results, viz
+    from difftrack import viz
+    from difftrack.experiments import paper_results
 
     assert paper_results.load_heads(tmp_path) is None
     (tmp_path / "heads.json").write_text("{}")

@@ -1,5 +1,5 @@
-"""Track drawing (difftrack.viz_tracks): shapes, colours where tracks pass, mp4 writing, figure, results table."""
-import json
+"""Track drawing (difftrack.viz_tracks): shapes, colours where tracks pass, mp4 writing, figure. (The results table
+is tested in test_experiments_tracking.py.)"""
 
 import matplotlib
 
@@ -8,8 +8,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
-from difftrack.viz_tracks import (draw_tracks, load_benchmark_table, mean_error_per_frame, side_by_side,
-                                  track_colors, track_strip)
+from difftrack.viz_tracks import draw_tracks, mean_error_per_frame, side_by_side, track_colors, track_strip
 
 
 def _toy(T=6, H=16, W=20):
@@ -114,20 +113,6 @@ def test_track_strip_and_error():
     fig = track_strip(video, tracks, visible, frames=[0, 5])
     assert len(fig.axes) == 2
     plt.close(fig)
-
-
-def test_load_benchmark_table(tmp_path):
-    rows = [{"method": "DiffTracker", "average_jaccard": 50.0}, {"method": "LK", "average_jaccard": 30.0}]
-    p = tmp_path / "a.json"
-    p.write_text(json.dumps({"config": {"n": 2}, "table": rows}))
-    df = load_benchmark_table(p)
-    assert list(df.index) == ["DiffTracker", "LK"] and df.attrs["meta"] == {"config": {"n": 2}}
-    p2 = tmp_path / "b.json"
-    p2.write_text(json.dumps({"DiffTracker": {"average_jaccard": 50.0}}))
-    assert load_benchmark_table(p2).loc["DiffTracker", "average_jaccard"] == 50.0
-    p3 = tmp_path / "c.csv"
-    p3.write_text("method,average_jaccard\nDiffTracker,50\n")
-    assert load_benchmark_table(p3).loc["DiffTracker", "average_jaccard"] == 50
 
 
 def test_one_colour_rule_for_notebook_plots_and_drawn_videos():

@@ -4,7 +4,7 @@ Notebooks draw each paper figure from these files when they exist and say so und
 the CPU defaults stays small and is labelled as such. Nothing here runs a model.
 
 * :func:`load_analysis`: ``results/analysis_summary.json`` -> the per-(step, layer) mean tables per subset, in the
-  layout of :func:`difftrack.inspect_attn.group_tables` (``"generated"``, ``"exact"``, ``"all"``), or ``None``.
+  layout of :func:`difftrack.experiments.analysis.group_tables` (``"generated"``, ``"exact"``, ``"all"``), or ``None``.
 * :func:`load_videos`: the 50-step videos the figures show (``results/paper_videos.npz`` + ``.json``).
 * :func:`load_heads`: the single-head study (``results/heads.json``, ``scripts/head_study.py``).
 """
@@ -34,7 +34,7 @@ class PaperAnalysis:
 def _results_dir(results_dir) -> Path:
     if results_dir is not None:
         return Path(results_dir)
-    from .paths import results_dir as default
+    from ..paths import results_dir as default
 
     return default()
 

@@ -1,0 +1,401 @@
+"""The analysis job's orchestration: the analysed items, the per-video record cache (resume), the notebooks' analysis
+run, the summaries of its tables and the ``analysis_summary.json`` record.
+
+The computation is :mod:`difftrack.analysis` (recording, ground truth, per-(step, layer) tables); here it is run over
+a list of videos, each cached as ``<record_stem>.npz`` (:class:`difftrack.analysis.AnalysisRecord`) and
+``<record_stem>_video.npy`` in a cache folder. A cached record is reused only when its cache key
+(:func:`difftrack.experiments.cache_key` of :func:`cache_fields`: item, steps, grid, size, guidance, model, matching
+settings) equals the one asked for; otherwise it is recomputed, or the differing fields are named.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import analysis as A
+from . import RecordError, ResultRecord, cache_key
+
+#: Version of the cached analysis record's layout (part of its cache key).
+RECORD_SCHEMA = "analysis-record/1"
+
+
+# ---------------------------------------------------------------------------------------------- items
+def analysis_items(generated_per_family: int, exact_per_family: int, seed: int = 0, families=None,
+                   split: str = "heldout") -> list[dict]:
+    """The analysed videos, as :func:`run_dataset` items.
+
+    * ``generated``: the embedded model generates from the prompt of world video ``seed + i`` of each family
+      (held-out textures, so the prompt is in the model's vocabulary but the video is new); noise seed ``seed + i``.
+    * ``exact``: world video ``seed + i`` of each family itself, with exact ground truth.
+    """
+    from ..world import FAMILIES, World
+
+    families = FAMILIES if families is None else tuple(families)
+    w = World()
+    items = []
+    for fam in families:
+        for i in range(generated_per_family):
+            s = w.sample(seed + i, fam, split)
+            items.append(dict(kind="generated", family=fam, seed=seed + i, prompt=s.prompt, split=split))
+    for fam in families:
+        for i in range(exact_per_family):
+            items.append(dict(kind="exact", family=fam, seed=seed + i, split=split))
+    return items
+
+
+def load_cached(cache_dir, item: dict, num_steps: int, grid_size: int):
+    """``(AnalysisRecord, video uint8 [T, H, W, 3])`` that :func:`run_dataset` cached for
+    ``item``; raises ``FileNotFoundError`` naming the fix when it is not there, and
+    :class:`difftrack.fileio.CorruptFileError` (a ``ValueError``) naming the file when it is truncated or corrupted
+    (delete it; ``run_dataset`` then recomputes it)."""
+    stem = Path(cache_dir) / record_stem(item, num_steps, grid_size)
+    path, vid = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + "_video.npy")
+    if not path.exists() or not vid.exists():
+        raise FileNotFoundError(f"no cached analysis for {item} at {path}; run analysis.run_dataset(pipe, items, "
+                                f"cache_dir={cache_dir!s}, num_steps={num_steps}, grid_size={grid_size}) first")
+    from ..fileio import READ_ERRORS, CorruptFileError, load_npy
+
+    fix = f"delete it and rerun analysis.run_dataset (cache_dir={cache_dir!s}) to recompute it"
+    video = load_npy(vid, "cached analysis video", hint=fix)
+    try:
+        rec = A.AnalysisRecord.load(path)
+    except FileNotFoundError:
+        raise
+    except READ_ERRORS as err:
+        raise CorruptFileError(f"cannot read cached analysis record {str(path)!r} (truncated or corrupted?): "
+                               f"{type(err).__name__}: {err}; {fix}") from err
+    return rec, video
+
+
+def item_ground_truth(item: dict, rec, video: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(tracks [n, F, 2], visible [n, F], source)`` for the record's queries **per latent frame** (``F = T``
+    for the embedded model): exact world tracks for ``exact`` items, pseudo ground truth (Lucas-Kanade, needs
+    OpenCV) for ``generated`` ones; ``source`` is ``"exact"`` or ``"pseudo"``
+    (:func:`difftrack.analysis.record_ground_truth`)."""
+    return A.record_ground_truth(rec, item, video)
+
+
+def latent_video(rec, video: np.ndarray) -> np.ndarray:
+    """The video frames the record's latent frames are pinned to (``video`` itself for the embedded model)."""
+    return video[np.asarray(rec.meta.get("frame_index", range(video.shape[0])), int)]
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+@dataclass
+class Summary:
+    """Headline numbers of one set of mean tables (see :func:`summarize_tables`)."""
+
+    qk_best_acc: float
+    feat_best_acc: float
+    qk_best_layer: int
+    best_layers_top3: list
+    hm_top3_over_median: float
+    acc_last_over_first_step: float
+    acc_first_step: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def summarize_tables(tables: dict[str, np.ndarray], step: int = -1) -> Summary:
+    """Headline numbers of mean tables ``[S, L]`` (:func:`difftrack.analysis.mean_tables`), at ``step``:
+
+    * ``qk_best_acc`` / ``feat_best_acc``: best accuracy over layers (fraction in ``[0, 1]``);
+    * ``best_layers_top3``: layers with the highest harmonic mean;
+    * ``hm_top3_over_median``: mean harmonic mean of those three over the median layer's harmonic mean
+      (``inf`` when the median is 0, i.e. at least half the layers score the minimum);
+    * ``acc_last_over_first_step``: the best layer's (by QK accuracy at ``step``) accuracy at ``step`` over its
+      accuracy at step 0.
+    """
+    hm = A.harmonic_mean(tables["qk_acc"], tables["conf_cross"], tables["attn_cross"])
+    qk, feat = tables["qk_acc"][step], tables["feat_acc"][step]
+    top3 = A.top_layers(hm, k=min(3, hm.shape[1]), step=step)
+    med = float(np.median(hm[step]))
+    top_mean = float(np.mean(hm[step][top3]))
+    best = int(np.nanargmax(qk))
+    first = float(tables["qk_acc"][0, best])
+    return Summary(qk_best_acc=float(np.nanmax(qk)), feat_best_acc=float(np.nanmax(feat)), qk_best_layer=best,
+                   best_layers_top3=top3, hm_top3_over_median=top_mean / med if med > 0 else float("inf"),
+                   acc_last_over_first_step=float(qk[best]) / first if first > 0 else float("inf"),
+                   acc_first_step=first)
+
+
+def group_tables(results: list[tuple[dict, dict]]) -> dict[str, dict[str, np.ndarray]]:
+    """Mean tables (:func:`difftrack.analysis.mean_tables`) of ``run_dataset`` results per subset: ``"generated"``
+    (pseudo ground truth), ``"exact"`` (world videos, exact ground truth) and ``"all"``; each table gains ``"hm"``,
+    the harmonic mean. Empty subsets are left out."""
+    groups = {"generated": [t for it, t in results if it["kind"] == "generated"],
+              "exact": [t for it, t in results if it["kind"] == "exact"],
+              "all": [t for _, t in results]}
+    out = {}
+    for name, tabs in groups.items():
+        if tabs:
+            m = A.mean_tables(tabs)
+            m["hm"] = A.harmonic_mean(m["qk_acc"], m["conf_cross"], m["attn_cross"])
+            out[name] = m
+    return out
+
+
+def tables_frame(grouped: dict[str, dict[str, np.ndarray]], timesteps=None):
+    """Long ``pandas.DataFrame`` of grouped tables: one row per (subset, step, layer), one column per table."""
+    import pandas as pd
+
+    rows = []
+    for name, tabs in grouped.items():
+        S, L = tabs["qk_acc"].shape
+        for s in range(S):
+            for l in range(L):
+                r = {"subset": name, "step": s, "layer": l}
+                if timesteps is not None:
+                    r["timestep"] = int(timesteps[s])
+                r.update({k: float(v[s, l]) for k, v in tabs.items()})
+                rows.append(r)
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class NotebookAnalysis:
+    """One analysis run of notebooks 02 and 03 (:func:`run_notebook_analysis`): the pipeline and its runner, the
+    video size, the items, their per-item cache folder, the schedule's timesteps, the per-video results of
+    :func:`run_dataset` and their :func:`group_tables`."""
+
+    pipe: object
+    runner: object
+    size: tuple
+    items: list
+    cache: object
+    timesteps: list
+    results: list
+    grouped: dict
+    seconds: float
+
+
+def run_notebook_analysis(model: str, device: str, dtype: str, size, videos_per_family: int, exact_per_family: int,
+                          seed: int, num_steps: int, grid_size: int, log=print) -> NotebookAnalysis:
+    """Load ``model``, analyse ``videos_per_family`` generated and ``exact_per_family`` world videos of each family
+    with :func:`run_dataset` (per-video cache under ``cache/analysis_nb/<model tag>``, shared
+    by notebooks 01-03: a rerun with the same parameters skips the model) and group the tables; ``log`` gets what
+    was run."""
+    from .. import paths
+    from ..runners import VideoRunner, load_pipeline, model_tag
+
+    pipe = load_pipeline(model, device, dtype)
+    runner = VideoRunner(pipe)  # the backbone's conventions: token stride, latent frames, VAE, text conditioning
+    size = runner.resolve_size(size)  # empty: the model's default
+    log(f"model {model}: {type(pipe).__name__}, {runner.num_layers} blocks, videos of {size[0]} frames at "
+        f"{size[2]}x{size[1]} px, {runner.stride} px per token, {runner.latent_frames(size[0])} latent frames")
+    items = analysis_items(videos_per_family, exact_per_family, seed)
+    cache = paths.cache_dir(f"analysis_nb/{model_tag(model, dtype)}")
+    timesteps = [int(t) for t in runner.timesteps(num_steps)]
+    t0 = time.time()
+    results = run_dataset(runner, items, cache, num_steps=num_steps, grid_size=grid_size, size=size)
+    seconds = time.time() - t0
+    log(f"{len(results)} videos analysed in {seconds:.1f} s (per-video cache: {cache})")
+    grouped = group_tables(results)
+    log("subsets:", {k: sum(1 for it, _ in results if k == "all" or it["kind"] == k) for k in grouped})
+    return NotebookAnalysis(pipe, runner, size, items, cache, timesteps, results, grouped, seconds)
+
+
+# ---------------------------------------------------------------------------------------------- per-video cache
+def _match_settings(kw: dict) -> dict:
+    """Every matching / recording setting of a run (``Recorder`` arguments and ``features``), defaults filled in."""
+    import inspect
+
+    params = inspect.signature(A.Recorder.__init__).parameters
+    allowed = [n for n in params if n not in ("self", "queries_px", "stride", "num_steps", "num_layers", "frames")]
+    unknown = sorted(set(kw) - set(allowed) - {"features"})
+    if unknown:
+        raise ValueError(f"unknown analysis settings {unknown}; allowed: {sorted(allowed + ['features', 'size'])} "
+                         f"(and guidance_scale)")
+    out = {n: kw.get(n, params[n].default) for n in allowed}
+    out["features"] = bool(kw.get("features", True))
+    return {k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in out.items()}
+
+
+def model_id(runner) -> str:
+    """What identifies a model for the analysis cache: pipeline class, weights folder name, blocks and dtype."""
+    pipe = runner.pipe
+    name = Path(str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")).name
+    dtype = str(getattr(getattr(pipe, "transformer", None), "dtype", ""))
+    return f"{type(pipe).__name__}:{name}:{runner.num_layers}:{dtype}"
+
+
+def cache_fields(item: dict, num_steps: int, grid_size: int, size=None, guidance_scale: float = 6.0,
+                 model: str | None = None, **kw) -> dict:
+    """Everything a cached analysis record depends on besides its file name's kind, family, seed, steps and grid:
+    split, prompt and guidance (generated videos), size, model and every matching setting. Stored in the record
+    (``meta["cache_fields"]``) and compared on every reuse."""
+    f = dict(kind=item["kind"], seed=int(item["seed"]), family=item.get("family"),
+             split=item.get("split", "heldout"), num_steps=int(num_steps), grid_size=int(grid_size),
+             match=_match_settings(kw))
+    if item["kind"] == "generated":
+        f.update(prompt=item["prompt"], guidance_scale=float(guidance_scale))
+    if size is not None:
+        f["size"] = [int(v) for v in size]
+    if model is not None:
+        f["model"] = model
+    return f
+
+
+def _field_diff(stored: dict | None, want: dict) -> dict:
+    """``{field: (stored, wanted)}`` for every wanted field the stored record disagrees with."""
+    stored = stored or {}
+    return {k: (stored.get(k), v) for k, v in want.items() if stored.get(k) != v}
+
+
+def record_stem(item: dict, num_steps: int, grid_size: int) -> str:
+    """File stem of ``item``'s cached record (``<stem>.npz``) and video (``<stem>_video.npy``) in
+    :func:`run_dataset`'s cache folder (readable names); the record's identity is its cache key
+    (:func:`record_key`), of everything in :func:`cache_fields`."""
+    return f"{item['kind']}_{item.get('family', 'x')}_{item['seed']}_s{num_steps}_g{grid_size}"
+
+
+def record_key(fields: dict) -> str:
+    """The cache key (:func:`difftrack.experiments.cache_key`) of an analysis record made with ``fields``
+    (:func:`cache_fields`)."""
+    return cache_key("analysis", RECORD_SCHEMA, fields)
+
+
+def stale_fields(stored: dict | None, want: dict) -> dict:
+    """``{}`` when a record cached with ``stored`` fields is the one asked for: the cache key (:func:`record_key`) of
+    its fields equals that of ``want`` (fields left out of ``want``, e.g. the model when only scoring, are not
+    compared); else ``{field: (stored, wanted)}`` naming what differs."""
+    stored = stored or {}
+    if record_key({k: stored.get(k) for k in want}) == record_key(want):
+        return {}
+    return _field_diff(stored, want)
+
+
+def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int = 50, grid_size: int = 10,
+                progress: bool = True, size=None, guidance_scale: float = 6.0, **kw) -> list[tuple[dict, dict]]:
+    """Analyse a list of videos with per-video caching (resumes after an interruption; finished videos are not
+    recomputed). ``items``: dicts with ``kind`` ``"generated"`` (``prompt``, ``seed``) or ``"exact"`` (``family``,
+    ``seed``, ``split``). ``pipe``: a pipeline or :class:`difftrack.runners.VideoRunner`, or ``None`` to only score
+    videos already cached (``ValueError`` for one that is not); ``size``: ``(frames, height, width)`` of generated and
+    world videos (default: the pipeline's); ``guidance_scale``: CFG of generated videos; ``kw``: matching settings
+    (:class:`difftrack.analysis.Recorder`) and ``features``.
+
+    A cached record is reused only when everything it depends on matches (:func:`cache_fields`: prompt, split, size,
+    steps, grid, guidance, model, matching and feature settings); otherwise it is recomputed (with a pipeline) or a
+    ``ValueError`` names the differing fields (without). A corrupt cache entry is named in a warning and recomputed.
+    Returns ``[(item, tables)]``."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from ..fileio import READ_ERRORS, load_npy
+    from ..runners import as_runner
+    from ..world import World
+
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}; allowed: an integer >= 1")
+    if not np.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number >= 0")
+    runner = None if pipe is None else as_runner(pipe)
+    want = runner.resolve_size(size) if runner is not None else (tuple(int(v) for v in size) if size else None)
+    model = model_id(runner) if runner is not None else None
+    cache_dir = Path(cache_dir)
+    out = []
+    it = tqdm(items, desc="analysis") if progress else items
+    for item in it:
+        if item.get("kind") not in ("generated", "exact"):
+            raise ValueError(f"unknown item kind {item.get('kind')!r} in {item}; allowed: 'generated', 'exact'")
+        fields = cache_fields(item, num_steps, grid_size, want, guidance_scale, model, **kw)
+        key = record_stem(item, num_steps, grid_size)
+        path = cache_dir / f"{key}.npz"
+        vid_path = cache_dir / f"{key}_video.npy"
+        rec = video = None
+        if path.exists() and vid_path.exists():
+            try:
+                rec, video = A.AnalysisRecord.load(path), load_npy(vid_path, "cached analysis video")
+            except READ_ERRORS as err:
+                if runner is None:
+                    raise
+                warnings.warn(f"corrupt analysis cache entry {path} / {vid_path.name} ({err}); recomputing it",
+                              stacklevel=2)
+                rec = video = None
+        if rec is not None:
+            diff = stale_fields(rec.meta.get("cache_fields"), fields)
+            if want is not None and tuple(video.shape[:3]) != tuple(want):
+                diff["video shape"] = (list(video.shape[:3]), list(want))
+            if diff and runner is not None:  # made with other settings / another model: recompute
+                rec = video = None
+            elif diff:
+                raise ValueError(f"cached analysis {path} was made with other settings than asked for: "
+                                 + "; ".join(f"{k}: cached {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+                                 + ". Pass the pipeline to recompute it, or the settings it was made with.")
+        if rec is None:
+            if runner is None:
+                raise ValueError(f"no cached analysis for {item} at {path} and no pipeline to compute it; pass the "
+                                 f"pipeline, or record first with the same num_steps={num_steps}, "
+                                 f"grid_size={grid_size}")
+            T, H, W = want
+            t0 = time.time()
+            if item["kind"] == "generated":
+                video, rec = A.analyze_generation(runner, item["prompt"], item["seed"], num_steps, grid_size,
+                                                guidance_scale=guidance_scale, size=(T, H, W), **kw)
+            else:
+                s = World(T, H, W).sample(item["seed"], item["family"], item.get("split", "heldout"))
+                rec, video = A.analyze_exact(runner, s, num_steps, grid_size=grid_size, **kw), s.video
+            rec.meta["seconds"] = time.time() - t0
+            rec.meta["cache_fields"] = fields
+            rec.meta["cache_key"] = record_key(fields)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = vid_path.with_suffix(".tmp.npy")
+            np.save(tmp, video)
+            os.replace(tmp, vid_path)
+            rec.save(path)
+        gt, vis, _ = A.record_ground_truth(rec, item, video)
+        out.append((item, A.score_tables(rec, gt, vis)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- summary record
+@dataclass(kw_only=True)
+class AnalysisSummary(ResultRecord):
+    """``results/analysis_summary.json`` (``scripts/run_analysis.py``): headline numbers per subset, the mean tables
+    and the run's settings.
+
+    Blocks ``generated``, ``exact`` and ``combined`` (each :class:`Summary` plus ``count``, ``layer_ranking`` best
+    first and ``worst_layers_bottom3``); ``tables``: per block ``name -> [steps][layers]``; ``timesteps`` ``[S]``.
+    A summary of one set may hold its block's keys at the top level instead of under ``combined``.
+    """
+
+    SCHEMA = "analysis_summary/1"
+    WHAT = "analysis summary"
+
+    num_steps: int | None = None
+    generated: dict | None = None
+    exact: dict | None = None
+    combined: dict | None = None
+    timesteps: list | None = None
+    tables: dict | None = None
+    counts: dict | None = None
+    settings: dict | None = None
+    device: str | None = None
+    commit: str | None = None
+
+    def ranking_block(self) -> dict:
+        """The block holding the layer ranking: ``combined`` (generated + exact videos), else the top level of a
+        summary with one block."""
+        return self.combined if self.combined is not None else self.to_json()
+
+    def layer_sets(self) -> dict:
+        """``{"top3": [...], "bottom3": [...]}``: ``best_layers_top3`` and ``worst_layers_bottom3`` of
+        :meth:`ranking_block`, or the first / last three of its ``layer_ranking``. :class:`RecordError` names the
+        file and the missing key when it has neither."""
+        b = self.ranking_block()
+        ranking = b.get("layer_ranking")
+        out = {}
+        for name, key, part in (("top3", "best_layers_top3", slice(None, 3)),
+                                ("bottom3", "worst_layers_bottom3", slice(-3, None))):
+            v = b.get(key) or (list(ranking)[part] if ranking else None)
+            if v is None:
+                block = "'combined'" if self.combined is not None else "the top level"
+                raise RecordError(f"{self.where} misses the key {key!r} (or 'layer_ranking') in {block}")
+            out[name] = [int(x) for x in v]
+        return out

@@ -1,0 +1,70 @@
+"""difftrack.experiments.cag: layer sets read back from the analysis summary, the settings, JSON cleaning (moved
+from test_cag_eval.py with the functions), and the cag.json / prompt-agreement records."""
+import json
+
+import numpy as np
+import pytest
+
+from difftrack.experiments import cag as X
+from difftrack.experiments import json_clean
+
+
+def test_settings_layers_and_json(tmp_path):
+    ls = X.layer_sets(tmp_path / "missing.json")
+    assert ls["top3"] == [8, 11, 5] and ls["bottom3"] == [0, 6, 9] and "defaults" in ls["source"]
+    (tmp_path / "a.json").write_text(json.dumps({"best_layers_top3": [1, 2, 3], "layer_ranking": list(range(12))}))
+    ls = X.layer_sets(tmp_path / "a.json")
+    assert ls["top3"] == [1, 2, 3] and ls["bottom3"] == [9, 10, 11]
+    st = X.cag_settings(ls, [0.5, 2])
+    assert list(st) == ["none", "top3_s0.5", "bottom3_s0.5", "top3_s2", "bottom3_s2"]
+    assert json.loads(json.dumps(json_clean({"a": float("nan"), "b": np.float32(1.5)}))) == {"a": None, "b": 1.5}
+
+
+def _committed(name):
+    from difftrack.paths import results_dir
+
+    return results_dir() / name
+
+
+@pytest.mark.parametrize("cls,name", [(X.CagResult, "cag.json"), (X.CagResult, "cag_notebook.json"),
+                                      (X.PromptAgreement, "mini_prompt_agreement.json")])
+def test_records_read_the_committed_results_and_round_trip(tmp_path, cls, name):
+    from difftrack.experiments import read_record, write_record
+
+    path = _committed(name)
+    rec = read_record(cls, path)
+    original = json.loads(path.read_text())
+    back = json.loads(write_record(tmp_path / name, rec).read_text())
+    assert back.pop("schema") == cls.SCHEMA and back == original and list(back) == list(original)
+    assert cls.from_json(json.loads((tmp_path / name).read_text())).to_json() == dict(back, schema=cls.SCHEMA)
+
+
+def test_records_name_the_file_and_the_missing_key(tmp_path):
+    from difftrack.experiments import RecordError, read_record
+
+    d = json.loads(_committed("cag.json").read_text())
+    p = tmp_path / "cag.json"
+    p.write_text(json.dumps({k: v for k, v in d.items() if k != "protocol"}))
+    with pytest.raises(RecordError, match=r"CAG result '.*cag\.json' misses the key 'protocol'"):
+        read_record(X.CagResult, p)
+    d["settings"]["none"].pop("summary")
+    p.write_text(json.dumps(d))
+    with pytest.raises(RecordError, match=r"'.*cag\.json': settings\['none'\] misses the key 'summary'"):
+        read_record(X.CagResult, p)
+    p.write_text(json.dumps({"n_videos": 2, "agreement": 0.5, "protocol": {}}))
+    with pytest.raises(RecordError, match=r"prompt agreement result '.*cag\.json' misses the key 'generated'"):
+        read_record(X.PromptAgreement, p)
+    p.write_text("[1]")
+    with pytest.raises(RecordError, match=r"holds a list; expected a JSON object"):
+        read_record(X.PromptAgreement, p)
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    from difftrack.experiments import write_record
+
+    rec = X.CagResult(protocol={"steps": 2}, settings={"none": dict(layer_set="none", scale=0.0,
+                                                                    summary={"agree": {"mean": np.float32(np.nan)}})})
+    back = json.loads(write_record(tmp_path / "c.json", rec).read_text())
+    assert back == {"schema": "cag/1", "protocol": {"steps": 2},
+                    "settings": {"none": {"layer_set": "none", "scale": 0.0, "summary": {"agree": {"mean": None}}}}}
+    assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed over the target
