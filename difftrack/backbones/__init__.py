@@ -229,6 +229,17 @@ def _arg(args: tuple, kwargs: dict, name: str, pos: int):
     raise ValueError(f"forward call has no {name!r} argument")
 
 
+def call_grid(frame_axis: int, text_pos: int | None = None, text_first: bool = False):
+    """``(model, args, kwargs) -> TokenGrid`` of a transformer call on latents ``hidden_states`` (positional 0) with
+    frames on ``frame_axis``; with ``text_pos``, the text ``encoder_hidden_states [B, L, D]`` (positional
+    ``text_pos``) is inside the self-attention, before the video (``text_first``) or after it."""
+    def grid(model, args, kwargs) -> TokenGrid:
+        text_len = 0 if text_pos is None else _arg(args, kwargs, "encoder_hidden_states", text_pos).shape[1]
+        return latent_grid(model, _arg(args, kwargs, "hidden_states", 0), frame_axis=frame_axis, text_len=text_len,
+                           text_first=text_first)
+    return grid
+
+
 def _check_tokens(grid: TokenGrid, n: int, what: str) -> TokenGrid:
     if grid.num_video != n:
         raise ValueError(f"{what}: {n} video tokens in the input, but the grid {grid.frames}x{grid.rows}x{grid.cols} "

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import (BackboneAdapter, PipelineFamily, TokenGrid, _arg, first_output, latent_grid, patch_sizes, register,
-               register_family)
+from . import BackboneAdapter, PipelineFamily, call_grid, first_output, patch_sizes, register, register_family
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
 
-def _cog_grid(model, args, kwargs) -> TokenGrid:
-    e = _arg(args, kwargs, "encoder_hidden_states", 1)  # [B, L, D]
-    return latent_grid(model, _arg(args, kwargs, "hidden_states", 0), frame_axis=1,  # [B, F, C, H, W]
-                       text_len=e.shape[1], text_first=True)
-
-
 register(BackboneAdapter(
     name="cogvideox",
     class_names=("CogVideoXTransformer3DModel",),
-    grid=_cog_grid,
+    grid=call_grid(frame_axis=1, text_pos=1, text_first=True),  # forward(hidden_states [B, F, C, H, W], [B, L, D])
     block_video_output=first_output,  # (hidden_states, encoder_hidden_states)
     cfg="batched",
     frames_first=True,

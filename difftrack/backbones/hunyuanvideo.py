@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import (BackboneAdapter, PipelineFamily, TokenGrid, _arg, block_list, first_output, latent_grid, register,
-               register_family)
+from . import BackboneAdapter, PipelineFamily, block_list, call_grid, first_output, register, register_family
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -22,12 +21,6 @@ if TYPE_CHECKING:
 # The token-replace I2V variant (``image_condition_type="token_replace"``, HunyuanVideo-I2V) uses the
 # ``HunyuanVideoTokenReplace*`` blocks with the same ``.attn``, the same [video, text] layout and the same return
 # value, so it is covered; ``latent_concat`` (SkyReels-I2V) only doubles the input channels.
-def _hunyuan_grid(model, args, kwargs) -> TokenGrid:
-    e = _arg(args, kwargs, "encoder_hidden_states", 2)  # [B, L, D]
-    return latent_grid(model, _arg(args, kwargs, "hidden_states", 0), frame_axis=2,  # [B, C, F, H, W]
-                       text_len=e.shape[1], text_first=False)
-
-
 def _hunyuan_blocks(m) -> list[tuple[str, nn.Module]]:
     return block_list("transformer_blocks")(m) + block_list("single_transformer_blocks")(m)
 
@@ -35,7 +28,7 @@ def _hunyuan_blocks(m) -> list[tuple[str, nn.Module]]:
 register(BackboneAdapter(
     name="hunyuanvideo",
     class_names=("HunyuanVideoTransformer3DModel",),
-    grid=_hunyuan_grid,
+    grid=call_grid(frame_axis=2, text_pos=2, text_first=False),
     blocks=_hunyuan_blocks,
     self_attention=lambda b: b.attn,
     block_video_output=first_output,  # (video hidden states, text hidden states)

@@ -2,8 +2,7 @@
 (cond first), latents ``[B, C, F, h, w]`` normalised by the VAE's ``latents_mean`` / ``latents_std``."""
 from __future__ import annotations
 
-from . import (BackboneAdapter, PipelineFamily, TokenGrid, _arg, block_list, latent_grid, register,
-               register_family)
+from . import BackboneAdapter, PipelineFamily, block_list, call_grid, register, register_family
 
 # forward(hidden_states [B, C, F, H, W], timestep [B] (Wan 2.2 TI2V: [B, N]), encoder_hidden_states, ...).
 # ``WanTransformerBlock.attn1`` is the self-attention over the video tokens only (RMSNorm across heads, then RoPE);
@@ -11,14 +10,10 @@ from . import (BackboneAdapter, PipelineFamily, TokenGrid, _arg, block_list, lat
 # to ``dispatch_attention_fn``, whose native backend permutes to [B, H, N, D] before torch SDPA. Blocks return the
 # video hidden states as a plain tensor. The pipelines call the transformer once per branch, cond first, then
 # uncond (pipeline_wan.py, pipeline_wan_i2v.py).
-def _wan_grid(model, args, kwargs) -> TokenGrid:
-    return latent_grid(model, _arg(args, kwargs, "hidden_states", 0), frame_axis=2)  # [B, C, F, H, W]
-
-
 register(BackboneAdapter(
     name="wan",
     class_names=("WanTransformer3DModel",),
-    grid=_wan_grid,
+    grid=call_grid(frame_axis=2),  # hidden_states [B, C, F, H, W]; no text tokens in the self-attention
     blocks=block_list("blocks"),
     cfg="sequential",  # cond first
 ))
