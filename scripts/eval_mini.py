@@ -10,6 +10,7 @@ points of frames 1..12 within half a token (2 px; the paper's 8 px at 480x720) a
 """
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -68,12 +69,13 @@ def cpu_forward_seconds(pipe, reps=3):
 
 t0 = time.time()
 if args.cpu_forward == "only":
+    load_before = os.getloadavg()[0]  # other work on the machine slows this timing down: record it
     fmin, fmed = cpu_forward_seconds(mini.load_default())
     res = json.loads(Path(args.out).read_text())
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
     res.update(cpu_forward_s_cfg2=round(fmin, 3), cpu_forward_s_cfg2_median=round(fmed, 3), cpu=cpu,
                cpu_threads=torch.get_num_threads(), cpu_forward_torch=torch.__version__,
-               cpu_forward_commit=git_commit())
+               cpu_forward_commit=git_commit(), cpu_forward_load_avg_1min=round(load_before, 2))
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     sys.exit(0)

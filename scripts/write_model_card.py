@@ -14,7 +14,11 @@ W = ROOT / "difftrack/weights/mini-cogvideox"
 sys.path.insert(0, str(ROOT))
 from difftrack import mini  # noqa: E402
 
-runs = [json.loads((W / f).read_text()) for f in ("training_log_run1.json", "training_log.json") if (W / f).exists()]
+# The committed weights' lineage, oldest first: each run resumed from the one before; training_log.json is the last.
+LINEAGE = (("run 1", "training_log_run1.json"), ("run 2", "training_log_run2.json"),
+           ("round 4", "training_log_round4.json"), ("round 6", "training_log.json"))
+named = [(n, json.loads((W / f).read_text())) for n, f in LINEAGE if (W / f).exists()]
+names, runs = [n for n, _ in named], [r for _, r in named]
 steps0, xs, ys = 0, [], []
 for r in runs:
     for rec in r["log"]:
@@ -23,9 +27,11 @@ for r in runs:
     steps0 += r["meta"]["steps"]
 fig, ax = plt.subplots(figsize=(6, 3.2))
 ax.plot(xs, ys, lw=0.8)
-if len(runs) > 1:
-    ax.axvline(runs[0]["meta"]["steps"], color="grey", ls="--", lw=0.8, label="run 2 resumes")
-    ax.legend()
+start = 0
+for name, r in zip(names[1:], runs):  # a dashed line where each later run resumes
+    start += r["meta"]["steps"]
+    ax.axvline(start, color="grey", ls="--", lw=0.8)
+    ax.text(start, max(ys), f" {name}", fontsize=7, va="top", color="grey")
 ax.set(xlabel="optimizer step", ylabel="v-prediction MSE", yscale="log", title="Embedded mini CogVideoX: training loss")
 fig.tight_layout()
 (ROOT / "figures").mkdir(exist_ok=True)
@@ -60,10 +66,14 @@ lines = [
     "evaluation. Prompts are generated from the parameters (10% dropped for classifier-free guidance).", "",
     "## Training",
 ]
-for i, m in enumerate(meta, 1):
-    lines.append(f"- Run {i}: {m['steps']} steps, batch {m['batch_size']}, lr {m['lr']} (cosine), "
-                 f"{m['minutes']} min on {m.get('device_name')}, torch {m['torch']}, commit {m.get('commit')}, "
-                 f"final logged loss {m.get('final_loss')}" + (f", resumed from run {i - 1}" if m.get("init") else ""))
+lines.append(f"The weights are the end of {len(meta)} runs, each resumed from the one before "
+             f"({sum(m['steps'] for m in meta)} steps, {sum(m['minutes'] for m in meta):.1f} min in all); "
+             "`training_log*.json` and `train_stdout*.log` beside the weights are their logs.")
+for i, (name, m) in enumerate(zip(names, meta)):
+    lines.append(f"- {name[0].upper() + name[1:]}: {m['steps']} steps, batch {m['batch_size']}, lr {m['lr']} (cosine)"
+                 f"{', torch.compile' if m.get('compile') else ''}, seed {m.get('seed')}, {m['minutes']} min on "
+                 f"{m.get('device_name')}, torch {m['torch']}, commit {str(m.get('commit'))[:7]}, final logged loss "
+                 f"{m.get('final_loss')}" + (f", resumed from {names[i - 1]}" if i else ""))
 lines += ["", "![loss](loss_curve.png)", "", "## Results (measured)"]
 if res:
     lines += [
