@@ -97,6 +97,19 @@ if pa:
               f"({'met' if pa.get('passes_target') else 'not met'}). The measure: results/mini_prompt_agreement.json. "
               f"Samples (first 16, title green = agrees):", "",
               "![samples](../../../figures/mini_samples_grid.png)", ""]
+ss_file = ROOT / "results/scheduler_study.json"
+if ss_file.exists():  # issue 20: few-step sampling on the CPU
+    ss = json.loads(ss_file.read_text())
+    lines += ["## Sampling in few steps", "`difftrack.mini.few_step_scheduler('dpm++' | 'unipc', pipe.scheduler.config)` "
+              "swaps in a multistep solver on the trained schedule. Against the 50-step DDIM sample of the same "
+              f"noise ({ss['settings']['prompts']} held-out prompts, {ss['device']}, `results/scheduler_study.json`):", "",
+              "| sampler | mean PSNR to DDIM 50 (dB) | worst (dB) | prompt agreement | seconds a video (CPU) |",
+              "|---|---|---|---|---|"]
+    for k, v in ss["summary"].items():
+        f = (lambda x: "-" if x is None else f"{x:.1f}")  # noqa: E731
+        lines.append(f"| {k}{' (reference)' if v['reference'] else ''} | {f(v['psnr_db_mean'])} | {f(v['psnr_db_min'])} "
+                     f"| {v['agreement']:.2f} | {v['seconds_per_video']:.1f} |")
+    lines.append("")
 rounds_file = ROOT / "results/train_rounds/rounds.json"
 if rounds_file.exists():  # issue 20: every training round, kept or not, with its held-out evaluation
     rd = json.loads(rounds_file.read_text())

@@ -79,3 +79,45 @@ def test_bad_call_arguments_raise_instead_of_silent_correction(kwargs, match):
     kw = dict(num_inference_steps=1, num_frames=2, height=16, width=16, progress=False)
     with pytest.raises(ValueError, match=match):
         pipe("a red circle moving left on a still background", **{**kw, **kwargs})
+
+
+@pytest.mark.parametrize("kind", mini.FEW_STEP_SCHEDULERS)
+def test_few_step_scheduler_keeps_the_trained_noise_schedule(kind):
+    from diffusers import CogVideoXDDIMScheduler
+
+    ddim = CogVideoXDDIMScheduler(**mini.scheduler_config())
+    s = mini.few_step_scheduler(kind, ddim.config)
+    assert s.config.prediction_type == "v_prediction"
+    ac, ref = s.alphas_cumprod.double(), ddim.alphas_cumprod.double()
+    # every training-time alpha_cumprod is kept (float32 rounding) except zero terminal SNR's last, made positive
+    assert torch.allclose(ac[:-1], ref[:-1], rtol=1e-5, atol=1e-6) and ref[-1] == 0 and 0 < ac[-1] < ref[-2]
+    ddim.set_timesteps(10)
+    s.set_timesteps(10)
+    assert torch.equal(s.timesteps.long(), ddim.timesteps.long())
+
+
+def test_few_step_scheduler_bad_input_names_the_value():
+    with pytest.raises(ValueError, match=r"kind='euler'.*dpm\+\+, unipc"):
+        mini.few_step_scheduler("euler")
+    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+        mini.few_step_scheduler("dpm++", {**mini.scheduler_config(), "prediction_type": "epsilon"})
+
+
+def test_pipeline_runs_with_swapped_schedulers_and_saves_them(tmp_path):
+    from diffusers import CogVideoXDPMScheduler, DPMSolverMultistepScheduler
+
+    pipe = mini.load_default()
+    kw = dict(num_inference_steps=3, num_frames=3, height=32, width=32, output_type="latent", progress=False)
+    prompt = "a red circle moving left on a still background"
+    ddim = pipe(prompt, generator=torch.Generator().manual_seed(1), **kw).frames
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)  # CogVideoX-5B's sampler (stochastic)
+    a = pipe(prompt, generator=torch.Generator().manual_seed(1), **kw).frames
+    b = pipe(prompt, generator=torch.Generator().manual_seed(1), **kw).frames
+    assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.equal(a, ddim)
+    pipe.scheduler = mini.few_step_scheduler("dpm++", pipe.scheduler.config)
+    c = pipe(prompt, generator=torch.Generator().manual_seed(1), **kw).frames
+    assert torch.isfinite(c).all() and not torch.equal(c, ddim)
+    pipe.save_pretrained(str(tmp_path))
+    back = mini.MiniVideoPipeline.from_pretrained(str(tmp_path))
+    assert isinstance(back.scheduler, DPMSolverMultistepScheduler)
+    assert torch.equal(back(prompt, generator=torch.Generator().manual_seed(1), **kw).frames, c)
