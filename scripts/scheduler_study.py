@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
         import matplotlib.pyplot as plt
 
         shown = prompts[:a.figure_prompts]
-        fig, axes = plt.subplots(len(shown), len(runs), figsize=(1.7 * len(runs), 1.9 * len(shown)), squeeze=False)
+        fig, axes = plt.subplots(len(shown), len(runs), figsize=(1.7 * len(runs) + 0.6, 1.9 * len(shown)), squeeze=False)
         for i, p in enumerate(shown):
             for j, (name, steps) in enumerate(runs):
                 v = videos[p["index"], name, steps]
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
                 if i == 0:
                     ax.set_title(f"{name} {steps} steps" + (" (ref)" if j == 0 else ""), fontsize=8)
                 if j == 0:
-                    ax.set_ylabel(p["prompt"].replace(" on ", "\non ").replace(", ", ",\n"), fontsize=6)
+                    ax.set_ylabel(textwrap.fill(p["prompt"], 24), fontsize=6)
         fig.suptitle("Embedded model, middle frame, same noise: few-step solvers vs 50 DDIM steps", fontsize=9)
         fig.tight_layout()
         Path(a.figure).parent.mkdir(parents=True, exist_ok=True)
