@@ -49,7 +49,26 @@ if mm:
     if mm.get("cpu_forward_s_cfg2") is not None:
         out += [f"One transformer forward at CFG batch 2 on the CPU: **{mm['cpu_forward_s_cfg2']:.2f} s** (best of 3; "
                 f"median {mm.get('cpu_forward_s_cfg2_median', float('nan')):.2f} s; {mm.get('cpu', 'cpu')}, "
-                f"{mm.get('cpu_threads')} threads; goal <= 3 s).", ""]
+                f"{mm.get('cpu_threads')} threads; goal <= 3 s"
+                + (f"; 1-minute load average {mm['cpu_forward_load_avg_1min']} when measured: other work on the "
+                   "machine slows it, and an earlier 3.36 s of the same architecture came from a run that did not "
+                   "record its load" if mm.get("cpu_forward_load_avg_1min") is not None else "") + ").", ""]
+pp = load("prompt_probe.json")
+if pp:
+    sm = pp["summary"]
+    share = lambda split, fam, key: [v[key] for k, v in sm.items() if k.startswith(f"{split}/{fam}/") and v.get(key) is not None]  # noqa: E731
+    rng = lambda xs: f"{min(xs):+.2f} to {max(xs):+.2f}"  # noqa: E731
+    out += [f"Which prompt words the model reads (`scripts/prompt_probe.py`, {pp['device']}, "
+            f"{pp['settings']['videos_per_family_and_split']} world videos per family and split, timesteps "
+            f"{pp['settings']['timesteps']}): swapping the motion words of an object prompt costs "
+            f"{rng(share('train', 'objects', 'motion_share') + share('heldout', 'objects', 'motion_share'))} of what "
+            f"dropping the whole prompt costs, swapping its colours {rng(share('train', 'objects', 'colour_share') + share('heldout', 'objects', 'colour_share'))}; "
+            f"camera-motion words of scene prompts {rng(share('train', 'scenes', 'motion_share'))} on train textures and "
+            f"{rng(share('heldout', 'scenes', 'motion_share'))} on held-out ones. "
+            + ("The network has hardly learned object motion direction from the text, which is why prompt agreement "
+               "stays near chance on direction " if max(share('train', 'objects', 'motion_share')
+                                                         + share('heldout', 'objects', 'motion_share')) < 0.1 else "")
+            + "(`results/prompt_probe.json`).", ""]
 ss = load("scheduler_study.json")
 if ss:
     sm, se = ss["summary"], ss["settings"]
