@@ -39,3 +39,11 @@ def tiny_inputs(batch=2, frames=2, seed=0, rope=False, model=None, cfg=False):
 @pytest.fixture
 def tiny():
     return tiny_cogvideox
+
+
+def with_schema(original: dict, schema: str) -> dict:
+    """What writing a result record read from ``original`` must give back: ``"schema"`` first, then every key of
+    ``original`` in its order. A file that already names a schema must name this one (files written before the
+    records existed have none)."""
+    assert original.get("schema", schema) == schema, f"file says schema {original.get('schema')!r}, record {schema!r}"
+    return {"schema": schema, **{k: v for k, v in original.items() if k != "schema"}}

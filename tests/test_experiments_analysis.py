@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import with_schema
 from difftrack import analysis
 from difftrack.experiments import analysis as xa
 
@@ -221,8 +222,8 @@ def test_analysis_summary_record_round_trip_and_errors(tmp_path):
                                                         "bottom3": rec.combined["worst_layers_bottom3"]}
     out = write_record(tmp_path / "s.json", rec)
     back = json.loads(out.read_text())
-    assert back.pop("schema") == "analysis_summary/1" and back == json.loads(committed.read_text())
-    assert list(back) == list(json.loads(committed.read_text()))  # every key, in the same order
+    expected = with_schema(json.loads(committed.read_text()), "analysis_summary/1")
+    assert back == expected and list(back) == list(expected)  # every key, in the same order, "schema" first
     (tmp_path / "one.json").write_text(json.dumps({"layer_ranking": [3, 2, 1, 0]}))
     assert read_record(xa.AnalysisSummary, tmp_path / "one.json").layer_sets() == {"top3": [3, 2, 1],
                                                                                     "bottom3": [2, 1, 0]}
