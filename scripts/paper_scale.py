@@ -145,9 +145,14 @@ def commands(a) -> dict[str, list[list[str]]]:
 
 
 def stage_key(a, stage: str) -> str:
-    """What a finished stage depends on: its command line and the settings (not the commit: code changes are the
-    caller's to judge; --force re-runs)."""
-    blob = json.dumps(dict(cmd=commands(a)[stage], settings=a.settings, device=a.device), sort_keys=True)
+    """What a finished stage depends on: its command line, the settings and the embedded model's weights
+    (:func:`difftrack.experiments.weights_digest`: new weights re-run every stage; the per-item caches check the
+    weights themselves). Not the commit: code changes are the caller's to judge; --force re-runs."""
+    from difftrack.experiments import weights_digest
+    from difftrack.mini import WEIGHTS_DIR
+
+    blob = json.dumps(dict(cmd=commands(a)[stage], settings=a.settings, device=a.device,
+                           weights=weights_digest(WEIGHTS_DIR)), sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

@@ -17,7 +17,6 @@ hash and the settings): an interrupted run recomputes only what is missing. Writ
 from __future__ import annotations
 
 import argparse
-import hashlib
 import platform
 import sys
 import textwrap
@@ -60,13 +59,6 @@ def parse_args(argv=None):
     return a
 
 
-def weights_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
@@ -80,7 +72,8 @@ def main(argv=None) -> int:
     import diffusers
     from difftrack import cag_eval as E
     from difftrack import mini
-    from difftrack.experiments import cache_key, json_clean, write_json
+    from difftrack.experiments import cache_key, json_clean, weights_digest, write_json
+    from difftrack.fileio import load_npz
     from difftrack.provenance import device_name, git_commit
 
     folder = Path(a.weights) if a.weights else mini.WEIGHTS_DIR
@@ -90,7 +83,7 @@ def main(argv=None) -> int:
     base = pipe.scheduler
     schedulers = {"ddim": base, "dpm++": mini.few_step_scheduler("dpm++", base.config),
                   "unipc": mini.few_step_scheduler("unipc", base.config)}
-    wid = weights_hash(folder)
+    wid = weights_digest(folder)
     prompts = E.eval_prompts(a.prompts, seed0=500)
     runs = [("ddim", a.reference_steps)] + [s for s in a.settings if s != ("ddim", a.reference_steps)]
     cache = Path(a.cache)
@@ -103,7 +96,7 @@ def main(argv=None) -> int:
                                                         scheduler=name, steps=steps, cfg=a.cfg, dtype="fp32"))
         f = cache / f"{key}.npz"
         if f.exists():
-            z = np.load(f)
+            z = load_npz(f, "cached scheduler-study video", "delete it to generate it again")
             video, sec = z["video"], float(z["seconds"])
         else:
             pipe.scheduler = schedulers[name]

@@ -236,3 +236,37 @@ def test_analysis_summary_record_round_trip_and_errors(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"schema": "cag/1"}))
     with pytest.raises(RecordError, match=r"has schema 'cag/1'; expected 'analysis_summary/1'"):
         read_record(xa.AnalysisSummary, tmp_path / "other.json")
+
+
+def test_weights_fingerprint_and_digest_follow_the_weights(tmp_path):
+    import torch
+
+    from difftrack import mini
+    from difftrack.experiments import weights_digest, weights_fingerprint
+
+    a, b = mini.build_untrained(0), mini.build_untrained(0)
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.transformer.transformer_blocks[5].attn1.to_q.weight[3, 7] += 1e-4
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    with pytest.raises(ValueError, match="no torch.nn.Module component"):
+        weights_fingerprint(object())
+    a.save_pretrained(str(tmp_path / "a"))
+    b.save_pretrained(str(tmp_path / "b"))
+    assert weights_digest(tmp_path / "a") != weights_digest(tmp_path / "b")
+    assert weights_digest(tmp_path / "a") == weights_digest(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="no .*weight file under"):
+        weights_digest(tmp_path / "a" / "scheduler")
+
+
+def test_model_id_changes_with_the_weights_not_only_the_folder():
+    import torch
+
+    from difftrack import mini
+    from difftrack.runners import as_runner
+
+    a, b = mini.build_untrained(0), mini.build_untrained(0)
+    assert xa.model_id(as_runner(a)) == xa.model_id(as_runner(b))
+    with torch.no_grad():
+        next(b.text_encoder.parameters()).view(-1)[0] += 1e-3
+    assert xa.model_id(as_runner(a)) != xa.model_id(as_runner(b))

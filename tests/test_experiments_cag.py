@@ -70,3 +70,32 @@ def test_non_finite_values_are_written_as_null(tmp_path):
     assert back == {"schema": "cag/1", "protocol": {"steps": 2},
                     "settings": {"none": {"layer_set": "none", "scale": 0.0, "summary": {"agree": {"mean": None}}}}}
     assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed over the target
+
+
+def test_cached_videos_of_other_weights_are_generated_again(tmp_path, monkeypatch):
+    import torch
+
+    from difftrack import cag_eval
+
+    calls = []
+
+    def fake_generate(pipe, prompts, seeds, *a, step_times=None, **k):
+        calls.append(list(seeds))
+        step_times.extend([0.1, 0.1])
+        return np.stack([np.full((2, 4, 4, 3), s, np.uint8) for s in seeds])
+
+    monkeypatch.setattr(cag_eval, "generate_videos", fake_generate)
+    torch.manual_seed(0)
+    old, new = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    items = [dict(index=i, prompt="p", noise_seed=10 + i) for i in range(2)]
+    X.generate_cached(old, items, tmp_path, log=None)
+    X.generate_cached(old, items, tmp_path, log=None)  # same weights: every video reused
+    assert calls == [[10, 11]]
+    with pytest.warns(UserWarning, match=r"made by other weights .* 2 files deleted and generated again"):
+        X.generate_cached(new, items, tmp_path, log=None)
+    assert calls == [[10, 11], [10, 11]]
+    with torch.no_grad():
+        new.weight[1, 2] += 1e-3  # one weight changed in place
+    with pytest.warns(UserWarning, match="made by other weights"):
+        X.generate_cached(new, items, tmp_path, log=None)
+    assert len(calls) == 3

@@ -162,3 +162,13 @@ def test_head_study_is_read_back_and_drawn(tmp_path):
     assert (tmp_path / "h.png").stat().st_size > 0 and len(fig.axes[0].patches) == 1
     with pytest.raises(ValueError, match="2 head-set names for 3 columns"):
         viz.head_heatmap(h.acc_half, ["a", "b"])
+
+
+def test_new_weights_change_every_stage_key(tmp_path, monkeypatch):
+    import difftrack.experiments as ex
+
+    a = paper_scale.parse_args(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
+    before = {s: paper_scale.stage_key(a, s) for s in paper_scale.STAGES}
+    assert before == {s: paper_scale.stage_key(a, s) for s in paper_scale.STAGES}
+    monkeypatch.setattr(ex, "weights_digest", lambda folder: "0" * 16)
+    assert all(paper_scale.stage_key(a, s) != before[s] for s in paper_scale.STAGES)

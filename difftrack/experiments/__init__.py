@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["canonical_json", "cache_key", "json_clean", "write_json", "RecordError", "ResultRecord", "read_record",
-           "write_record"]
+__all__ = ["canonical_json", "cache_key", "weights_digest", "weights_fingerprint", "json_clean", "write_json",
+           "RecordError", "ResultRecord", "read_record", "write_record"]
 
 
 # ---------------------------------------------------------------------------------------------- cache keys
@@ -57,6 +57,47 @@ def cache_key(job: str, schema: str, fields: dict) -> str:
         raise ValueError(f"fields is a {type(fields).__name__}; allowed: a dict of what the result depends on")
     blob = canonical_json({"job": job, "schema": str(schema), "fields": fields})
     return hashlib.sha256(blob.encode("ascii")).hexdigest()[:16]
+
+
+def weights_digest(folder: str | os.PathLike) -> str:
+    """What identifies the weights saved in a pipeline folder, without loading them: the first 16 hex digits of the
+    SHA-256 of the bytes of every ``*.safetensors`` / ``*.bin`` file under ``folder``, in sorted path order.
+    ``FileNotFoundError`` naming the folder when it holds no weight file."""
+    folder = Path(folder)
+    files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in folder.rglob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or *.bin weight file under {str(folder)!r}")
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(pipe) -> str:
+    """What identifies the weights a pipeline holds in memory, for cache keys: the first 16 hex digits of a SHA-256
+    over every parameter and buffer of its ``torch.nn.Module`` components (or of ``pipe`` itself when it is a module):
+    name, shape, dtype, the float64 sum and sum of squares (10 significant digits, so the device's summation order
+    does not matter) and the first 8 values. One pass over the weights on their own device; two pipelines whose
+    weights differ anywhere give different fingerprints."""
+    import torch
+
+    comps = {"": pipe} if isinstance(pipe, torch.nn.Module) else dict(getattr(pipe, "components", {}) or {})
+    mods = {k: v for k, v in comps.items() if isinstance(v, torch.nn.Module)}
+    if not mods:
+        raise ValueError(f"{type(pipe).__name__} has no torch.nn.Module component to fingerprint")
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for cname in sorted(mods):
+            tensors = list(mods[cname].named_parameters()) + list(mods[cname].named_buffers())
+            for name, t in tensors:
+                d = t.detach().reshape(-1)
+                stats = torch.stack([d.double().sum(), d.double().square().sum()]).tolist()
+                head = d[:8].double().tolist()
+                h.update(f"{cname}.{name}|{tuple(t.shape)}|{t.dtype}|{stats[0]:.10g}|{stats[1]:.10g}|"
+                         f"{[f'{v:.10g}' for v in head]}".encode())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- JSON helpers

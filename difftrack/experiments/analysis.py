@@ -217,11 +217,15 @@ def _match_settings(kw: dict) -> dict:
 
 
 def model_id(runner) -> str:
-    """What identifies a model for the analysis cache: pipeline class, weights folder name, blocks and dtype."""
+    """What identifies a model for the analysis cache: pipeline class, weights folder name, blocks, dtype and the
+    fingerprint of the weights themselves (:func:`difftrack.experiments.weights_fingerprint`), so new weights in the
+    same folder never reuse records of the old ones."""
+    from . import weights_fingerprint
+
     pipe = runner.pipe
     name = Path(str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")).name
     dtype = str(getattr(getattr(pipe, "transformer", None), "dtype", ""))
-    return f"{type(pipe).__name__}:{name}:{runner.num_layers}:{dtype}"
+    return f"{type(pipe).__name__}:{name}:{runner.num_layers}:{dtype}:{weights_fingerprint(pipe)}"
 
 
 def cache_fields(item: dict, num_steps: int, grid_size: int, size=None, guidance_scale: float = 6.0,

@@ -99,12 +99,27 @@ def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: 
                     autocast: str | None = None) -> list[dict]:
     """Generate every item (``{"index", "prompt", "noise_seed"}``) whose video is not cached yet under
     ``directory``, ``batch_size`` videos per pipeline call; each video is saved as soon as its batch ends, so an
-    interrupted run resumes. Returns one timing record per batch: ``{"batch", "steps", "step_seconds" (median over
-    the steps after the first), "first_step_seconds", "total_seconds"}``."""
-    from ..fileio import npy_intact
+    interrupted run resumes. The folder's ``weights.json`` holds the fingerprint of the weights that made its videos
+    (:func:`difftrack.experiments.weights_fingerprint`); when ``pipe`` holds other weights, the cached videos are
+    deleted with a warning and generated again (a folder without the file, from before it existed or unpacked from a
+    pack, is taken to be of ``pipe``'s weights). Returns one timing record per batch: ``{"batch", "steps",
+    "step_seconds" (median over the steps after the first), "first_step_seconds", "total_seconds"}``."""
+    from ..fileio import npy_intact, read_json
+    from . import weights_fingerprint, write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if pipe is not None:
+        marker = directory / "weights.json"
+        fp = weights_fingerprint(pipe)
+        made_by = read_json(marker, "CAG cache weights record") if marker.exists() else fp
+        if made_by != fp:
+            stale = sorted(directory.glob("*_seed*.npy")) + sorted(directory.glob("step_seconds.json"))
+            warnings.warn(f"cached videos in {str(directory)!r} were made by other weights ({made_by}, now {fp}); "
+                          f"{len(stale)} files deleted and generated again", stacklevel=2)
+            for f in stale:
+                f.unlink()
+        write_json(marker, fp, indent=None)
     todo = []
     for it in items:
         p = video_path(directory, it["index"], it["noise_seed"])
