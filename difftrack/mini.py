@@ -71,7 +71,7 @@ FEW_STEP_SCHEDULERS = ("dpm++", "unipc")
 
 
 def few_step_scheduler(kind: str = "dpm++", config: dict | None = None) -> SchedulerMixin:
-    """A multistep ODE solver on the embedded model's own noise schedule, for usable samples in few steps.
+    """A multistep ODE solver on the embedded model's own noise schedule, for sampling in fewer steps.
 
     ``kind``: ``"dpm++"`` (``DPMSolverMultistepScheduler``, DPM-Solver++ 2M) or ``"unipc"``
     (``UniPCMultistepScheduler``, bh2). ``config``: the ``CogVideoXDDIMScheduler`` config the model was trained with
@@ -240,8 +240,8 @@ class MiniVideoPipeline(DiffusionPipeline):
             prompt: one prompt or a list (world vocabulary only).
             num_frames, height, width: video size; height and width positive multiples of 4 (the token stride;
                 other sizes raise ``ValueError``, nothing is rounded).
-            num_inference_steps: denoising steps (the paper uses 50; with :func:`few_step_scheduler` 10-15 give
-                samples close to 50 DDIM steps, see ``results/scheduler_study.json``).
+            num_inference_steps: denoising steps (the paper uses 50; how far 10-15 steps of DDIM or of
+                :func:`few_step_scheduler` land from 50 DDIM steps is measured in ``results/scheduler_study.json``).
             guidance_scale: classifier-free guidance weight (> 1 enables CFG, batch ``[uncond, cond]``); finite, in
                 :data:`GUIDANCE_SCALE_RANGE` ``[0, 50]``.
             generator: seeds the initial noise (drawn on the CPU, so results match across devices).
