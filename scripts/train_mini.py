@@ -63,6 +63,7 @@ p.add_argument("--single-object-frac", type=float,
                help="share of object videos with one object (the rest split 2:1 between two and three objects)")
 p.add_argument("--high-noise-frac", type=float, help="share of each batch at t >= 600 (default 0: uniform t)")
 p.add_argument("--change-weight", type=float, help="loss weight on what changes between frames (default 0)")
+p.add_argument("--warmup", type=int, help=f"linear warm-up steps (default {warmup}; a short resumed round wants fewer)")
 p.add_argument("--arm", default=None, help="name of an A/B arm (recorded in the log)")
 p.add_argument("--compile", action="store_true", help="torch.compile the transformer (GPU: about 2x the steps per "
                "second after a one-minute compile; bench/bench_train.py)")
@@ -83,6 +84,7 @@ if args.single_object_frac is not None:
     object_count_p = (f1, (1 - f1) * 2 / 3, (1 - f1) / 3)
 high_noise_frac = high_noise_frac if args.high_noise_frac is None else args.high_noise_frac
 change_weight = change_weight if args.change_weight is None else args.change_weight
+warmup = warmup if args.warmup is None or smoke else args.warmup
 for name, v in (("p_uncond", p_uncond), ("high_noise_frac", high_noise_frac)) + tuple(
         (f"object_count_p[{i}]", x) for i, x in enumerate(object_count_p)):
     if not 0.0 <= v <= 1.0:
@@ -186,7 +188,7 @@ except Exception:
     commit = None
 meta = dict(init=init, compile=bool(args.compile), steps=step, batch_size=batch_size, minutes=round((time.time() - t0) / 60, 2), lr=lr,
             p_uncond=p_uncond, p_scenes=p_scenes, object_count_p=list(object_count_p), high_noise_frac=high_noise_frac,
-            high_noise_t=high_noise_t, change_weight=change_weight, arm=args.arm, ema_decay=ema_decay, seed=seed, device=device,
+            high_noise_t=high_noise_t, change_weight=change_weight, warmup=warmup, arm=args.arm, ema_decay=ema_decay, seed=seed, device=device,
             device_name=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
             torch=torch.__version__, commit=commit, final_loss=log[-1]["loss"] if log else None, smoke=smoke)
 (out / "training_log.json").write_text(json.dumps(dict(meta=meta, log=log), indent=1))
