@@ -1,9 +1,9 @@
 """Tiny random pipelines of the real diffusers classes, built entirely offline (no Hub, no downloads).
 
-``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` (Wan 2.1, and Wan 2.2 TI2V:
-``"wan22_ti2v"``), ``HunyuanVideoPipeline``, ``SkyReelsV2Pipeline`` / ``SkyReelsV2DiffusionForcingPipeline`` or
-``MochiPipeline`` whose every component (tokenizers included) is constructed in code from a config, with random weights. They run a
-full denoising loop and VAE decode on CPU in well under a second per step and round-trip through
+``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` (Wan 2.1, and Wan 2.2
+TI2V: ``"wan22_ti2v"``), ``HunyuanVideoPipeline``, ``SkyReelsV2Pipeline`` / ``SkyReelsV2DiffusionForcingPipeline``
+or ``MochiPipeline`` whose every component (tokenizers included) is constructed in code from a config, with random
+weights. They run a full denoising loop and VAE decode on CPU in well under a second per step and round-trip through
 ``save_pretrained`` / ``from_pretrained``. They exist to test the capture against the real pipelines' calling
 conventions (CFG layout, number of transformer calls per step, keyword names, dtypes), not to generate anything.
 
@@ -12,8 +12,8 @@ TI2V (16x spatial VAE) 9 frames of 64x64, Mochi (6x temporal VAE) 13 frames of 3
 
 Tokenizers are small closed vocabularies (:data:`WORDS`) built with the ``tokenizers`` library:
 
-* ``cogvideox`` / ``wan`` / ``wan22_ti2v`` / ``skyreels_v2*`` / ``mochi``: ``T5Tokenizer`` (a Unigram model with whole-word pieces plus single letters, so any
-  lower-case ASCII prompt tokenizes).
+* ``cogvideox``, ``wan``, ``wan22_ti2v``, ``skyreels_v2*``, ``mochi``: ``T5Tokenizer`` (a Unigram model with
+  whole-word pieces plus single letters, so any lower-case ASCII prompt tokenizes).
 * ``hunyuanvideo``: a word-level ``PreTrainedTokenizerFast`` for the Llama encoder (it knows every word of diffusers'
   default HunyuanVideo prompt template, plus its three special tokens) and a character-level ``CLIPTokenizer``. The
   template prefix is not 95 tokens long with this tokenizer, so pass :func:`hunyuan_prompt_template` as

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_backbones import hunyuan_inputs, skyreels_inputs, tiny_hunyuan, tiny_mochi, tiny_skyreels, tiny_wan, wan_inputs
+from test_backbones import (hunyuan_inputs, skyreels_inputs, tiny_hunyuan, tiny_mochi, tiny_skyreels, tiny_wan,
+                            wan_inputs)
 from test_guidance import dense_mask
 from test_real_pipelines import call_kwargs
 from torch.overrides import TorchFunctionMode

@@ -16,9 +16,9 @@ test.
 |---|---|---|---|
 | CogVideoX-2B/5B/5B-I2V/1.5 | ``CogVideoXTransformer3DModel`` | ``[text, video]`` | one batch ``[uncond, cond]`` |
 | HunyuanVideo (T2V, I2V) | ``HunyuanVideoTransformer3DModel`` | ``[video, text]``; 20 dual + 40 single blocks as one list | embedded guidance, batch 1; true CFG: separate forwards, cond first |
-| Wan 2.1/2.2 (TI2V-5B: per-token timesteps) | ``WanTransformer3DModel`` | ``[video]`` (text by cross-attention) | separate forwards, cond first |
-| SkyReels-V2 (T2V, diffusion forcing) | ``SkyReelsV2Transformer3DModel`` | ``[video]`` (text by cross-attention) | separate forwards, cond first |
-| Mochi 1 | ``MochiTransformer3DModel`` | ``[video, valid text]`` per batch row (asymmetric streams) | one batch ``[uncond, cond]`` |
+| Wan 2.1/2.2 | ``WanTransformer3DModel`` | ``[video]`` (text by cross-attention) | separate forwards, cond first |
+| SkyReels-V2 | ``SkyReelsV2Transformer3DModel`` | ``[video]``; per-frame timesteps | separate forwards, cond first |
+| Mochi 1 | ``MochiTransformer3DModel`` | ``[video, valid text]``, one SDPA per row | one batch ``[uncond, cond]`` |
 | LTX-Video | ``LTXVideoTransformer3DModel`` | ``[video]`` (text by cross-attention), input already patchified | one batch ``[uncond, cond]`` |
 
 Not covered: ``HunyuanVideoFramepackTransformer3DModel`` (history tokens are prepended to the video and the text is
