@@ -275,9 +275,10 @@ def test_folder_geometry_matches_the_runner_of_saved_tiny_pipelines(tmp_path):
     """The config-file reading agrees with VideoRunner on the real diffusers classes (tiny random pipelines, as
     tests/test_notebooks_backbones.py runs notebooks 02 and 04 on), and those notebook runs' parameters pass."""
     from difftrack.runners import VideoRunner
-    from difftrack.testing import FRAMES, HEIGHT, KINDS, WIDTH, build_tiny_pipeline
+    from difftrack.testing import KINDS, build_tiny_pipeline, tiny_size
 
     for kind in KINDS:
+        FRAMES, HEIGHT, WIDTH = tiny_size(kind)
         folder = tmp_path / kind
         runner = VideoRunner(build_tiny_pipeline(kind, path=folder))
         g = model_geometry(str(folder))
