@@ -85,70 +85,68 @@ def _cogvideox():
 
 
 # ---------------------------------------------------------------------------------------------------- Wan
-def _wan():
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+def _umt5():
+    """The tiny T5 tokenizer and UMT5 encoder of the Wan-like pipelines (seed 0)."""
     from transformers import UMT5EncoderModel
 
     tok = _t5_tokenizer()
     torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(_t5_config(len(tok), 16, umt5=True)).eval()
+    return tok, UMT5EncoderModel(_t5_config(len(tok), 16, umt5=True)).eval()
+
+
+def _wan_vae(**over):
+    """A tiny ``AutoencoderKLWan`` (seed 1): Wan 2.1's layout, ``over`` replacing keyword arguments."""
+    from diffusers import AutoencoderKLWan
+
     torch.manual_seed(1)
-    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
+    kw = dict(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    return AutoencoderKLWan(**{**kw, **over}).eval()
+
+
+def _wan_transformer(cls, channels: int = 16, **extra):
+    """A tiny Wan-layout transformer of class ``cls`` (seed 2; Wan, SkyReels-V2)."""
     torch.manual_seed(2)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=scheduler)
+    return cls(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=channels,
+               out_channels=channels, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+               rope_max_seq_len=32, **extra).eval()
+
+
+def _wan():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    tok, text_encoder = _umt5()
+    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=_wan_vae(),
+                       transformer=_wan_transformer(WanTransformer3DModel),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
 
 
 def _wan22_ti2v():
     """Wan 2.2 TI2V-5B layout: the Wan 2.2 VAE (residual, 2x2 patchified input, 16x spatial, 48 latent channels)
     and ``expand_timesteps=True`` (per-token timesteps)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-    tok = _t5_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(_t5_config(len(tok), 16, umt5=True)).eval()
-    torch.manual_seed(1)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
-                           in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
-                           scale_factor_temporal=4, temperal_downsample=[False, True, True],
-                           latents_mean=[0.0] * 48, latents_std=[1.0] * 48).eval()
-    torch.manual_seed(2)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=48, out_channels=48,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=scheduler, expand_timesteps=True)
+    tok, text_encoder = _umt5()
+    vae = _wan_vae(base_dim=8, z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                   scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
+                   latents_std=[1.0] * 48)
+    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
+                       transformer=_wan_transformer(WanTransformer3DModel, 48),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), expand_timesteps=True)
 
 
 # ------------------------------------------------------------------------------------------ SkyReels-V2
 def _skyreels(df: bool):
     """``SkyReelsV2Pipeline`` (``df=False``) or ``SkyReelsV2DiffusionForcingPipeline`` (the fps embedding injected,
     as the diffusion-forcing call passes ``fps``); the Wan VAE; a flow UniPC scheduler (shift 8, the T2V value)."""
-    from diffusers import (AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Pipeline,
-                           SkyReelsV2Transformer3DModel, UniPCMultistepScheduler)
-    from transformers import UMT5EncoderModel
+    from diffusers import (SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel,
+                           UniPCMultistepScheduler)
 
-    tok = _t5_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(_t5_config(len(tok), 16, umt5=True)).eval()
-    torch.manual_seed(1)
-    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
-    torch.manual_seed(2)
-    transformer = SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
-        inject_sample_info=df).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    tok, text_encoder = _umt5()
     cls = SkyReelsV2DiffusionForcingPipeline if df else SkyReelsV2Pipeline
-    return cls(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    return cls(tokenizer=tok, text_encoder=text_encoder, vae=_wan_vae(),
+               transformer=_wan_transformer(SkyReelsV2Transformer3DModel, inject_sample_info=df),
+               scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                 flow_shift=8.0))
 
 
 # ------------------------------------------------------------------------------------------------- Mochi

@@ -79,6 +79,16 @@ def _dense_processor(original, mode):
     return type(f"Dense{type(original).__name__}", (), {"__call__": __call__})()
 
 
+def _dense_run(m, kw, attn, mode):
+    """``m(**kw)[0]`` with ``attn``'s processor run under the dense reference ``mode`` (restored after)."""
+    original = attn.processor
+    attn.set_processor(_dense_processor(original, mode))
+    try:
+        return m(**kw)[0]
+    finally:
+        attn.set_processor(original)
+
+
 CASES = {  # name: (builder, inputs, text tokens in the self-attention, layer -> block)
     "wan": (lambda: tiny_wan(), lambda: wan_inputs(batch=1), 0, lambda m, l: m.blocks[l]),
     "hunyuan-dual": (lambda: tiny_hunyuan(), lambda: hunyuan_inputs(batch=2), 6, lambda m, l: m.transformer_blocks[l]),
@@ -99,13 +109,7 @@ def test_perturbed_attention_in_real_processors_equals_dense_reference(case, lay
         assert state.calls == 1
         mode = DenseSDPA(F_, text_len, text_first=False, variant=variant)
         block = block_of(m, layer)
-        attn = block.attn1 if hasattr(block, "attn1") else block.attn
-        original = attn.processor
-        attn.set_processor(_dense_processor(original, mode))
-        try:
-            ref = m(**kw)[0]
-        finally:
-            attn.set_processor(original)
+        ref = _dense_run(m, kw, block.attn1 if hasattr(block, "attn1") else block.attn, mode)
     assert mode.n == 1
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert (out - plain).abs().max() > 1e-4
@@ -194,12 +198,7 @@ def test_block_causal_skyreels_perturbed_attention_equals_dense_reference(varian
             state.set_slots(2, [1])
             both = m(**two)[0]
         mode = DenseSDPA(frames, 0, text_first=False, variant=variant)
-        attn, original = m.blocks[1].attn1, m.blocks[1].attn1.processor
-        attn.set_processor(_dense_processor(original, mode))
-        try:
-            ref = m(**kw)[0]
-        finally:
-            attn.set_processor(original)
+        ref = _dense_run(m, kw, m.blocks[1].attn1, mode)
     assert mode.n == 1
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(both[:1], plain, rtol=0, atol=1e-5)
