@@ -185,3 +185,15 @@ def test_skyreels_diffusion_forcing_async_steps_are_the_step_matrix_rows():
     assert len(rows) > STEPS and any(len(set(r[0].tolist())) > 1 for r in rows)
     assert sorted(cache.timesteps) == [i for i, _ in seen] == list(range(len(rows)))
     assert [cache.timesteps[i] for i in range(len(rows))] == [float(r.max()) for r in rows]
+
+
+@pytest.mark.parametrize("kind", ["mochi", "hunyuanvideo"])
+def test_tracker_uses_the_pipelines_schedule(kind):
+    """DiffTracker on a pipeline sets its timesteps the family's way (Mochi's linear-quadratic sigmas,
+    HunyuanVideo's linspace sigmas), the same schedule the analysis runner reads."""
+    from difftrack.runners import VideoRunner
+    from difftrack.tracking import DiffTracker
+
+    pipe = build_tiny_pipeline(kind)
+    tracker = DiffTracker(pipe, layers=[0], step=[0, 1, 2], num_steps=3)
+    assert [float(t) for t in tracker.timesteps] == VideoRunner(pipe).timesteps(3)
