@@ -18,8 +18,11 @@ For analysis that must not hold tensors (all layers x all steps), pass ``on_qk=`
 ``store=False``: each event is handed over while the forward runs and nothing is kept.
 
 Steps are the denoising loop index (0 = noisiest). They are counted from the ``timestep`` argument of successive
-transformer calls: a new value starts a new step, an equal value is the same step (Wan calls the transformer twice
-per step), a larger value starts a new run at step 0. Use :meth:`Capture.set_step` to set steps by hand.
+transformer calls through the backbone's step key (:attr:`BackboneAdapter.step_key`; by default the largest value of
+a scalar or per-token timestep): a new key starts a new step, an equal key is the same step (Wan calls the
+transformer twice per step), a noisier one starts a new run at step 0. Mochi's timestep rises along the loop and
+SkyReels-V2's diffusion forcing gives one level per frame; their keys say so (``docs/conventions.md``). Use
+:meth:`Capture.set_step` to set steps by hand.
 
 Classifier-free guidance of batched backbones (CogVideoX, LTX: one batch ``[uncond, cond]``) is recognised from
 the call itself, not guessed from the batch size: the pipelines duplicate the latents for the two halves

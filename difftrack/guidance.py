@@ -799,7 +799,10 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
     the extra slot); HunyuanVideo uses embedded guidance (``guidance_scale``) and CFG only with ``true_cfg_scale > 1``
     and a negative prompt, which then is the weight folded. ``use_dynamic_cfg=True`` is refused (CogVideoX): the
     pipeline changes ``w`` only after the transformer call, so the hook could not fold ``s/w`` correctly (the
-    published CAG code ignores dynamic CFG too). Wan 2.2's second transformer (``transformer_2``) is refused.
+    published CAG code ignores dynamic CFG too). Wan 2.2's second transformer (``transformer_2``) is refused; so
+    are calls whose loop the hooks cannot follow, as the pipeline's family says (:meth:`PipelineFamily.check_cag_call`:
+    SkyReels-V2's asynchronous diffusion forcing and multi-window long videos). Wan 2.2 TI2V and SkyReels-V2 (also
+    with block-causal attention) follow Wan's sequential CFG; Mochi has no CAG processor (:func:`apply_cag` refuses).
     ``shared_prefix``: see :func:`cag_hooks`.
     """
     if use_dynamic_cfg:

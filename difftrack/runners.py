@@ -131,7 +131,9 @@ class VideoRunner:
     """A pipeline plus the conventions of its backbone (see the module docstring).
 
     Args:
-        pipe: a ``MiniVideoPipeline``, ``CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline``.
+        pipe: a pipeline of a registered family (:func:`difftrack.backbones.pipeline_families`: the embedded
+            ``MiniVideoPipeline``, ``CogVideoXPipeline``, ``WanPipeline``, ``HunyuanVideoPipeline``,
+            ``SkyReelsV2Pipeline``, ``SkyReelsV2DiffusionForcingPipeline``, ``MochiPipeline``).
         guidance_embed: HunyuanVideo's embedded guidance scale for conditional forwards (the pipeline's default 6).
     """
 
