@@ -164,6 +164,40 @@ def video_uint8_to_latents(video: np.ndarray, device="cpu", dtype=torch.float32)
     return pixels_to_latents(v.unsqueeze(0))
 
 
+def is_image_to_video(transformer) -> bool:
+    """Whether ``transformer`` takes the first frame as conditioning: input channels ``[noisy latents, first-frame
+    latents padded with zeros]``, twice its output channels (the layout of ``CogVideoXImageToVideoPipeline``)."""
+    c = transformer.config
+    return int(c.in_channels) == 2 * int(c.out_channels)
+
+
+def image_condition(first: torch.Tensor, frames: int) -> torch.Tensor:
+    """The conditioning channels of an image-to-video transformer: first-frame latents ``first [B, C, h, w]`` at
+    frame 0, zeros at the other ``frames - 1`` frames -> ``[B, frames, C, h, w]``."""
+    if first.ndim != 4 or frames < 1:
+        raise ValueError(f"first-frame latents must be [B, C, h, w] and frames >= 1; got {tuple(first.shape)}, "
+                         f"frames={frames}")
+    cond = first.new_zeros((first.shape[0], frames) + tuple(first.shape[1:]))
+    cond[:, 0] = first
+    return cond
+
+
+def to_image_to_video(pipe: "MiniVideoPipeline") -> "MiniVideoPipeline":
+    """The text-to-video pipeline as an image-to-video one: the transformer's input channels doubled for the
+    first-frame conditioning (:func:`image_condition`), the new input weights zero, so that at first it computes
+    exactly what the text-to-video model computes. Text encoder and scheduler are shared."""
+    if is_image_to_video(pipe.transformer):
+        raise ValueError("the pipeline's transformer is already image-to-video (in_channels = 2 x out_channels)")
+    cfg = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    cfg["in_channels"] = 2 * int(cfg["out_channels"])
+    sd = pipe.transformer.state_dict()
+    w = sd["patch_embed.proj.weight"]  # [D, C, p, p]: a Conv2d patch embedding (no temporal patch)
+    sd["patch_embed.proj.weight"] = torch.cat([w, torch.zeros_like(w)], 1)
+    tr = CogVideoXTransformer3DModel(**cfg)
+    tr.load_state_dict(sd)
+    return MiniVideoPipeline(tr.to(device=w.device, dtype=w.dtype), pipe.text_encoder, pipe.scheduler)
+
+
 @dataclass
 class MiniVideoPipelineOutput(BaseOutput):
     """``frames``: ``uint8 [B, T, H, W, 3]``."""
@@ -228,12 +262,33 @@ class MiniVideoPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number in [{lo:g}, {hi:g}] "
                              f"(<= 1 runs without classifier-free guidance, > 1 with it; the trained default is 6)")
 
+    def _image_condition(self, image, batch: int, frames: int, height: int, width: int, device):
+        """``[B, T, C, h, w]`` conditioning channels of an image-to-video transformer, or ``None`` (text-to-video)."""
+        i2v = is_image_to_video(self.transformer)
+        if image is None:
+            if i2v:
+                raise ValueError("this transformer is image-to-video (in_channels = 2 x out_channels): pass image= "
+                                 "(the first frames, uint8 [H, W, 3] or [B, H, W, 3])")
+            return None
+        if not i2v:
+            raise ValueError("image= given, but this transformer is text-to-video; allowed: image=None "
+                             "(or an image-to-video pipeline from difftrack.mini.to_image_to_video)")
+        img = np.asarray(image)
+        img = img[None] if img.ndim == 3 else img
+        if img.dtype != np.uint8 or img.ndim != 4 or img.shape[1:] != (height, width, 3) or len(img) not in (1, batch):
+            raise ValueError(f"image must be uint8 [{height}, {width}, 3] or [B={batch}, {height}, {width}, 3]; got "
+                             f"{img.dtype} {img.shape}")
+        img = np.broadcast_to(img, (batch,) + img.shape[1:])
+        first = torch.cat([video_uint8_to_latents(f[None], device=device)[:, 0] for f in img])
+        return image_condition(first, frames)
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH,
                  num_inference_steps: int = 50, guidance_scale: float = 6.0,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "np", callback_on_step_end=None, progress: bool = True):
+                 output_type: str = "np", callback_on_step_end=None, progress: bool = True,
+                 image: np.ndarray | None = None):
         """Generate videos.
 
         Args:
@@ -247,6 +302,8 @@ class MiniVideoPipeline(DiffusionPipeline):
             generator: seeds the initial noise (drawn on the CPU, so results match across devices).
             output_type: ``"np"`` for ``uint8 [B, T, H, W, 3]``, ``"latent"`` for the final latents.
             callback_on_step_end: ``f(pipe, step, timestep, {"latents": ...})`` after each step, as in diffusers.
+            image: the first frames, ``uint8 [H, W, 3]`` or ``[B, H, W, 3]``: required by an image-to-video
+                transformer (:func:`to_image_to_video`), refused by a text-to-video one.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negs = None if negative_prompt is None else (
@@ -257,6 +314,9 @@ class MiniVideoPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0
         emb = self.encode_prompt(prompts, negs, do_cfg).to(dtype)
         B = len(prompts)
+        cond = self._image_condition(image, B, num_frames, height, width, device)
+        if cond is not None and do_cfg:
+            cond = torch.cat([cond] * 2)
         shape = (B, num_frames, 3 * PATCH * PATCH, height // PATCH, width // PATCH)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
@@ -268,6 +328,8 @@ class MiniVideoPipeline(DiffusionPipeline):
         old_x0 = None
         for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
             x = torch.cat([latents] * 2) if do_cfg else latents
+            if cond is not None:
+                x = torch.cat([x, cond], 2)
             tt = t.expand(x.shape[0])
             out = self.transformer(hidden_states=x.to(dtype), encoder_hidden_states=emb, timestep=tt,
                                    image_rotary_emb=rope, return_dict=False)[0].float()

@@ -269,7 +269,7 @@ class VideoRunner:
             xt = self.add_noise(x0, noise, t)
             if cap is not None:
                 cap.set_step(int(s))
-            self.transformer(**self.forward_kwargs(xt, t, cond))
+            self.transformer(**self.forward_kwargs(self.family.model_input(self.pipe, xt, x0), t, cond))
         return [float(t) for t in ts]
 
 

@@ -592,14 +592,17 @@ class DiffTracker:
                 f"{self.max_cost_bytes / 2**30:.1f} GiB; allowed: use {hint}, or raise max_cost_bytes")
 
     # ------------------------------------------------------------------ descriptors of one chunk
-    def _forward_chunk(self, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, extra: dict
-                       ) -> dict[int, torch.Tensor]:
+    def _forward_chunk(self, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, extra: dict,
+                       clean: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Run the transformer on chunk latents ``x [F, C, h, w]`` up to ``max(layers)``; returns per layer
         ``(q, k) [H, F, M, D]`` each, or features ``[F, M, C]``. ``extra``: conditional keyword arguments besides the
         text embeddings (HunyuanVideo's pooled projections, mask, guidance)."""
         F_, C, h, w = x.shape
         rows, cols = h // self.patch, w // self.patch
-        hs = self.adapter.latent_input(x).to(self.dtype)
+        hs = self.adapter.latent_input(x)
+        if self.family is not None and clean is not None:  # an image-to-video model's clean-frame conditioning
+            hs = self.family.model_input(self.pipe, hs, self.adapter.latent_input(clean))
+        hs = hs.to(self.dtype)
         tt = (t.reshape(1) if self.family is None else self.family.timestep_input(self.pipe, t, hs)).to(self.device)
         kw = dict(hidden_states=hs, encoder_hidden_states=ehs, timestep=tt,
                   return_dict=False, **self.adapter.rope_kwargs(self.transformer, self.pipe, F_, rows, cols,
@@ -711,7 +714,7 @@ class DiffTracker:
             seen = {f: 0 for f in expected}
             for chunk in plan:
                 for x, t in inputs:
-                    desc, (rows, cols) = self._forward_chunk(x[chunk], t, ehs, extra)
+                    desc, (rows, cols) = self._forward_chunk(x[chunk], t, ehs, extra, clean=z0[chunk])
                     for j, f in enumerate(chunk[1:], start=1):
                         c = self._chunk_costs(desc, j)
                         acc[f] = c if f not in acc else acc[f] + c

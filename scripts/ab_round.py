@@ -39,6 +39,9 @@ ARMS = {
     "high_noise": ["--high-noise-frac", "0.5"],  # half of each batch at t >= 600, where only the text says the motion
     "change_weight": ["--change-weight", "4"],  # loss weighted towards pixels that change between frames
     "data": ["--p-uncond", "0.3", "--single-object-frac", "0.8"],  # more single-object videos, more CFG drop-out
+    # image-to-video (CogVideoX-I2V's layout, difftrack.mini.to_image_to_video): with the first frame given, the
+    # motion is the only thing left for the text to say; measured with the world's first frame of each prompt
+    "i2v": ["--i2v"],
 }
 AGREEMENT_VIDEOS = 32
 # -----------------------------------------------------------------------------

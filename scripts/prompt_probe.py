@@ -51,6 +51,7 @@ def main(argv=None) -> int:
 
     pipe = mini.load_default(a.device, weights=a.weights)
     tr, te = pipe.transformer, pipe.text_encoder
+    i2v = mini.is_image_to_video(tr)
     ac = pipe.scheduler.alphas_cumprod.float()
     colours = list(W.COLOURS)
     colour_swap = {c: colours[(i + 1) % len(colours)] for i, c in enumerate(colours)}
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
             al = ac[t].to(a.device)
             xt = al.sqrt() * x0 + (1 - al).sqrt() * noise
             target = al.sqrt() * noise - (1 - al).sqrt() * x0
+            if i2v:  # the clean first frame as conditioning: only the motion is left for the text to say
+                xt = torch.cat([xt, mini.image_condition(x0[:, 0], x0.shape[1])], 2)
             with torch.no_grad():
                 out = tr(hidden_states=xt.repeat(len(variants), 1, 1, 1, 1), encoder_hidden_states=emb,
                          timestep=torch.full((len(variants),), t, device=a.device), return_dict=False)[0]
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
                 summary[f"{split}/{fam}/t{t}"] = entry
     out = dict(schema=SCHEMA, description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "),
                settings=dict(videos_per_family_and_split=a.videos, timesteps=ts, world_seed0=9000, dtype="fp32",
-                             weights=a.weights or "committed"),
+                             weights=a.weights or "committed", image_to_video=i2v),
                summary=summary, per_video=rows, device=device_name(a.device), torch=torch.__version__,
                python=platform.python_version(), commit=git_commit(),
                how_to_read="motion_share / colour_share: the swapped prompt's extra error over the true prompt as a "

@@ -76,13 +76,43 @@ def generate(a):
     (d / "manifest.json").write_text(json.dumps(dict(items=items, steps=a.steps, cfg=a.cfg, dtype=a.dtype,
                                                      autocast=a.autocast), indent=1))
     t0 = time.time()
-    recs = X.generate_cached(pipe, items, d / "videos", (), 0.0, a.steps, a.cfg, batch_size=a.batch,
-                             autocast=None if a.autocast == "none" else a.autocast)
+    if mini.is_image_to_video(pipe.transformer):
+        recs = generate_image_to_video(pipe, items, d / "videos", a)
+    else:
+        recs = X.generate_cached(pipe, items, d / "videos", (), 0.0, a.steps, a.cfg, batch_size=a.batch,
+                                 autocast=None if a.autocast == "none" else a.autocast)
     if recs:
         tp = d / "timing_generate.json"
         old = json.loads(tp.read_text()) if tp.exists() else []
         tp.write_text(json.dumps(old + [dict(r, device=device_name(device)) for r in recs], indent=1))
     print(f"[agreement] generated {a.videos} videos ({len(recs)} batches) in {time.time() - t0:.1f} s")
+
+
+def generate_image_to_video(pipe, items, directory: Path, a) -> list[dict]:
+    """An image-to-video model (issue 30's I2V arm): each prompt's first frame is the world's own render of it, the
+    noise :func:`difftrack.cag_eval.initial_noise` as for the text-to-video model; videos cached one file each
+    (resumable), in the layout of :func:`difftrack.experiments.cag.generate_cached`."""
+    import torch
+
+    from difftrack.cag_eval import autocast_context, initial_noise
+    from difftrack.world import World
+
+    directory.mkdir(parents=True, exist_ok=True)
+    todo = [it for it in items if not X.video_path(directory, it["index"], it["noise_seed"]).exists()]
+    w, device, recs = World(), pipe._execution_device, []
+    for k in range(0, len(todo), a.batch):
+        chunk = todo[k:k + a.batch]
+        first = np.stack([w.sample(it["world_seed"], it["family"], "heldout").video[0] for it in chunk])
+        latents = torch.cat([initial_noise(it["noise_seed"]) for it in chunk]).to(device)
+        t0 = time.perf_counter()
+        with autocast_context(device, None if a.autocast == "none" else a.autocast):
+            vids = pipe([it["prompt"] for it in chunk], image=first, latents=latents, guidance_scale=a.cfg,
+                        num_inference_steps=a.steps, progress=False).frames
+        for it, v in zip(chunk, vids):
+            np.save(X.video_path(directory, it["index"], it["noise_seed"]), v)
+        recs.append(dict(batch=len(chunk), steps=a.steps, total_seconds=time.perf_counter() - t0,
+                         image_to_video=True))
+    return recs
 
 
 def _agree(task):

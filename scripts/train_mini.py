@@ -40,6 +40,8 @@ p_scenes = 0.4  # share of scene videos (the rest are object videos)
 object_count_p = W.World.OBJECT_COUNT_P  # probabilities of 1, 2, 3 objects in an object video
 high_noise_frac = 0.0  # share of each batch drawn at t >= high_noise_t (where only the text can say the motion)
 high_noise_t = 600
+i2v = False  # image-to-video: the first frame given as conditioning channels (CogVideoX-I2V's layout)
+i2v_noise = (-3.0, 0.5)  # log-normal (mean, std) of the noise added to the conditioning frame, as CogVideoX-I2V
 change_weight = 0.0  # loss weight 1 + change_weight * |x0[f] - x0[f-1]| / mean (0: the plain v-prediction MSE)
 ema_decay = 0.999
 log_every = 50
@@ -64,6 +66,8 @@ p.add_argument("--single-object-frac", type=float,
 p.add_argument("--high-noise-frac", type=float, help="share of each batch at t >= 600 (default 0: uniform t)")
 p.add_argument("--change-weight", type=float, help="loss weight on what changes between frames (default 0)")
 p.add_argument("--warmup", type=int, help=f"linear warm-up steps (default {warmup}; a short resumed round wants fewer)")
+p.add_argument("--i2v", action="store_true", help="train an image-to-video model (from a text-to-video --init: "
+               "input channels doubled, new weights zero; difftrack.mini.to_image_to_video)")
 p.add_argument("--arm", default=None, help="name of an A/B arm (recorded in the log)")
 p.add_argument("--compile", action="store_true", help="torch.compile the transformer (GPU: about 2x the steps per "
                "second after a one-minute compile; bench/bench_train.py)")
@@ -85,6 +89,7 @@ if args.single_object_frac is not None:
 high_noise_frac = high_noise_frac if args.high_noise_frac is None else args.high_noise_frac
 change_weight = change_weight if args.change_weight is None else args.change_weight
 warmup = warmup if args.warmup is None or smoke else args.warmup
+i2v = i2v or args.i2v
 for name, v in (("p_uncond", p_uncond), ("high_noise_frac", high_noise_frac)) + tuple(
         (f"object_count_p[{i}]", x) for i, x in enumerate(object_count_p)):
     if not 0.0 <= v <= 1.0:
@@ -99,6 +104,10 @@ world = W.World(mini.FRAMES, mini.HEIGHT, mini.WIDTH, object_count_p=object_coun
 pipe = mini.build_untrained(seed)
 if init:  # continue training from a saved pipeline
     pipe = mini.MiniVideoPipeline.from_pretrained(init, dtype=torch.float32)
+if i2v and not mini.is_image_to_video(pipe.transformer):
+    pipe = mini.to_image_to_video(pipe)
+elif not i2v and mini.is_image_to_video(pipe.transformer):
+    p.error(f"--init {init} is an image-to-video model: pass --i2v")
 model, text_encoder, scheduler = pipe.transformer.to(device), pipe.text_encoder.to(device), pipe.scheduler
 params = list(model.parameters()) + list(text_encoder.parameters())
 fwd = torch.compile(model) if args.compile else model  # same parameters; the saved weights are the model's
@@ -148,6 +157,9 @@ while step < max_steps and (time.time() - t0) < minutes * 60:
     v = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction target
     for g in opt.param_groups:
         g["lr"] = lr_at(step, max((time.time() - t0) / (minutes * 60), step / max_steps))  # whichever ends first
+    if i2v:  # the clean first frame, lightly noised, as conditioning channels (zeros at the other frames)
+        sig = torch.exp(torch.randn(batch_size, 1, 1, 1, device=device) * i2v_noise[1] + i2v_noise[0])
+        xt = torch.cat([xt, mini.image_condition(x0[:, 0] + sig * torch.randn_like(x0[:, 0]), x0.shape[1])], 2)
     with amp:
         emb = text_encoder(ids)
         pred = fwd(hidden_states=xt, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
@@ -188,7 +200,7 @@ except Exception:
     commit = None
 meta = dict(init=init, compile=bool(args.compile), steps=step, batch_size=batch_size, minutes=round((time.time() - t0) / 60, 2), lr=lr,
             p_uncond=p_uncond, p_scenes=p_scenes, object_count_p=list(object_count_p), high_noise_frac=high_noise_frac,
-            high_noise_t=high_noise_t, change_weight=change_weight, warmup=warmup, arm=args.arm, ema_decay=ema_decay, seed=seed, device=device,
+            high_noise_t=high_noise_t, change_weight=change_weight, i2v=i2v, warmup=warmup, arm=args.arm, ema_decay=ema_decay, seed=seed, device=device,
             device_name=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
             torch=torch.__version__, commit=commit, final_loss=log[-1]["loss"] if log else None, smoke=smoke)
 (out / "training_log.json").write_text(json.dumps(dict(meta=meta, log=log), indent=1))

@@ -121,3 +121,77 @@ def test_pipeline_runs_with_swapped_schedulers_and_saves_them(tmp_path):
     back = mini.MiniVideoPipeline.from_pretrained(str(tmp_path))
     assert isinstance(back.scheduler, DPMSolverMultistepScheduler)
     assert torch.equal(back(prompt, generator=torch.Generator().manual_seed(1), **kw).frames, c)
+
+
+# ----------------------------------------------------------------------------- image-to-video (issue 30's I2V arm)
+def test_image_to_video_conversion_computes_what_the_text_to_video_model_computes():
+    """New input weights are zero: whatever the first frame, the converted transformer's output equals the text-to-
+    video one's (up to the convolution's summation order), and the pipeline routes the image through."""
+    t2v = mini.load_default()
+    i2v = mini.to_image_to_video(t2v)
+    assert mini.is_image_to_video(i2v.transformer) and not mini.is_image_to_video(t2v.transformer)
+    assert i2v.transformer.config.in_channels == 24 and i2v.transformer.config.out_channels == 12
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 12, 32, 32, generator=g)
+    first = torch.rand(1, 12, 32, 32, generator=g)
+    emb = t2v.text_encoder(t2v.text_encoder.tokenize(["a red circle moving left on a still background"]))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        a = t2v.transformer(hidden_states=x, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
+        b = i2v.transformer(hidden_states=torch.cat([x, mini.image_condition(first, 3)], 2),
+                            encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    frame = np.full((64, 64, 3), 200, np.uint8)
+    kw = dict(num_frames=3, num_inference_steps=2, guidance_scale=6.0, progress=False)
+    v1 = i2v("a red circle moving left on a still background", image=frame, generator=torch.Generator().manual_seed(1),
+             **kw).frames
+    v0 = t2v("a red circle moving left on a still background", generator=torch.Generator().manual_seed(1), **kw).frames
+    assert v1.shape == v0.shape == (1, 3, 64, 64, 3)
+    assert np.abs(v1.astype(int) - v0.astype(int)).max() <= 1  # zero weights: the image changes nothing yet
+    with pytest.raises(ValueError, match="already image-to-video"):
+        mini.to_image_to_video(i2v)
+
+
+def test_image_to_video_pipeline_checks_its_image():
+    t2v = mini.load_default()
+    i2v = mini.to_image_to_video(t2v)
+    kw = dict(num_frames=2, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="pass image="):
+        i2v("a scene , camera panning left", **kw)
+    with pytest.raises(ValueError, match="text-to-video"):
+        t2v("a scene , camera panning left", image=np.zeros((64, 64, 3), np.uint8), **kw)
+    with pytest.raises(ValueError, match=r"uint8 \[64, 64, 3\]"):
+        i2v("a scene , camera panning left", image=np.zeros((32, 32, 3), np.uint8), **kw)
+    with pytest.raises(ValueError, match=r"uint8"):
+        i2v("a scene , camera panning left", image=np.zeros((64, 64, 3), np.float32), **kw)
+
+
+def test_image_to_video_model_goes_through_the_library_paths():
+    """analyze_exact (the runner's noised forwards) and DiffTracker hand the clean first frame to an image-to-video
+    model (the family's model_input); at conversion it computes what the text-to-video model computes."""
+    from difftrack import analysis as A
+    from difftrack.tracking import DiffTracker
+    from difftrack.world import World
+
+    t2v = mini.load_default()
+    i2v = mini.to_image_to_video(t2v)
+    s = World().sample(5000, "objects", "heldout")
+    r0 = A.analyze_exact(t2v, s, num_steps=50, steps=[49], grid_size=4, noise_seed=0)
+    r1 = A.analyze_exact(i2v, s, num_steps=50, steps=[49], grid_size=4, noise_seed=0)
+    assert np.isfinite(r1.qk_tracks[49]).all()
+    np.testing.assert_allclose(r1.qk_tracks[49], r0.qk_tracks[49], atol=0.05)
+    q = np.array([[0, 20.0, 30.0], [0, 40.0, 12.0]], np.float32)
+    tr0, vis0 = DiffTracker(t2v, layers=[8])(s.video, q)
+    tr1, vis1 = DiffTracker(i2v, layers=[8])(s.video, q)
+    np.testing.assert_allclose(tr1, tr0, atol=0.05)
+    np.testing.assert_array_equal(vis1, vis0)
+
+
+def test_training_script_image_to_video_smoke(tmp_path):
+    out = tmp_path / "w"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/train_mini.py"), "--smoke", "--max-steps", "1", "--i2v",
+                        "--init", str(mini.WEIGHTS_DIR), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["meta"]["i2v"] is True and np.isfinite(log["log"][0]["loss"])
+    assert mini.is_image_to_video(mini.MiniVideoPipeline.from_pretrained(str(out)).transformer)

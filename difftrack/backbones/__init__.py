@@ -352,6 +352,12 @@ class PipelineFamily:
         scheduler's ``add_noise`` or flow matching's ``scale_noise``)."""
         return scheduler_add_noise(scheduler, x0, eps, t)
 
+    def model_input(self, pipe, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The transformer's ``hidden_states`` for noised latents ``x`` of the clean latents ``x0`` (both batch
+        first, in the layout of :meth:`encode_video`): ``x`` itself, unless the model also takes frames of the clean
+        video as conditioning (an image-to-video model)."""
+        return x
+
     def timestep_input(self, pipe, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The ``timestep`` argument of a transformer call at the schedule's timestep ``t`` on latents ``x``
         (batch first) as the pipeline builds it: ``[B]`` by default."""

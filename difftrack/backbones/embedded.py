@@ -54,6 +54,17 @@ class EmbeddedFamily(PipelineFamily):
         te = pipe.text_encoder
         return dict(encoder_hidden_states=te(te.tokenize([prompt]).to(device)).to(dtype))
 
+    def model_input(self, pipe, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """An image-to-video embedded model (:func:`difftrack.mini.to_image_to_video`) gets the clean first frame
+        as conditioning channels: ``[B, F, 2C, h, w]``; a text-to-video one ``x`` as it is."""
+        from .. import mini
+
+        if not mini.is_image_to_video(pipe.transformer):
+            return x
+        import torch
+
+        return torch.cat([x, mini.image_condition(x0[:, 0].to(x.dtype), x0.shape[1])], 2)
+
     def encode_video(self, pipe, video: np.ndarray, device) -> torch.Tensor:
         """``[1, F, C, h, w]`` by the fixed patching (no VAE)."""
         from ..mini import video_uint8_to_latents
@@ -66,13 +77,14 @@ register_family(EmbeddedFamily())
 
 @register_frame_encoder
 def _patched_pixels(transformer, vae):
-    """A bare transformer in the embedded layout (CogVideoX class, ``3 * PATCH^2`` input channels, no VAE) takes
-    the fixed pixel patching: ``(encode, PATCH x transformer patch)``."""
+    """A bare transformer in the embedded layout (CogVideoX class, ``3 * PATCH^2`` output channels and as many input
+    channels, or twice as many for an image-to-video model; no VAE) takes the fixed pixel patching: ``(encode, PATCH x transformer patch)``."""
     from .. import mini
 
     cfg = transformer.config
     if type(transformer).__name__ != "CogVideoXTransformer3DModel" or vae is not None or \
-            cfg.in_channels != 3 * mini.PATCH * mini.PATCH:
+            cfg.out_channels != 3 * mini.PATCH * mini.PATCH or cfg.in_channels not in (cfg.out_channels,
+                                                                                       2 * cfg.out_channels):
         return None
     p = patch_sizes(transformer)[1]
     return (lambda video: mini.video_uint8_to_latents(video)[0]), mini.PATCH * p  # [T, 12, H/2, W/2]
