@@ -1,6 +1,7 @@
 """Tiny random pipelines of the real diffusers classes, built entirely offline (no Hub, no downloads).
 
-``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline``
+``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` (one expert, ``"wan"``, or Wan
+2.2's two, ``"wan22"``) or ``HunyuanVideoPipeline``
 whose every component (tokenizers included) is constructed in code from a config, with random weights. They run a
 full denoising loop and VAE decode on CPU in well under a second per step and round-trip through
 ``save_pretrained`` / ``from_pretrained``. They exist to test the capture against the real pipelines' calling
@@ -25,6 +26,11 @@ from pathlib import Path
 import torch
 
 KINDS = ("cogvideox", "wan", "hunyuanvideo")
+# multi-expert pipelines, built by build_tiny_pipeline too but kept out of KINDS (the single-transformer cases)
+EXPERT_KINDS = ("wan22",)
+# Wan 2.2 A14B T2V's boundary_ratio: with the tiny scheduler (flow matching, shift 5) a 2-step run has timesteps
+# 1000 (transformer) and 24 (transformer_2); 4 steps: 1000, 910 (transformer) and 717, 24 (transformer_2)
+WAN22_BOUNDARY_RATIO = 0.875
 WORDS = ("a red green blue yellow white black circle square triangle star moving left right up down on still "
          "background drifting scene camera panning zooming in out rotating and the of with").split()
 FRAMES, HEIGHT, WIDTH = 9, 32, 32
@@ -77,8 +83,17 @@ def _cogvideox():
 
 
 # ---------------------------------------------------------------------------------------------------- Wan
-def _wan():
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+def _wan_transformer(seed: int):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32).eval()
+
+
+def _wan(experts: int = 1):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5EncoderModel
 
     tok = _t5_tokenizer()
@@ -87,13 +102,18 @@ def _wan():
     torch.manual_seed(1)
     vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True]).eval()
-    torch.manual_seed(2)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32).eval()
+    transformer = _wan_transformer(2)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    if experts == 1:
+        return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                           scheduler=scheduler)
+    # Wan 2.2 A14B layout: a second expert (other random weights) for the low-noise steps, boundary at t = 875
     return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=scheduler)
+                       scheduler=scheduler, transformer_2=_wan_transformer(4), boundary_ratio=WAN22_BOUNDARY_RATIO)
+
+
+def _wan22():
+    return _wan(experts=2)
 
 
 # ------------------------------------------------------------------------------------------- HunyuanVideo
@@ -179,14 +199,16 @@ def _hunyuanvideo():
                                 scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tok2)
 
 
-_BUILDERS = {"cogvideox": _cogvideox, "wan": _wan, "hunyuanvideo": _hunyuanvideo}
+_BUILDERS = {"cogvideox": _cogvideox, "wan": _wan, "hunyuanvideo": _hunyuanvideo, "wan22": _wan22}
 
 
 def build_tiny_pipeline(kind: str, path: str | Path | None = None):
     """A tiny random pipeline of the real diffusers classes, built offline.
 
     Args:
-        kind: ``"cogvideox"``, ``"wan"`` or ``"hunyuanvideo"``.
+        kind: ``"cogvideox"``, ``"wan"``, ``"hunyuanvideo"`` or ``"wan22"`` (a ``WanPipeline`` with two experts,
+            ``transformer`` and ``transformer_2`` of other random weights, ``boundary_ratio``
+            :data:`WAN22_BOUNDARY_RATIO`, as Wan 2.2 A14B).
         path: if given, the pipeline is also written there with ``save_pretrained`` (reload it with the pipeline
             class's ``from_pretrained(path)``).
 

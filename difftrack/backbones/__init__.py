@@ -388,6 +388,90 @@ def family_of_class(cls: str) -> PipelineFamily:
     return _FAMILIES[cls]
 
 
+@dataclass
+class Experts:
+    """The denoisers of one pipeline (its *experts*) and which one runs at a timestep.
+
+    A pipeline with one transformer has one expert, ``"transformer"``. Wan 2.2 A14B (``WanPipeline`` with
+    ``transformer_2`` and ``boundary_ratio``) has two: ``"transformer"`` (high noise) and ``"transformer_2"`` (low
+    noise); the rule lives in :mod:`difftrack.backbones.wan`.
+
+    Attributes:
+        models: ``{name: transformer}`` in the order of the denoising loop (the name is the pipeline attribute).
+        choose: ``timestep -> name`` of the expert the pipeline calls at that timestep (a number or a 0-d tensor).
+        rule: the rule in words, for messages (``""`` for one expert).
+        guidance_kwargs: ``{name: __call__ keyword}`` of each expert's CFG weight (a missing or ``None`` value falls
+            back to ``guidance_scale``, as the pipelines do).
+    """
+
+    models: dict[str, Any]
+    choose: Callable[[Any], str]
+    rule: str = ""
+    guidance_kwargs: dict[str, str] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.models)
+
+    @property
+    def several(self) -> bool:
+        """Whether there is more than one expert (then capture names layers per expert)."""
+        return len(self.models) > 1
+
+    def at(self, timestep) -> str:
+        """Name of the expert that runs at ``timestep``: a number or a tensor, compared in its own dtype as the
+        pipeline compares it (a per-token timestep tensor: its maximum, the step's value)."""
+        if hasattr(timestep, "numel") and timestep.numel() > 1:
+            timestep = timestep.max()
+        return self.choose(timestep)
+
+    def check(self, names, what: str = "expert") -> tuple[str, ...]:
+        """``names`` (``None``: all; a name or a list of names) as a tuple of known expert names; ``ValueError``
+        naming the bad value and the allowed ones."""
+        if names is None:
+            return self.names
+        items = [names] if isinstance(names, str) else names
+        try:
+            items = list(items)
+        except TypeError:
+            items = [names]
+        bad = [n for n in items if not isinstance(n, str) or n not in self.models]
+        if bad or not items:
+            raise ValueError(f"{what}={names!r}; allowed: None (every expert) or names among {list(self.names)}")
+        return tuple(n for n in self.names if n in items)
+
+    def guidance_scales(self, guidance_scale: float, call_kwargs: dict | None = None) -> dict[str, float]:
+        """The CFG weight each expert's step is combined with, for a ``__call__`` with ``guidance_scale`` and the
+        other keyword arguments ``call_kwargs`` (Wan 2.2: ``guidance_scale_2`` for ``transformer_2``)."""
+        call_kwargs = call_kwargs or {}
+        kw = self.guidance_kwargs or {}
+        out = {}
+        for n in self.names:
+            v = call_kwargs.get(kw.get(n, "guidance_scale"))
+            out[n] = guidance_scale if v is None else v
+        return out
+
+
+_EXPERT_RULES: list[Callable] = []
+
+
+def register_experts(fn: Callable) -> Callable:
+    """Register ``fn(pipe) -> Experts | None``: the experts of a pipeline with several transformers (see
+    :func:`experts`)."""
+    _EXPERT_RULES.append(fn)
+    return fn
+
+
+def experts(model_or_pipe) -> Experts:
+    """The :class:`Experts` of a pipeline (a registered multi-expert rule, e.g. Wan 2.2's two transformers), else
+    the single expert ``"transformer"``: the pipeline's ``.transformer`` or the transformer itself."""
+    for fn in _EXPERT_RULES:
+        found = fn(model_or_pipe)
+        if found is not None:
+            return found
+    return Experts({"transformer": resolve_transformer(model_or_pipe)}, lambda t: "transformer")
+
+
 _FRAME_ENCODERS: list[Callable] = []
 
 
