@@ -425,9 +425,9 @@ class Experts:
             timestep = timestep.max()
         return self.choose(timestep)
 
-    def check(self, names, what: str = "expert") -> tuple[str, ...]:
+    def check(self, names, what: str = "expert", none: str = "every expert") -> tuple[str, ...]:
         """``names`` (``None``: all; a name or a list of names) as a tuple of known expert names; ``ValueError``
-        naming the bad value and the allowed ones."""
+        naming the bad value and the allowed ones (``none`` says what ``None`` means to the caller)."""
         if names is None:
             return self.names
         items = [names] if isinstance(names, str) else names
@@ -437,19 +437,14 @@ class Experts:
             items = [names]
         bad = [n for n in items if not isinstance(n, str) or n not in self.models]
         if bad or not items:
-            raise ValueError(f"{what}={names!r}; allowed: None (every expert) or names among {list(self.names)}")
+            raise ValueError(f"{what}={names!r}; allowed: None ({none}) or names among {list(self.names)}")
         return tuple(n for n in self.names if n in items)
 
     def guidance_scales(self, guidance_scale: float, call_kwargs: dict | None = None) -> dict[str, float]:
         """The CFG weight each expert's step is combined with, for a ``__call__`` with ``guidance_scale`` and the
         other keyword arguments ``call_kwargs`` (Wan 2.2: ``guidance_scale_2`` for ``transformer_2``)."""
-        call_kwargs = call_kwargs or {}
-        kw = self.guidance_kwargs or {}
-        out = {}
-        for n in self.names:
-            v = call_kwargs.get(kw.get(n, "guidance_scale"))
-            out[n] = guidance_scale if v is None else v
-        return out
+        kw, call_kwargs = self.guidance_kwargs or {}, call_kwargs or {}
+        return {n: guidance_scale if call_kwargs.get(kw.get(n)) is None else call_kwargs[kw[n]] for n in self.names}
 
 
 _EXPERT_RULES: list[Callable] = []
