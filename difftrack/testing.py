@@ -224,7 +224,7 @@ def build_tiny_pipeline(kind: str, path: str | Path | None = None):
     return pipe
 
 
-def build_tiny_modular_pipeline(kind: str = "wan", pipe=None, guider=None):
+def build_tiny_modular_pipeline(kind: str = "wan", pipe=None, guider=None, guider_2=None):
     """A tiny ``WanModularPipeline`` (blocks: diffusers' Wan text-to-video denoise and VAE decode steps) on the
     components of the tiny ``WanPipeline`` of :func:`build_tiny_pipeline`, built offline.
 
@@ -233,30 +233,45 @@ def build_tiny_modular_pipeline(kind: str = "wan", pipe=None, guider=None):
     ``[B, 512, 16]`` from the standard pipeline's ``encode_prompt(..., max_sequence_length=512)``.
 
     Args:
-        kind: ``"wan"`` (the only modular family built here).
-        pipe: a tiny ``WanPipeline`` whose ``transformer``, ``vae`` and ``scheduler`` are shared (the same objects);
-            ``None`` builds one with ``build_tiny_pipeline("wan")``.
-        guider: the ``guider`` component (``None``: diffusers' default, ``ClassifierFreeGuidance(guidance_scale=5)``).
+        kind: ``"wan"`` or ``"wan22"`` (diffusers' Wan 2.2 denoise step: ``transformer`` with ``guider`` at
+            ``t >= boundary_ratio * num_train_timesteps``, ``transformer_2`` with ``guider_2`` below; the modular
+            config's ``boundary_ratio`` default 0.875 is :data:`WAN22_BOUNDARY_RATIO`).
+        pipe: a tiny ``WanPipeline`` of that kind whose ``transformer`` (``transformer_2``), ``vae`` and ``scheduler``
+            are shared (the same objects); ``None`` builds one with ``build_tiny_pipeline(kind)``.
+        guider: the ``guider`` component (``None``: diffusers' default, ``ClassifierFreeGuidance(guidance_scale=5)``;
+            Wan 2.2: 4).
+        guider_2: Wan 2.2's ``guider_2`` component (``None``: diffusers' default, ``ClassifierFreeGuidance(3)``).
 
     Returns:
         the modular pipeline (fp32, CPU, progress bar off). Call it with ``prompt_embeds``,
         ``negative_prompt_embeds``, ``num_frames``, ``height``, ``width``, ``num_inference_steps``, ``generator`` and
         ``output="latents"`` (``[B, 16, 3, 4, 4]``) or ``output="videos"``.
     """
-    if kind != "wan":
-        raise ValueError(f"unknown tiny modular pipeline kind {kind!r}; allowed: ['wan']")
+    if kind not in ("wan", "wan22"):
+        raise ValueError(f"unknown tiny modular pipeline kind {kind!r}; allowed: ['wan', 'wan22']")
     from diffusers.modular_pipelines import SequentialPipelineBlocks
     from diffusers.modular_pipelines.wan.decoders import WanVaeDecoderStep
     from diffusers.modular_pipelines.wan.modular_blocks_wan import WanCoreDenoiseStep
+    from diffusers.modular_pipelines.wan.modular_blocks_wan22 import Wan22CoreDenoiseStep
 
-    pipe = build_tiny_pipeline("wan") if pipe is None else pipe
-    if type(pipe).__name__ != "WanPipeline":
-        raise ValueError(f"pipe must be a tiny WanPipeline (build_tiny_pipeline('wan')); got {type(pipe).__name__}")
-    blocks = SequentialPipelineBlocks.from_blocks_dict({"denoise": WanCoreDenoiseStep, "decode": WanVaeDecoderStep})
+    pipe = build_tiny_pipeline(kind) if pipe is None else pipe
+    two = getattr(pipe, "transformer_2", None) is not None
+    if type(pipe).__name__ != "WanPipeline" or two != (kind == "wan22"):
+        raise ValueError(f"pipe must be a tiny WanPipeline of kind {kind!r} (build_tiny_pipeline({kind!r})); got "
+                         f"{type(pipe).__name__}{' with transformer_2' if two else ''}")
+    denoise = Wan22CoreDenoiseStep if two else WanCoreDenoiseStep
+    blocks = SequentialPipelineBlocks.from_blocks_dict({"denoise": denoise, "decode": WanVaeDecoderStep})
     modular = blocks.init_pipeline()
     components = dict(transformer=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler)
+    if two:
+        components["transformer_2"] = pipe.transformer_2
+        if modular.config.boundary_ratio != pipe.config.boundary_ratio:
+            raise ValueError(f"the modular Wan 2.2 step's boundary_ratio {modular.config.boundary_ratio} differs "
+                             f"from the pipeline's {pipe.config.boundary_ratio}")
     if guider is not None:
         components["guider"] = guider
+    if guider_2 is not None:
+        components["guider_2"] = guider_2
     modular.update_components(**components)
     todo = list(modular._blocks.sub_blocks.values())  # (.blocks is a copy)
     while todo:  # the denoising loop is nested (ModularPipeline.set_progress_bar_config only sees the top level)

@@ -785,7 +785,8 @@ class DiffTracker:
     def __repr__(self) -> str:
         ex = f", experts={self.step_experts}" if self._experts.several else ""
         return (f"{type(self).__name__}({type(self.transformer).__name__}{ex}, layers={self.layers}, "
-                f"steps={self.steps}/{self.num_steps}, noise={self.noise!r}, tau={self.tau!r}, occlusion={self.occlusion!r})")
+                f"steps={self.steps}/{self.num_steps}, noise={self.noise!r}, tau={self.tau!r}, "
+                f"occlusion={self.occlusion!r})")
 
 
 def _match(cost: torch.Tensor, rows: int, cols: int, pts_tok: torch.Tensor, refine: str, radius: int

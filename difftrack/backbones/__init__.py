@@ -300,6 +300,11 @@ class PipelineFamily:
         v = vae_config
         return int(v.get("temporal_compression_ratio", 4)), int(v.get("spatial_compression_ratio", 8)), None
 
+    def experts_in_index(self, index: dict) -> tuple[str, ...]:
+        """The expert names (:class:`Experts`) of a saved pipeline from its ``model_index.json`` dict, torch-free
+        (:func:`difftrack.params.model_geometry`). Default: the one ``"transformer"``."""
+        return ("transformer",)
+
     def compression(self, pipe) -> tuple[int, int]:
         """``(temporal, spatial)``: video frames per latent frame and pixels per latent pixel."""
         return int(getattr(pipe, "vae_scale_factor_temporal", 4)), int(getattr(pipe, "vae_scale_factor_spatial", 8))

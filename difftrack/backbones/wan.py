@@ -37,6 +37,13 @@ class WanFamily(PipelineFamily):
         return (int(vae_config.get("scale_factor_temporal") or 4), int(vae_config.get("scale_factor_spatial") or 8),
                 None)
 
+    def experts_in_index(self, index: dict) -> tuple[str, ...]:
+        """Both experts when the folder saves a ``transformer_2`` and a ``boundary_ratio`` (:func:`wan22_experts`)."""
+        second = index.get("transformer_2")
+        saved = isinstance(second, (list, tuple)) and len(second) == 2 and second[1] is not None
+        return ("transformer", "transformer_2") if saved and index.get("boundary_ratio") is not None else \
+            ("transformer",)
+
 
 register_family(WanFamily())
 
