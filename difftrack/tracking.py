@@ -603,14 +603,20 @@ class DiffTracker:
                 f"{need / 2**30:.1f} GiB for its cost matrices, more than max_cost_bytes="
                 f"{self.max_cost_bytes / 2**30:.1f} GiB; allowed: use {hint}, or raise max_cost_bytes")
 
+    def transformer_at(self, t) -> torch.nn.Module:
+        """The transformer that computes the descriptors at timestep ``t``: the expert named by ``expert``, else the
+        one the pipeline runs at ``t`` (Wan 2.2: ``transformer`` at or above the boundary, ``transformer_2`` below);
+        a private copy where ``device`` / ``dtype`` differ from the model's."""
+        return self.transformers[self.expert or self._experts.at(t)]
+
     # ------------------------------------------------------------------ descriptors of one chunk
-    def _forward_chunk(self, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, extra: dict,
-                       model: torch.nn.Module | None = None) -> dict[int, torch.Tensor]:
-        """Run ``model`` (default :attr:`transformer`; the expert of timestep ``t``) on chunk latents
-        ``x [F, C, h, w]`` up to ``max(layers)``; returns per layer
+    def _forward_chunk(self, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, extra: dict
+                       ) -> dict[int, torch.Tensor]:
+        """Run the transformer of timestep ``t`` (:meth:`transformer_at`) on chunk latents ``x [F, C, h, w]`` up to
+        ``max(layers)``; returns per layer
         ``(q, k) [H, F, M, D]`` each, or features ``[F, M, C]``. ``extra``: conditional keyword arguments besides the
         text embeddings (HunyuanVideo's pooled projections, mask, guidance)."""
-        model = self.transformer if model is None else model
+        model = self.transformer_at(t)
         F_, C, h, w = x.shape
         rows, cols = h // self.patch, w // self.patch
         tt = t.reshape(1).to(self.device)
@@ -699,13 +705,13 @@ class DiffTracker:
         extra = self._cond_extra.get(self.prompt if prompt is None else prompt, {})
         gen = torch.Generator("cpu").manual_seed(self.noise_seed)
         inputs = []
-        for t, expert in zip(self.timesteps, self.step_experts):
+        for t in self.timesteps:
             if self.noise == "add":
                 eps = torch.randn(z0.shape, generator=gen).to(self.device)
                 x = scheduler_add_noise(self.scheduler, z0, eps, t)
             else:
                 x = z0
-            inputs.append((x, t, self.transformers[expert]))
+            inputs.append((x, t))
 
         N = q.shape[0]
         tracks = np.zeros((N, T, 2), np.float32)
@@ -722,8 +728,8 @@ class DiffTracker:
             acc: dict[int, torch.Tensor] = {}
             seen = {f: 0 for f in expected}
             for chunk in plan:
-                for x, t, model in inputs:
-                    desc, (rows, cols) = self._forward_chunk(x[chunk], t, ehs, extra, model)
+                for x, t in inputs:
+                    desc, (rows, cols) = self._forward_chunk(x[chunk], t, ehs, extra)
                     for j, f in enumerate(chunk[1:], start=1):
                         c = self._chunk_costs(desc, j)
                         acc[f] = c if f not in acc else acc[f] + c
