@@ -34,7 +34,8 @@ picks some). Each step is recorded from the expert that ran it, and the names ca
 ``transformer_2.blocks.17.attn.q``; ``cache.q(17, step=49)`` reads the expert that ran step 49
 (:attr:`Capture.step_experts`). Steps are counted over both experts' calls, so step indices are the pipeline's. A
 requested step run by an expert that is not captured raises, naming that expert, before its forward. With a single
-transformer the names stay ``blocks.17.attn.q``.
+transformer the names stay ``blocks.17.attn.q``. (A bare expert, ``capture(pipe.transformer_2, ...)``, sees only its
+own calls: its steps count from its first call, not from the pipeline's first step.)
 
 One capture holds one generation: with ``store=True``, a second run over the same steps (a new run at step 0, or the
 same ``(name, step)`` captured twice) raises ``ValueError`` instead of overwriting what was captured; use one

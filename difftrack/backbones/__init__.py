@@ -1,6 +1,6 @@
 """Per-backbone adapters: every decision that depends on the backbone family lives in this package.
 
-Two registries, filled by one module per family (``cogvideox``, ``hunyuanvideo``, ``wan``, ``ltxvideo``,
+Three registries, filled by one module per family (``cogvideox``, ``hunyuanvideo``, ``wan``, ``ltxvideo``,
 ``embedded``):
 
 * :class:`BackboneAdapter`, by transformer class name: where the blocks are, how the attention sequence is laid out,
@@ -8,6 +8,9 @@ Two registries, filled by one module per family (``cogvideox``, ``hunyuanvideo``
 * :class:`PipelineFamily`, by pipeline class name: text conditioning, VAE encoding and latent layout and scaling,
   default size, the schedule's timesteps, the RoPE inputs a bare transformer call needs, how the pipeline is called.
   :class:`difftrack.runners.VideoRunner` uses nothing else.
+* :class:`Experts`, by rules registered with :func:`register_experts`: the denoisers of a pipeline with several
+  transformers and which one runs at a timestep (Wan 2.2 A14B's ``transformer`` / ``transformer_2``); every other
+  pipeline has the one expert ``"transformer"``.
 
 Adding a backbone means adding one module here (its adapter and, for a pipeline, its family) plus its tiny-config
 test.
