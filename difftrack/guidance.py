@@ -726,20 +726,16 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     if not isinstance(config, CAGConfig):
         raise ValueError(f"config must be a CAGConfig; got {type(config).__name__}")
     config.check_steps(num_inference_steps)
-    ex = experts(model_or_pipe)
-    extra = dict(expert_guidance_scales or {})
-    unknown = sorted(set(extra) - set(ex.names))
-    if unknown:
-        raise ValueError(f"expert_guidance_scales names {unknown}; allowed: experts {list(ex.names)}")
-    for what, w in [("guidance_scale", guidance_scale)] + [(f"the CFG weight of {n}", w) for n, w in extra.items()]:
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w <= 0:
-            raise ValueError(f"{what}={w!r}; allowed: a finite number > 0 (the CFG weight the pipeline combines "
-                             f"with; CAG is folded through s / guidance_scale)")
-    weights = {n: extra.get(n, guidance_scale) for n in ex.names}
+    ex = experts(model_or_pipe)  # Wan 2.2: transformer and transformer_2, hooked alike; else the one transformer
+    weights = _expert_weights(guidance_scale, expert_guidance_scales, ex.names)
     do_cfg = guidance_scale > 1.0 if do_cfg is None else bool(do_cfg)
-    sequential = adapter_for(ex.models[ex.names[0]]).cfg == "sequential"
+    transformer = ex.models[ex.names[0]]
+    sequential = adapter_for(transformer).cfg == "sequential"
+    sigs = {n: inspect.signature(m.forward) for n, m in ex.models.items()}
     n_layers = len(config.layers)
+    handles = []
     with apply_cag(model_or_pipe, config, **apply_kwargs) as state, ExitStack() as stack:
+        # apply_cag's pre-hook, registered first, sets state.expert to the expert being called
         shares = {n: stack.enter_context(PrefixShare(m, min(config.layers))) if shared_prefix else None
                   for n, m in ex.models.items()}
         state.set_slots(1, [])
@@ -747,74 +743,87 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
         n_plain = 2 if do_cfg and not sequential else 1
         pending: dict[str, Any] = {"last_t": None}
 
-        def hooks(name: str, sig: inspect.Signature):
-            share = shares[name]
-
-            def pre(m, args, kwargs):
-                bound = sig.bind(*args, **kwargs).arguments
-                if sequential:
-                    t = bound.get("timestep")
-                    tv = float(t.max()) if isinstance(t, torch.Tensor) else t
-                    if do_cfg and pending["last_t"] is not None and tv == pending["last_t"]:
-                        pending["s"] = 0.0  # the step's second (unconditional) call
-                        state.set_slots(1, [])
-                        return None
-                    pending["last_t"] = tv
-                s = config.scale_at(state.step, num_inference_steps)
-                pending["step"], pending["calls"] = state.step, state.calls
-                state.step += 1
-                pending["s"] = s
-                if share is not None:
-                    share.rows = None
-                if s == 0:
+        def pre(m, args, kwargs):
+            bound = sigs[state.expert].bind(*args, **kwargs).arguments
+            share = shares[state.expert]
+            if sequential:
+                t = bound.get("timestep")
+                tv = float(t.max()) if isinstance(t, torch.Tensor) else t
+                if do_cfg and pending["last_t"] is not None and tv == pending["last_t"]:
+                    pending["s"] = 0.0  # the step's second (unconditional) call
                     state.set_slots(1, [])
                     return None
-                x = bound["hidden_states"]
-                if x.shape[0] % n_plain:
-                    raise ValueError(f"batch {x.shape[0]} is not [uncond, cond] halves (guidance_scale="
-                                     f"{guidance_scale})")
-                b = x.shape[0] // n_plain
-                for arg in _EXPANDED:
-                    val = bound.get(arg)
-                    if isinstance(val, torch.Tensor) and val.dim() > 0 and val.shape[0] == x.shape[0]:
-                        bound[arg] = torch.cat([val, val[-b:]])
-                state.set_slots(n_plain + 1, [n_plain])
-                if share is not None:
-                    share.rows = ((n_plain + 1) * b, n_plain * b)
-                return (), dict(bound)
-
-            def post(m, args, kwargs, output):
-                s = pending.pop("s")
-                if share is not None:
-                    share.rows = None
-                if s == 0:
-                    return None
+                pending["last_t"] = tv
+            s = config.scale_at(state.step, num_inference_steps)
+            pending["step"], pending["calls"] = state.step, state.calls
+            state.step += 1
+            pending["s"] = s
+            if share is not None:
+                share.rows = None
+            if s == 0:
                 state.set_slots(1, [])
-                done = state.calls - pending["calls"]
-                if done != n_layers:  # every chosen layer of the expert that ran must have been perturbed
-                    raise RuntimeError(f"CAG at step {pending['step']}: {name} perturbed {done} attention calls, "
-                                       f"expected one in each of the layers {config.layers}")
-                state.step_experts[pending["step"]] = name
-                sample = output[0] if isinstance(output, tuple) else output.sample
-                parts = sample.float().chunk(n_plain + 1)
-                folded = s / weights[name] if do_cfg else s  # the pipeline's own combine multiplies by w
-                new = cag_combine(None, parts[-2], parts[-1], 1.0, folded)  # v_c + folded (v_c - v_p)
-                if n_plain == 2:
-                    new = torch.cat([parts[0], new])  # batched CFG: [v_u, ...] in fp32
-                else:
-                    new = new.to(sample.dtype)
-                if isinstance(output, tuple):
-                    return (new,) + tuple(output[1:])
-                output.sample = new
-                return output
+                return None
+            x = bound["hidden_states"]
+            if x.shape[0] % n_plain:
+                raise ValueError(f"batch {x.shape[0]} is not [uncond, cond] halves (guidance_scale={guidance_scale})")
+            b = x.shape[0] // n_plain
+            for name in _EXPANDED:
+                val = bound.get(name)
+                if isinstance(val, torch.Tensor) and val.dim() > 0 and val.shape[0] == x.shape[0]:
+                    bound[name] = torch.cat([val, val[-b:]])
+            state.set_slots(n_plain + 1, [n_plain])
+            if share is not None:
+                share.rows = ((n_plain + 1) * b, n_plain * b)
+            return (), dict(bound)
 
-            return pre, post
+        def post(m, args, kwargs, output):
+            s = pending.pop("s")
+            share = shares[state.expert]
+            if share is not None:
+                share.rows = None
+            if s == 0:
+                return None
+            state.set_slots(1, [])
+            done = state.calls - pending["calls"]
+            if done != n_layers:  # every chosen layer of the expert that ran must have been perturbed
+                raise RuntimeError(f"CAG at step {pending['step']}: {state.expert} perturbed {done} attention calls, "
+                                   f"expected one in each of the layers {config.layers}")
+            state.step_experts[pending["step"]] = state.expert
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            parts = sample.float().chunk(n_plain + 1)
+            folded = s / weights[state.expert] if do_cfg else s  # the pipeline's own combine multiplies by w
+            new = cag_combine(None, parts[-2], parts[-1], 1.0, folded)  # v_c + folded (v_c - v_p)
+            if n_plain == 2:
+                new = torch.cat([parts[0], new])  # batched CFG: [v_u, ...] in fp32
+            else:
+                new = new.to(sample.dtype)
+            if isinstance(output, tuple):
+                return (new,) + tuple(output[1:])
+            output.sample = new
+            return output
 
-        for name, transformer in ex.models.items():
-            pre, post = hooks(name, inspect.signature(transformer.forward))
-            stack.callback(transformer.register_forward_pre_hook(pre, with_kwargs=True).remove)
-            stack.callback(transformer.register_forward_hook(post, with_kwargs=True).remove)
-        yield state
+        try:
+            for m in ex.models.values():
+                handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(m.register_forward_hook(post, with_kwargs=True))
+            yield state
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _expert_weights(guidance_scale, expert_guidance_scales, names) -> dict[str, float]:
+    """``{expert: CFG weight}``: ``guidance_scale`` unless ``expert_guidance_scales`` names another; each a finite
+    number > 0 (``ValueError`` naming the bad one)."""
+    extra = dict(expert_guidance_scales or {})
+    unknown = sorted(set(extra) - set(names))
+    if unknown:
+        raise ValueError(f"expert_guidance_scales names {unknown}; allowed: experts {list(names)}")
+    for what, w in [("guidance_scale", guidance_scale)] + [(f"the CFG weight of {n}", w) for n, w in extra.items()]:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w <= 0:
+            raise ValueError(f"{what}={w!r}; allowed: a finite number > 0 (the CFG weight the pipeline combines "
+                             f"with; CAG is folded through s / guidance_scale)")
+    return {n: extra.get(n, guidance_scale) for n in names}
 
 
 def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_scale: float = 6.0,
