@@ -448,8 +448,9 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
         on_qk, on_features: callbacks receiving :class:`QKEvent` / :class:`FeatureEvent` during the forward.
         device, dtype: where and how to keep stored copies (default: as captured).
         experts: on a multi-expert pipeline (Wan 2.2: ``"transformer"``, ``"transformer_2"``), the experts to
-            capture (``None``: all; ``layers`` index the blocks of each); a requested step that another expert runs
-            raises. A bare transformer or a one-transformer pipeline has the one expert ``"transformer"``.
+            capture (``None``: all; ``layers`` index the blocks of each). ``steps=None`` then means the steps the
+            captured experts run; a step requested by index that another expert runs raises before that expert's
+            forward. A bare transformer or a one-transformer pipeline has the one expert ``"transformer"``.
 
     Yields:
         :class:`Capture`.
