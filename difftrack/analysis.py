@@ -330,12 +330,13 @@ def analyze_generation(pipe, prompt: str, seed: int, num_steps: int = 50, grid_s
     q = World(T, H, W).grid_queries(grid_size)[:, 1:]
     rec = Recorder(q, runner.stride, num_steps, runner.num_layers, runner.latent_frames(T), **match_kw)
     with capture(runner.pipe, layers="all", store=False, on_qk=rec.on_qk,
-                 on_features=rec.on_features if features else None, num_steps=num_steps):
+                 on_features=rec.on_features if features else None, num_steps=num_steps) as cap:
         video = runner.generate(prompt, seed, num_steps, guidance_scale, size=(T, H, W))
     out = rec.rec
     out.timesteps = [int(t) for t in runner.timesteps(num_steps)]
     out.meta = dict(kind="generated", prompt=prompt, seed=seed, guidance_scale=guidance_scale,
                         frame_index=runner.frame_index(T).tolist(), temporal=runner.temporal, size=[T, H, W])
+    _step_experts(out, runner, cap, num_steps)
     return video, out
 
 
@@ -358,7 +359,23 @@ def analyze_exact(pipe, sample, num_steps: int = 50, steps: list[int] | None = N
     out.timesteps = [int(t) for t in ts]
     out.meta = dict(kind="exact", prompt=sample.prompt, seed=sample.seed, family=sample.family,
                         frame_index=runner.frame_index(T).tolist(), temporal=runner.temporal, size=[T, H, W])
+    _step_experts(out, runner, cap, num_steps)
     return out
+
+
+def _step_experts(rec: AnalysisRecord, runner, cap, num_steps: int) -> None:
+    """On a multi-expert pipeline (Wan 2.2), ``rec.meta["experts"]``: the expert that ran each step (``None`` for
+    a step not run), checked against the pipeline's rule at the step's timestep; single-transformer records are
+    left as they were."""
+    if not runner.experts.several:
+        return
+    ran = [cap.step_experts.get(s) for s in range(num_steps)]
+    rule = {s: runner.experts.at(t) for s, t in cap.timesteps.items() if t is not None}
+    wrong = [(s, e, rule[s]) for s, e in enumerate(ran) if e is not None and s in rule and e != rule[s]]
+    if wrong:  # the loop and the rule disagree: the layer tables would mix experts under one step
+        raise RuntimeError(f"steps (step, expert that ran, expert of the rule) {wrong}: the pipeline did not follow "
+                           f"its expert rule ({runner.experts.rule})")
+    rec.meta["experts"] = ran
 
 
 def pipe_frames(pipe) -> tuple[int, int, int]:

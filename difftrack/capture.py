@@ -31,6 +31,15 @@ the call itself, not guessed from the batch size: the pipelines duplicate the la
 kept whole. When that evidence changes within one run (two videos started from the same noise look like a CFG
 pair at step 0 only) capture raises and asks for ``cfg=True`` / ``cfg=False``.
 
+Multi-expert pipelines (Wan 2.2 A14B: ``transformer`` for the high-noise steps, ``transformer_2`` for the
+low-noise ones, :class:`difftrack.backbones.Experts`): pass the pipeline and every expert is captured (``experts=``
+picks some). Each step is recorded from the expert that ran it, and the names carry the expert:
+``transformer_2.blocks.17.attn.q``; ``cache.q(17, step=49)`` reads the expert that ran step 49
+(:attr:`Capture.step_experts`). Steps are counted over both experts' calls, so step indices are the pipeline's. A
+requested step run by an expert that is not captured raises, naming that expert, before its forward. With a single
+transformer the names stay ``blocks.17.attn.q``. (A bare expert, ``capture(pipe.transformer_2, ...)``, sees only its
+own calls: its steps count from its first call, not from the pipeline's first step.)
+
 One capture holds one generation: with ``store=True``, a second run over the same steps (a new run at step 0, or the
 same ``(name, step)`` captured twice) raises ``ValueError`` instead of overwriting what was captured; use one
 capture per generation, or ``cache.clear()`` between them. With ``store=False`` the callbacks see every run
@@ -51,6 +60,7 @@ import torch
 import torch.nn as nn
 
 from .backbones import BackboneAdapter, TokenGrid, adapter_for, resolve_transformer
+from .backbones import experts as find_experts
 from .hooks import SDPAIntercept, processor_wrapper_class, set_processor, unwrap_processor  # noqa: F401
 
 BRANCHES = ("cond", "uncond", "all")
@@ -66,6 +76,7 @@ class QKEvent:
         q, k: ``[B, H, N, D]`` the full attention sequence (text included) of the selected CFG branch; views of the
             model's tensors, valid only during the callback (clone to keep).
         grid: the token layout.
+        expert: the transformer that ran it (``"transformer"``; Wan 2.2 also ``"transformer_2"``).
     """
 
     layer: int
@@ -74,6 +85,7 @@ class QKEvent:
     q: torch.Tensor
     k: torch.Tensor
     grid: TokenGrid
+    expert: str = "transformer"
 
     def _video(self, x: torch.Tensor) -> torch.Tensor:
         g = self.grid
@@ -93,21 +105,22 @@ class QKEvent:
 
 @dataclass
 class FeatureEvent:
-    """Block output features of the video tokens: ``features [B, frames, rows, cols, C]``."""
+    """Block output features of the video tokens: ``features [B, frames, rows, cols, C]``, of ``expert``."""
 
     layer: int
     step: int
     timestep: float | None
     features: torch.Tensor
     grid: TokenGrid
+    expert: str = "transformer"
 
 
 class _CapturingProcessor:
     """Wraps an attention processor; subclasses copy the wrapped class's ``__call__`` signature so that diffusers'
     ``Attention`` keeps passing the same keyword arguments (it drops those not in the signature)."""
 
-    def __init__(self, inner, layer: int, owner: "Capture"):
-        self.inner, self.layer, self.owner = inner, layer, owner
+    def __init__(self, inner, layer: int, owner: "Capture", expert: str = "transformer"):
+        self.inner, self.layer, self.owner, self.expert = inner, layer, owner, expert
 
     def _run(self, *args, **kwargs):
         if not self.owner._active("qk"):
@@ -116,7 +129,8 @@ class _CapturingProcessor:
             rows = []
             watch = SDPAIntercept(lambda call: rows.append((call["query"], call["key"])), every=True)
         else:
-            watch = SDPAIntercept(lambda call: self.owner._on_sdpa(self.layer, call["query"], call["key"]))
+            watch = SDPAIntercept(lambda call: self.owner._on_sdpa(self.layer, call["query"], call["key"],
+                                                                   self.expert))
         with watch:
             out = self.inner(*args, **kwargs)
         if not watch.handled:
@@ -124,7 +138,7 @@ class _CapturingProcessor:
                 f"no scaled_dot_product_attention call was seen in layer {self.layer}'s processor "
                 f"{type(self.inner).__name__}; capture needs the native SDPA attention backend")
         if self.owner.adapter.per_sample_attention:
-            self.owner._on_sdpa_rows(self.layer, rows)
+            self.owner._on_sdpa_rows(self.layer, rows, self.expert)
         return out
 
 
@@ -136,8 +150,8 @@ def _rises(key: tuple[float, ...], last: tuple[float, ...]) -> bool:
     return any(a > b for a, b in zip(key, last))
 
 
-def _wrap(proc, layer: int, owner: "Capture") -> _CapturingProcessor:
-    return processor_wrapper_class(_CapturingProcessor, type(proc), "Capturing")(proc, layer, owner)
+def _wrap(proc, layer: int, owner: "Capture", expert: str = "transformer") -> _CapturingProcessor:
+    return processor_wrapper_class(_CapturingProcessor, type(proc), "Capturing")(proc, layer, owner, expert)
 
 
 def _normalise_layers(layers, n_blocks: int, model_name: str) -> list[int]:
@@ -192,14 +206,21 @@ def _normalise_steps(steps, num_steps: int | None) -> set[int] | None:
 
 class Capture:
     """What a :func:`capture` context records. Keys: ``(name, step)`` with names ``blocks.{l}.attn.q``,
-    ``blocks.{l}.attn.k`` and ``blocks.{l}.out`` (block output features)."""
+    ``blocks.{l}.attn.k`` and ``blocks.{l}.out`` (block output features); on a multi-expert pipeline the names
+    start with the expert: ``transformer_2.blocks.{l}.attn.q``.
+
+    Attributes (besides the settings): ``experts`` the captured expert names, ``step_experts`` ``{step: expert}``
+    the expert that ran each step seen, ``timesteps`` ``{step: timestep}``."""
 
     def __init__(self, model: nn.Module, adapter: BackboneAdapter, layers: list[int], steps: set[int] | None,
                  what: tuple[str, ...], branch: str, cfg: bool | None, store: bool, on_qk, on_features,
-                 device, dtype):
+                 device, dtype, experts: tuple[str, ...] = ("transformer",), prefixed: bool = False,
+                 expert_rule: str = ""):
         self.model, self.adapter, self.layers, self.steps = model, adapter, layers, steps
         self.what, self.branch, self.cfg, self.store = what, branch, cfg, store
         self.on_qk, self.on_features, self.device, self.dtype = on_qk, on_features, device, dtype
+        self.experts, self.prefixed, self.expert_rule = tuple(experts), prefixed, expert_rule
+        self.step_experts: dict[int, str] = {}
         self.data: dict[tuple[str, int], torch.Tensor] = {}
         self.timesteps: dict[int, float | None] = {}
         self.grid: TokenGrid | None = None
@@ -217,6 +238,28 @@ class Capture:
     def set_step(self, step: int | None) -> None:
         """Fix the step index of the following calls (``None`` returns to counting from timesteps)."""
         self._manual_step = step
+
+    def _pre_forward_of(self, expert: str):
+        """The forward pre-hook of the expert named ``expert`` (every expert of the pipeline gets one, captured or
+        not, so that steps are counted over the whole loop)."""
+        def pre(module, args, kwargs):
+            self._pre_forward(module, args, kwargs)
+            self._expert_ran(expert)
+        return pre
+
+    def _expert_ran(self, expert: str) -> None:
+        self.step_experts[self.step] = expert
+        if expert not in self.experts and self.steps is not None and self.step in self.steps:
+            raise ValueError(f"step {self.step} was requested, but the pipeline runs it with {expert!r}, which is not "
+                             f"captured (experts={list(self.experts)}; {self.expert_rule}); allowed: capture "
+                             f"{expert!r} too (experts=None captures every expert) or request only steps that "
+                             f"{', '.join(map(repr, self.experts))} runs")
+
+    def name(self, layer: int, kind: str, expert: str | None = None) -> str:
+        """Key name of ``kind`` (``"q"``, ``"k"``, ``"features"``) at block ``layer`` of ``expert`` (multi-expert
+        captures: ``"transformer_2.blocks.3.attn.q"``; else ``"blocks.3.attn.q"``)."""
+        base = f"blocks.{layer}.out" if kind == "features" else f"blocks.{layer}.attn.{kind}"
+        return f"{expert}.{base}" if self.prefixed else base
 
     def _pre_forward(self, module, args, kwargs):
         self.grid = self.adapter.grid(module, args, kwargs)
@@ -335,7 +378,8 @@ class Capture:
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach().to(device=self.device or x.device, dtype=self.dtype or x.dtype, copy=True)
 
-    def _on_sdpa_rows(self, layer: int, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _on_sdpa_rows(self, layer: int, rows: list[tuple[torch.Tensor, torch.Tensor]],
+                      expert: str = "transformer") -> None:
         """Per-row SDPA calls (``per_sample_attention``): row ``i`` attends over ``[video, its valid text]``
         (``q, k [1, H, N_video + L_i, D]``). The selected CFG rows are joined along the batch with their text when
         every selected row has the same text length; otherwise (``branch="all"`` with prompts of different lengths)
@@ -352,31 +396,31 @@ class Capture:
         else:
             q, k = (torch.cat([rows[i][j][:, :, :g.num_video] for i in chosen]) for j in (0, 1))
             grid = dataclasses.replace(g, text_len=0)
-        self._on_sdpa(layer, q, k, grid=grid, selected=True)
+        self._on_sdpa(layer, q, k, expert, grid=grid, selected=True)
 
-    def _on_sdpa(self, layer: int, q: torch.Tensor, k: torch.Tensor, grid: TokenGrid | None = None,
-                 selected: bool = False) -> None:
+    def _on_sdpa(self, layer: int, q: torch.Tensor, k: torch.Tensor, expert: str = "transformer",
+                 grid: TokenGrid | None = None, selected: bool = False) -> None:
         if not selected:
             q, k = self._select(q), self._select(k)
-        ev = QKEvent(layer, self.step, self.timesteps.get(self.step), q, k, grid or self.grid)
+        ev = QKEvent(layer, self.step, self.timesteps.get(self.step), q, k, grid or self.grid, expert)
         if self.store:
             if "q" in self.what:
-                self._put((f"blocks.{layer}.attn.q", self.step), self._keep(ev.q_video))
+                self._put((self.name(layer, "q", expert), self.step), self._keep(ev.q_video))
             if "k" in self.what:
-                self._put((f"blocks.{layer}.attn.k", self.step), self._keep(ev.k_video))
+                self._put((self.name(layer, "k", expert), self.step), self._keep(ev.k_video))
         if self.on_qk is not None:
             self.on_qk(ev)
 
-    def _on_block(self, layer: int, output) -> None:
+    def _on_block(self, layer: int, output, expert: str = "transformer") -> None:
         if not self._active("features"):
             return
         h = self._select(self.adapter.block_video_output(output, self.grid))
         g = self.grid
         f = h.reshape(h.shape[0], g.frames, g.rows, g.cols, h.shape[-1])
         if self.store:
-            self._put((f"blocks.{layer}.out", self.step), self._keep(f))
+            self._put((self.name(layer, "features", expert), self.step), self._keep(f))
         if self.on_features is not None:
-            self.on_features(FeatureEvent(layer, self.step, self.timesteps.get(self.step), f, g))
+            self.on_features(FeatureEvent(layer, self.step, self.timesteps.get(self.step), f, g, expert))
 
     # ---------------------------------------------------------------- access
     def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
@@ -387,25 +431,37 @@ class Capture:
                            f"captured names: {sorted({n for n, _ in self.data})}")
         return self.data[key]
 
-    def _get(self, name: str, step: int | None) -> torch.Tensor:
+    def _get(self, layer: int, kind: str, step: int | None, expert: str | None) -> torch.Tensor:
+        if expert is not None and expert not in self.experts:
+            raise ValueError(f"expert={expert!r} was not captured; captured experts: {list(self.experts)}")
+        if not self.prefixed:
+            names = [self.name(layer, kind)]
+        elif expert is not None:
+            names = [self.name(layer, kind, expert)]
+        elif step is not None and step in self.step_experts:  # the expert that ran the step
+            names = [self.name(layer, kind, self.step_experts[step])]
+        else:
+            names = [self.name(layer, kind, e) for e in self.experts]
         if step is None:
-            steps = sorted(s for n, s in self.data if n == name)
+            steps = sorted((s, n) for n, s in self.data if n in names)
             if not steps:
-                raise KeyError(f"{name!r} was not captured; captured: {sorted({n for n, _ in self.data})}")
-            step = steps[-1]
-        return self[name, step]
+                raise KeyError(f"{' / '.join(map(repr, names))} was not captured; captured: "
+                               f"{sorted({n for n, _ in self.data})}")
+            step, names = steps[-1][0], [steps[-1][1]]
+        return self[names[0], step]
 
-    def q(self, layer: int, step: int | None = None) -> torch.Tensor:
-        """Query of the video tokens, ``[B, heads, frames, rows, cols, head_dim]`` (latest step if ``None``)."""
-        return self._get(f"blocks.{layer}.attn.q", step)
+    def q(self, layer: int, step: int | None = None, expert: str | None = None) -> torch.Tensor:
+        """Query of the video tokens, ``[B, heads, frames, rows, cols, head_dim]`` (latest step if ``None``; on a
+        multi-expert pipeline from the expert that ran ``step``, unless ``expert`` names one)."""
+        return self._get(layer, "q", step, expert)
 
-    def k(self, layer: int, step: int | None = None) -> torch.Tensor:
-        """Key of the video tokens, ``[B, heads, frames, rows, cols, head_dim]``."""
-        return self._get(f"blocks.{layer}.attn.k", step)
+    def k(self, layer: int, step: int | None = None, expert: str | None = None) -> torch.Tensor:
+        """Key of the video tokens, ``[B, heads, frames, rows, cols, head_dim]`` (as :meth:`q`)."""
+        return self._get(layer, "k", step, expert)
 
-    def features(self, layer: int, step: int | None = None) -> torch.Tensor:
-        """Block output of the video tokens, ``[B, frames, rows, cols, channels]``."""
-        return self._get(f"blocks.{layer}.out", step)
+    def features(self, layer: int, step: int | None = None, expert: str | None = None) -> torch.Tensor:
+        """Block output of the video tokens, ``[B, frames, rows, cols, channels]`` (as :meth:`q`)."""
+        return self._get(layer, "features", step, expert)
 
     def keys(self):
         return list(self.data)
@@ -418,7 +474,8 @@ class Capture:
 def capture(model, layers: int | str | Sequence[int | str] | None = None, steps: int | Iterable[int] | None = None,
             what: Sequence[str] = ("q", "k"), branch: str = "cond", num_steps: int | None = None,
             cfg: bool | None = None, store: bool = True, on_qk: Callable[[QKEvent], None] | None = None,
-            on_features: Callable[[FeatureEvent], None] | None = None, device=None, dtype=None):
+            on_features: Callable[[FeatureEvent], None] | None = None, device=None, dtype=None,
+            experts: str | Sequence[str] | None = None):
     """Record query/key (and block features) of selected layers and denoising steps.
 
     Args:
@@ -435,14 +492,20 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
         store: keep copies in the returned :class:`Capture` (set ``False`` with callbacks to keep nothing).
         on_qk, on_features: callbacks receiving :class:`QKEvent` / :class:`FeatureEvent` during the forward.
         device, dtype: where and how to keep stored copies (default: as captured).
+        experts: on a multi-expert pipeline (Wan 2.2: ``"transformer"``, ``"transformer_2"``), the experts to
+            capture (``None``: all; ``layers`` index the blocks of each). ``steps=None`` then means the steps the
+            captured experts run; a step requested by index that another expert runs raises before that expert's
+            forward. A bare transformer or a one-transformer pipeline has the one expert ``"transformer"``.
 
     Yields:
         :class:`Capture`.
     """
-    transformer = resolve_transformer(model)
+    ex = find_experts(model)
+    chosen = ex.check(experts, "experts")
+    transformer = ex.models[chosen[0]]
     adapter = adapter_for(transformer)
-    blocks = adapter.blocks(transformer)
-    layer_ids = _normalise_layers(layers, len(blocks), type(transformer).__name__)
+    blocks = {e: adapter_for(ex.models[e]).blocks(ex.models[e]) for e in chosen}
+    layer_ids = _normalise_layers(layers, min(len(b) for b in blocks.values()), type(transformer).__name__)
     step_ids = _normalise_steps(steps, num_steps)
     what = tuple([what] if isinstance(what, str) else what)
     bad = [w for w in what if w not in WHAT]
@@ -451,22 +514,24 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
     if branch not in BRANCHES:
         raise ValueError(f"unknown branch {branch!r}; allowed: {BRANCHES}")
     cap = Capture(transformer, adapter, layer_ids, step_ids, what, branch, cfg, store, on_qk, on_features,
-                  device, dtype)
+                  device, dtype, chosen, ex.several, ex.rule)
     want_qk = bool({"q", "k"} & set(what)) or on_qk is not None
     want_feat = "features" in what or on_features is not None
     installed: list[tuple[nn.Module, object]] = []  # (attention, our wrapper)
     handles = []
     try:
-        handles.append(transformer.register_forward_pre_hook(cap._pre_forward, with_kwargs=True))
-        for l in layer_ids:
-            block = blocks[l][1]
-            if want_qk:
-                attn = adapter.self_attention(block)
-                wrapper = _wrap(attn.processor, l, cap)
-                installed.append((attn, wrapper))
-                set_processor(attn, wrapper)
-            if want_feat:
-                handles.append(block.register_forward_hook(lambda m, a, o, l=l: cap._on_block(l, o)))
+        for e, model_e in ex.models.items():  # every expert counts steps; the chosen ones are captured
+            handles.append(model_e.register_forward_pre_hook(cap._pre_forward_of(e), with_kwargs=True))
+        for e in chosen:
+            for l in layer_ids:
+                block = blocks[e][l][1]
+                if want_qk:
+                    attn = adapter.self_attention(block)
+                    wrapper = _wrap(attn.processor, l, cap, e)
+                    installed.append((attn, wrapper))
+                    set_processor(attn, wrapper)
+                if want_feat:
+                    handles.append(block.register_forward_hook(lambda m, a, o, l=l, e=e: cap._on_block(l, o, e)))
         yield cap
         cap._check_branch_complete()
     finally:

@@ -43,14 +43,14 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .backbones import TokenGrid, adapter_for, adapters, family_for, resolve_transformer
+from .backbones import TokenGrid, adapter_for, adapters, experts, family_for, resolve_transformer
 from .hooks import SDPAIntercept, processor_wrapper_class, set_processor, track_grid, unwrap_processor
 
 VARIANTS = ("renormalized", "zero_after_softmax")
@@ -283,6 +283,10 @@ class CAGState:
         grid: token layout of the current transformer call (set by a forward pre-hook).
         calls: perturbed attention calls so far (for tests and sanity checks).
         step: next denoising step index (counted by :func:`cag_hooks`).
+        expert: the transformer of the current call (``"transformer"``; Wan 2.2 also ``"transformer_2"``).
+        calls_by_expert: perturbed attention calls so far per expert.
+        step_experts: ``{step: expert}`` of each step :func:`cag_hooks` perturbed (checked: every CAG layer of that
+            expert was perturbed).
     """
 
     num_slots: int = 1
@@ -290,6 +294,14 @@ class CAGState:
     grid: TokenGrid | None = None
     calls: int = 0
     step: int = 0
+    expert: str = "transformer"
+    calls_by_expert: dict = field(default_factory=dict)
+    step_experts: dict = field(default_factory=dict)
+
+    def count_call(self) -> None:
+        """One perturbed attention call of the current expert."""
+        self.calls += 1
+        self.calls_by_expert[self.expert] = self.calls_by_expert.get(self.expert, 0) + 1
 
     def set_slots(self, num_slots: int, perturbed: Sequence[int]) -> None:
         perturbed = tuple(sorted(set(perturbed)))
@@ -350,7 +362,7 @@ class CogVideoXCAGAttnProcessor:
         n = hidden_states.shape[0]
         pert, keep = st.split_rows(n, hidden_states.device)
         hp, ep = self._perturbed(attn, hidden_states[pert], encoder_hidden_states[pert], image_rotary_emb)
-        st.calls += 1
+        st.count_call()
         if keep.numel() == 0:
             return hp, ep
         hk, ek = self.original(attn, hidden_states[keep], encoder_hidden_states[keep], attention_mask=None,
@@ -438,7 +450,7 @@ class SDPACAGAttnProcessor:
             raise RuntimeError(f"layer {self.layer}: no self-attention SDPA call over {g.num_video + g.text_len} "
                                f"tokens was seen in {type(self.original).__name__}; CAG needs diffusers' native "
                                f"attention backend")
-        st.calls += 1
+        st.count_call()
         return out
 
     def _replace(self, call: dict):
@@ -496,6 +508,8 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
         model_or_pipe: a ``CogVideoXTransformer3DModel`` (:class:`CogVideoXCAGAttnProcessor`), a
             ``WanTransformer3DModel`` or ``HunyuanVideoTransformer3DModel`` (:class:`SDPACAGAttnProcessor`; HunyuanVideo
             layers index dual-stream blocks first, then single-stream ones), or a pipeline with ``.transformer``.
+            A multi-expert pipeline (Wan 2.2: ``transformer`` and ``transformer_2``) gets the processors on
+            ``config.layers`` of every expert, sharing one state (``state.expert`` names the one running).
         config: the :class:`CAGConfig` (its ``layers`` and ``variant`` are used here; ``scale`` by the samplers).
         query_chunk, key_chunk: chunking of the ``"zero_after_softmax"`` log-sum-exp pass.
 
@@ -505,38 +519,45 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
     """
     if not isinstance(config, CAGConfig):
         raise ValueError(f"config must be a CAGConfig; got {type(config).__name__}")
-    transformer = resolve_transformer(model_or_pipe)
-    adapter = adapter_for(transformer)
-    if adapter.cag_attention is None:
-        raise ValueError(f"CAG is implemented for {CAG_BACKBONES} transformers; got {type(transformer).__name__} "
-                         f"({adapter.name})")
-    blocks = adapter.blocks(transformer)
-    bad = [l for l in config.layers if l >= len(blocks)]
-    if bad:
-        raise ValueError(f"CAG layer(s) {bad} out of range: {type(transformer).__name__} has {len(blocks)} blocks, "
-                         f"allowed 0..{len(blocks) - 1}")
-    attns = [adapter.self_attention(blocks[l][1]) for l in config.layers]
-    fused = [l for l, a in zip(config.layers, attns) if getattr(a, "fused_projections", False)]
-    if fused:
-        raise ValueError(f"layers {fused} use fused QKV projections; call transformer.unfuse_qkv_projections() "
-                         f"before CAG")
+    targets = []  # (expert, transformer, adapter, attention modules of config.layers)
+    for name, transformer in experts(model_or_pipe).models.items():
+        adapter = adapter_for(transformer)
+        if adapter.cag_attention is None:
+            raise ValueError(f"CAG is implemented for {CAG_BACKBONES} transformers; got "
+                             f"{type(transformer).__name__} ({adapter.name})")
+        blocks = adapter.blocks(transformer)
+        bad = [l for l in config.layers if l >= len(blocks)]
+        if bad:
+            raise ValueError(f"CAG layer(s) {bad} out of range: {type(transformer).__name__} ({name}) has "
+                             f"{len(blocks)} blocks, allowed 0..{len(blocks) - 1}")
+        attns = [adapter.self_attention(blocks[l][1]) for l in config.layers]
+        fused = [l for l, a in zip(config.layers, attns) if getattr(a, "fused_projections", False)]
+        if fused:
+            raise ValueError(f"layers {fused} of {name} use fused QKV projections; call "
+                             f"{name}.unfuse_qkv_projections() before CAG")
+        targets.append((name, transformer, adapter, attns))
     state = CAGState()
     installed = []
-    handle = None
+    handles = []
     try:
-        handle = track_grid(transformer, adapter, lambda grid: setattr(state, "grid", grid))
-        for l, attn in zip(config.layers, attns):
-            if adapter.cag_attention == "joint":
-                proc = CogVideoXCAGAttnProcessor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
-            else:
-                proc = _sdpa_cag_processor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
-            installed.append((attn, proc))
-            set_processor(attn, proc)
+        for name, transformer, adapter, attns in targets:
+            def set_grid(grid, name=name):
+                state.grid, state.expert = grid, name
+
+            handles.append(track_grid(transformer, adapter, set_grid))
+            for l, attn in zip(config.layers, attns):
+                if adapter.cag_attention == "joint":
+                    proc = CogVideoXCAGAttnProcessor(attn.processor, state, config.variant, l, query_chunk,
+                                                     key_chunk)
+                else:
+                    proc = _sdpa_cag_processor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
+                installed.append((attn, proc))
+                set_processor(attn, proc)
         yield state
     finally:
         for attn, proc in reversed(installed):  # order-safe: removes exactly this context's processor
             unwrap_processor(attn, proc)
-        if handle is not None:
+        for handle in handles:
             handle.remove()
         state.grid = None
 
@@ -678,7 +699,8 @@ _EXPANDED = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidd
 
 @contextmanager
 def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_inference_steps: int,
-              do_cfg: bool | None = None, shared_prefix: bool = True, **apply_kwargs):
+              do_cfg: bool | None = None, shared_prefix: bool = True,
+              expert_guidance_scales: dict[str, float] | None = None, **apply_kwargs):
     """CAG inside an unmodified diffusers pipeline loop, by forward hooks on its transformer.
 
     * **Batched CFG** (CogVideoX, ``MiniVideoPipeline``: one call per step on ``[uncond, cond]``, then
@@ -700,10 +722,19 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     rounding, tested in fp32 on the CPU for every supported backbone: not bitwise, because the 3-slot forward itself
     gives identical rows at different batch positions different last bits).
 
+    Multi-expert pipelines (Wan 2.2: ``transformer`` for the high-noise steps, ``transformer_2`` for the low-noise
+    ones): the processors and hooks are on every expert and the steps are counted over both, so each step is
+    perturbed in ``config.layers`` of whichever expert runs it, folded with that expert's CFG weight
+    (``expert_guidance_scales``, Wan 2.2: ``guidance_scale_2`` for ``transformer_2``). After each perturbed forward
+    the hooks check that every chosen layer was perturbed (else ``RuntimeError`` naming the step and expert) and
+    record the expert in ``state.step_experts``.
+
     Args:
         guidance_scale: the CFG weight ``w`` the pipeline combines with (HunyuanVideo: ``true_cfg_scale``).
         do_cfg: whether the pipeline runs CFG (default ``guidance_scale > 1``).
         shared_prefix: compute the blocks before the first CAG layer once for the conditional and perturbed slots.
+        expert_guidance_scales: ``{expert: w}`` where an expert's steps are combined with another weight than
+            ``guidance_scale`` (:meth:`difftrack.backbones.Experts.guidance_scales`).
 
     Yields:
         the :class:`CAGState` (``state.step`` holds the next step index).
@@ -711,25 +742,27 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     if not isinstance(config, CAGConfig):
         raise ValueError(f"config must be a CAGConfig; got {type(config).__name__}")
     config.check_steps(num_inference_steps)
-    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
-            or not math.isfinite(guidance_scale) or guidance_scale <= 0):
-        raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number > 0 (the CFG weight the "
-                         f"pipeline combines with; CAG is folded through s / guidance_scale)")
+    ex = experts(model_or_pipe)  # Wan 2.2: transformer and transformer_2, hooked alike; else the one transformer
+    weights = _expert_weights(guidance_scale, expert_guidance_scales, ex.names)
     do_cfg = guidance_scale > 1.0 if do_cfg is None else bool(do_cfg)
-    transformer = resolve_transformer(model_or_pipe)
+    transformer = ex.models[ex.names[0]]
     adapter = adapter_for(transformer)
     sequential = adapter.cfg == "sequential"
-    sig = inspect.signature(transformer.forward)
+    sigs = {n: inspect.signature(m.forward) for n, m in ex.models.items()}
+    n_layers = len(config.layers)
     handles = []
-    with apply_cag(transformer, config, **apply_kwargs) as state, \
-            (PrefixShare(transformer, min(config.layers)) if shared_prefix else nullcontext()) as share:
+    with apply_cag(model_or_pipe, config, **apply_kwargs) as state, ExitStack() as stack:
+        # apply_cag's pre-hook, registered first, sets state.expert to the expert being called
+        shares = {n: stack.enter_context(PrefixShare(m, min(config.layers))) if shared_prefix else None
+                  for n, m in ex.models.items()}
         state.set_slots(1, [])
         state.step = 0
         n_plain = 2 if do_cfg and not sequential else 1
         pending: dict[str, Any] = {"last_t": None}
 
         def pre(m, args, kwargs):
-            bound = sig.bind(*args, **kwargs).arguments
+            bound = sigs[state.expert].bind(*args, **kwargs).arguments
+            share = shares[state.expert]
             if sequential:
                 tv = adapter.step_key(bound.get("timestep"))  # the capture's step key (per-frame levels, ...)
                 if do_cfg and pending["last_t"] is not None and tv == pending["last_t"]:
@@ -738,6 +771,7 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
                     return None
                 pending["last_t"] = tv
             s = config.scale_at(state.step, num_inference_steps)
+            pending["step"], pending["calls"] = state.step, state.calls
             state.step += 1
             pending["s"] = s
             if share is not None:
@@ -760,14 +794,20 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
 
         def post(m, args, kwargs, output):
             s = pending.pop("s")
+            share = shares[state.expert]
             if share is not None:
                 share.rows = None
             if s == 0:
                 return None
             state.set_slots(1, [])
+            done = state.calls - pending["calls"]
+            if done != n_layers:  # every chosen layer of the expert that ran must have been perturbed
+                raise RuntimeError(f"CAG at step {pending['step']}: {state.expert} perturbed {done} attention calls, "
+                                   f"expected one in each of the layers {config.layers}")
+            state.step_experts[pending["step"]] = state.expert
             sample = output[0] if isinstance(output, tuple) else output.sample
             parts = sample.float().chunk(n_plain + 1)
-            folded = s / guidance_scale if do_cfg else s  # the pipeline's own combine multiplies by w
+            folded = s / weights[state.expert] if do_cfg else s  # the pipeline's own combine multiplies by w
             new = cag_combine(None, parts[-2], parts[-1], 1.0, folded)  # v_c + folded (v_c - v_p)
             if n_plain == 2:
                 new = torch.cat([parts[0], new])  # batched CFG: [v_u, ...] in fp32
@@ -779,12 +819,27 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
             return output
 
         try:
-            handles.append(transformer.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(transformer.register_forward_hook(post, with_kwargs=True))
+            for m in ex.models.values():
+                handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(m.register_forward_hook(post, with_kwargs=True))
             yield state
         finally:
             for h in handles:
                 h.remove()
+
+
+def _expert_weights(guidance_scale, expert_guidance_scales, names) -> dict[str, float]:
+    """``{expert: CFG weight}``: ``guidance_scale`` unless ``expert_guidance_scales`` names another; each a finite
+    number > 0 (``ValueError`` naming the bad one)."""
+    extra = dict(expert_guidance_scales or {})
+    unknown = sorted(set(extra) - set(names))
+    if unknown:
+        raise ValueError(f"expert_guidance_scales names {unknown}; allowed: experts {list(names)}")
+    for what, w in [("guidance_scale", guidance_scale)] + [(f"the CFG weight of {n}", w) for n, w in extra.items()]:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w <= 0:
+            raise ValueError(f"{what}={w!r}; allowed: a finite number > 0 (the CFG weight the pipeline combines "
+                             f"with; CAG is folded through s / guidance_scale)")
+    return {n: extra.get(n, guidance_scale) for n in names}
 
 
 def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_scale: float = 6.0,
@@ -799,22 +854,22 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
     the extra slot); HunyuanVideo uses embedded guidance (``guidance_scale``) and CFG only with ``true_cfg_scale > 1``
     and a negative prompt, which then is the weight folded. ``use_dynamic_cfg=True`` is refused (CogVideoX): the
     pipeline changes ``w`` only after the transformer call, so the hook could not fold ``s/w`` correctly (the
-    published CAG code ignores dynamic CFG too). Wan 2.2's second transformer (``transformer_2``) is refused; so
-    are calls whose loop the hooks cannot follow, as the pipeline's family says (:meth:`PipelineFamily.check_cag_call`:
-    SkyReels-V2's asynchronous diffusion forcing and multi-window long videos). Wan 2.2 TI2V and SkyReels-V2 (also
-    with block-causal attention) follow Wan's sequential CFG; Mochi has no CAG processor (:func:`apply_cag` refuses).
-    ``shared_prefix``: see :func:`cag_hooks`.
+    published CAG code ignores dynamic CFG too). Wan 2.2 A14B (``transformer_2``, ``boundary_ratio``): each step is
+    perturbed in the expert that runs it, the low-noise expert's steps folded with ``guidance_scale_2`` (default
+    ``guidance_scale``, as the pipeline). Calls whose loop the hooks cannot follow are refused, as the pipeline's
+    family says (:meth:`PipelineFamily.check_cag_call`: SkyReels-V2's asynchronous diffusion forcing and multi-window
+    long videos). Wan 2.2 TI2V and SkyReels-V2 (also with block-causal attention) follow Wan's sequential CFG; Mochi
+    has no CAG processor (:func:`apply_cag` refuses). ``shared_prefix``: see :func:`cag_hooks`.
     """
     if use_dynamic_cfg:
         raise ValueError("use_dynamic_cfg=True is not supported with CAG (the CFG weight changes after the "
                          "transformer call); pass use_dynamic_cfg=False")
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise ValueError("pipelines with a second transformer (Wan 2.2 A14B, transformer_2) are not supported by CAG "
-                         "hooks; allowed: a single transformer")
     if config is None:
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
     family = family_for(pipe)
     family.check_cag_call(kwargs)  # SkyReels-V2 diffusion forcing: synchronous loops only
     weight, do_cfg = family.cfg_weight(guidance_scale, kwargs)  # HunyuanVideo: embedded guidance
-    with cag_hooks(pipe, config, weight, num_inference_steps, do_cfg=do_cfg, shared_prefix=shared_prefix):
+    per_expert = experts(pipe).guidance_scales(weight, kwargs)  # Wan 2.2: guidance_scale_2 for transformer_2
+    with cag_hooks(pipe, config, weight, num_inference_steps, do_cfg=do_cfg, shared_prefix=shared_prefix,
+                   expert_guidance_scales=per_expert):
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)

@@ -59,6 +59,11 @@ class CrossAttentionGuidance(BaseGuidance):
     ``B``-row forward for the perturbed branch would give the same values only up to rounding: on the CPU a row's
     result depends on the batch it is computed in.)
 
+    Wan 2.2 modular pipelines (``transformer`` and ``transformer_2``, with ``guider`` and ``guider_2``): give each
+    expert its guider (e.g. the same settings with the expert's CFG weight); each perturbs the denoiser it is handed,
+    so CAG covers the steps of both experts, and :meth:`forward` checks that every layer was perturbed
+    (``tests/test_experts.py``).
+
     The CAG processors, the batch-doubling hooks and (``shared_prefix=True``) the :class:`PrefixShare` hooks are on
     the denoiser only from :meth:`prepare_models` of the conditional batch until the end of that forward: a forward
     hook registered with ``always_call=True`` restores the original processors and removes every hook also when the
@@ -111,6 +116,7 @@ class CrossAttentionGuidance(BaseGuidance):
         self.shared_prefix = shared_prefix
         self._stack: ExitStack | None = None  # the CAG installation of the current conditional forward
         self._perturbed_slot = False  # the conditional forward of this step carries the perturbed slot
+        self._perturbed_calls = 0  # perturbed attention calls of that forward (one per CAG layer expected)
 
     @classmethod
     def from_cag_config(cls, config: CAGConfig, guidance_scale: float = 5.0, shared_prefix: bool = True,
@@ -125,8 +131,8 @@ class CrossAttentionGuidance(BaseGuidance):
 
     # ------------------------------------------------------------------------------------------------ state
     def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
-        if step == 0:
-            self.cag_config.check_steps(num_inference_steps)
+        # at every step, not only step 0: Wan 2.2's low-noise guider (guider_2) first runs mid-loop
+        self.cag_config.check_steps(num_inference_steps)
         super().set_state(step, num_inference_steps, timestep)
         self._perturbed_slot = False
 
@@ -182,6 +188,7 @@ class CrossAttentionGuidance(BaseGuidance):
         try:
             state = stack.enter_context(apply_cag(transformer, self.cag_config))
             state.set_slots(2, [1])
+            self._perturbed_calls = 0
             share = (stack.enter_context(PrefixShare(transformer, min(self.cag_config.layers)))
                      if self.shared_prefix else None)
 
@@ -197,6 +204,7 @@ class CrossAttentionGuidance(BaseGuidance):
                 return (), dict(bound)
 
             def restore(module, args, kwargs, output):  # always_call: also when the forward raises
+                self._perturbed_calls = state.calls
                 self._restore()
                 return None
 
@@ -236,6 +244,11 @@ class CrossAttentionGuidance(BaseGuidance):
             raise RuntimeError(f"CAG is on at step {self._step} (scale {s}) but the conditional forward carried no "
                                f"perturbed slot: run the denoiser between prepare_models and cleanup_models")
         if self._perturbed_slot:
+            n_layers = len(self.cag_config.layers)
+            if self._perturbed_calls != n_layers:  # a layer that did not run (a skip hook) is not perturbed
+                raise RuntimeError(f"CAG at step {self._step}: {self._perturbed_calls} perturbed attention calls in "
+                                   f"the conditional forward, expected one in each of the layers "
+                                   f"{self.cag_config.layers}")
             if pred_cond.shape[0] % 2:
                 raise ValueError(f"pred_cond has {pred_cond.shape[0]} rows; expected [cond, perturbed] halves")
             v_c, v_p = pred_cond.float().chunk(2)

@@ -59,6 +59,7 @@ class Geometry:
     temporal: int  # video frames per latent frame
     default_size: tuple[int, int, int] | None  # (frames, height, width) when the configs say it
     fixed_size: bool = False  # the family runs at its default size only (the embedded model)
+    experts: tuple[str, ...] = ("transformer",)  # Wan 2.2 A14B: ("transformer", "transformer_2")
 
     def describe(self) -> str:
         return (f"model {self.model!r} ({self.pipeline}) has {self.num_layers} blocks, {self.stride} px per token, "
@@ -111,7 +112,7 @@ def model_geometry(model: str) -> Geometry:
         raise ValueError(f"{folder / 'vae' / 'config.json'} or {folder / 'transformer' / 'config.json'}: no usable "
                          f"compression or sample size ({err!r})") from None
     return Geometry(model=model, pipeline=cls, num_layers=layers, stride=spatial * patch, temporal=temporal,
-                    default_size=default, fixed_size=family.fixed_size)
+                    default_size=default, fixed_size=family.fixed_size, experts=family.experts_in_index(index))
 
 
 # ---------------------------------------------------------------------------------------------- declarative spec
@@ -346,6 +347,13 @@ def _some_videos(ctx):
                                     "videos_per_family + exact_per_family >= 1")
 
 
+def _expert_of_model(ctx):
+    g, e = ctx["geometry"], ctx["expert"]
+    if e and e not in g.experts:
+        yield "expert", (f"{g.pipeline} at {g.model!r} has the expert(s) {list(g.experts)}; allowed: '' (the "
+                         f"pipeline's expert at each timestep) or one of them")
+
+
 def _temporal_one(ctx):
     g = ctx["geometry"]
     if g.temporal != 1:
@@ -428,7 +436,9 @@ SPECS: dict[str, tuple[dict[str, Param], tuple[Rule, ...]]] = {
         "tapvid_max_points": Param("int", lo=1),
         "benchmark": Param("file", empty_ok=True),
         "device": Param("device", empty_ok=True),
-    }, (Rule(("native_size", "model"), _native_size_rule),)),
+        "expert": Param("str", note="'': the pipeline's expert at each timestep (Wan 2.2 A14B: 'transformer' or "
+                                    "'transformer_2')"),
+    }, (Rule(("native_size", "model"), _native_size_rule), Rule(("expert", "model"), _expert_of_model))),
     "05_cag": ({
         "n_prompts": Param("int", lo=1),
         "num_steps": Param("int", lo=1, hi=MAX_STEPS),

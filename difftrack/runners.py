@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import (adapter_for, family_for, family_of_class, patch_sizes, pipeline_families,  # noqa: F401
-                        resolve_transformer, scheduler_add_noise)
+from .backbones import (adapter_for, experts, family_for, family_of_class, patch_sizes,  # noqa: F401
+                        pipeline_families, resolve_transformer, scheduler_add_noise)
 
 PIPELINES = pipeline_families()  # {pipeline class: family}, from difftrack.backbones
 DTYPES = ("float32", "float16", "bfloat16")
@@ -144,6 +144,11 @@ class VideoRunner:
         self.transformer = resolve_transformer(pipe)
         self.adapter = adapter_for(self.transformer)
         self.num_layers = len(self.adapter.blocks(self.transformer))
+        self.experts = experts(pipe)  # Wan 2.2 A14B: transformer (high noise) and transformer_2 (low noise)
+        counts = {n: len(adapter_for(m).blocks(m)) for n, m in self.experts.models.items()}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"{cls}: its experts have different block counts {counts}; the analysis tables need one "
+                             f"layer axis (allowed: experts of one architecture, as Wan 2.2 A14B)")
         self.guidance_embed = float(guidance_embed)
         pt, self.patch = patch_sizes(self.transformer)
         self.temporal, self.vae_spatial = self.family.compression(pipe)
@@ -241,6 +246,11 @@ class VideoRunner:
         self.check_size(video.shape[:3])
         return self.family.encode_video(self.pipe, video, self.device)
 
+    def transformer_at(self, t) -> torch.nn.Module:
+        """The transformer the pipeline calls at timestep ``t`` (its one transformer, or the Wan 2.2 expert whose
+        side of the boundary ``t`` is on)."""
+        return self.experts.models[self.experts.at(t)]
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x0`` forward-noised to timestep ``t`` by the pipeline's scheduler, the family's way
         (:meth:`PipelineFamily.add_noise`)."""
@@ -257,8 +267,9 @@ class VideoRunner:
     def noised_forwards(self, video: np.ndarray, prompt: str, num_steps: int, steps=None, noise_seed: int = 0,
                         cap=None) -> list[float]:
         """Forward-noise ``video`` to each of ``steps`` (default all) of a ``num_steps`` schedule and run one
-        conditional transformer forward per step; ``cap`` (a :class:`difftrack.capture.Capture`) gets
-        ``set_step(s)`` before each. Returns the schedule's timesteps (all ``num_steps``)."""
+        conditional transformer forward per step, by the transformer the pipeline uses at that step's timestep
+        (:meth:`transformer_at`); ``cap`` (a :class:`difftrack.capture.Capture`) gets ``set_step(s)`` before each.
+        Returns the schedule's timesteps (all ``num_steps``)."""
         x0 = self.encode_video(video)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(noise_seed))).to(x0.device)
         cond = self.cond(prompt)
@@ -269,7 +280,7 @@ class VideoRunner:
             xt = self.add_noise(x0, noise, t)
             if cap is not None:
                 cap.set_step(int(s))
-            self.transformer(**self.forward_kwargs(self.family.model_input(self.pipe, xt, x0), t, cond))
+            self.transformer_at(t)(**self.forward_kwargs(self.family.model_input(self.pipe, xt, x0), t, cond))
         return [float(t) for t in ts]
 
 

@@ -1,9 +1,10 @@
 """Tiny random pipelines of the real diffusers classes, built entirely offline (no Hub, no downloads).
 
-``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` (Wan 2.1, and Wan 2.2
-TI2V: ``"wan22_ti2v"``), ``HunyuanVideoPipeline``, ``SkyReelsV2Pipeline`` / ``SkyReelsV2DiffusionForcingPipeline``
-or ``MochiPipeline`` whose every component (tokenizers included) is constructed in code from a config, with random
-weights. They run a full denoising loop and VAE decode on CPU in well under a second per step and round-trip through
+``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` (Wan 2.1; Wan 2.2 TI2V:
+``"wan22_ti2v"``; Wan 2.2's two experts: ``"wan22"``), ``HunyuanVideoPipeline``, ``SkyReelsV2Pipeline`` /
+``SkyReelsV2DiffusionForcingPipeline`` or ``MochiPipeline`` whose every component (tokenizers included) is
+constructed in code from a config, with random weights. They run a full denoising loop and VAE decode on CPU in well
+under a second per step and round-trip through
 ``save_pretrained`` / ``from_pretrained``. They exist to test the capture against the real pipelines' calling
 conventions (CFG layout, number of transformer calls per step, keyword names, dtypes), not to generate anything.
 
@@ -27,6 +28,11 @@ from pathlib import Path
 import torch
 
 KINDS = ("cogvideox", "wan", "hunyuanvideo", "wan22_ti2v", "skyreels_v2", "skyreels_v2_df", "mochi")
+# multi-expert pipelines, built by build_tiny_pipeline too but kept out of KINDS (the single-transformer cases)
+EXPERT_KINDS = ("wan22",)
+# Wan 2.2 A14B T2V's boundary_ratio: with the tiny scheduler (flow matching, shift 5) a 2-step run has timesteps
+# 1000 (transformer) and 24 (transformer_2); 4 steps: 1000, 910 (transformer) and 717, 24 (transformer_2)
+WAN22_BOUNDARY_RATIO = 0.875
 WORDS = ("a red green blue yellow white black circle square triangle star moving left right up down on still "
          "background drifting scene camera panning zooming in out rotating and the of with").split()
 FRAMES, HEIGHT, WIDTH = 9, 32, 32
@@ -103,21 +109,25 @@ def _wan_vae(**over):
     return AutoencoderKLWan(**{**kw, **over}).eval()
 
 
-def _wan_transformer(cls, channels: int = 16, **extra):
-    """A tiny Wan-layout transformer of class ``cls`` (seed 2; Wan, SkyReels-V2)."""
-    torch.manual_seed(2)
+def _wan_transformer(cls, channels: int = 16, seed: int = 2, **extra):
+    """A tiny Wan-layout transformer of class ``cls`` (seed 2; Wan, SkyReels-V2; Wan 2.2's second expert: 4)."""
+    torch.manual_seed(seed)
     return cls(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=channels,
                out_channels=channels, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
                rope_max_seq_len=32, **extra).eval()
 
 
-def _wan():
+def _wan(experts: int = 1):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     tok, text_encoder = _umt5()
-    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=_wan_vae(),
-                       transformer=_wan_transformer(WanTransformer3DModel),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    kw = dict(tokenizer=tok, text_encoder=text_encoder, vae=_wan_vae(),
+              transformer=_wan_transformer(WanTransformer3DModel), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    if experts == 1:
+        return WanPipeline(**kw)
+    # Wan 2.2 A14B layout: a second expert (other random weights) for the low-noise steps, boundary at t = 875
+    return WanPipeline(**kw, transformer_2=_wan_transformer(WanTransformer3DModel, seed=4),
+                       boundary_ratio=WAN22_BOUNDARY_RATIO)
 
 
 def _wan22_ti2v():
@@ -256,14 +266,16 @@ def _hunyuanvideo():
 
 _BUILDERS = {"cogvideox": _cogvideox, "wan": _wan, "hunyuanvideo": _hunyuanvideo, "wan22_ti2v": _wan22_ti2v,
              "skyreels_v2": lambda: _skyreels(df=False), "skyreels_v2_df": lambda: _skyreels(df=True),
-             "mochi": _mochi}
+             "mochi": _mochi, "wan22": lambda: _wan(experts=2)}
 
 
 def build_tiny_pipeline(kind: str, path: str | Path | None = None):
     """A tiny random pipeline of the real diffusers classes, built offline.
 
     Args:
-        kind: one of :data:`KINDS` (sizes: :func:`tiny_size`).
+        kind: one of :data:`KINDS` (sizes: :func:`tiny_size`) or :data:`EXPERT_KINDS` (``"wan22"``: a
+            ``WanPipeline`` with two experts, ``transformer`` and ``transformer_2`` of other random weights,
+            ``boundary_ratio`` :data:`WAN22_BOUNDARY_RATIO`, as Wan 2.2 A14B).
         path: if given, the pipeline is also written there with ``save_pretrained`` (reload it with the pipeline
             class's ``from_pretrained(path)``).
 
@@ -279,7 +291,7 @@ def build_tiny_pipeline(kind: str, path: str | Path | None = None):
     return pipe
 
 
-def build_tiny_modular_pipeline(kind: str = "wan", pipe=None, guider=None):
+def build_tiny_modular_pipeline(kind: str = "wan", pipe=None, guider=None, guider_2=None):
     """A tiny ``WanModularPipeline`` (blocks: diffusers' Wan text-to-video denoise and VAE decode steps) on the
     components of the tiny ``WanPipeline`` of :func:`build_tiny_pipeline`, built offline.
 
@@ -288,30 +300,45 @@ def build_tiny_modular_pipeline(kind: str = "wan", pipe=None, guider=None):
     ``[B, 512, 16]`` from the standard pipeline's ``encode_prompt(..., max_sequence_length=512)``.
 
     Args:
-        kind: ``"wan"`` (the only modular family built here).
-        pipe: a tiny ``WanPipeline`` whose ``transformer``, ``vae`` and ``scheduler`` are shared (the same objects);
-            ``None`` builds one with ``build_tiny_pipeline("wan")``.
-        guider: the ``guider`` component (``None``: diffusers' default, ``ClassifierFreeGuidance(guidance_scale=5)``).
+        kind: ``"wan"`` or ``"wan22"`` (diffusers' Wan 2.2 denoise step: ``transformer`` with ``guider`` at
+            ``t >= boundary_ratio * num_train_timesteps``, ``transformer_2`` with ``guider_2`` below; the modular
+            config's ``boundary_ratio`` default 0.875 is :data:`WAN22_BOUNDARY_RATIO`).
+        pipe: a tiny ``WanPipeline`` of that kind whose ``transformer`` (``transformer_2``), ``vae`` and ``scheduler``
+            are shared (the same objects); ``None`` builds one with ``build_tiny_pipeline(kind)``.
+        guider: the ``guider`` component (``None``: diffusers' default, ``ClassifierFreeGuidance(guidance_scale=5)``;
+            Wan 2.2: 4).
+        guider_2: Wan 2.2's ``guider_2`` component (``None``: diffusers' default, ``ClassifierFreeGuidance(3)``).
 
     Returns:
         the modular pipeline (fp32, CPU, progress bar off). Call it with ``prompt_embeds``,
         ``negative_prompt_embeds``, ``num_frames``, ``height``, ``width``, ``num_inference_steps``, ``generator`` and
         ``output="latents"`` (``[B, 16, 3, 4, 4]``) or ``output="videos"``.
     """
-    if kind != "wan":
-        raise ValueError(f"unknown tiny modular pipeline kind {kind!r}; allowed: ['wan']")
+    if kind not in ("wan", "wan22"):
+        raise ValueError(f"unknown tiny modular pipeline kind {kind!r}; allowed: ['wan', 'wan22']")
     from diffusers.modular_pipelines import SequentialPipelineBlocks
     from diffusers.modular_pipelines.wan.decoders import WanVaeDecoderStep
     from diffusers.modular_pipelines.wan.modular_blocks_wan import WanCoreDenoiseStep
+    from diffusers.modular_pipelines.wan.modular_blocks_wan22 import Wan22CoreDenoiseStep
 
-    pipe = build_tiny_pipeline("wan") if pipe is None else pipe
-    if type(pipe).__name__ != "WanPipeline":
-        raise ValueError(f"pipe must be a tiny WanPipeline (build_tiny_pipeline('wan')); got {type(pipe).__name__}")
-    blocks = SequentialPipelineBlocks.from_blocks_dict({"denoise": WanCoreDenoiseStep, "decode": WanVaeDecoderStep})
+    pipe = build_tiny_pipeline(kind) if pipe is None else pipe
+    two = getattr(pipe, "transformer_2", None) is not None
+    if type(pipe).__name__ != "WanPipeline" or two != (kind == "wan22"):
+        raise ValueError(f"pipe must be a tiny WanPipeline of kind {kind!r} (build_tiny_pipeline({kind!r})); got "
+                         f"{type(pipe).__name__}{' with transformer_2' if two else ''}")
+    denoise = Wan22CoreDenoiseStep if two else WanCoreDenoiseStep
+    blocks = SequentialPipelineBlocks.from_blocks_dict({"denoise": denoise, "decode": WanVaeDecoderStep})
     modular = blocks.init_pipeline()
     components = dict(transformer=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler)
+    if two:
+        components["transformer_2"] = pipe.transformer_2
+        if modular.config.boundary_ratio != pipe.config.boundary_ratio:
+            raise ValueError(f"the modular Wan 2.2 step's boundary_ratio {modular.config.boundary_ratio} differs "
+                             f"from the pipeline's {pipe.config.boundary_ratio}")
     if guider is not None:
         components["guider"] = guider
+    if guider_2 is not None:
+        components["guider_2"] = guider_2
     modular.update_components(**components)
     todo = list(modular._blocks.sub_blocks.values())  # (.blocks is a copy)
     while todo:  # the denoising loop is nested (ModularPipeline.set_progress_bar_config only sees the top level)

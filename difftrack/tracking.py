@@ -71,8 +71,8 @@ import numpy as np
 import torch
 
 from . import checks as _checks
-from .backbones import (adapter_for, adapters, attention_heads, family_of_class, frame_encoder, patch_sizes,
-                        pipeline_families, resolve_transformer, scale_vae_latents, scheduler_add_noise)
+from .backbones import (adapter_for, adapters, attention_heads, experts, family_of_class, frame_encoder,
+                        patch_sizes, pipeline_families, resolve_transformer, scale_vae_latents, scheduler_add_noise)
 from .capture import capture, run_until
 from .matching import (REFINE, _bilinear_rows, check_heads, feature_cost, match_from_cost, px_to_tokens, qk_cost,
                        refine_peak, select_heads, tokens_to_px)
@@ -299,6 +299,11 @@ class DiffTracker:
         max_cost_bytes: the largest estimated memory of the cost matrices held at once
             (:meth:`estimate_cost_bytes`); a larger working size raises ``ValueError`` naming it before any forward
             (default :data:`DEFAULT_MAX_COST_BYTES`, 4 GiB).
+        expert: on a multi-expert pipeline (Wan 2.2 A14B), the transformer that computes the descriptors:
+            ``None`` (default) the one the pipeline itself calls at each chosen timestep (``transformer`` at
+            ``t >= boundary_ratio * num_train_timesteps``, ``transformer_2`` below; :attr:`step_experts`), or a
+            name (``"transformer"``, ``"transformer_2"``) for every timestep. One-transformer pipelines and bare
+            transformers have the one expert ``"transformer"``.
 
     Calibration (``scripts/calibrate_occlusion.py``, train-split world videos only): see the module constants
     ``DEFAULT_OCCLUSION``, ``DEFAULT_CYCLE_THRESHOLD``, ``DEFAULT_CONFIDENCE_THRESHOLD``, ``DEFAULT_NOISE``.
@@ -317,7 +322,8 @@ class DiffTracker:
                  scheduler=None, feature_tau: float = 0.05, pixel_refine: str | None = None,
                  ncc_patch: int = 21, ncc_upsample: int = 4, ncc_threshold: float | None = DEFAULT_NCC_THRESHOLD,
                  device=None, dtype: torch.dtype | None = None, work_size: str | tuple[int, int] = "model",
-                 max_cost_bytes: int = DEFAULT_MAX_COST_BYTES, heads: Sequence[int] | None = None):
+                 max_cost_bytes: int = DEFAULT_MAX_COST_BYTES, heads: Sequence[int] | None = None,
+                 expert: str | None = None):
         if pipe_or_transformer is None:
             from .mini import load_default
 
@@ -325,11 +331,16 @@ class DiffTracker:
         self.pipe = pipe_or_transformer
         self.transformer = resolve_transformer(pipe_or_transformer)
         self.adapter = adapter_for(self.transformer)
+        self._experts = experts(pipe_or_transformer)
+        if expert is not None and (not isinstance(expert, str) or expert not in self._experts.names):
+            raise ValueError(f"expert={expert!r}; allowed: None (the pipeline's choice at each timestep) or one of "
+                             f"{list(self._experts.names)}")
+        self.expert = expert
         if not self.adapter.trackable:
             allowed = sorted({a.name for a in adapters() if a.trackable})
             raise ValueError(f"backbone {self.adapter.name!r} is not supported for tracking; allowed: "
                              f"{', '.join(allowed)} layouts")
-        n_blocks = len(self.adapter.blocks(self.transformer))
+        n_blocks = min(len(adapter_for(m).blocks(m)) for m in self._experts.models.values())
         self.layers = sorted(set(_check_index_list("layers", layers, f"block indices in 0..{n_blocks - 1}")))
         if any(not 0 <= l < n_blocks for l in self.layers):
             raise ValueError(f"layers={layers!r}; allowed: block indices in 0..{n_blocks - 1}")
@@ -390,10 +401,6 @@ class DiffTracker:
         p0 = next(self.transformer.parameters())
         self.device = torch.device(device) if device is not None else p0.device
         self.dtype = dtype or p0.dtype
-        if self.device != p0.device or self.dtype != p0.dtype:
-            # never convert the caller's model in place: work on a private copy
-            self.transformer = copy.deepcopy(self.transformer).to(device=self.device, dtype=self.dtype)
-            self.transformer.eval()
         self._ehs_cache: dict[str, torch.Tensor] = {}
         self._cond_extra: dict[str, dict] = {}  # extra conditional kwargs per prompt (HunyuanVideo)
         if encoder_hidden_states is not None:
@@ -418,6 +425,18 @@ class DiffTracker:
         else:
             scheduler.set_timesteps(self.num_steps)
         self.timesteps = [scheduler.timesteps[s].clone() for s in self.steps]
+        # the expert of each timestep: the pipeline's rule (Wan 2.2: transformer / transformer_2), or the one named
+        self.step_experts = [self.expert or self._experts.at(t) for t in self.timesteps]
+        self.transformers: dict[str, torch.nn.Module] = {}
+        for name in dict.fromkeys(self.step_experts):
+            m = self._experts.models[name]
+            p = next(m.parameters())
+            if self.device != p.device or self.dtype != p.dtype:
+                # never convert the caller's model in place: work on a private copy
+                m = copy.deepcopy(m).to(device=self.device, dtype=self.dtype)
+                m.eval()
+            self.transformers[name] = m
+        self.transformer = self.transformers[self.step_experts[0]]
 
     # ------------------------------------------------------------------ setup helpers
     def _setup_encoder(self, encode, token_stride):
@@ -591,12 +610,20 @@ class DiffTracker:
                 f"{need / 2**30:.1f} GiB for its cost matrices, more than max_cost_bytes="
                 f"{self.max_cost_bytes / 2**30:.1f} GiB; allowed: use {hint}, or raise max_cost_bytes")
 
+    def transformer_at(self, t) -> torch.nn.Module:
+        """The transformer that computes the descriptors at timestep ``t``: the expert named by ``expert``, else the
+        one the pipeline runs at ``t`` (Wan 2.2: ``transformer`` at or above the boundary, ``transformer_2`` below);
+        a private copy where ``device`` / ``dtype`` differ from the model's."""
+        return self.transformers[self.expert or self._experts.at(t)]
+
     # ------------------------------------------------------------------ descriptors of one chunk
     def _forward_chunk(self, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, extra: dict,
                        clean: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Run the transformer on chunk latents ``x [F, C, h, w]`` up to ``max(layers)``; returns per layer
+        """Run the transformer of timestep ``t`` (:meth:`transformer_at`) on chunk latents ``x [F, C, h, w]`` up to
+        ``max(layers)``; returns per layer
         ``(q, k) [H, F, M, D]`` each, or features ``[F, M, C]``. ``extra``: conditional keyword arguments besides the
         text embeddings (HunyuanVideo's pooled projections, mask, guidance)."""
+        model = self.transformer_at(t)
         F_, C, h, w = x.shape
         rows, cols = h // self.patch, w // self.patch
         hs = self.adapter.latent_input(x)
@@ -605,19 +632,19 @@ class DiffTracker:
         hs = hs.to(self.dtype)
         tt = (t.reshape(1) if self.family is None else self.family.timestep_input(self.pipe, t, hs)).to(self.device)
         kw = dict(hidden_states=hs, encoder_hidden_states=ehs, timestep=tt,
-                  return_dict=False, **self.adapter.rope_kwargs(self.transformer, self.pipe, F_, rows, cols,
+                  return_dict=False, **self.adapter.rope_kwargs(model, self.pipe, F_, rows, cols,
                                                                 self.device))
         kw.update({k: v.to(self.device, self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
                    else v for k, v in extra.items()})
         kw.update(self.transformer_kwargs)
         what = ("q", "k") if self.descriptor == "qk" else ("features",)
-        training = self.transformer.training  # eval mode for the forward only: the caller's flag is left as it was
-        self.transformer.eval()
+        training = model.training  # eval mode for the forward only: the caller's flag is left as it was
+        model.eval()
         try:
-            with capture(self.transformer, layers=self.layers, what=what, cfg=False, dtype=torch.float32) as cap:
-                run_until(self.transformer, max(self.layers), **kw)
+            with capture(model, layers=self.layers, what=what, cfg=False, dtype=torch.float32) as cap:
+                run_until(model, max(self.layers), **kw)
         finally:
-            self.transformer.train(training)
+            model.train(training)
         out = {}
         for l in self.layers:
             if self.descriptor == "qk":
@@ -774,8 +801,10 @@ class DiffTracker:
         return vis
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({type(self.transformer).__name__}, layers={self.layers}, steps={self.steps}/"
-                f"{self.num_steps}, noise={self.noise!r}, tau={self.tau!r}, occlusion={self.occlusion!r})")
+        ex = f", experts={self.step_experts}" if self._experts.several else ""
+        return (f"{type(self).__name__}({type(self.transformer).__name__}{ex}, layers={self.layers}, "
+                f"steps={self.steps}/{self.num_steps}, noise={self.noise!r}, tau={self.tau!r}, "
+                f"occlusion={self.occlusion!r})")
 
 
 def _match(cost: torch.Tensor, rows: int, cols: int, pts_tok: torch.Tensor, refine: str, radius: int

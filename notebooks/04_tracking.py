@@ -65,6 +65,7 @@ tapvid_max_frames: int = 24  # frames kept of each TAP-Vid video
 tapvid_max_points: int = 64  # query points kept per TAP-Vid video (evenly subsampled)
 benchmark: str = ""  # results table to show; empty: results/tracking_benchmark.json (or .csv) when present
 device: str = ""  # empty: cuda when available, else cpu
+expert: str = ""  # Wan 2.2 A14B: "" the pipeline's expert at each timestep, or "transformer" / "transformer_2"
 
 # %%
 # every parameter is checked here, before any model load or file write: a bad value fails at once, naming it
@@ -108,6 +109,8 @@ dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
 # `difftrack.runners.load_pipeline` (offline): a `MiniVideoPipeline`, `CogVideoXPipeline`, `WanPipeline` or
 # `HunyuanVideoPipeline` folder, passed to `DiffTracker` as is; a VAE pipeline encodes each frame with its own VAE and
 # its own text encoder gives the (empty-prompt) conditioning. Set `layer`, `slider_layers` and `native_size` for it.
+# A Wan 2.2 A14B folder has two experts (`transformer` for the high-noise timesteps, `transformer_2` below the
+# boundary): the tracker runs the one the pipeline runs at its timestep, or the one `expert` names.
 
 # %%
 from difftrack.runners import VideoRunner, load_pipeline
@@ -121,6 +124,11 @@ n_blocks = VideoRunner(pipe).num_layers  # HunyuanVideo: dual-stream blocks firs
 slider_layers = sorted({int(l) for l in slider_layers} | {int(layer)})
 slider_steps = list(dict.fromkeys([int(step)] + [int(s) for s in slider_steps]))
 print(f"model: {model} ({type(pipe).__name__}, {n_blocks} blocks), frames {H}x{W}, device {dev}, {dtype}")
+experts = VideoRunner(pipe).experts
+track_kw = dict(expert=expert or None)  # every DiffTracker below: the pipeline's expert at its timestep, or this one
+if experts.several:  # Wan 2.2 A14B: the tracker runs the expert the pipeline runs at its timestep
+    print(f"experts: {experts.rule}; the tracker at step {step} runs "
+          f"{DiffTracker(pipe, layers=(layer,), step=step, **track_kw).step_experts[0]}")
 
 # %% [markdown]
 # ## The video and its queries
@@ -157,7 +165,7 @@ runs = {}
 t0 = time.perf_counter()
 for L in slider_layers:
     for s in slider_steps:
-        tracker = DiffTracker(pipe, layers=(L,), step=s)
+        tracker = DiffTracker(pipe, layers=(L,), step=s, **track_kw)
         tr, vis = tracker(video, queries)
         r = dict(tracks=tr, visible=vis, timestep=int(tracker.timesteps[0]))
         if gt_tracks is not None:
@@ -254,7 +262,7 @@ if gt_tracks is not None:  # a world video: the ground-truth points that move mo
     start_points = moving_points(gt_tracks, gt_visible, click_frame, n=2)
 else:  # your video: two fixed places of the frame
     start_points = [(0.3 * W, 0.35 * H), (0.65 * W, 0.6 * H)]
-clicked = ClickTrack(video, DiffTracker(pipe, layers=(layer,), step=step), scale=max(1, 256 // max(H, W)),
+clicked = ClickTrack(video, DiffTracker(pipe, layers=(layer,), step=step, **track_kw), scale=max(1, 256 // max(H, W)),
                      trail=trail)  # frames drawn about 256 px wide (4x for the embedded model)
 for x, y in start_points:
     clicked.add(click_frame, x, y)
@@ -275,7 +283,7 @@ display(click_track_panel(clicked, frame=click_frame))  # in JupyterLab: pick a 
 # Percentages; `s/video` is wall time on this machine (noisy on a shared CPU).
 
 # %%
-methods = {f"DiffTracker (layer {layer}, step {step})": DiffTracker(pipe, layers=(layer,), step=step)}
+methods = {f"DiffTracker (layer {layer}, step {step})": DiffTracker(pipe, layers=(layer,), step=step, **track_kw)}
 MAIN = next(iter(methods))
 if is_mini:
     methods["DiffTracker, untrained weights"] = DiffTracker(mini.build_untrained().to(dev), layers=(layer,), step=step)

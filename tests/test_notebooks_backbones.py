@@ -1,7 +1,7 @@
 """Notebooks 02 and 04 on real diffusers pipelines without weights (issue 8).
 
-For each of CogVideoXPipeline, WanPipeline (Wan 2.1 and Wan 2.2 TI2V), HunyuanVideoPipeline, SkyReelsV2Pipeline,
-SkyReelsV2DiffusionForcingPipeline and MochiPipeline, a tiny random pipeline of the real classes
+For each of CogVideoXPipeline, WanPipeline (Wan 2.1, Wan 2.2 TI2V and Wan 2.2's two experts), HunyuanVideoPipeline,
+SkyReelsV2Pipeline, SkyReelsV2DiffusionForcingPipeline and MochiPipeline, a tiny random pipeline of the real classes
 (:func:`difftrack.testing.build_tiny_pipeline`: tiny T5 / Llama + CLIP, VAE and transformer built from configs) is
 written with ``save_pretrained`` to a temporary folder, and the notebook runs on it through papermill with ``model``
 set to that folder -- the same path a user takes with a local CogVideoX-2B checkpoint. Outputs (figures, results,
@@ -19,13 +19,13 @@ import nbformat
 import pytest
 
 from difftrack.runners import VideoRunner
-from difftrack.testing import KINDS, build_tiny_pipeline, tiny_size
+from difftrack.testing import EXPERT_KINDS, KINDS, build_tiny_pipeline, tiny_size
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=KINDS + EXPERT_KINDS)
 def saved_pipeline(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
     pipe = build_tiny_pipeline(request.param, path=folder)
@@ -69,6 +69,8 @@ def test_02_layer_analysis_on_saved_tiny_pipeline(saved_pipeline, tmp_path):
     assert len(summary["timesteps"]) == 2
     cls = json.loads((folder / "model_index.json").read_text())["_class_name"]
     assert f"{cls}, {n_layers} blocks" in _text(nb)
+    if kind == "wan22":  # 2 steps at t = 1000 | 24: one per expert, each recorded from its expert
+        assert "transformer steps [0], transformer_2 steps [1]" in _text(nb)
     for name in ("generated", "exact", "all"):
         s = summary["summary"][name]
         assert 0.0 <= s["qk_best_acc"] <= 1.0 and 0 <= s["qk_best_layer"] < n_layers
@@ -89,5 +91,7 @@ def test_04_tracking_on_saved_tiny_pipeline(saved_pipeline, tmp_path):
     text = _text(nb)
     assert f"{n_layers} blocks), frames {H}x{W}" in text
     assert f"DiffTracker (layer {last}, step -1)" in text  # the metrics table has the tracker's row
+    if kind == "wan22":  # step -1 of the tracker's 50-step schedule is below the boundary
+        assert "the tracker at step -1 runs transformer_2" in text
     for fig in ("04_tracks_strip.png", "04_layer_step.png", "04_metrics.png", "04_tracks.mp4"):
         assert (tmp_path / "figures" / fig).stat().st_size > 1000, fig

@@ -275,14 +275,19 @@ def test_folder_geometry_matches_the_runner_of_saved_tiny_pipelines(tmp_path):
     """The config-file reading agrees with VideoRunner on the real diffusers classes (tiny random pipelines, as
     tests/test_notebooks_backbones.py runs notebooks 02 and 04 on), and those notebook runs' parameters pass."""
     from difftrack.runners import VideoRunner
-    from difftrack.testing import KINDS, build_tiny_pipeline, tiny_size
+    from difftrack.testing import EXPERT_KINDS, KINDS, build_tiny_pipeline, tiny_size
 
-    for kind in KINDS:
+    for kind in KINDS + EXPERT_KINDS:
         FRAMES, HEIGHT, WIDTH = tiny_size(kind)
         folder = tmp_path / kind
         runner = VideoRunner(build_tiny_pipeline(kind, path=folder))
         g = model_geometry(str(folder))
         assert (g.num_layers, g.stride, g.temporal) == (runner.num_layers, runner.stride, runner.temporal), kind
+        assert g.experts == runner.experts.names, kind  # Wan 2.2: ("transformer", "transformer_2")
+        bad = _errors("04_tracking", model=str(folder), expert="transformer_3")["expert"]
+        assert f"has the expert(s) {list(g.experts)}; allowed: ''" in bad
+        if kind in EXPERT_KINDS:
+            assert "expert" not in _errors("04_tracking", model=str(folder), expert="transformer_2")
         assert g.default_size in (None, runner.default_size()), kind
         last = g.num_layers - 1
         check_notebook("02_layer_analysis", {**defaults("02_layer_analysis"), "model": str(folder), "num_steps": 2,

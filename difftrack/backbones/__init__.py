@@ -1,6 +1,6 @@
 """Per-backbone adapters: every decision that depends on the backbone family lives in this package.
 
-Two registries, filled by one module per family (``cogvideox``, ``hunyuanvideo``, ``wan``, ``ltxvideo``,
+Three registries, filled by one module per family (``cogvideox``, ``hunyuanvideo``, ``wan``, ``ltxvideo``,
 ``skyreels``, ``mochi``, ``embedded``):
 
 * :class:`BackboneAdapter`, by transformer class name: where the blocks are, how the attention sequence is laid out,
@@ -8,6 +8,9 @@ Two registries, filled by one module per family (``cogvideox``, ``hunyuanvideo``
 * :class:`PipelineFamily`, by pipeline class name: text conditioning, VAE encoding and latent layout and scaling,
   default size, the schedule's timesteps, the RoPE inputs a bare transformer call needs, how the pipeline is called.
   :class:`difftrack.runners.VideoRunner` uses nothing else.
+* :class:`Experts`, by rules registered with :func:`register_experts`: the denoisers of a pipeline with several
+  transformers and which one runs at a timestep (Wan 2.2 A14B's ``transformer`` / ``transformer_2``); every other
+  pipeline has the one expert ``"transformer"``.
 
 Adding a backbone means adding one module here (its adapter and, for a pipeline, its family) plus its tiny-config
 test.
@@ -334,6 +337,11 @@ class PipelineFamily:
         v = vae_config
         return int(v.get("temporal_compression_ratio", 4)), int(v.get("spatial_compression_ratio", 8)), None
 
+    def experts_in_index(self, index: dict) -> tuple[str, ...]:
+        """The expert names (:class:`Experts`) of a saved pipeline from its ``model_index.json`` dict, torch-free
+        (:func:`difftrack.params.model_geometry`). Default: the one ``"transformer"``."""
+        return ("transformer",)
+
     def compression(self, pipe) -> tuple[int, int]:
         """``(temporal, spatial)``: video frames per latent frame and pixels per latent pixel."""
         return int(getattr(pipe, "vae_scale_factor_temporal", 4)), int(getattr(pipe, "vae_scale_factor_spatial", 8))
@@ -444,6 +452,85 @@ def family_of_class(cls: str) -> PipelineFamily:
         raise ValueError(f"unsupported pipeline {cls}; allowed: {sorted(_FAMILIES)} (a bare transformer has no "
                          f"text encoder or VAE: use difftrack.capture / DiffTracker with explicit inputs)")
     return _FAMILIES[cls]
+
+
+@dataclass
+class Experts:
+    """The denoisers of one pipeline (its *experts*) and which one runs at a timestep.
+
+    A pipeline with one transformer has one expert, ``"transformer"``. Wan 2.2 A14B (``WanPipeline`` with
+    ``transformer_2`` and ``boundary_ratio``) has two: ``"transformer"`` (high noise) and ``"transformer_2"`` (low
+    noise); the rule lives in :mod:`difftrack.backbones.wan`.
+
+    Attributes:
+        models: ``{name: transformer}`` in the order of the denoising loop (the name is the pipeline attribute).
+        choose: ``timestep -> name`` of the expert the pipeline calls at that timestep (a number or a 0-d tensor).
+        rule: the rule in words, for messages (``""`` for one expert).
+        guidance_kwargs: ``{name: __call__ keyword}`` of each expert's CFG weight (a missing or ``None`` value falls
+            back to ``guidance_scale``, as the pipelines do).
+    """
+
+    models: dict[str, Any]
+    choose: Callable[[Any], str]
+    rule: str = ""
+    guidance_kwargs: dict[str, str] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.models)
+
+    @property
+    def several(self) -> bool:
+        """Whether there is more than one expert (then capture names layers per expert)."""
+        return len(self.models) > 1
+
+    def at(self, timestep) -> str:
+        """Name of the expert that runs at ``timestep``: a number or a tensor, compared in its own dtype as the
+        pipeline compares it (a per-token timestep tensor: its maximum, the step's value)."""
+        if hasattr(timestep, "numel") and timestep.numel() > 1:
+            timestep = timestep.max()
+        return self.choose(timestep)
+
+    def check(self, names, what: str = "expert", none: str = "every expert") -> tuple[str, ...]:
+        """``names`` (``None``: all; a name or a list of names) as a tuple of known expert names; ``ValueError``
+        naming the bad value and the allowed ones (``none`` says what ``None`` means to the caller)."""
+        if names is None:
+            return self.names
+        items = [names] if isinstance(names, str) else names
+        try:
+            items = list(items)
+        except TypeError:
+            items = [names]
+        bad = [n for n in items if not isinstance(n, str) or n not in self.models]
+        if bad or not items:
+            raise ValueError(f"{what}={names!r}; allowed: None ({none}) or names among {list(self.names)}")
+        return tuple(n for n in self.names if n in items)
+
+    def guidance_scales(self, guidance_scale: float, call_kwargs: dict | None = None) -> dict[str, float]:
+        """The CFG weight each expert's step is combined with, for a ``__call__`` with ``guidance_scale`` and the
+        other keyword arguments ``call_kwargs`` (Wan 2.2: ``guidance_scale_2`` for ``transformer_2``)."""
+        kw, call_kwargs = self.guidance_kwargs or {}, call_kwargs or {}
+        return {n: guidance_scale if call_kwargs.get(kw.get(n)) is None else call_kwargs[kw[n]] for n in self.names}
+
+
+_EXPERT_RULES: list[Callable] = []
+
+
+def register_experts(fn: Callable) -> Callable:
+    """Register ``fn(pipe) -> Experts | None``: the experts of a pipeline with several transformers (see
+    :func:`experts`)."""
+    _EXPERT_RULES.append(fn)
+    return fn
+
+
+def experts(model_or_pipe) -> Experts:
+    """The :class:`Experts` of a pipeline (a registered multi-expert rule, e.g. Wan 2.2's two transformers), else
+    the single expert ``"transformer"``: the pipeline's ``.transformer`` or the transformer itself."""
+    for fn in _EXPERT_RULES:
+        found = fn(model_or_pipe)
+        if found is not None:
+            return found
+    return Experts({"transformer": resolve_transformer(model_or_pipe)}, lambda t: "transformer")
 
 
 _FRAME_ENCODERS: list[Callable] = []

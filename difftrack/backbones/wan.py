@@ -14,10 +14,15 @@ compression, so with the transformer's 2x2 patch a token covers 32x32 pixels). W
 * **Matching.** Unchanged: the first latent frame is frame 0 of the clip (video frame 0, then 4 video frames per
   latent frame). In image-to-video it is the clean conditioning latent (timestep 0), so matches to it compare a
   noisy frame with a clean one; capture records it like any frame.
-"""
+
+Wan 2.2 A14B has two experts (:func:`wan22_experts`): a ``WanPipeline`` with ``transformer_2`` and
+``boundary_ratio`` calls ``transformer`` at timesteps ``t >= boundary_ratio * num_train_timesteps`` (high noise) and
+``transformer_2`` below (low noise), combining the latter's CFG with ``guidance_scale_2`` (default
+``guidance_scale``), as diffusers 0.42.1's ``pipeline_wan.py`` and the modular ``Wan22LoopDenoiser`` do."""
 from __future__ import annotations
 
-from . import BackboneAdapter, PipelineFamily, block_list, call_grid, register, register_family
+from . import (BackboneAdapter, Experts, PipelineFamily, block_list, call_grid, register, register_experts,
+               register_family)
 
 # forward(hidden_states [B, C, F, H, W], timestep [B] (Wan 2.2 TI2V: [B, N]), encoder_hidden_states, ...).
 # ``WanTransformerBlock.attn1`` is the self-attention over the video tokens only (RMSNorm across heads, then RoPE);
@@ -56,6 +61,33 @@ class WanFamily(PipelineFamily):
 
         mask = torch.ones(x.shape[2:], dtype=torch.float32, device=x.device)  # [F, h, w] latents
         return (mask[:, ::2, ::2] * t.to(x.device)).flatten()[None].expand(x.shape[0], -1)
+    def experts_in_index(self, index: dict) -> tuple[str, ...]:
+        """Both experts when the folder saves a ``transformer_2`` and a ``boundary_ratio`` (:func:`wan22_experts`)."""
+        second = index.get("transformer_2")
+        saved = isinstance(second, (list, tuple)) and len(second) == 2 and second[1] is not None
+        return ("transformer", "transformer_2") if saved and index.get("boundary_ratio") is not None else \
+            ("transformer",)
 
 
 register_family(WanFamily())
+
+
+@register_experts
+def wan22_experts(pipe) -> Experts | None:
+    """The two experts of a Wan 2.2 pipeline (``transformer_2`` and ``boundary_ratio`` set), else ``None``.
+
+    ``transformer`` runs at ``t >= boundary``, ``transformer_2`` below, ``boundary = boundary_ratio *
+    scheduler.config.num_train_timesteps``; ``transformer_2``'s CFG weight is ``guidance_scale_2``."""
+    second = getattr(pipe, "transformer_2", None)
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if second is None or ratio is None:
+        return None  # Wan 2.1 / 2.2 TI2V: the pipeline calls `transformer` only
+    first = getattr(pipe, "transformer", None)
+    if first is None:
+        raise ValueError(f"{type(pipe).__name__} has transformer_2 and boundary_ratio={ratio} but no transformer; "
+                         f"allowed: both experts (Wan 2.2 A14B) or transformer alone")
+    boundary = float(ratio) * float(pipe.scheduler.config.num_train_timesteps)
+    return Experts({"transformer": first, "transformer_2": second},
+                   lambda t: "transformer" if bool(t >= boundary) else "transformer_2",
+                   rule=f"transformer at timesteps >= {boundary:g} (boundary_ratio {ratio:g}), transformer_2 below",
+                   guidance_kwargs={"transformer": "guidance_scale", "transformer_2": "guidance_scale_2"})

@@ -191,6 +191,10 @@ def run_notebook_analysis(model: str, device: str, dtype: str, size, videos_per_
     items = analysis_items(videos_per_family, exact_per_family, seed)
     cache = paths.cache_dir(f"analysis_nb/{model_tag(model, dtype)}")
     timesteps = [int(t) for t in runner.timesteps(num_steps)]
+    if runner.experts.several:  # Wan 2.2 A14B: each step is recorded from the expert that runs it
+        by = [runner.experts.at(t) for t in runner.timesteps(num_steps)]
+        log(f"experts ({runner.experts.rule}): " + ", ".join(
+            f"{e} steps {[s for s, b in enumerate(by) if b == e]}" for e in runner.experts.names))
     t0 = time.time()
     results = run_dataset(runner, items, cache, num_steps=num_steps, grid_size=grid_size, size=size)
     seconds = time.time() - t0
