@@ -51,11 +51,13 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import TokenGrid, adapter_for, adapters, family_for, resolve_transformer
-from .hooks import SDPAIntercept, processor_wrapper_class, track_grid, unwrap_processor
+from .hooks import (Coverage, SDPAIntercept, check_diffusers_hooks, eager_compile, processor_wrapper_class,
+                    track_grid, unwrap_processor)
 
 VARIANTS = ("renormalized", "zero_after_softmax")
 CAG_BACKBONES = tuple(a.name for a in adapters() if a.cag_attention)  # ("cogvideox", "hunyuanvideo", "wan")
 SCHEDULES = ("constant", "linear_decay")
+PERTURBED = "perturbed attention (cond)"  # what CAG's completeness record (hooks.Coverage) names
 QUERY_CHUNK = 1024  # video query rows per chunk in the "zero_after_softmax" log-sum-exp pass
 # CAG scales accepted: 0 disables CAG; the paper uses 0.5 .. 2; negative values guide towards the perturbed model and
 # very large ones blow the prediction up, so both are refused
@@ -283,6 +285,8 @@ class CAGState:
         grid: token layout of the current transformer call (set by a forward pre-hook).
         calls: perturbed attention calls so far (for tests and sanity checks).
         step: next denoising step index (counted by :func:`cag_hooks`).
+        coverage: the completeness record of a guided run (:class:`difftrack.hooks.Coverage`; ``None`` outside the
+            samplers), with ``current`` the step of the forward now running: each perturbed (layer, step) is marked.
     """
 
     num_slots: int = 1
@@ -290,6 +294,14 @@ class CAGState:
     grid: TokenGrid | None = None
     calls: int = 0
     step: int = 0
+    coverage: Coverage | None = None
+    current: int | None = None
+
+    def note(self, layer: int) -> None:
+        """Layer ``layer`` computed its perturbed attention in the current forward."""
+        self.calls += 1
+        if self.coverage is not None and self.current is not None:
+            self.coverage.mark(PERTURBED, layer, self.current)
 
     def set_slots(self, num_slots: int, perturbed: Sequence[int]) -> None:
         perturbed = tuple(sorted(set(perturbed)))
@@ -350,7 +362,7 @@ class CogVideoXCAGAttnProcessor:
         n = hidden_states.shape[0]
         pert, keep = st.split_rows(n, hidden_states.device)
         hp, ep = self._perturbed(attn, hidden_states[pert], encoder_hidden_states[pert], image_rotary_emb)
-        st.calls += 1
+        st.note(self.layer)
         if keep.numel() == 0:
             return hp, ep
         hk, ek = self.original(attn, hidden_states[keep], encoder_hidden_states[keep], attention_mask=None,
@@ -438,7 +450,7 @@ class SDPACAGAttnProcessor:
             raise RuntimeError(f"layer {self.layer}: no self-attention SDPA call over {g.num_video + g.text_len} "
                                f"tokens was seen in {type(self.original).__name__}; CAG needs diffusers' native "
                                f"attention backend")
-        st.calls += 1
+        st.note(self.layer)
         return out
 
     def _replace(self, call: dict):
@@ -504,9 +516,12 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
     if fused:
         raise ValueError(f"layers {fused} use fused QKV projections; call transformer.unfuse_qkv_projections() "
                          f"before CAG")
+    check_diffusers_hooks(transformer, "CAG")
     state = CAGState()
     installed = []
     handle = None
+    eager = eager_compile()
+    eager.__enter__()  # a compiled transformer runs eagerly: the CAG processors and hooks run exactly
     try:
         handle = track_grid(transformer, adapter, lambda grid: setattr(state, "grid", grid))
         for l, attn in zip(config.layers, attns):
@@ -523,6 +538,7 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
         if handle is not None:
             handle.remove()
         state.grid = None
+        eager.__exit__(None, None, None)
 
 # ------------------------------------------------------------------------------------------ shared prefix
 class PrefixShare:
@@ -704,24 +720,32 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     sequential = adapter_for(transformer).cfg == "sequential"
     sig = inspect.signature(transformer.forward)
     handles = []
+    n = num_inference_steps
+    coverage = Coverage("CAG", (PERTURBED,), config.layers, steps=[s for s in range(n) if config.scale_at(s, n) != 0],
+                        num_steps=n, verb="perturbed")
     with apply_cag(transformer, config, **apply_kwargs) as state, \
             (PrefixShare(transformer, min(config.layers)) if shared_prefix else nullcontext()) as share:
         state.set_slots(1, [])
         state.step = 0
+        state.coverage = coverage
         n_plain = 2 if do_cfg and not sequential else 1
         pending: dict[str, Any] = {"last_t": None}
 
         def pre(m, args, kwargs):
+            check_diffusers_hooks(m, "CAG", "at a transformer call")  # e.g. added by a guider for its forward
             bound = sig.bind(*args, **kwargs).arguments
+            t = bound.get("timestep")
+            tv = float(t.max()) if isinstance(t, torch.Tensor) else t
             if sequential:
-                t = bound.get("timestep")
-                tv = float(t.max()) if isinstance(t, torch.Tensor) else t
                 if do_cfg and pending["last_t"] is not None and tv == pending["last_t"]:
                     pending["s"] = 0.0  # the step's second (unconditional) call
                     state.set_slots(1, [])
+                    coverage.call(state.step - 1, tv)
                     return None
                 pending["last_t"] = tv
             s = config.scale_at(state.step, num_inference_steps)
+            coverage.call(state.step, tv)
+            state.current = state.step
             state.step += 1
             pending["s"] = s
             if share is not None:
@@ -766,6 +790,7 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
             handles.append(transformer.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(transformer.register_forward_hook(post, with_kwargs=True))
             yield state
+            coverage.check()  # every (layer, step) with a non-zero scale was perturbed, in a run of n steps
         finally:
             for h in handles:
                 h.remove()

@@ -25,7 +25,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from .backbones import resolve_transformer
-from .guidance import _EXPANDED, CAGConfig, PrefixShare, apply_cag, cag_combine
+from .guidance import _EXPANDED, PERTURBED, CAGConfig, PrefixShare, apply_cag, cag_combine
+from .hooks import Coverage
 
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
@@ -111,6 +112,7 @@ class CrossAttentionGuidance(BaseGuidance):
         self.shared_prefix = shared_prefix
         self._stack: ExitStack | None = None  # the CAG installation of the current conditional forward
         self._perturbed_slot = False  # the conditional forward of this step carries the perturbed slot
+        self._coverage: Coverage | None = None  # which layers the perturbed slot of this step went through
 
     @classmethod
     def from_cag_config(cls, config: CAGConfig, guidance_scale: float = 5.0, shared_prefix: bool = True,
@@ -182,10 +184,14 @@ class CrossAttentionGuidance(BaseGuidance):
         try:
             state = stack.enter_context(apply_cag(transformer, self.cag_config))
             state.set_slots(2, [1])
+            self._coverage = state.coverage = Coverage("CrossAttentionGuidance", (PERTURBED,),
+                                                       self.cag_config.layers, steps=[self._step], verb="perturbed")
+            state.current = self._step
             share = (stack.enter_context(PrefixShare(transformer, min(self.cag_config.layers)))
                      if self.shared_prefix else None)
 
             def double(module, args, kwargs):  # [cond] -> [cond, cond]: the second slot is the perturbed one
+                self._coverage.call(self._step)
                 bound = sig.bind(*args, **kwargs).arguments
                 n = bound["hidden_states"].shape[0]
                 for name in _EXPANDED:
@@ -236,6 +242,7 @@ class CrossAttentionGuidance(BaseGuidance):
             raise RuntimeError(f"CAG is on at step {self._step} (scale {s}) but the conditional forward carried no "
                                f"perturbed slot: run the denoiser between prepare_models and cleanup_models")
         if self._perturbed_slot:
+            self._coverage.check()  # each layer's attention of the perturbed slot was perturbed at this step
             if pred_cond.shape[0] % 2:
                 raise ValueError(f"pred_cond has {pred_cond.shape[0]} rows; expected [cond, perturbed] halves")
             v_c, v_p = pred_cond.float().chunk(2)
