@@ -47,8 +47,8 @@ import torch
 import torch.nn as nn
 
 from .backbones import BackboneAdapter, TokenGrid, adapter_for, resolve_transformer
-from .hooks import (Coverage, IncompleteRunError, SDPAIntercept, check_diffusers_hooks,  # noqa: F401 (re-exported)
-                    eager_compile, processor_wrapper_class, scheduler_steps, unwrap_processor)
+from .hooks import (Coverage, IncompleteRunError, SDPAIntercept, check_attention_backend,  # noqa: F401 (re-exported)
+                    check_diffusers_hooks, eager_compile, processor_wrapper_class, scheduler_steps, unwrap_processor)
 
 BRANCHES = ("cond", "uncond", "all")
 WHAT = ("q", "k", "features")
@@ -458,6 +458,8 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
     want_qk = bool({"q", "k"} & set(what)) or on_qk is not None
     want_feat = "features" in what or on_features is not None
     whats = ((f"q/k ({branch})",) if want_qk else ()) + ((f"features ({branch})",) if want_feat else ())
+    if want_qk:
+        check_attention_backend([(l, adapter.self_attention(blocks[l][1])) for l in layer_ids], "capture")
     cap = Capture(transformer, adapter, layer_ids, step_ids, what, branch, cfg, store, on_qk, on_features,
                   device, dtype, num_steps, scheduler, whats)
     installed: list[tuple[nn.Module, object]] = []  # (attention, our wrapper)

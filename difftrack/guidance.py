@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import TokenGrid, adapter_for, adapters, family_for, resolve_transformer
-from .hooks import (Coverage, SDPAIntercept, check_diffusers_hooks, eager_compile, processor_wrapper_class,
-                    track_grid, unwrap_processor)
+from .hooks import (Coverage, SDPAIntercept, check_attention_backend, check_diffusers_hooks, eager_compile,
+                    processor_wrapper_class, track_grid, unwrap_processor)
 
 VARIANTS = ("renormalized", "zero_after_softmax")
 CAG_BACKBONES = tuple(a.name for a in adapters() if a.cag_attention)  # ("cogvideox", "hunyuanvideo", "wan")
@@ -517,6 +517,8 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
         raise ValueError(f"layers {fused} use fused QKV projections; call transformer.unfuse_qkv_projections() "
                          f"before CAG")
     check_diffusers_hooks(transformer, "CAG")
+    if adapter.cag_attention == "sdpa":
+        check_attention_backend(list(zip(config.layers, attns)), "CAG")
     state = CAGState()
     installed = []
     handle = None

@@ -210,6 +210,50 @@ def check_diffusers_hooks(transformer: nn.Module, who: str, when: str = "before 
         f"\nAllowed diffusers hooks (exact): {sorted(EXACT_HOOKS)}")
 
 
+# diffusers attention backends (``set_attention_backend``) that compute with ``F.scaled_dot_product_attention``, the
+# call capture observes and CAG replaces; the others (flash, sage, flex, xformers, ...) call their own kernels
+SDPA_BACKENDS = ("native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn")
+
+
+def check_attention_backend(attns, who: str) -> None:
+    """Raise ``ValueError`` before any forward when a self-attention in ``attns`` (``[(layer, attention module)]``)
+    dispatches to a diffusers attention backend outside :data:`SDPA_BACKENDS` -- set on its processor by
+    ``set_attention_backend`` or active globally (the ``attention_backend`` context, ``DIFFUSERS_ATTN_BACKEND``):
+    its query and key never reach torch SDPA, so capture could not see them and CAG could not perturb them."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+        active = _AttentionBackendRegistry.get_active_backend()[0]
+    except (ImportError, AttributeError, KeyError):
+        active = None
+    bad = {}
+    for layer, attn in attns:
+        proc = unwrap_chain(attn.processor)
+        if not hasattr(proc, "_attention_backend"):  # the processor calls torch SDPA itself (CogVideoX)
+            continue
+        backend = proc._attention_backend or active
+        name = getattr(backend, "value", backend)
+        if name is not None and str(name) not in SDPA_BACKENDS:
+            bad.setdefault(str(name), []).append(layer)
+    if bad:
+        desc = "; ".join(f"{b!r} in layers {ls}" for b, ls in bad.items())
+        raise ValueError(f"{who} refused before the first forward: attention backend {desc} does not compute with "
+                         f"torch scaled_dot_product_attention, where {who} reads the query and key; call "
+                         f"pipe.transformer.set_attention_backend('native') (or reset_attention_backend()); allowed "
+                         f"backends: {SDPA_BACKENDS}")
+
+
+def unwrap_chain(proc):
+    """The innermost processor under capture / CAG wrappers (their ``inner`` / ``original``)."""
+    seen = set()
+    while id(proc) not in seen:
+        seen.add(id(proc))
+        _, below = _inner_of(proc)
+        if below is None:
+            return proc
+        proc = below
+    return proc
+
+
 _EAGER_DEPTH = [0, None]  # open contexts, the stance to restore when the last one closes
 
 
