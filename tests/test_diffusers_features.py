@@ -313,13 +313,13 @@ def test_feature_runs_capture_and_cag_exactly(wan, feature):
 
 def test_vae_tiling_and_slicing_leave_capture_exact(wan):
     """VAE tiling / slicing only change the decode: capture of a decoded run stays bit-identical and complete."""
-    kw = dict(num_inference_steps=2, output_type="pt", **PROMPT, **SIZE)
+    kw = dict(num_inference_steps=1, output_type="pt", **PROMPT, **SIZE)
     undo = _vae_tiling(wan)
     try:
         ref = wan(generator=torch.Generator().manual_seed(0), **kw).frames
         with capture(wan, layers=[1], steps=[-1]) as cap:
             out = wan(generator=torch.Generator().manual_seed(0), **kw).frames
-        assert torch.equal(out, ref) and sorted(cap.keys()) == [("blocks.1.attn.k", 1), ("blocks.1.attn.q", 1)]
+        assert torch.equal(out, ref) and sorted(cap.keys()) == [("blocks.1.attn.k", 0), ("blocks.1.attn.q", 0)]
     finally:
         undo()
 
