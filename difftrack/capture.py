@@ -28,6 +28,12 @@ the call itself, not guessed from the batch size: the pipelines duplicate the la
 kept whole. When that evidence changes within one run (two videos started from the same noise look like a CFG
 pair at step 0 only) capture raises and asks for ``cfg=True`` / ``cfg=False``.
 
+Completeness is checked: when a run ends (the context's exit, or the start of the next run), every requested
+(layer, step) must have been recorded, or :class:`difftrack.hooks.IncompleteRunError` names what is missing and why
+(:class:`difftrack.hooks.Coverage`, shared with CAG). diffusers hooks that skip blocks or reuse earlier steps (the
+caches of ``enable_cache``, LayerSkip, ...) are refused before the first forward
+(:func:`~difftrack.hooks.check_diffusers_hooks`).
+
 One capture holds one generation: with ``store=True``, a second run over the same steps (a new run at step 0, or the
 same ``(name, step)`` captured twice) raises ``ValueError`` instead of overwriting what was captured; use one
 capture per generation, or ``cache.clear()`` between them. With ``store=False`` the callbacks see every run
@@ -428,10 +434,13 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
         model: a supported diffusers transformer, or a pipeline with ``.transformer``.
         layers: block indices (0-based, flat list; HunyuanVideo: dual-stream blocks first), names such as
             ``"blocks.17"``, or ``None`` / ``"all"`` for every block.
-        steps: denoising loop indices (``None`` = every step; negative counts from the end with ``num_steps``).
+        steps: denoising loop indices (``None`` = every step the run has). Negative ones count from the end of the
+            run: with a pipeline, its length is read from the pipeline's scheduler at the first transformer call;
+            with a bare transformer, ``num_steps`` is needed.
         what: any of ``"q"``, ``"k"``, ``"features"``.
         branch: ``"cond"`` (default), ``"uncond"`` or ``"all"`` classifier-free-guidance branch.
-        num_steps: number of denoising steps, to validate ``steps`` and allow negative ones.
+        num_steps: number of denoising steps, to validate ``steps`` and resolve negative ones; the run must have
+            that many (checked against the scheduler at the first call, and against the run's count at exit).
         cfg: whether the batch is ``[uncond, cond]``; ``None`` (default) decides per call from the inputs: an even
             batch whose two halves of ``hidden_states`` are bit-identical (the pipelines' duplicated latents) is a
             CFG pair, any other batch is kept whole (batched backbones; see the module docstring).
@@ -441,6 +450,12 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
 
     Yields:
         :class:`Capture`.
+
+    Raises (before the first forward) :class:`difftrack.hooks.UnsupportedHookError` when the transformer carries a
+    diffusers hook that skips or reuses work (caches, LayerSkip, ...) and ``ValueError`` for an attention backend that
+    bypasses torch SDPA; (when a run ends, at exit or when the next run starts) :class:`IncompleteRunError` naming
+    every requested (layer, step) not recorded and why. A ``torch.compile``\ d transformer runs eagerly while the
+    context is open (:func:`difftrack.hooks.eager_compile`).
     """
     transformer = resolve_transformer(model)
     adapter = adapter_for(transformer)

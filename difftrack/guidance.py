@@ -709,6 +709,10 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
 
     Yields:
         the :class:`CAGState` (``state.step`` holds the next step index).
+
+    At exit the run is checked (:class:`difftrack.hooks.Coverage`): it had ``num_inference_steps`` steps and every
+    layer was perturbed at every step whose scale is non-zero, else :class:`difftrack.hooks.IncompleteRunError`
+    names what was not perturbed and why.
     """
     if not isinstance(config, CAGConfig):
         raise ValueError(f"config must be a CAGConfig; got {type(config).__name__}")

@@ -11,6 +11,12 @@ wrappers that install and come off in any order.
 * :func:`unwrap_processor` -- removes one wrapper from an attention module's processor chain wherever it sits,
   so nested contexts (a capture inside CAG, two captures) can exit in any order.
 * :func:`track_grid` -- a forward pre-hook that reads the token grid of every transformer call from its inputs.
+* :func:`check_diffusers_hooks` / :func:`check_attention_backend` -- refuse, before the first forward, diffusers hooks
+  that skip or reuse work (:data:`REFUSED_HOOKS`; :data:`EXACT_HOOKS` are allowed) and attention backends that
+  bypass torch SDPA.
+* :class:`Coverage` -- the one completeness check: each requested (quantity, layer, step) recorded or perturbed, else
+  :class:`IncompleteRunError` naming it and why; per-step :class:`StepRun` records (timestep, calls, expert).
+* :func:`eager_compile` -- ``torch.compile``\ d code runs eagerly while capture or CAG is open.
 """
 from __future__ import annotations
 
