@@ -347,18 +347,19 @@ class Coverage:
         return [(w, l, s) for s in steps for l in self.layers for w in self.whats]
 
     def reason(self, what: str, layer: int, step: int) -> str:
-        """Why ``(what, layer, step)`` is missing."""
+        """Why ``(what, layer, step)`` is missing (worded without the layer and step, so that entries missing for
+        the same reason are listed together)."""
         run = self.runs.get(step)
         if run is None:
             if not self.runs:
                 return "the transformer was never called inside the context"
             n = max(self.runs) + 1
-            return f"the run had {n} step(s) (0..{n - 1}), not step {step}"
+            return f"the run had {n} step(s) (0..{n - 1})"
         by = f" (run by {run.expert})" if run.expert else ""
         if "uncond" in what and run.calls == 1:
-            return f"step {step} had one transformer call{by}: no unconditional branch"
-        return (f"step {step} ran ({run.calls} transformer call(s){by}) but block {layer}'s self-attention was not "
-                f"reached in it (a hook or code outside difftrack skipped the block, or the forward stopped early)")
+            return f"the step had one transformer call{by}: no unconditional branch"
+        return (f"the step ran{by} but the block's self-attention was not reached in it (a hook or code outside "
+                f"difftrack skipped the block, or the forward stopped early)")
 
     def missing(self) -> list[tuple[str, int, int, str]]:
         return [(w, l, s, self.reason(w, l, s)) for w, l, s in self.expected() if (w, l, s) not in self.seen]

@@ -363,7 +363,7 @@ def test_a_layer_that_did_not_run_is_named():
 
     m = tiny_wan()
     with pytest.raises(IncompleteRunError, match=r"q/k \(cond\) not recorded at 1 \(layer, step\): \(layer 1, step "
-                                                 r"0\): step 0 ran \(1 transformer call"):
+                                                 r"0\): the step ran but the block's self-attention was not reached"):
         with torch.no_grad(), capture(m, layers=[0, 1]):
             run_until(m, 0, **wan_inputs())
 
@@ -413,3 +413,27 @@ def test_compiled_transformer_is_captured_exactly(wan):
         wan.transformer = original
         original._compiled_call_impl = None
         torch._dynamo.reset()
+
+
+def test_cag_and_the_guider_name_a_layer_that_was_not_perturbed(wan):
+    """Block 1 bypassed by code outside difftrack (its forward replaced by the identity): CAG on layer 1 perturbed
+    nothing. generate_with_cag_diffusers and CrossAttentionGuidance raise, naming layer and step, instead of
+    returning an unguided video as a guided one."""
+    from difftrack.guiders import CrossAttentionGuidance
+    from difftrack.testing import build_tiny_modular_pipeline
+
+    block = wan.transformer.blocks[1]
+    block.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    try:
+        with pytest.raises(IncompleteRunError, match=r"(?s)CAG: .*\(layer 1, step 0\), \(layer 1, step 1\), \(layer 1, "
+                                                     r"step 2\): the step ran but the block's self-attention was not reached"):
+            cag_latents(wan)
+        modular = build_tiny_modular_pipeline("wan", pipe=wan,
+                                              guider=CrossAttentionGuidance(guidance_scale=5.0, layers=[1]))
+        with torch.no_grad():
+            pe, npe = wan.encode_prompt("a red circle", "a blue square", max_sequence_length=512)
+        with pytest.raises(IncompleteRunError, match=r"(?s)CrossAttentionGuidance: .*\(layer 1, step 0\)"):
+            modular(generator=torch.Generator().manual_seed(0), output="latents", prompt_embeds=pe,
+                    negative_prompt_embeds=npe, num_inference_steps=STEPS, **SIZE)
+    finally:
+        del block.forward
