@@ -425,8 +425,9 @@ def test_cag_and_the_guider_name_a_layer_that_was_not_perturbed(wan):
     block = wan.transformer.blocks[1]
     block.forward = lambda hidden_states, *args, **kwargs: hidden_states
     try:
-        with pytest.raises(IncompleteRunError, match=r"(?s)CAG: .*\(layer 1, step 0\), \(layer 1, step 1\), \(layer 1, "
-                                                     r"step 2\): the step ran but the block's self-attention was not reached"):
+        with pytest.raises(IncompleteRunError, match=r"(?s)CAG: .*\(layer 1, step 0\), \(layer 1, step 1\), "
+                                                     r"\(layer 1, step 2\): the step ran but the block's "
+                                                     r"self-attention was not reached"):
             cag_latents(wan)
         modular = build_tiny_modular_pipeline("wan", pipe=wan,
                                               guider=CrossAttentionGuidance(guidance_scale=5.0, layers=[1]))
