@@ -4,7 +4,8 @@ Submodules are imported lazily so that ``import difftrack`` stays cheap (``tests
 list and ``_SUBMODULES`` name exactly the modules on disk):
 
 * ``difftrack.capture``       -- query/key/feature capture from diffusers video transformers
-* ``difftrack.hooks``         -- the interception layer of capture and CAG (SDPA calls, processor wrappers, grids)
+* ``difftrack.hooks``         -- the interception layer of capture and CAG (SDPA calls, processor wrappers, grids,
+                                 refusal of diffusers hooks that skip work, the completeness check)
 * ``difftrack.backbones``     -- per-backbone adapters (token layout, attention modules, CFG branches)
 * ``difftrack.runners``       -- loading local pipelines and running them with each backbone's conventions
 * ``difftrack.matching``      -- memory-bounded frame-to-frame matching

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import matching as M
-from .capture import FeatureEvent, QKEvent, capture
+from .capture import FeatureEvent, QKEvent, _normalise_steps, capture
 
 SCORE_PARTS = ("text", "self", "cross")
 
@@ -100,13 +100,19 @@ class Recorder:
         feature_tau: temperature of block-feature cosine matching.
         head_sets: also record query-key tracks from single heads or head subsets, e.g. ``[[0], [1], [0, 1]]``
             (``qk_tracks_heads``; head indices of every layer; ``None``: the head average only).
+        features: whether block-feature tracks (``feat_tracks``) are expected (``on_features`` is called).
+        steps: the steps expected (default: all ``num_steps``); the others stay ``nan`` (not analysed).
+
+    :meth:`record` (and :attr:`rec`) checks that every expected table has every expected (step, layer) and raises
+    :class:`difftrack.hooks.IncompleteRunError` naming what is missing otherwise (never a ``nan`` in their place).
     """
 
     TABLES = ("qk_tracks", "feat_tracks", "max_text", "sum_text", "max_frame", "sum_frame")
 
     def __init__(self, queries_px: np.ndarray, stride: float, num_steps: int, num_layers: int, frames: int,
                  tau=None, bidirectional: bool = True, refine: str = "softargmax", radius: int = 1,
-                 feature_tau: float = 0.05, scores: bool = True, head_sets=None):
+                 feature_tau: float = 0.05, scores: bool = True, head_sets=None, features: bool = True,
+                 steps=None):
         for name, v in (("num_steps", num_steps), ("num_layers", num_layers), ("frames", frames)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name}={v!r}; allowed: an integer >= 1")
@@ -129,12 +135,39 @@ class Recorder:
         self.kw = dict(tau=tau, bidirectional=bidirectional, refine=refine, radius=radius)
         self.feature_kw = dict(tau=feature_tau, bidirectional=bidirectional, refine=refine, radius=radius)
         self.scores = scores
+        self._expected = [n for n in self._shapes if n != "feat_tracks" or features]
+        if not scores:
+            self._expected = [n for n in self._expected if n not in ("max_text", "sum_text", "max_frame", "sum_frame")]
+        self._steps = list(range(S)) if steps is None else sorted({int(s) for s in steps})
+        bad = [s for s in self._steps if not 0 <= s < S]
+        if bad:
+            raise ValueError(f"steps {bad} out of range for num_steps={S}; allowed 0..{S - 1}")
+        self._filled: set[tuple[str, int, int]] = set()  # (table, step, layer) written
         self._pts_cpu = torch.from_numpy(self._rec.queries)
         self._dev_cache: dict = {}  # per device / grid: points, score token indices, text mask
 
     @property
     def rec(self) -> AnalysisRecord:
-        """The record, with every table copied to host memory (``nan`` where nothing was recorded)."""
+        """:meth:`record` (checked)."""
+        return self.record()
+
+    def record(self, check: bool = True) -> AnalysisRecord:
+        """The record, with every table copied to host memory. ``check`` (default): raise
+        :class:`difftrack.hooks.IncompleteRunError` when an expected (table, step, layer) was never recorded;
+        ``check=False`` returns it with ``nan`` there (an empty record to fill by hand)."""
+        if check:
+            from .hooks import IncompleteRunError
+
+            L = self._rec.num_layers
+            miss = [(n, s, l) for n in self._expected for s in self._steps for l in range(L)
+                    if (n, s, l) not in self._filled]
+            if miss:
+                tables = sorted({n for n, _, _ in miss})
+                cells = ", ".join(f"(step {s}, layer {l})" for s, l in sorted({(s, l) for _, s, l in miss})[:8])
+                raise IncompleteRunError(
+                    f"analysis recorder: {len(miss)} expected (table, step, layer) entries were never recorded "
+                    f"(tables {tables} at {cells}{', ...' if len(miss) > 8 else ''}): the capture delivered no "
+                    f"event for them; nothing partial is returned")
         for name, shape in self._shapes.items():  # qk_tracks_heads only with head_sets
             b = self._buf.get(name)
             setattr(self._rec, name, b.cpu().numpy() if b is not None else np.full(shape, np.nan, np.float32))
@@ -145,6 +178,7 @@ class Recorder:
         if b is None or b.device != value.device:
             b = self._buf[name] = torch.full(self._shapes[name], float("nan"), dtype=torch.float32, device=value.device)
         b[step, layer] = value
+        self._filled.add((name, step, layer))
 
     def _pts(self, device) -> torch.Tensor:
         key = ("pts", str(device))
@@ -328,7 +362,8 @@ def analyze_generation(pipe, prompt: str, seed: int, num_steps: int = 50, grid_s
     runner = as_runner(pipe)
     T, H, W = runner.resolve_size(size)
     q = World(T, H, W).grid_queries(grid_size)[:, 1:]
-    rec = Recorder(q, runner.stride, num_steps, runner.num_layers, runner.latent_frames(T), **match_kw)
+    rec = Recorder(q, runner.stride, num_steps, runner.num_layers, runner.latent_frames(T), features=features,
+                   **match_kw)
     with capture(runner.pipe, layers="all", store=False, on_qk=rec.on_qk,
                  on_features=rec.on_features if features else None, num_steps=num_steps) as cap:
         video = runner.generate(prompt, seed, num_steps, guidance_scale, size=(T, H, W))
@@ -349,9 +384,12 @@ def analyze_exact(pipe, sample, num_steps: int = 50, steps: list[int] | None = N
     from .world import World
 
     runner = as_runner(pipe)
+    if steps is not None:  # the schedule is this function's own: num_steps is the run's length
+        steps = sorted(_normalise_steps(steps, num_steps))
     T, H, W = runner.check_size(sample.video.shape[:3])
     q = World(T, H, W).grid_queries(grid_size)[:, 1:]
-    rec = Recorder(q, runner.stride, num_steps, runner.num_layers, runner.latent_frames(T), **match_kw)
+    rec = Recorder(q, runner.stride, num_steps, runner.num_layers, runner.latent_frames(T), features=features,
+                   steps=steps, **match_kw)
     with capture(runner.pipe, layers="all", store=False, on_qk=rec.on_qk,
                  on_features=rec.on_features if features else None) as cap:
         ts = runner.noised_forwards(sample.video, sample.prompt, num_steps, steps, noise_seed, cap)

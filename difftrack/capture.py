@@ -39,6 +39,11 @@ picks some). Each step is recorded from the expert that ran it, and the names ca
 requested step run by an expert that is not captured raises, naming that expert, before its forward. With a single
 transformer the names stay ``blocks.17.attn.q``. (A bare expert, ``capture(pipe.transformer_2, ...)``, sees only its
 own calls: its steps count from its first call, not from the pipeline's first step.)
+Completeness is checked: when a run ends (the context's exit, or the start of the next run), every requested
+(layer, step) must have been recorded, or :class:`difftrack.hooks.IncompleteRunError` names what is missing and why
+(:class:`difftrack.hooks.Coverage`, shared with CAG). diffusers hooks that skip blocks or reuse earlier steps (the
+caches of ``enable_cache``, LayerSkip, ...) are refused before the first forward
+(:func:`~difftrack.hooks.check_diffusers_hooks`).
 
 One capture holds one generation: with ``store=True``, a second run over the same steps (a new run at step 0, or the
 same ``(name, step)`` captured twice) raises ``ValueError`` instead of overwriting what was captured; use one
@@ -61,7 +66,9 @@ import torch.nn as nn
 
 from .backbones import BackboneAdapter, TokenGrid, adapter_for, resolve_transformer
 from .backbones import experts as find_experts
-from .hooks import SDPAIntercept, processor_wrapper_class, set_processor, unwrap_processor  # noqa: F401
+from .hooks import (Coverage, IncompleteRunError, SDPAIntercept, check_attention_backend,  # noqa: F401 (re-exported)
+                    check_diffusers_hooks, eager_compile, processor_wrapper_class, scheduler_steps, set_processor,
+                    unwrap_processor)
 
 BRANCHES = ("cond", "uncond", "all")
 WHAT = ("q", "k", "features")
@@ -178,7 +185,9 @@ def _normalise_layers(layers, n_blocks: int, model_name: str) -> list[int]:
     return sorted(set(out))
 
 
-def _normalise_steps(steps, num_steps: int | None) -> set[int] | None:
+def _normalise_steps(steps, num_steps: int | None, resolvable: bool = False) -> set[int] | None:
+    """The requested steps; negative ones resolved against ``num_steps``, or kept negative when ``resolvable`` (the
+    run's length is read from the pipeline's scheduler at its first transformer call, :meth:`Capture._start_run`)."""
     if num_steps is not None and (not isinstance(num_steps, numbers.Integral) or isinstance(num_steps, bool)
                                   or num_steps < 1):
         raise ValueError(f"num_steps={num_steps!r}; allowed: an int >= 1 (the number of denoising steps) or None")
@@ -198,8 +207,10 @@ def _normalise_steps(steps, num_steps: int | None) -> set[int] | None:
                 raise ValueError(f"step {s} out of range for {num_steps} denoising steps; allowed "
                                  f"0..{num_steps - 1} (or -{num_steps}..-1 from the end)")
             s = s % num_steps
-        elif s < 0:
-            raise ValueError(f"step {s}: negative steps count from the end and need num_steps=")
+        elif s < 0 and not resolvable:
+            raise ValueError(f"step {s}: negative steps count from the end of the run; pass num_steps=, or the "
+                             f"pipeline (with its scheduler) instead of its transformer so that capture reads the "
+                             f"run's length")
         out.add(s)
     return out
 
@@ -215,8 +226,12 @@ class Capture:
     def __init__(self, model: nn.Module, adapter: BackboneAdapter, layers: list[int], steps: set[int] | None,
                  what: tuple[str, ...], branch: str, cfg: bool | None, store: bool, on_qk, on_features,
                  device, dtype, experts: tuple[str, ...] = ("transformer",), prefixed: bool = False,
-                 expert_rule: str = ""):
+                 expert_rule: str = "", num_steps: int | None = None, scheduler=None, whats: tuple[str, ...] = ()):
         self.model, self.adapter, self.layers, self.steps = model, adapter, layers, steps
+        self._steps_asked, self.num_steps, self._scheduler = steps, num_steps, scheduler
+        # the completeness record of the current run (checked when it ends: a new run, or the context's exit)
+        self.coverage = Coverage("capture", whats, layers,
+                                 None if steps is None or any(s < 0 for s in steps) else steps, num_steps)
         self.what, self.branch, self.cfg, self.store = what, branch, cfg, store
         self.on_qk, self.on_features, self.device, self.dtype = on_qk, on_features, device, dtype
         self.experts, self.prefixed, self.expert_rule = tuple(experts), prefixed, expert_rule
@@ -236,7 +251,12 @@ class Capture:
 
     # ---------------------------------------------------------------- bookkeeping
     def set_step(self, step: int | None) -> None:
-        """Fix the step index of the following calls (``None`` returns to counting from timesteps)."""
+        """Fix the step index of the following calls (``None`` returns to counting from timesteps). The steps
+        set by hand are the run: ``num_steps`` is not checked against their count."""
+        if step is not None and self.steps is not None and any(s < 0 for s in self.steps):
+            raise ValueError(f"set_step() with negative requested steps {sorted(self.steps)}: steps set by hand need "
+                             f"non-negative steps, or num_steps= to resolve them")
+        self.coverage.num_steps = None
         self._manual_step = step
 
     def _pre_forward_of(self, expert: str):
@@ -249,6 +269,7 @@ class Capture:
 
     def _expert_ran(self, expert: str) -> None:
         self.step_experts[self.step] = expert
+        self.coverage.ran_by(self.step, expert, captured=expert in self.experts)
         if expert not in self.experts and self.steps is not None and self.step in self.steps:
             raise ValueError(f"step {self.step} was requested, but the pipeline runs it with {expert!r}, which is not "
                              f"captured (experts={list(self.experts)}; {self.expert_rule}); allowed: capture "
@@ -262,6 +283,7 @@ class Capture:
         return f"{expert}.{base}" if self.prefixed else base
 
     def _pre_forward(self, module, args, kwargs):
+        check_diffusers_hooks(module, "capture", "at a transformer call")  # e.g. added by a guider for its forward
         self.grid = self.adapter.grid(module, args, kwargs)
         t = kwargs.get("timestep")
         if t is None:
@@ -290,6 +312,10 @@ class Capture:
                         f"tensors. Allowed: one generation per capture, or cache.clear() between generations, or "
                         f"store=False with callbacks")
             self._check_branch_complete()
+            if self._last_t is not None:
+                self.coverage.check()  # the run that just ended (store=False: one check per run)
+                self.coverage.reset()
+            self._start_run(tv)
             self.step, self._call_in_step = 0, 0
         elif key == last:
             self._call_in_step += 1
@@ -298,6 +324,7 @@ class Capture:
             self.step, self._call_in_step = self.step + 1, 0
         self._last_t, self._last_key = tv, key
         self.timesteps[self.step] = tv
+        self.coverage.call(self.step, tv)
         self._cfg_now = self._detect_cfg(args, kwargs)
         x = kwargs.get("hidden_states", args[0] if args else None)
         self._batch_now = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
@@ -326,6 +353,30 @@ class Capture:
                 f"{'equal' if pair else 'different'} ones at step {self.step} (several videos started from the same "
                 f"noise?); pass cfg=True (batch is [uncond, cond]) or cfg=False (a batch of separate videos)")
         return pair
+
+    def _start_run(self, first_t: float | None) -> None:
+        """A run starts: resolve negative steps against its real length -- read from the pipeline's scheduler
+        (:func:`difftrack.hooks.scheduler_steps`, its timesteps from the first call's on), else ``num_steps`` (the
+        caller's, checked against the run's own count when it ends) -- and refuse a ``num_steps`` the scheduler
+        contradicts, before anything is recorded."""
+        asked = self._steps_asked
+        n = scheduler_steps(self._scheduler, first_t) if self._scheduler is not None else None
+        if n is not None and self.num_steps is not None and n != self.num_steps:
+            raise ValueError(f"capture was given num_steps={self.num_steps}, but the pipeline's scheduler runs {n} "
+                             f"step(s) from timestep {first_t:g}; pass num_steps={n} (or leave it out)")
+        if asked is None or all(s >= 0 for s in asked):
+            return
+        n = n if n is not None else self.num_steps
+        if n is None:
+            raise ValueError(f"capture cannot resolve the negative steps {sorted(s for s in asked if s < 0)}: the "
+                             f"first timestep {first_t} is not in the scheduler's timesteps (was set_timesteps "
+                             f"called for this run?); pass num_steps=")
+        bad = [s for s in asked if not -n <= s < n]
+        if bad:
+            raise ValueError(f"steps {sorted(bad)} out of range for this run of {n} denoising steps; allowed "
+                             f"0..{n - 1} (or -{n}..-1 from the end)")
+        self.steps = {s % n for s in asked}
+        self.coverage.steps = set(self.steps)
 
     def _check_branch_complete(self):
         if (self.adapter.cfg == "sequential" and self.branch == "uncond" and self.step >= 0
@@ -403,6 +454,7 @@ class Capture:
         if not selected:
             q, k = self._select(q), self._select(k)
         ev = QKEvent(layer, self.step, self.timesteps.get(self.step), q, k, grid or self.grid, expert)
+        self.coverage.mark(f"q/k ({self.branch})", layer, self.step)
         if self.store:
             if "q" in self.what:
                 self._put((self.name(layer, "q", expert), self.step), self._keep(ev.q_video))
@@ -417,6 +469,7 @@ class Capture:
         h = self._select(self.adapter.block_video_output(output, self.grid))
         g = self.grid
         f = h.reshape(h.shape[0], g.frames, g.rows, g.cols, h.shape[-1])
+        self.coverage.mark(f"features ({self.branch})", layer, self.step)
         if self.store:
             self._put((self.name(layer, "features", expert), self.step), self._keep(f))
         if self.on_features is not None:
@@ -482,10 +535,13 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
         model: a supported diffusers transformer, or a pipeline with ``.transformer``.
         layers: block indices (0-based, flat list; HunyuanVideo: dual-stream blocks first), names such as
             ``"blocks.17"``, or ``None`` / ``"all"`` for every block.
-        steps: denoising loop indices (``None`` = every step; negative counts from the end with ``num_steps``).
+        steps: denoising loop indices (``None`` = every step the run has). Negative ones count from the end of the
+            run: with a pipeline, its length is read from the pipeline's scheduler at the first transformer call;
+            with a bare transformer, ``num_steps`` is needed.
         what: any of ``"q"``, ``"k"``, ``"features"``.
         branch: ``"cond"`` (default), ``"uncond"`` or ``"all"`` classifier-free-guidance branch.
-        num_steps: number of denoising steps, to validate ``steps`` and allow negative ones.
+        num_steps: number of denoising steps, to validate ``steps`` and resolve negative ones; the run must have
+            that many (checked against the scheduler at the first call, and against the run's count at exit).
         cfg: whether the batch is ``[uncond, cond]``; ``None`` (default) decides per call from the inputs: an even
             batch whose two halves of ``hidden_states`` are bit-identical (the pipelines' duplicated latents) is a
             CFG pair, any other batch is kept whole (batched backbones; see the module docstring).
@@ -499,6 +555,12 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
 
     Yields:
         :class:`Capture`.
+
+    Raises (before the first forward) :class:`difftrack.hooks.UnsupportedHookError` when the transformer carries a
+    diffusers hook that skips or reuses work (caches, LayerSkip, ...) and ``ValueError`` for an attention backend that
+    bypasses torch SDPA; (when a run ends, at exit or when the next run starts) :class:`IncompleteRunError` naming
+    every requested (layer, step) not recorded and why. A ``torch.compile``\ d transformer runs eagerly while the
+    context is open (:func:`difftrack.hooks.eager_compile`).
     """
     ex = find_experts(model)
     chosen = ex.check(experts, "experts")
@@ -506,19 +568,28 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
     adapter = adapter_for(transformer)
     blocks = {e: adapter_for(ex.models[e]).blocks(ex.models[e]) for e in chosen}
     layer_ids = _normalise_layers(layers, min(len(b) for b in blocks.values()), type(transformer).__name__)
-    step_ids = _normalise_steps(steps, num_steps)
+    scheduler = getattr(model, "scheduler", None)  # a pipeline's: the run's real length
+    step_ids = _normalise_steps(steps, num_steps, resolvable=scheduler is not None)
     what = tuple([what] if isinstance(what, str) else what)
     bad = [w for w in what if w not in WHAT]
     if bad:
         raise ValueError(f"unknown capture target(s) {bad}; allowed: {WHAT}")
     if branch not in BRANCHES:
         raise ValueError(f"unknown branch {branch!r}; allowed: {BRANCHES}")
-    cap = Capture(transformer, adapter, layer_ids, step_ids, what, branch, cfg, store, on_qk, on_features,
-                  device, dtype, chosen, ex.several, ex.rule)
+    for m in ex.models.values():  # an expert that is not captured still counts the steps
+        check_diffusers_hooks(m, "capture")
     want_qk = bool({"q", "k"} & set(what)) or on_qk is not None
     want_feat = "features" in what or on_features is not None
+    whats = ((f"q/k ({branch})",) if want_qk else ()) + ((f"features ({branch})",) if want_feat else ())
+    if want_qk:
+        check_attention_backend([(l, adapter.self_attention(blocks[e][l][1])) for e in chosen for l in layer_ids],
+                                "capture")
+    cap = Capture(transformer, adapter, layer_ids, step_ids, what, branch, cfg, store, on_qk, on_features,
+                  device, dtype, chosen, ex.several, ex.rule, num_steps, scheduler, whats)
     installed: list[tuple[nn.Module, object]] = []  # (attention, our wrapper)
     handles = []
+    eager = eager_compile()
+    eager.__enter__()  # a compiled transformer runs eagerly: our hooks and processors run exactly
     try:
         for e, model_e in ex.models.items():  # every expert counts steps; the chosen ones are captured
             handles.append(model_e.register_forward_pre_hook(cap._pre_forward_of(e), with_kwargs=True))
@@ -534,12 +605,14 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
                     handles.append(block.register_forward_hook(lambda m, a, o, l=l, e=e: cap._on_block(l, o, e)))
         yield cap
         cap._check_branch_complete()
+        cap.coverage.check()
     finally:
         for attn, wrapper in reversed(installed):
             unwrap_processor(attn, wrapper)
         for h in handles:
             h.remove()
         cap.model = None
+        eager.__exit__(None, None, None)
 
 
 class StopForward(Exception):

@@ -51,11 +51,13 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import TokenGrid, adapter_for, adapters, experts, family_for, resolve_transformer
-from .hooks import SDPAIntercept, processor_wrapper_class, set_processor, track_grid, unwrap_processor
+from .hooks import (Coverage, SDPAIntercept, check_attention_backend, check_diffusers_hooks, eager_compile,
+                    processor_wrapper_class, set_processor, track_grid, unwrap_processor)
 
 VARIANTS = ("renormalized", "zero_after_softmax")
 CAG_BACKBONES = tuple(a.name for a in adapters() if a.cag_attention)  # ("cogvideox", "hunyuanvideo", "wan")
 SCHEDULES = ("constant", "linear_decay")
+PERTURBED = "perturbed attention (cond)"  # what CAG's completeness record (hooks.Coverage) names
 QUERY_CHUNK = 1024  # video query rows per chunk in the "zero_after_softmax" log-sum-exp pass
 # CAG scales accepted: 0 disables CAG; the paper uses 0.5 .. 2; negative values guide towards the perturbed model and
 # very large ones blow the prediction up, so both are refused
@@ -287,6 +289,8 @@ class CAGState:
         calls_by_expert: perturbed attention calls so far per expert.
         step_experts: ``{step: expert}`` of each step :func:`cag_hooks` perturbed (checked: every CAG layer of that
             expert was perturbed).
+        coverage: the completeness record of a guided run (:class:`difftrack.hooks.Coverage`; ``None`` outside the
+            samplers), with ``current`` the step of the forward now running: each perturbed (layer, step) is marked.
     """
 
     num_slots: int = 1
@@ -297,11 +301,15 @@ class CAGState:
     expert: str = "transformer"
     calls_by_expert: dict = field(default_factory=dict)
     step_experts: dict = field(default_factory=dict)
+    coverage: Coverage | None = None
+    current: int | None = None
 
-    def count_call(self) -> None:
-        """One perturbed attention call of the current expert."""
+    def note(self, layer: int) -> None:
+        """Layer ``layer`` of the current expert computed its perturbed attention in the current forward."""
         self.calls += 1
         self.calls_by_expert[self.expert] = self.calls_by_expert.get(self.expert, 0) + 1
+        if self.coverage is not None and self.current is not None:
+            self.coverage.mark(PERTURBED, layer, self.current)
 
     def set_slots(self, num_slots: int, perturbed: Sequence[int]) -> None:
         perturbed = tuple(sorted(set(perturbed)))
@@ -362,7 +370,7 @@ class CogVideoXCAGAttnProcessor:
         n = hidden_states.shape[0]
         pert, keep = st.split_rows(n, hidden_states.device)
         hp, ep = self._perturbed(attn, hidden_states[pert], encoder_hidden_states[pert], image_rotary_emb)
-        st.count_call()
+        st.note(self.layer)
         if keep.numel() == 0:
             return hp, ep
         hk, ek = self.original(attn, hidden_states[keep], encoder_hidden_states[keep], attention_mask=None,
@@ -450,7 +458,7 @@ class SDPACAGAttnProcessor:
             raise RuntimeError(f"layer {self.layer}: no self-attention SDPA call over {g.num_video + g.text_len} "
                                f"tokens was seen in {type(self.original).__name__}; CAG needs diffusers' native "
                                f"attention backend")
-        st.count_call()
+        st.note(self.layer)
         return out
 
     def _replace(self, call: dict):
@@ -535,10 +543,15 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
         if fused:
             raise ValueError(f"layers {fused} of {name} use fused QKV projections; call "
                              f"{name}.unfuse_qkv_projections() before CAG")
+        check_diffusers_hooks(transformer, "CAG")
+        if adapter.cag_attention == "sdpa":
+            check_attention_backend(list(zip(config.layers, attns)), "CAG")
         targets.append((name, transformer, adapter, attns))
     state = CAGState()
     installed = []
     handles = []
+    eager = eager_compile()
+    eager.__enter__()  # a compiled transformer runs eagerly: the CAG processors and hooks run exactly
     try:
         for name, transformer, adapter, attns in targets:
             def set_grid(grid, name=name):
@@ -560,6 +573,7 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
         for handle in handles:
             handle.remove()
         state.grid = None
+        eager.__exit__(None, None, None)
 
 # ------------------------------------------------------------------------------------------ shared prefix
 class PrefixShare:
@@ -738,6 +752,10 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
 
     Yields:
         the :class:`CAGState` (``state.step`` holds the next step index).
+
+    At exit the run is checked (:class:`difftrack.hooks.Coverage`): it had ``num_inference_steps`` steps and every
+    layer was perturbed at every step whose scale is non-zero, else :class:`difftrack.hooks.IncompleteRunError`
+    names what was not perturbed and why.
     """
     if not isinstance(config, CAGConfig):
         raise ValueError(f"config must be a CAGConfig; got {type(config).__name__}")
@@ -751,27 +769,37 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     sigs = {n: inspect.signature(m.forward) for n, m in ex.models.items()}
     n_layers = len(config.layers)
     handles = []
+    n = num_inference_steps
+    coverage = Coverage("CAG", (PERTURBED,), config.layers, steps=[s for s in range(n) if config.scale_at(s, n) != 0],
+                        num_steps=n, verb="perturbed")
     with apply_cag(model_or_pipe, config, **apply_kwargs) as state, ExitStack() as stack:
         # apply_cag's pre-hook, registered first, sets state.expert to the expert being called
-        shares = {n: stack.enter_context(PrefixShare(m, min(config.layers))) if shared_prefix else None
-                  for n, m in ex.models.items()}
+        shares = {name: stack.enter_context(PrefixShare(m, min(config.layers))) if shared_prefix else None
+                  for name, m in ex.models.items()}
         state.set_slots(1, [])
         state.step = 0
+        state.coverage = coverage
         n_plain = 2 if do_cfg and not sequential else 1
         pending: dict[str, Any] = {"last_t": None}
 
         def pre(m, args, kwargs):
+            check_diffusers_hooks(m, "CAG", "at a transformer call")  # e.g. added by a guider for its forward
             bound = sigs[state.expert].bind(*args, **kwargs).arguments
             share = shares[state.expert]
+            t = bound.get("timestep")
+            t_rec = float(t.max()) if isinstance(t, torch.Tensor) else t  # the recorded timestep
             if sequential:
-                tv = adapter.step_key(bound.get("timestep"))  # the capture's step key (per-frame levels, ...)
+                tv = adapter.step_key(t)  # the capture's step key (per-frame levels, ...)
                 if do_cfg and pending["last_t"] is not None and tv == pending["last_t"]:
                     pending["s"] = 0.0  # the step's second (unconditional) call
                     state.set_slots(1, [])
+                    coverage.call(state.step - 1, t_rec, state.expert)
                     return None
                 pending["last_t"] = tv
             s = config.scale_at(state.step, num_inference_steps)
             pending["step"], pending["calls"] = state.step, state.calls
+            coverage.call(state.step, t_rec, state.expert)
+            state.current = state.step
             state.step += 1
             pending["s"] = s
             if share is not None:
@@ -823,6 +851,7 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
                 handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
                 handles.append(m.register_forward_hook(post, with_kwargs=True))
             yield state
+            coverage.check()  # every (layer, step) with a non-zero scale was perturbed, in a run of n steps
         finally:
             for h in handles:
                 h.remove()

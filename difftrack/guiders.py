@@ -25,7 +25,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from .backbones import resolve_transformer
-from .guidance import _EXPANDED, CAGConfig, PrefixShare, apply_cag, cag_combine
+from .guidance import _EXPANDED, PERTURBED, CAGConfig, PrefixShare, apply_cag, cag_combine
+from .hooks import Coverage
 
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
@@ -116,7 +117,7 @@ class CrossAttentionGuidance(BaseGuidance):
         self.shared_prefix = shared_prefix
         self._stack: ExitStack | None = None  # the CAG installation of the current conditional forward
         self._perturbed_slot = False  # the conditional forward of this step carries the perturbed slot
-        self._perturbed_calls = 0  # perturbed attention calls of that forward (one per CAG layer expected)
+        self._coverage: Coverage | None = None  # which layers the perturbed slot of this step went through
 
     @classmethod
     def from_cag_config(cls, config: CAGConfig, guidance_scale: float = 5.0, shared_prefix: bool = True,
@@ -188,11 +189,14 @@ class CrossAttentionGuidance(BaseGuidance):
         try:
             state = stack.enter_context(apply_cag(transformer, self.cag_config))
             state.set_slots(2, [1])
-            self._perturbed_calls = 0
+            self._coverage = state.coverage = Coverage("CrossAttentionGuidance", (PERTURBED,),
+                                                       self.cag_config.layers, steps=[self._step], verb="perturbed")
+            state.current = self._step
             share = (stack.enter_context(PrefixShare(transformer, min(self.cag_config.layers)))
                      if self.shared_prefix else None)
 
             def double(module, args, kwargs):  # [cond] -> [cond, cond]: the second slot is the perturbed one
+                self._coverage.call(self._step)
                 bound = sig.bind(*args, **kwargs).arguments
                 n = bound["hidden_states"].shape[0]
                 for name in _EXPANDED:
@@ -204,7 +208,6 @@ class CrossAttentionGuidance(BaseGuidance):
                 return (), dict(bound)
 
             def restore(module, args, kwargs, output):  # always_call: also when the forward raises
-                self._perturbed_calls = state.calls
                 self._restore()
                 return None
 
@@ -244,11 +247,7 @@ class CrossAttentionGuidance(BaseGuidance):
             raise RuntimeError(f"CAG is on at step {self._step} (scale {s}) but the conditional forward carried no "
                                f"perturbed slot: run the denoiser between prepare_models and cleanup_models")
         if self._perturbed_slot:
-            n_layers = len(self.cag_config.layers)
-            if self._perturbed_calls != n_layers:  # a layer that did not run (a skip hook) is not perturbed
-                raise RuntimeError(f"CAG at step {self._step}: {self._perturbed_calls} perturbed attention calls in "
-                                   f"the conditional forward, expected one in each of the layers "
-                                   f"{self.cag_config.layers}")
+            self._coverage.check()  # each layer's attention of the perturbed slot was perturbed at this step
             if pred_cond.shape[0] % 2:
                 raise ValueError(f"pred_cond has {pred_cond.shape[0]} rows; expected [cond, perturbed] halves")
             v_c, v_p = pred_cond.float().chunk(2)

@@ -13,7 +13,7 @@ def test_harmonic_mean_and_score_tables_by_hand():
     hm = analysis.harmonic_mean(acc, conf, attn)
     # normalised: acc [[0, .5], [1, .5]], conf [[0, .5], [1, 1]], attn [[0, 1], [1, .5]]
     np.testing.assert_allclose(hm, [[0.0, 3 / (2 + 2 + 1)], [1.0, 3 / (2 + 1 + 2)]])
-    rec = analysis.Recorder(np.array([[2.0, 2.0]], np.float32), 4.0, 1, 1, 3).rec
+    rec = analysis.Recorder(np.array([[2.0, 2.0]], np.float32), 4.0, 1, 1, 3).record(check=False)
     rec.qk_tracks = np.array([[[[[2, 2], [3.5, 2], [9, 9]]]]], np.float32)  # [S, L, n, F, 2]
     rec.feat_tracks = rec.qk_tracks.copy()
     for k in ("max_text", "sum_text"):

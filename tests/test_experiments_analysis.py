@@ -22,13 +22,13 @@ def fake(monkeypatch):
 
     def fake_generation(pipe, prompt, seed, num_steps, grid_size, guidance_scale=6.0, size=None, **kw):
         calls.append(("generated", prompt, guidance_scale, kw))
-        rec = analysis.Recorder(QUERIES, 4.0, num_steps, 2, 13).rec
+        rec = analysis.Recorder(QUERIES, 4.0, num_steps, 2, 13).record(check=False)
         rec.meta = dict(kind="generated", prompt=prompt, seed=seed)
         return np.full((13, 64, 64, 3), len(calls), np.uint8), rec
 
     def fake_exact(pipe, sample, num_steps, grid_size=10, **kw):
         calls.append(("exact", sample.split if hasattr(sample, "split") else None, None, kw))
-        rec = analysis.Recorder(QUERIES, 4.0, num_steps, 2, 13).rec
+        rec = analysis.Recorder(QUERIES, 4.0, num_steps, 2, 13).record(check=False)
         rec.meta = dict(kind="exact")
         return rec
 
@@ -113,7 +113,7 @@ def test_cache_key_matches_run_dataset(tmp_path, monkeypatch):
     queries = np.array([[10.0, 10.0], [30.0, 20.0]], np.float32)
 
     def fake_generation(pipe, prompt, seed, num_steps, grid_size, **kw):
-        rec = analysis.Recorder(queries, 4.0, num_steps, 2, 13).rec
+        rec = analysis.Recorder(queries, 4.0, num_steps, 2, 13).record(check=False)
         rec.meta = dict(kind="generated", prompt=prompt, seed=seed)
         return np.zeros((13, 64, 64, 3), np.uint8), rec
 

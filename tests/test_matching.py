@@ -100,7 +100,8 @@ def test_match_video_equals_per_frame_reference_for_any_source_frame(src_frame):
 
 def test_recorder_keeps_results_on_the_device_until_read():
     """The analysis recorder writes each (step, layer) into tensors on the capture's device and converts them to
-    the record's numpy tables once, when ``rec`` is read; unrecorded cells stay nan."""
+    the record's numpy tables once, when ``rec`` is read. Reading it checked (``rec``) with cells never recorded
+    raises, naming them; ``record(check=False)`` gives them as nan (a record to fill by hand)."""
     import numpy as np
 
     from difftrack.analysis import Recorder
@@ -110,7 +111,11 @@ def test_recorder_keeps_results_on_the_device_until_read():
     feat = torch.randn(1, 4, 3, 5, 8, generator=torch.Generator().manual_seed(0))
     rec.on_features(FeatureEvent(1, 2, 19.0, feat, None))
     assert isinstance(rec._buf["feat_tracks"], torch.Tensor) and rec._buf["feat_tracks"].device == feat.device
-    out = rec.rec
+    from difftrack.hooks import IncompleteRunError
+
+    with pytest.raises(IncompleteRunError, match=r"never recorded \(tables \['feat_tracks', .*'qk_tracks'"):
+        rec.rec
+    out = rec.record(check=False)
     assert out.feat_tracks.shape == (3, 2, 2, 4, 2) and out.feat_tracks.dtype == np.float32
     assert np.isfinite(out.feat_tracks[2, 1]).all() and np.isnan(out.feat_tracks[:2]).all()
     assert np.isnan(out.feat_tracks[2, 0]).all() and np.isnan(out.qk_tracks).all()
@@ -173,7 +178,8 @@ def test_recorder_records_head_sets_and_scores_them():
     H, Fr, R, C, D = 2, 3, 3, 4, 8
     grid = TokenGrid(frames=Fr, rows=R, cols=C, text_len=2, text_first=True, stride=4)
     q, k = torch.randn(1, H, 2 + Fr * R * C, D, generator=g), torch.randn(1, H, 2 + Fr * R * C, D, generator=g)
-    rec = Recorder(np.array([[6.0, 6.0], [10.0, 2.0]], np.float32), 4.0, 1, 1, Fr, head_sets=[[0], [1], [0, 1]])
+    rec = Recorder(np.array([[6.0, 6.0], [10.0, 2.0]], np.float32), 4.0, 1, 1, Fr, head_sets=[[0], [1], [0, 1]],
+                   features=False)
     rec.on_qk(QKEvent(0, 0, 19.0, q, k, grid))
     out = rec.rec
     assert out.qk_tracks_heads.shape == (1, 1, 3, 2, Fr, 2) and out.head_sets == [[0], [1], [0, 1]]

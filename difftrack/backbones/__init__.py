@@ -205,11 +205,22 @@ def adapters() -> list[BackboneAdapter]:
     return list({id(a): a for a in _REGISTRY.values()}.values())
 
 
+def unwrap_compiled(module):
+    """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) holds (``._orig_mod``), else ``module``
+    (an in-place ``module.compile()`` keeps the module itself)."""
+    while type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        module = module._orig_mod
+    return module
+
+
 def resolve_transformer(model_or_pipe) -> nn.Module:
-    """The transformer of a pipeline (``pipe.transformer``) or the model itself."""
-    if type(model_or_pipe).__name__ not in _REGISTRY and hasattr(model_or_pipe, "transformer"):
-        return model_or_pipe.transformer
-    return model_or_pipe
+    """The transformer of a pipeline (``pipe.transformer``) or the model itself; a ``torch.compile`` wrapper is
+    unwrapped (:func:`unwrap_compiled`): hooks and processors go on the module it compiles, and capture and CAG run
+    it eagerly while they are active (:func:`difftrack.hooks.eager_compile`)."""
+    model = unwrap_compiled(model_or_pipe)
+    if type(model).__name__ not in _REGISTRY and hasattr(model, "transformer"):
+        model = model.transformer
+    return unwrap_compiled(model)
 
 
 def attention_heads(model: nn.Module, layers=None) -> int:

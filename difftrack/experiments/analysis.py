@@ -210,7 +210,8 @@ def _match_settings(kw: dict) -> dict:
     import inspect
 
     params = inspect.signature(A.Recorder.__init__).parameters
-    allowed = [n for n in params if n not in ("self", "queries_px", "stride", "num_steps", "num_layers", "frames")]
+    allowed = [n for n in params if n not in ("self", "queries_px", "stride", "num_steps", "num_layers", "frames",
+                                              "steps")]  # steps: analyze_exact's own argument
     unknown = sorted(set(kw) - set(allowed) - {"features"})
     if unknown:
         raise ValueError(f"unknown analysis settings {unknown}; allowed: {sorted(allowed + ['features', 'size'])} "
