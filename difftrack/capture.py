@@ -269,7 +269,7 @@ class Capture:
 
     def _expert_ran(self, expert: str) -> None:
         self.step_experts[self.step] = expert
-        self.coverage.ran_by(self.step, expert, captured=expert in self.experts)
+        self.coverage.ran_by(self.step, expert if self.prefixed else None, captured=expert in self.experts)
         if expert not in self.experts and self.steps is not None and self.step in self.steps:
             raise ValueError(f"step {self.step} was requested, but the pipeline runs it with {expert!r}, which is not "
                              f"captured (experts={list(self.experts)}; {self.expert_rule}); allowed: capture "

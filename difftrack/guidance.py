@@ -767,7 +767,6 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     adapter = adapter_for(transformer)
     sequential = adapter.cfg == "sequential"
     sigs = {n: inspect.signature(m.forward) for n, m in ex.models.items()}
-    n_layers = len(config.layers)
     handles = []
     n = num_inference_steps
     coverage = Coverage("CAG", (PERTURBED,), config.layers, steps=[s for s in range(n) if config.scale_at(s, n) != 0],
@@ -793,12 +792,12 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
                 if do_cfg and pending["last_t"] is not None and tv == pending["last_t"]:
                     pending["s"] = 0.0  # the step's second (unconditional) call
                     state.set_slots(1, [])
-                    coverage.call(state.step - 1, t_rec, state.expert)
+                    coverage.call(state.step - 1, t_rec, state.expert if ex.several else None)
                     return None
                 pending["last_t"] = tv
             s = config.scale_at(state.step, num_inference_steps)
-            pending["step"], pending["calls"] = state.step, state.calls
-            coverage.call(state.step, t_rec, state.expert)
+            pending["step"] = state.step
+            coverage.call(state.step, t_rec, state.expert if ex.several else None)
             state.current = state.step
             state.step += 1
             pending["s"] = s
@@ -828,10 +827,6 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
             if s == 0:
                 return None
             state.set_slots(1, [])
-            done = state.calls - pending["calls"]
-            if done != n_layers:  # every chosen layer of the expert that ran must have been perturbed
-                raise RuntimeError(f"CAG at step {pending['step']}: {state.expert} perturbed {done} attention calls, "
-                                   f"expected one in each of the layers {config.layers}")
             state.step_experts[pending["step"]] = state.expert
             sample = output[0] if isinstance(output, tuple) else output.sample
             parts = sample.float().chunk(n_plain + 1)

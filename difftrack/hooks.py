@@ -348,7 +348,7 @@ class Coverage:
         run.calls += 1
         return run
 
-    def ran_by(self, step: int, expert: str, captured: bool = True) -> None:
+    def ran_by(self, step: int, expert: str | None, captured: bool = True) -> None:
         """Note that ``expert`` ran ``step`` (multi-expert pipelines); a step of an expert that is not captured is
         not expected when every step is (``steps=None``): a requested one is refused by the caller before it runs."""
         self.runs[step].expert = expert
