@@ -46,6 +46,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from .checks import as_torch_dtype
 from .backbones import BackboneAdapter, TokenGrid, adapter_for, resolve_transformer
 from .hooks import SDPAIntercept, processor_wrapper_class, unwrap_processor  # noqa: F401 (re-exported)
 
@@ -407,6 +408,7 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
         raise ValueError(f"unknown capture target(s) {bad}; allowed: {WHAT}")
     if branch not in BRANCHES:
         raise ValueError(f"unknown branch {branch!r}; allowed: {BRANCHES}")
+    dtype = None if dtype is None else as_torch_dtype(dtype)  # the one dtype rule (difftrack.checks.check_dtype)
     cap = Capture(transformer, adapter, layer_ids, step_ids, what, branch, cfg, store, on_qk, on_features,
                   device, dtype)
     want_qk = bool({"q", "k"} & set(what)) or on_qk is not None
