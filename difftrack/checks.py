@@ -146,8 +146,8 @@ def check_real(name: str, value: Any, lo: float, hi: float, lo_open: bool = Fals
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     ok = ok and math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
     if not ok:
-        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        raise ValueError(f"{name}={value!r}; allowed: a finite number in {rng}" + (f" ({note})" if note else ""))
+        rng = (f"> {lo:g}" + (f" and <= {hi:g}" if math.isfinite(hi) else "")) if lo_open else f"in [{lo:g}, {hi:g}]"
+        raise ValueError(f"{name}={value!r}; allowed: a finite number {rng}" + (f" ({note})" if note else ""))
     return float(value)
 
 
