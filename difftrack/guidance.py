@@ -799,6 +799,7 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
     if getattr(pipe, "transformer_2", None) is not None:
         raise ValueError("pipelines with a second transformer (Wan 2.2 A14B, transformer_2) are not supported by CAG "
                          "hooks; allowed: a single transformer")
+    _checks.check_guidance_scale(guidance_scale)  # the one rule, with or without CAG (diffusers takes any number)
     if config is None:
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
     weight, do_cfg = family_for(pipe).cfg_weight(guidance_scale, kwargs)  # HunyuanVideo: embedded guidance

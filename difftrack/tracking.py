@@ -288,8 +288,8 @@ class DiffTracker:
         ncc_threshold: with ``pixel_refine="ncc"``, a visible point must also reach this NCC peak (``None``: no
             test).
         device, dtype: where / in which dtype the transformer runs (default: where it is; ``dtype`` as
-            :func:`difftrack.checks.check_dtype`: ``"bf16"``, ``"float16"``, ``torch.float32`` ...). The caller's model is
-            never modified: when either differs from the model's own, the tracker runs on a private copy of the
+            :func:`difftrack.checks.check_dtype`: ``"bf16"``, ``"float16"``, ``torch.float32`` ...). The caller's
+            model is never modified: when either differs from the model's own, the tracker runs on a private copy of the
             transformer (``copy.deepcopy(...).to(device, dtype)``; one extra copy of the weights in memory). The
             text encoder and VAE of a pipeline stay where they are; their outputs are cast.
         work_size: the frame size the tracker works at (see the module docstring): ``"model"`` (default) the

@@ -131,6 +131,10 @@ def test_guidance_scale_is_one_rule_for_analysis_and_run_dataset(tmp_path):
         xa.run_dataset(pipe, [GEN], tmp_path, num_steps=2, grid_size=2, guidance_scale=-1.0, progress=False)
     with pytest.raises(ValueError, match=r"guidance_scale=True; allowed"):
         analysis.analyze_generation(pipe, "a red car", 0, num_steps=2, grid_size=2, guidance_scale=True)
+    from difftrack.guidance import generate_with_cag_diffusers
+
+    with pytest.raises(ValueError, match=msg):  # without CAG too (the diffusers pipeline would run it)
+        generate_with_cag_diffusers(pipe, None, prompt="a red car", guidance_scale=-1.0, num_inference_steps=2)
     assert calls == []
 
 
