@@ -344,23 +344,43 @@ def mean_tables(tables: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- runners
+def check_grid(runner, grid_size, size, num_steps, head_sets=None, max_grid_bytes=None) -> int:
+    """``grid_size`` checked by the one rule (:func:`difftrack.checks.check_grid_size`: an int >= 1 whose estimated
+    memory for this run, ``num_steps`` x every layer of ``runner`` x the latent frames of ``size = (T, H, W)``, stays
+    within ``max_grid_bytes``, default 4 GiB or ``DIFFTRACK_MAX_GRID_BYTES``) before any work."""
+    from .checks import check_grid_size, check_int
+
+    T, H, W = size
+    s = runner.stride
+    return check_grid_size(grid_size, num_steps=check_int("num_steps", num_steps, lo=1),
+                           num_layers=runner.num_layers, frames=runner.latent_frames(T),
+                           tokens_per_frame=(H // s) * (W // s), head_sets=len(head_sets or ()),
+                           max_bytes=max_grid_bytes)
+
+
 @torch.no_grad()
 def analyze_generation(pipe, prompt: str, seed: int, num_steps: int = 50, grid_size: int = 10,
-                       guidance_scale: float = 6.0, features: bool = True, size=None,
+                       guidance_scale: float = 6.0, features: bool = True, size=None, max_grid_bytes=None,
                        **match_kw) -> tuple[np.ndarray, AnalysisRecord]:
     """Generate one video with the pipeline's own loop while recording every (layer, step).
 
     Args:
         pipe: the embedded pipeline, a supported diffusers pipeline or a :class:`difftrack.runners.VideoRunner`.
         size: ``(frames, height, width)`` (default: the pipeline's default size).
+        grid_size, guidance_scale: checked before any work by the library's one rule for each
+            (:func:`check_grid` with ``max_grid_bytes``; :func:`difftrack.checks.check_guidance_scale`).
 
     Returns ``(video uint8 [T, H, W, 3], record)``; the record is per latent frame (``rec.frames``, pinned to the
     video frames ``rec.meta["frame_index"]``). Ground truth is added later (:func:`pseudo_ground_truth`)."""
     from .runners import as_runner
     from .world import World
 
+    from .checks import check_guidance_scale
+
     runner = as_runner(pipe)
     T, H, W = runner.resolve_size(size)
+    check_guidance_scale(guidance_scale)
+    check_grid(runner, grid_size, (T, H, W), num_steps, match_kw.get("head_sets"), max_grid_bytes)
     q = World(T, H, W).grid_queries(grid_size)[:, 1:]
     rec = Recorder(q, runner.stride, num_steps, runner.num_layers, runner.latent_frames(T), features=features,
                    **match_kw)
@@ -377,9 +397,10 @@ def analyze_generation(pipe, prompt: str, seed: int, num_steps: int = 50, grid_s
 
 @torch.no_grad()
 def analyze_exact(pipe, sample, num_steps: int = 50, steps: list[int] | None = None, grid_size: int = 10,
-                  noise_seed: int = 0, features: bool = True, **match_kw) -> AnalysisRecord:
+                  noise_seed: int = 0, features: bool = True, max_grid_bytes=None, **match_kw) -> AnalysisRecord:
     """A world video noised to each denoising step (one conditional forward per step with the video's prompt; a VAE
-    backbone encodes the clip as a video), as the paper's real-video analysis, recording every layer."""
+    backbone encodes the clip as a video), as the paper's real-video analysis, recording every layer.
+    ``grid_size`` is checked first (:func:`check_grid`, with ``max_grid_bytes``)."""
     from .runners import as_runner
     from .world import World
 
@@ -387,6 +408,7 @@ def analyze_exact(pipe, sample, num_steps: int = 50, steps: list[int] | None = N
     if steps is not None:  # the schedule is this function's own: num_steps is the run's length
         steps = sorted(_normalise_steps(steps, num_steps))
     T, H, W = runner.check_size(sample.video.shape[:3])
+    check_grid(runner, grid_size, (T, H, W), num_steps, match_kw.get("head_sets"), max_grid_bytes)
     q = World(T, H, W).grid_queries(grid_size)[:, 1:]
     rec = Recorder(q, runner.stride, num_steps, runner.num_layers, runner.latent_frames(T), features=features,
                    steps=steps, **match_kw)

@@ -553,14 +553,22 @@ def generate_videos(pipe, prompts: Sequence[str], seeds: Sequence[int], layers: 
 
 
 def autocast_context(device, name: str | None):
-    """``torch.autocast`` for ``name`` in ``{"bf16", "fp16"}`` on ``device``'s type, or a no-op for ``None``."""
+    """``torch.autocast`` for a half-precision ``name`` (``"bf16"``, ``"fp16"``, ``"bfloat16"`` ... as
+    :func:`difftrack.checks.check_dtype`) on ``device``'s type, or a no-op for ``None``."""
     import contextlib
 
     import torch
 
+    from .checks import DTYPE_ALIASES, check_dtype
+
     if name in (None, "none"):
         return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"autocast={name!r}; allowed: None, 'bf16', 'fp16'")
-    return torch.autocast(torch.device(device).type, dtype=dtypes[name])
+    allowed = [k for k, v in DTYPE_ALIASES.items() if v != "float32"]
+    try:
+        dt = check_dtype(name, "autocast")
+    except ValueError:
+        dt = None
+    if dt in (None, "float32"):
+        raise ValueError(f"autocast={name!r}; allowed: None or a half-precision dtype {allowed} (or torch.float16 / "
+                         f"torch.bfloat16)")
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dt))

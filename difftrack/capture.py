@@ -64,6 +64,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from .checks import as_torch_dtype
 from .backbones import BackboneAdapter, TokenGrid, adapter_for, resolve_transformer
 from .backbones import experts as find_experts
 from .hooks import (Coverage, IncompleteRunError, SDPAIntercept, check_attention_backend,  # noqa: F401 (re-exported)
@@ -578,6 +579,7 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
         raise ValueError(f"unknown branch {branch!r}; allowed: {BRANCHES}")
     for m in ex.models.values():  # an expert that is not captured still counts the steps
         check_diffusers_hooks(m, "capture")
+    dtype = None if dtype is None else as_torch_dtype(dtype)  # the one dtype rule (difftrack.checks.check_dtype)
     want_qk = bool({"q", "k"} & set(what)) or on_qk is not None
     want_feat = "features" in what or on_features is not None
     whats = ((f"q/k ({branch})",) if want_qk else ()) + ((f"features ({branch})",) if want_feat else ())

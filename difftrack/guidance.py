@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import checks as _checks
 from .backbones import TokenGrid, adapter_for, adapters, experts, family_for, resolve_transformer
 from .hooks import (Coverage, SDPAIntercept, check_attention_backend, check_diffusers_hooks, eager_compile,
                     processor_wrapper_class, set_processor, track_grid, unwrap_processor)
@@ -61,7 +62,7 @@ PERTURBED = "perturbed attention (cond)"  # what CAG's completeness record (hook
 QUERY_CHUNK = 1024  # video query rows per chunk in the "zero_after_softmax" log-sum-exp pass
 # CAG scales accepted: 0 disables CAG; the paper uses 0.5 .. 2; negative values guide towards the perturbed model and
 # very large ones blow the prediction up, so both are refused
-CAG_SCALE_RANGE = (0.0, 20.0)
+CAG_SCALE_RANGE = _checks.CAG_SCALE_RANGE  # one rule for a constant scale and every step of a schedule
 KEY_CHUNK = 4096  # keys per chunk in that pass; scores held at once: B x heads x QUERY_CHUNK x KEY_CHUNK fp32
 
 
@@ -109,12 +110,7 @@ class CAGConfig:
         self.layers = [int(l) for l in self.layers]
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers={list(self.layers)} contains duplicates")
-        lo, hi = CAG_SCALE_RANGE
-        if (isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale)
-                or not lo <= self.scale <= hi):
-            raise ValueError(f"scale={self.scale!r}; allowed: a finite number in [{lo:g}, {hi:g}] (0 disables CAG; "
-                             f"the paper uses 0.5 .. 2)")
-        self.scale = float(self.scale)
+        self.scale = _checks.check_cag_scale(self.scale)
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; allowed: {VARIANTS}")
         if not callable(self.schedule) and self.schedule not in SCHEDULES:
@@ -129,7 +125,9 @@ class CAGConfig:
     def check_steps(self, num_inference_steps: int) -> None:
         """Raise ``ValueError`` when the step window does not fit a run of ``num_inference_steps`` steps: allowed
         ``0 <= start_step < num_inference_steps`` and ``stop_step <= num_inference_steps`` (a window past the end
-        would give exactly the unguided result without a word)."""
+        would give exactly the unguided result without a word); or when a callable schedule gives, at any step of
+        the run, a scale outside :data:`CAG_SCALE_RANGE` (NaN, negative, too large): every step's value is checked
+        here, before the run, and again by :meth:`scale_at` when the step runs."""
         n = num_inference_steps
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"num_inference_steps={n!r}; must be an int >= 1")
@@ -139,14 +137,25 @@ class CAGConfig:
         if self.stop_step is not None and self.stop_step > n:
             raise ValueError(f"CAG stop_step={self.stop_step} is beyond the run of num_inference_steps={n} steps; "
                              f"allowed: stop_step in {self.start_step + 1}..{n} or None (to the end)")
+        if callable(self.schedule):
+            for step in range(self.start_step, n if self.stop_step is None else self.stop_step):
+                self.scale_at(step, n)
 
     def scale_at(self, step: int, num_steps: int) -> float:
-        """``s_cag`` at denoising step ``step`` (0 = noisiest) of ``num_steps``."""
+        """``s_cag`` at denoising step ``step`` (0 = noisiest) of ``num_steps``; a callable schedule's value is
+        checked at every step (:func:`difftrack.checks.check_cag_scale`: NaN, negative or > 20 raises ``ValueError``
+        naming the step, never applied)."""
         stop = num_steps if self.stop_step is None else self.stop_step
         if not self.start_step <= step < stop:
             return 0.0
         if callable(self.schedule):
-            return self.scale * float(self.schedule(step))
+            factor = self.schedule(step)
+            try:
+                value = self.scale * float(factor)
+            except (TypeError, ValueError):
+                raise ValueError(f"CAG schedule {self.schedule!r} returned {factor!r} at denoising step {step}; "
+                                 f"allowed: a number (the factor multiplying scale={self.scale:g})") from None
+            return _checks.check_cag_scale(value, "the CAG schedule's scale", step=step)
         if self.schedule == "linear_decay":
             return self.scale * (1.0 - (step - self.start_step) / (stop - self.start_step))
         return self.scale
@@ -697,6 +706,7 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
                   latents=latents, output_type=output_type, callback_on_step_end=callback_on_step_end,
                   progress=progress)
+    _checks.check_guidance_scale(guidance_scale)
     if config is None:
         return pipe(prompt, **common)
     pipe.check_inputs(common["num_frames"], common["height"], common["width"], num_inference_steps, guidance_scale)
@@ -760,6 +770,7 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
     if not isinstance(config, CAGConfig):
         raise ValueError(f"config must be a CAGConfig; got {type(config).__name__}")
     config.check_steps(num_inference_steps)
+    _checks.check_guidance_scale(guidance_scale, positive=True)  # the CFG weight the pipeline combines with
     ex = experts(model_or_pipe)  # Wan 2.2: transformer and transformer_2, hooked alike; else the one transformer
     weights = _expert_weights(guidance_scale, expert_guidance_scales, ex.names)
     do_cfg = guidance_scale > 1.0 if do_cfg is None else bool(do_cfg)
@@ -888,6 +899,7 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
     if use_dynamic_cfg:
         raise ValueError("use_dynamic_cfg=True is not supported with CAG (the CFG weight changes after the "
                          "transformer call); pass use_dynamic_cfg=False")
+    _checks.check_guidance_scale(guidance_scale)  # the one rule, with or without CAG (diffusers takes any number)
     if config is None:
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
     family = family_for(pipe)

@@ -15,7 +15,6 @@ components, prompt embeddings, seed and settings (fp32, CPU; ``tests/test_guider
 from __future__ import annotations
 
 import inspect
-import math
 import numbers
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from .backbones import resolve_transformer
+from .checks import check_guidance_scale
 from .guidance import _EXPANDED, PERTURBED, CAGConfig, PrefixShare, apply_cag, cag_combine
 from .hooks import Coverage
 
@@ -72,7 +72,8 @@ class CrossAttentionGuidance(BaseGuidance):
     ran.
 
     Args:
-        guidance_scale: CFG weight ``w``, a finite number > 0; CFG runs when ``w > 1`` (as in ``WanPipeline``).
+        guidance_scale: CFG weight ``w``, a finite number in ``(0, 50]``; CFG runs when ``w > 1`` (as in
+            ``WanPipeline``).
         cag_scale: ``s``, in ``[0, 20]`` (0: plain CFG); :attr:`CAGConfig.scale`.
         layers: transformer block indices whose self-attention is perturbed (required).
         variant: ``"renormalized"`` (default) or ``"zero_after_softmax"`` (:data:`difftrack.guidance.VARIANTS`).
@@ -100,10 +101,7 @@ class CrossAttentionGuidance(BaseGuidance):
         if callable(schedule):
             raise ValueError(f"schedule={schedule!r} is a callable; allowed in a guider (its config is saved as "
                              f"JSON): 'constant' or 'linear_decay'")
-        if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
-                or not math.isfinite(guidance_scale) or guidance_scale <= 0):
-            raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number > 0 (CFG runs when it is "
-                             f"> 1)")
+        check_guidance_scale(guidance_scale, positive=True)  # the one rule (difftrack.checks); CFG runs when > 1
         if not isinstance(shared_prefix, bool):
             raise ValueError(f"shared_prefix={shared_prefix!r}; allowed: True or False")
         for name, v in (("start", start), ("stop", stop)):

@@ -31,15 +31,17 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 
+from . import checks as _checks
 from . import world as _world
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "mini-cogvideox"
 PATCH = 2  # pixel_unshuffle factor of the fixed invertible patching
 FRAMES, HEIGHT, WIDTH = 13, 64, 64
 TEXT_LEN = 24
-# classifier-free guidance weights MiniVideoPipeline accepts: <= 1 runs without CFG (as in diffusers), > 1 with CFG;
-# far above the trained range (6) the prediction explodes (1e30 gives a black video), so larger values are refused
-GUIDANCE_SCALE_RANGE = (0.0, 50.0)
+# classifier-free guidance weights MiniVideoPipeline accepts (checks.check_guidance_scale, the one rule of every entry
+# point): <= 1 runs without CFG (as in diffusers), > 1 with CFG; far above the trained range (6) the prediction
+# explodes (1e30 gives a black video), so larger values are refused
+GUIDANCE_SCALE_RANGE = _checks.GUIDANCE_SCALE_RANGE
 
 
 def world_vocabulary() -> list[str]:
@@ -256,11 +258,7 @@ class MiniVideoPipeline(DiffusionPipeline):
                                  f"(pixel patching {PATCH} x transformer patch {s // PATCH}), e.g. {near}")
         if not is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps!r}; must be an int >= 1")
-        lo, hi = GUIDANCE_SCALE_RANGE
-        if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
-                or not math.isfinite(guidance_scale) or not lo <= guidance_scale <= hi):
-            raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number in [{lo:g}, {hi:g}] "
-                             f"(<= 1 runs without classifier-free guidance, > 1 with it; the trained default is 6)")
+        _checks.check_guidance_scale(guidance_scale)
 
     def _image_condition(self, image, batch: int, frames: int, height: int, width: int, device):
         """``[B, T, C, h, w]`` conditioning channels of an image-to-video transformer, or ``None`` (text-to-video)."""
@@ -358,10 +356,12 @@ def build_untrained(seed: int = 0) -> MiniVideoPipeline:
                              CogVideoXDDIMScheduler(**scheduler_config()))
 
 
-def load_default(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_default(device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
                  weights: str | Path | None = None) -> MiniVideoPipeline:
     """Load the committed embedded model from inside the package (offline), or the saved ``MiniVideoPipeline``
-    folder ``weights`` (a training round's candidate)."""
+    folder ``weights`` (a training round's candidate); ``dtype`` as :func:`difftrack.checks.check_dtype`
+    (``"bf16"``, ``"float16"``, ``torch.float32`` ...)."""
+    dtype = _checks.as_torch_dtype(dtype)
     folder = Path(weights) if weights is not None else WEIGHTS_DIR
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(f"embedded weights missing at {folder} (no model_index.json); train them with "

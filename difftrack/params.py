@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from . import backbones as _backbones
+from . import checks as _checks
 from .backbones import embedded as _embedded
 
 # kept equal to the modules that define them (tests/test_params.py compares), so this module never imports torch
 PIPELINES = tuple(_backbones.pipeline_families())  # runners.PIPELINES (the backbones package imports no torch)
-DTYPES = ("float32", "float16", "bfloat16")  # runners.DTYPES
+DTYPES = _checks.DTYPES  # runners.DTYPES; every spelling of checks.DTYPE_ALIASES is accepted
 FAMILIES = ("objects", "scenes")  # world.FAMILIES
 CAG_VARIANTS = ("renormalized", "zero_after_softmax")  # guidance.VARIANTS
-CAG_SCALE_RANGE = (0.0, 20.0)  # guidance.CAG_SCALE_RANGE
-GUIDANCE_SCALE_RANGE = (0.0, 50.0)  # mini.GUIDANCE_SCALE_RANGE
+CAG_SCALE_RANGE = _checks.CAG_SCALE_RANGE  # the library's one rule (guidance.CAG_SCALE_RANGE)
+GUIDANCE_SCALE_RANGE = _checks.GUIDANCE_SCALE_RANGE  # the library's one rule (mini.GUIDANCE_SCALE_RANGE)
 EMBEDDED_DIR = Path(__file__).parent / "weights" / "mini-cogvideox"  # mini.WEIGHTS_DIR
 EMBEDDED_PATCH = _embedded.PIXEL_PATCH  # mini.PATCH: the embedded model's pixel patching
 TRACKER_STEPS = 50  # DiffTracker's default num_steps: notebook 04's `step` indexes a 50-step schedule
@@ -341,6 +342,23 @@ def _size_rule(name: str = "size") -> Rule:
     return Rule((name, "model"), check)
 
 
+def _grid_memory(ctx):
+    """The analysis' grid memory estimate against its limit (:func:`difftrack.checks.check_grid_size`, the rule
+    ``analyze_generation`` / ``run_dataset`` apply): for the run's steps, the model's blocks and latent frames."""
+    g = ctx["geometry"]
+    size = ctx["size"] or g.default_size
+    if not size:
+        return
+    T, H, W = (int(v) for v in size)
+    s = g.stride
+    try:
+        _checks.check_grid_size(ctx["grid_size"], num_steps=ctx["num_steps"], num_layers=g.num_layers,
+                                frames=(T - 1) // g.temporal + 1, tokens_per_frame=(H // s) * (W // s))
+    except ValueError as err:
+        yield "grid_size", str(err).split("; allowed: ", 1)[0].split(" ", 1)[1] + \
+            "; allowed: a smaller grid, or raise the limit with DIFFTRACK_MAX_GRID_BYTES in the environment"
+
+
 def _some_videos(ctx):
     if ctx["videos_per_family"] + ctx["exact_per_family"] < 1:
         yield "videos_per_family", ("no video to analyse (exact_per_family is 0 too); allowed: "
@@ -367,13 +385,14 @@ COMMON = {  # notebooks 01-03 (same defaults in their parameters cells: tests/te
     "videos_per_family": Param("int", lo=0),
     "exact_per_family": Param("int", lo=0),
     "num_steps": Param("int", lo=1, hi=MAX_STEPS),
-    "grid_size": Param("int", lo=1, hi=256),
+    "grid_size": Param("int", lo=1, note="its memory is estimated against DIFFTRACK_MAX_GRID_BYTES (4 GiB)"),
     "device": Param("device"),
-    "dtype": Param("str", choices=DTYPES),
+    "dtype": Param("str", choices=tuple(_checks.DTYPE_ALIASES)),
     "seed": Param("int", lo=0),
     "size": Param("list", item="int", lengths=(0, 3), note="[frames, height, width]; empty: the model's default"),
 }
-COMMON_RULES = (Rule(("videos_per_family", "exact_per_family"), _some_videos), _size_rule())
+COMMON_RULES = (Rule(("videos_per_family", "exact_per_family"), _some_videos), _size_rule(),
+                Rule(("grid_size", "num_steps", "size", "model"), _grid_memory))
 
 
 def _native_size_rule(ctx):
@@ -460,13 +479,55 @@ def notebook_names() -> list[str]:
     return list(SPECS)
 
 
-def check_notebook(notebook: str, values: Mapping[str, Any]) -> dict:
-    """Check the parameters of ``notebook`` (a :data:`SPECS` key such as ``"02_layer_analysis"``, or its file
-    name) in ``values`` (the notebook's ``globals()``: only the notebook's parameter names are read). Returns the
-    context of :func:`check_params` (the model geometry included); raises :class:`ParameterError` naming every bad
-    parameter, its value and what is allowed."""
+def _spec(notebook: str) -> tuple[str, dict[str, Param], tuple[Rule, ...]]:
     key = Path(notebook).stem
     if key not in SPECS:
         raise ValueError(f"unknown notebook {notebook!r}; allowed: {list(SPECS)}")
-    spec, rules = SPECS[key]
+    return (key, *SPECS[key])
+
+
+#: first line of the cell papermill injects after the ``parameters`` cell (``papermill.translators``)
+INJECTED_HEADER = "# Parameters"
+
+
+def injected_names(history: Iterable[str] | None) -> list[str]:
+    """Names assigned by papermill's injected-parameters cells in a kernel's input history (IPython's ``In``, which
+    the notebook's ``globals()`` holds): every executed cell whose first line is ``# Parameters``."""
+    import ast
+
+    names: list[str] = []
+    for src in history or ():
+        if not isinstance(src, str) or src.split("\n", 1)[0].strip() != INJECTED_HEADER:
+            continue
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
+    return names
+
+
+def check_names(notebook: str, names: Iterable[str]) -> None:
+    """Raise :class:`ParameterError` when ``names`` (parameters passed to ``notebook``, e.g. by papermill ``-p``)
+    holds a name the notebook's ``parameters`` cell does not define, naming it and the allowed names (papermill
+    itself only warns and runs on the defaults)."""
+    key, spec, _ = _spec(notebook)
+    unknown = [n for n in names if n not in spec]
+    if unknown:
+        errors = {n: f"{n}: unknown parameter of notebook {key}" for n in unknown}
+        raise ParameterError(f"notebook {key}: unknown parameter name{'s' if len(unknown) > 1 else ''} "
+                             f"{unknown} (misspelt?); allowed names: {list(spec)}", errors)
+
+
+def check_notebook(notebook: str, values: Mapping[str, Any]) -> dict:
+    """Check the parameters of ``notebook`` (a :data:`SPECS` key such as ``"02_layer_analysis"``, or its file
+    name) in ``values`` (the notebook's ``globals()``: the notebook's parameter names are read, and the names
+    papermill injected, from the kernel's input history ``In``: an unknown one raises, :func:`check_names`).
+    Returns the context of :func:`check_params` (the model geometry included); raises :class:`ParameterError`
+    naming every bad parameter, its value and what is allowed."""
+    key, spec, rules = _spec(notebook)
+    check_names(key, injected_names(values.get("In")))
     return check_params(spec, values, rules, where=f"notebook {key}")

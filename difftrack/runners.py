@@ -31,20 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import checks as _checks
 from .backbones import (adapter_for, experts, family_for, family_of_class, patch_sizes,  # noqa: F401
                         pipeline_families, resolve_transformer, scheduler_add_noise)
 
 PIPELINES = pipeline_families()  # {pipeline class: family}, from difftrack.backbones
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    dt = getattr(torch, str(dtype), None) if str(dtype) in DTYPES else None
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"dtype={dtype!r}; allowed: {DTYPES}")
-    return dt
+DTYPES = _checks.DTYPES  # canonical names; every spelling of checks.DTYPE_ALIASES is accepted
+_dtype = _checks.as_torch_dtype
 
 
 def check_num_steps(num_steps, name: str = "num_steps") -> int:
@@ -78,7 +71,7 @@ def load_pipeline(model: str = "embedded", device: str = "cpu", dtype="float32")
     HunyuanVideo checkpoint). Loaded offline (``local_files_only``), moved to ``device`` in ``dtype``."""
     from . import mini
 
-    dt = _dtype(dtype)
+    dt = _dtype(dtype)  # checks.check_dtype: "float32"/"fp32", "float16"/"fp16"/"half", "bfloat16"/"bf16", torch dtypes
     cls = pipeline_class(model)
     if cls not in PIPELINES:
         raise ValueError(f"{model} holds a {cls or 'pipeline without _class_name'}; allowed pipelines: "
@@ -97,7 +90,8 @@ def model_tag(model: str, dtype: str = "float32") -> str:
     else:
         p = Path(model).expanduser().resolve()
         base = f"{p.name}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
-    return base if str(dtype) == "float32" else f"{base}-{dtype}"
+    dtype = _checks.check_dtype(dtype)  # one name per dtype: "bf16" and torch.bfloat16 share "bfloat16"'s caches
+    return base if dtype == "float32" else f"{base}-{dtype}"
 
 
 def latent_visibility(visible: np.ndarray, temporal: int, latent_frames: int) -> np.ndarray:
@@ -225,6 +219,7 @@ class VideoRunner:
 
         ``guidance_scale`` is CFG for CogVideoX / Wan / the embedded model (batched or sequential, as the pipeline
         does it) and the embedded guidance for HunyuanVideo (one call per step, as its pipeline by default)."""
+        _checks.check_guidance_scale(guidance_scale)
         g = torch.Generator().manual_seed(int(seed))
         return self.family.generate(self.pipe, prompt, self.resolve_size(size), num_steps, guidance_scale, g,
                                     negative_prompt)

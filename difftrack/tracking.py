@@ -286,8 +286,9 @@ class DiffTracker:
         ncc_patch, ncc_upsample: template side (upsampled pixels) and upsampling factor of that refinement.
         ncc_threshold: with ``pixel_refine="ncc"``, a visible point must also reach this NCC peak (``None``: no
             test).
-        device, dtype: where / in which dtype the transformer runs (default: where it is). The caller's model is
-            never modified: when either differs from the model's own, the tracker runs on a private copy of the
+        device, dtype: where / in which dtype the transformer runs (default: where it is; ``dtype`` as
+            :func:`difftrack.checks.check_dtype`: ``"bf16"``, ``"float16"``, ``torch.float32`` ...). The caller's
+            model is never modified: when either differs from the model's own, the tracker runs on a private copy of the
             transformer (``copy.deepcopy(...).to(device, dtype)``; one extra copy of the weights in memory). The
             text encoder and VAE of a pipeline stay where they are; their outputs are cast.
         work_size: the frame size the tracker works at (see the module docstring): ``"model"`` (default) the
@@ -400,7 +401,7 @@ class DiffTracker:
         self.transformer_kwargs = dict(transformer_kwargs or {})
         p0 = next(self.transformer.parameters())
         self.device = torch.device(device) if device is not None else p0.device
-        self.dtype = dtype or p0.dtype
+        self.dtype = p0.dtype if dtype is None else _checks.as_torch_dtype(dtype)
         self._ehs_cache: dict[str, torch.Tensor] = {}
         self._cond_extra: dict[str, dict] = {}  # extra conditional kwargs per prompt (HunyuanVideo)
         if encoder_hidden_states is not None:

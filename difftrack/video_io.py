@@ -1,7 +1,8 @@
 """Read and write videos as ``uint8 [T, H, W, 3]`` RGB arrays (the public layout, ``docs/conventions.md``).
 
-Uses ``imageio`` with the ``imageio-ffmpeg`` backend (a bundled ffmpeg binary), so mp4/webm/avi/mov/gif all work
-without a system ffmpeg::
+Uses ``imageio`` with the ``imageio-ffmpeg`` backend (a bundled ffmpeg binary), so mp4/webm/avi/mov/mkv work without
+a system ffmpeg; gif is written with Pillow (always there). Without imageio-ffmpeg, :func:`write_video` refuses the
+ffmpeg formats with :class:`VideoWriterMissing` naming what to install (:func:`can_write_video` asks first)::
 
     video = read_video("clip.mp4", max_frames=49, resize=(480, 720))   # uint8 [T, 480, 720, 3]
     write_video("out.mp4", video, fps=8)
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 import warnings
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from .checks import check_hw
 
-__all__ = ["read_video", "write_video"]
+__all__ = ["read_video", "write_video", "write_movie", "can_write_video", "VideoWriterMissing", "VIDEO_SUFFIXES"]
 
 
 def _check_size(resize) -> tuple[int, int] | None:
@@ -150,9 +152,61 @@ def _float_to_uint8(arr: np.ndarray, value_range) -> np.ndarray:
     return np.round((arr.astype(np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+#: suffixes :func:`write_video` writes: ffmpeg containers (the ``imageio-ffmpeg`` package's bundled ffmpeg) and GIF
+#: (Pillow, always installed with imageio)
+FFMPEG_SUFFIXES = (".mp4", ".webm", ".avi", ".mov", ".mkv")
+VIDEO_SUFFIXES = FFMPEG_SUFFIXES + (".gif",)
+
+
+class VideoWriterMissing(ImportError):
+    """No writer for the requested format is installed (``pip install imageio-ffmpeg`` for mp4/webm/avi/mov/mkv)."""
+
+
+def can_write_video(path_or_suffix: str | os.PathLike) -> bool:
+    """Whether :func:`write_video` has a writer for this file name's suffix (or a suffix such as ``".mp4"``) here:
+    GIF always; the ffmpeg formats when ``imageio-ffmpeg`` is installed. ``False`` for an unknown suffix."""
+    suffix = str(path_or_suffix).lower() if str(path_or_suffix).startswith(".") else Path(path_or_suffix).suffix.lower()
+    if suffix == ".gif":
+        return True
+    return suffix in FFMPEG_SUFFIXES and _ffmpeg_missing() is None
+
+
+def _ffmpeg_missing() -> str | None:
+    """``None`` when imageio-ffmpeg (and its ffmpeg binary) is usable, else why not."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        return "the imageio-ffmpeg package is not installed"
+    try:
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception as err:  # noqa: BLE001 - it raises RuntimeError or OSError when no binary is found
+        return f"imageio-ffmpeg finds no ffmpeg binary ({err})"
+    return None
+
+
+_CODECS = {".webm": "libvpx-vp9"}  # the others: H.264 (imageio-ffmpeg's default)
+
+
+def _check_written(tmp: Path, frames: int) -> None:
+    """``OSError`` unless ffmpeg decodes ``frames`` frames from the file just written."""
+    import imageio_ffmpeg
+
+    try:
+        n, _ = imageio_ffmpeg.count_frames_and_secs(str(tmp))
+    except Exception as err:  # noqa: BLE001 - RuntimeError/OSError from the ffmpeg subprocess
+        raise OSError(f"the writer produced an unreadable file ({type(err).__name__}: {err})") from None
+    if n != frames:
+        raise OSError(f"the writer produced {n} of {frames} frames")
+
+
 def write_video(path: str | os.PathLike, frames, fps: float = 8.0, quality: int | None = 8,
                 value_range: tuple[float, float] | None = None) -> Path:
     """Write ``uint8 [T, H, W, 3]`` RGB frames to a video file (codec from the suffix: mp4 -> H.264, gif ...).
+
+    Either the file is written completely or an error is raised and nothing is left behind: the frames go to a
+    temporary file next to ``path``, which replaces ``path`` only once it is complete and non-empty (removed on any
+    error). Suffixes: :data:`VIDEO_SUFFIXES` (mp4, webm, avi, mov, mkv need the ``imageio-ffmpeg`` package; gif is
+    always available; :func:`can_write_video` says which work here).
 
     Frame sizes that are not multiples of 2 are padded by one edge row/column for H.264 (the ffmpeg writer would
     otherwise resize them to multiples of 16 with a warning). Returns the path written.
@@ -163,8 +217,10 @@ def write_video(path: str | os.PathLike, frames, fps: float = 8.0, quality: int 
     Values outside the range raise; nothing is clipped.
 
     Raises:
-        ValueError: frames not ``[T, H, W, 3]`` uint8 or float, ``T == 0``, float values outside the range, or
-            ``fps <= 0``.
+        ValueError: frames not ``[T, H, W, 3]`` uint8 or float, ``T == 0``, float values outside the range,
+            ``fps <= 0``, or a suffix not in :data:`VIDEO_SUFFIXES` (all checked before anything is written).
+        VideoWriterMissing: an ffmpeg format without ``imageio-ffmpeg`` (an ``ImportError`` saying what to install).
+        OSError: ``path`` cannot be written (a folder, an unwritable folder, a failed write), naming the path.
     """
     import imageio.v2 as iio2
 
@@ -175,22 +231,62 @@ def write_video(path: str | os.PathLike, frames, fps: float = 8.0, quality: int 
         raise ValueError(f"frames have dtype {arr.dtype}; expected uint8 (or float with one range, see value_range)")
     if isinstance(fps, bool) or not isinstance(fps, (int, float, np.number)) or not math.isfinite(fps) or fps <= 0:
         raise ValueError(f"fps={fps!r}; expected a positive number")
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"cannot write video {str(path)!r}: unknown suffix {path.suffix!r}; allowed: "
+                         f"{', '.join(VIDEO_SUFFIXES)}")
+    if suffix in FFMPEG_SUFFIXES:
+        why = _ffmpeg_missing()
+        if why is not None:
+            raise VideoWriterMissing(f"cannot write video {str(path)!r}: {suffix} needs ffmpeg and {why}; install it "
+                                     f"with `pip install imageio-ffmpeg`, or write a .gif")
     if arr.dtype != np.uint8:
         arr = _float_to_uint8(arr, value_range)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix == ".gif":
-        iio2.mimsave(path, list(arr), duration=1000.0 / fps, loop=0)
-        return path
-    H, W = arr.shape[1:3]
-    ph, pw = H % 2, W % 2
-    if ph or pw:
-        arr = np.pad(arr, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
-    kw = dict(fps=fps, macro_block_size=1)
-    if quality is not None:
-        kw["quality"] = quality
-    with iio2.get_writer(path, **kw) as w:
-        for f in arr:
-            w.append_data(f)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write video {str(path)!r}: it is a folder; allowed: a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot write video {str(path)!r}: its folder cannot be created ({err})") from None
+    # a new name next to the target (same file system for os.replace), created by the writer with the usual mode
+    tmp = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}"
+    try:
+        if suffix == ".gif":
+            iio2.mimsave(tmp, list(arr), format="GIF", duration=1000.0 / fps, loop=0)
+            if tmp.stat().st_size == 0:
+                raise OSError("the writer produced an empty file")
+        else:
+            H, W = arr.shape[1:3]
+            ph, pw = H % 2, W % 2
+            if ph or pw:
+                arr = np.pad(arr, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+            kw = dict(fps=fps, macro_block_size=1, format="FFMPEG", codec=_CODECS.get(suffix, "libx264"))
+            if quality is not None:
+                kw["quality"] = quality
+            with iio2.get_writer(tmp, **kw) as w:
+                for f in arr:
+                    w.append_data(f)
+            _check_written(tmp, len(arr))  # ffmpeg can fail on its output and still return
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, Exception) and not isinstance(err, (ValueError, VideoWriterMissing)):
+            raise OSError(f"cannot write video {str(path)!r}: {type(err).__name__}: {err}") from err
+        raise
     return path
+
+
+def write_movie(path: str | os.PathLike, frames, fps: float = 8.0, fallback_dir: str | os.PathLike | None = None,
+                **kw) -> tuple[Path, str | None]:
+    """:func:`write_video` to ``path`` when this machine has its writer; else (an ffmpeg format without
+    ``imageio-ffmpeg``) the same frames as a GIF named like ``path`` in ``fallback_dir`` (default: ``path``'s folder),
+    ``path`` itself untouched. Returns ``(the file written, None)`` or ``(the GIF, a note saying why and what to
+    install)``; the notebooks print the note and run on."""
+    path = Path(path)
+    if can_write_video(path) or path.suffix.lower() not in FFMPEG_SUFFIXES:
+        return write_video(path, frames, fps=fps, **kw), None
+    gif = Path(fallback_dir if fallback_dir is not None else path.parent) / (path.stem + ".gif")
+    written = write_video(gif, frames, fps=fps, value_range=kw.get("value_range"))
+    return written, (f"no {path.suffix} writer on this machine ({_ffmpeg_missing()}; `pip install imageio-ffmpeg` "
+                     f"adds it): wrote {written} instead, {path} left as it was")

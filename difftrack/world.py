@@ -325,8 +325,9 @@ class World:
     # ------------------------------------------------------------------ ground truth
     def grid_queries(self, grid_size: int, frame: int = 0, margin: float | None = None) -> np.ndarray:
         """``float32 [grid_size**2, 3]`` queries ``(t, x, y)`` on a regular grid (x fastest), in pixels."""
-        if grid_size < 1:
-            raise ValueError(f"grid_size={grid_size}; must be >= 1")
+        from .checks import check_grid_size
+
+        grid_size = check_grid_size(grid_size)  # an int >= 1 (the one rule; its memory is the analysis' concern)
         m = self.width / 16 if margin is None else margin
         xs = np.linspace(m, self.width - m, grid_size)
         ys = np.linspace(m * self.height / self.width, self.height - m * self.height / self.width, grid_size)

@@ -163,7 +163,8 @@ fig
 # ## Statistics
 #
 # Per video: how many query points stay visible, how far visible points move from frame 0 to the last frame, and
-# (for analysed videos) the recording time.
+# (for analysed videos) the recording time. `results/01_dataset_stats.csv` keeps every column but the time (it depends
+# on the machine and its load, so a re-run would change a tracked file); the time is shown here only.
 
 # %%
 def stats_row(kind, family, s, prompt, tracks, visible, seconds=np.nan):
@@ -177,7 +178,8 @@ rows = [stats_row("world (exact GT)", f, s, smp.prompt, tr, vis) for (f, s), (sm
 rows += [stats_row("generated (pseudo GT)", it["family"], it["seed"], it["prompt"], tr, vis, rec.meta.get("seconds"))
          for it, _, tr, vis, rec in generated]
 stats = pd.DataFrame(rows)
-stats.to_csv(RES / "01_dataset_stats.csv", index=False)
+stats.drop(columns=["seconds"]).to_csv(RES / "01_dataset_stats.csv", index=False)  # no timings in tracked files
+display(stats[["kind", "family", "seed", "seconds"]].dropna())
 summary_stats = stats.groupby(["kind", "family"])[["visible_frac", "visible_last_frac", "motion_px"]].mean()
 summary_stats.round(3)
 

@@ -263,13 +263,16 @@ display(pd.DataFrame(rows))
 # %% [markdown]
 # ## Save
 #
-# This run goes to `results/cag_notebook.json`. `results/cag.json` is written only when it is absent or was itself
-# written by this notebook, so a full script run is never overwritten.
+# This run goes to `results/cag_notebook.json`, without its timings (they depend on the machine and its load, so a
+# re-run would change a tracked file; they are shown above and kept with the cached videos under
+# `cache/cag_notebook/`). `results/cag.json` is written only when it is absent or was itself written by this
+# notebook, so a full script run is never overwritten.
 
 # %%
-write_record(RES / "cag_notebook.json", X.CagResult.from_json(own))
+record = X.CagResult.from_json({k: v for k, v in own.items() if k != "timing"})
+write_record(RES / "cag_notebook.json", record)
 if full is None or full.get("source") == "notebook":
-    write_record(full_path, X.CagResult.from_json(own))
+    write_record(full_path, record)
 print(f"wrote {RES / 'cag_notebook.json'}" + (f" and {full_path}" if shown is own else ""))
 
 # checks

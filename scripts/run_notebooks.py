@@ -14,6 +14,8 @@ CellTimeoutError, stops the run with
     notebook 05_cag.ipynb cell 24 ("# NBVAL_IGNORE_OUTPUT ...") reached the execution timeout of 600 s ...
 
 and exit status 3. Other papermill failures (an exception in a cell) exit with status 1 and papermill's message.
+A parameter name the notebook does not define (``-p grid_szie 4``) exits with status 2 before any kernel starts,
+naming it and the allowed names.
 """
 from __future__ import annotations
 
@@ -121,6 +123,23 @@ def run_notebook(src: Path, dest: Path, parameters: dict | None = None, timeout:
     return run
 
 
+def check_parameter_names(notebook: Path, params: dict) -> None:
+    """``ValueError`` naming every parameter in ``params`` that ``notebook``'s ``parameters`` cell does not define,
+    and the names it does (papermill only warns "Passed unknown parameter" and runs on the defaults)."""
+    from difftrack import params as P
+
+    if Path(notebook).stem in P.SPECS:
+        P.check_names(Path(notebook).stem, params)
+        return
+    import papermill
+
+    allowed = list(papermill.inspect_notebook(str(notebook)))
+    unknown = [n for n in params if n not in allowed]
+    if unknown:
+        raise ValueError(f"notebook {Path(notebook).name}: unknown parameter name(s) {unknown}; allowed names: "
+                         f"{allowed}")
+
+
 def parse_parameters(args) -> dict:
     import yaml
     from papermill.cli import _resolve_type
@@ -161,6 +180,12 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     params = parse_parameters(args)
     notebooks = args.notebooks or sorted((ROOT / "notebooks").glob("0*.ipynb"))
+    try:  # before any kernel starts: a misspelt -p name fails here (the notebook's check cell also catches it)
+        for nb in notebooks:
+            check_parameter_names(nb, params)
+    except ValueError as exc:
+        print(f"[lab] FAILED: {exc}", file=sys.stderr, flush=True)
+        return 2
     for nb in notebooks:
         print(f"[lab] papermill {nb.name}", flush=True)
         try:

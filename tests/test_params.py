@@ -122,12 +122,13 @@ BAD = [  # (notebook, parameter, bad value, a fragment of what is allowed)
     ("02_layer_analysis", "step", 4, "-4..3"),  # the default num_steps is 4
     ("02_layer_analysis", "step", -5, "-4..3"),
     ("02_layer_analysis", "num_steps", 0, "1..1000"),
-    ("02_layer_analysis", "grid_size", 0, "1..256"),
+    ("02_layer_analysis", "grid_size", 0, ">= 1"),
+    ("02_layer_analysis", "grid_size", 300, "raise the limit with DIFFTRACK_MAX_GRID_BYTES"),  # ~20 GiB
     ("02_layer_analysis", "inspect_video", -1, ">= 0"),
     ("02_layer_analysis", "num_points", 0, ">= 1"),
     ("02_layer_analysis", "untrained_control", 1, "True or False"),
     ("02_layer_analysis", "seed", -1, ">= 0"),
-    ("02_layer_analysis", "dtype", "half", "float32"),
+    ("02_layer_analysis", "dtype", "int8", "'bfloat16', 'bf16'"),  # the library's spellings (checks.check_dtype)
     ("02_layer_analysis", "device", "gpu", "'cpu', 'cuda'"),
     ("02_layer_analysis", "model", "/no/such/folder", "model_index.json"),
     ("02_layer_analysis", "size", [13, 64], "0 or 3 items"),
@@ -185,10 +186,10 @@ def test_each_rule_names_the_parameter_value_and_what_is_allowed(notebook, name,
 def test_every_bad_parameter_is_listed_at_once():
     with pytest.raises(ValueError) as exc:
         check_notebook("02_layer_analysis", {**defaults("02_layer_analysis"), "layer": 99, "step": 6, "seed": -1,
-                                             "dtype": "half", "size": [13, 63, 64]})
+                                             "dtype": "int8", "size": [13, 63, 64]})
     msg = str(exc.value)
     assert msg.startswith("notebook 02_layer_analysis: 5 bad parameters"), msg
-    for frag in ("layer=99", "step=6", "seed=-1", "dtype='half'", "size=[13, 63, 64]"):
+    for frag in ("layer=99", "step=6", "seed=-1", "dtype='int8'", "size=[13, 63, 64]"):
         assert frag in msg, msg
     assert "has 12 blocks" in msg
 

@@ -279,8 +279,62 @@ def stale_fields(stored: dict | None, want: dict) -> dict:
     return _field_diff(stored, want)
 
 
+def check_items(items) -> list[dict]:
+    """:func:`run_dataset`'s items, all checked before any work: a list of dicts, each ``kind`` ``"generated"``
+    (``prompt`` a non-empty string, ``seed`` an int >= 0) or ``"exact"`` (``family`` in ``world.FAMILIES``, ``seed``
+    an int >= 0); ``split`` (optional) in ``world.SPLITS``. ``ValueError`` naming the item and what is allowed."""
+    from ..checks import check_int
+    from ..world import FAMILIES, SPLITS
+
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, (list, tuple)):
+        raise ValueError(f"items={items!r}; allowed: a list of item dicts (experiments.analysis.analysis_items)")
+    for i, item in enumerate(items):
+        where = f"item {i} ({item!r})"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} is a {type(item).__name__}; allowed: a dict with kind 'generated' (prompt, "
+                             f"seed) or 'exact' (family, seed)")
+        kind = item.get("kind")
+        if kind not in ("generated", "exact"):
+            raise ValueError(f"{where}: unknown item kind {kind!r}; allowed: 'generated', 'exact'")
+        try:
+            check_int("seed", item.get("seed"), lo=0)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        if kind == "generated" and (not isinstance(item.get("prompt"), str) or not item["prompt"].strip()):
+            raise ValueError(f"{where}: prompt={item.get('prompt')!r}; allowed: a non-empty string")
+        if kind == "exact" and item.get("family") not in FAMILIES:
+            raise ValueError(f"{where}: family={item.get('family')!r}; allowed: {FAMILIES}")
+        if item.get("split", "heldout") not in SPLITS:
+            raise ValueError(f"{where}: split={item.get('split')!r}; allowed: {SPLITS}")
+    return list(items)
+
+
+def check_cache_dir(cache_dir, create: bool) -> Path:
+    """``cache_dir`` as a ``Path``: a folder this process can write (``create``: made when missing), or, only to read
+    (``create=False``), an existing folder. ``ValueError`` naming the path and why otherwise."""
+    if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
+        raise ValueError(f"cache_dir={cache_dir!r}; allowed: a folder path (str or pathlib.Path)")
+    path = Path(cache_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cache_dir={str(path)!r} exists and is not a folder; allowed: a folder path")
+    if not create:
+        if not path.is_dir():
+            raise ValueError(f"cache_dir={str(path)!r} does not exist and no pipeline was given to compute into it; "
+                             f"pass the pipeline, or the folder the records were cached in")
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cache_dir={str(path)!r} cannot be created ({type(err).__name__}: {err}); allowed: a "
+                         f"folder this process can write") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"cache_dir={str(path)!r} is not writable; allowed: a folder this process can write")
+    return path
+
+
 def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int = 50, grid_size: int = 10,
-                progress: bool = True, size=None, guidance_scale: float = 6.0, **kw) -> list[tuple[dict, dict]]:
+                progress: bool = True, size=None, guidance_scale: float = 6.0, max_grid_bytes=None,
+                **kw) -> list[tuple[dict, dict]]:
     """Analyse a list of videos with per-video caching (resumes after an interruption; finished videos are not
     recomputed). ``items``: dicts with ``kind`` ``"generated"`` (``prompt``, ``seed``) or ``"exact"`` (``family``,
     ``seed``, ``split``). ``pipe``: a pipeline or :class:`difftrack.runners.VideoRunner`, or ``None`` to only score
@@ -291,6 +345,11 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
     A cached record is reused only when everything it depends on matches (:func:`cache_fields`: prompt, split, size,
     steps, grid, guidance, model, matching and feature settings); otherwise it is recomputed (with a pipeline) or a
     ``ValueError`` names the differing fields (without). A corrupt cache entry is named in a warning and recomputed.
+
+    Checked before any work (``ValueError`` naming the value and what is allowed): every item (:func:`check_items`),
+    the cache folder (:func:`check_cache_dir`: writable, created if missing; without a pipeline it must exist),
+    ``num_steps``, ``guidance_scale`` and ``grid_size`` by the library's one rule for each
+    (:mod:`difftrack.checks`; the grid's memory estimate against ``max_grid_bytes``), and the matching settings.
     Returns ``[(item, tables)]``."""
     import warnings
 
@@ -300,19 +359,23 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
     from ..runners import as_runner
     from ..world import World
 
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r}; allowed: an integer >= 1")
-    if not np.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number >= 0")
+    from ..checks import check_grid_size, check_guidance_scale, check_int
+
+    check_int("num_steps", num_steps, lo=1)
+    check_guidance_scale(guidance_scale)
+    items = check_items(items)
+    _match_settings(kw)  # unknown settings are named now, not after the first video
     runner = None if pipe is None else as_runner(pipe)
     want = runner.resolve_size(size) if runner is not None else (tuple(int(v) for v in size) if size else None)
+    if runner is not None:
+        A.check_grid(runner, grid_size, want, num_steps, kw.get("head_sets"), max_grid_bytes)
+    else:
+        check_grid_size(grid_size)
+    cache_dir = check_cache_dir(cache_dir, create=runner is not None)
     model = model_id(runner) if runner is not None else None
-    cache_dir = Path(cache_dir)
     out = []
     it = tqdm(items, desc="analysis") if progress else items
     for item in it:
-        if item.get("kind") not in ("generated", "exact"):
-            raise ValueError(f"unknown item kind {item.get('kind')!r} in {item}; allowed: 'generated', 'exact'")
         fields = cache_fields(item, num_steps, grid_size, want, guidance_scale, model, **kw)
         key = record_stem(item, num_steps, grid_size)
         path = cache_dir / f"{key}.npz"
@@ -346,10 +409,12 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
             t0 = time.time()
             if item["kind"] == "generated":
                 video, rec = A.analyze_generation(runner, item["prompt"], item["seed"], num_steps, grid_size,
-                                                guidance_scale=guidance_scale, size=(T, H, W), **kw)
+                                                guidance_scale=guidance_scale, size=(T, H, W),
+                                                max_grid_bytes=max_grid_bytes, **kw)
             else:
                 s = World(T, H, W).sample(item["seed"], item["family"], item.get("split", "heldout"))
-                rec, video = A.analyze_exact(runner, s, num_steps, grid_size=grid_size, **kw), s.video
+                rec, video = A.analyze_exact(runner, s, num_steps, grid_size=grid_size, max_grid_bytes=max_grid_bytes,
+                                             **kw), s.video
             rec.meta["seconds"] = time.time() - t0
             rec.meta["cache_fields"] = fields
             rec.meta["cache_key"] = record_key(fields)
