@@ -560,7 +560,7 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
     Raises (before the first forward) :class:`difftrack.hooks.UnsupportedHookError` when the transformer carries a
     diffusers hook that skips or reuses work (caches, LayerSkip, ...) and ``ValueError`` for an attention backend that
     bypasses torch SDPA; (when a run ends, at exit or when the next run starts) :class:`IncompleteRunError` naming
-    every requested (layer, step) not recorded and why. A ``torch.compile``\ d transformer runs eagerly while the
+    every requested (layer, step) not recorded and why. A transformer compiled with ``torch.compile`` runs eagerly while the
     context is open (:func:`difftrack.hooks.eager_compile`).
     """
     ex = find_experts(model)

@@ -17,7 +17,7 @@ wrappers that install and come off in any order.
   bypass torch SDPA.
 * :class:`Coverage` -- the one completeness check: each requested (quantity, layer, step) recorded or perturbed, else
   :class:`IncompleteRunError` naming it and why; per-step :class:`StepRun` records (timestep, calls, expert).
-* :func:`eager_compile` -- ``torch.compile``\ d code runs eagerly while capture or CAG is open.
+* :func:`eager_compile` -- code compiled with ``torch.compile`` runs eagerly while capture or CAG is open.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import torch
 
 from difftrack import analysis, checks
 from difftrack.experiments import analysis as xa
+from difftrack.hooks import IncompleteRunError
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = dict(kind="generated", family="objects", seed=0, prompt="a red circle moving left on a still background")
@@ -60,8 +61,9 @@ def test_dtype_spellings_are_one_rule_for_every_entry_point():
     with pytest.raises(ValueError, match=r"dtype='f32'; " + allowed):
         with capture(pipe, layers=[0], steps=[0], dtype="f32"):
             pass
-    with capture(pipe, layers=[0], steps=[0], dtype="fp16") as cap:
-        assert cap.dtype is torch.float16
+    with pytest.raises(IncompleteRunError):  # the dtype was accepted; nothing ran inside the context
+        with capture(pipe, layers=[0], steps=[0], dtype="fp16") as cap:
+            assert cap.dtype is torch.float16
 
 
 # ---------------------------------------------------------------------------------------------- grid sizes

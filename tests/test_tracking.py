@@ -91,9 +91,9 @@ def test_overlapping_costs_are_averaged(tiny_tracker, monkeypatch):
     calls = {"chunk": -1}
     orig_forward = tr._forward_chunk
 
-    def forward(x, t, ehs, extra):
+    def forward(x, t, ehs, extra, **kw):
         calls["chunk"] += 1
-        return orig_forward(x, t, ehs, extra)
+        return orig_forward(x, t, ehs, extra, **kw)
 
     M = 16  # 4 x 4 tokens
 
