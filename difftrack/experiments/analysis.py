@@ -274,6 +274,81 @@ def stale_fields(stored: dict | None, want: dict) -> dict:
     return _field_diff(stored, want)
 
 
+def _check_run(num_steps, guidance_scale) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}; allowed: an integer >= 1")
+    if not np.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number >= 0")
+
+
+def _setup(pipe, size):
+    """``(runner or None, wanted (T, H, W) or None, model id or None)`` of a run."""
+    from ..runners import as_runner
+
+    runner = None if pipe is None else as_runner(pipe)
+    want = runner.resolve_size(size) if runner is not None else (tuple(int(v) for v in size) if size else None)
+    return runner, want, (model_id(runner) if runner is not None else None)
+
+
+def _cached_or_computed(runner, want, model, item: dict, cache_dir: Path, num_steps: int, grid_size: int,
+                        guidance_scale: float, kw: dict):
+    """``(AnalysisRecord, video)`` of one item: read from the cache when it was made with the same settings, else
+    computed (with a runner) and cached atomically; see :func:`run_dataset` for the rules."""
+    import warnings
+
+    from ..fileio import READ_ERRORS, load_npy
+    from ..world import World
+
+    if item.get("kind") not in ("generated", "exact"):
+        raise ValueError(f"unknown item kind {item.get('kind')!r} in {item}; allowed: 'generated', 'exact'")
+    fields = cache_fields(item, num_steps, grid_size, want, guidance_scale, model, **kw)
+    key = record_stem(item, num_steps, grid_size)
+    path = cache_dir / f"{key}.npz"
+    vid_path = cache_dir / f"{key}_video.npy"
+    rec = video = None
+    if path.exists() and vid_path.exists():
+        try:
+            rec, video = A.AnalysisRecord.load(path), load_npy(vid_path, "cached analysis video")
+        except READ_ERRORS as err:
+            if runner is None:
+                raise
+            warnings.warn(f"corrupt analysis cache entry {path} / {vid_path.name} ({err}); recomputing it",
+                          stacklevel=3)
+            rec = video = None
+    if rec is not None:
+        diff = stale_fields(rec.meta.get("cache_fields"), fields)
+        if want is not None and tuple(video.shape[:3]) != tuple(want):
+            diff["video shape"] = (list(video.shape[:3]), list(want))
+        if diff and runner is not None:  # made with other settings / another model: recompute
+            rec = video = None
+        elif diff:
+            raise ValueError(f"cached analysis {path} was made with other settings than asked for: "
+                             + "; ".join(f"{k}: cached {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+                             + ". Pass the pipeline to recompute it, or the settings it was made with.")
+    if rec is None:
+        if runner is None:
+            raise ValueError(f"no cached analysis for {item} at {path} and no pipeline to compute it; pass the "
+                             f"pipeline, or record first with the same num_steps={num_steps}, "
+                             f"grid_size={grid_size}")
+        T, H, W = want
+        t0 = time.time()
+        if item["kind"] == "generated":
+            video, rec = A.analyze_generation(runner, item["prompt"], item["seed"], num_steps, grid_size,
+                                              guidance_scale=guidance_scale, size=(T, H, W), **kw)
+        else:
+            s = World(T, H, W).sample(item["seed"], item["family"], item.get("split", "heldout"))
+            rec, video = A.analyze_exact(runner, s, num_steps, grid_size=grid_size, **kw), s.video
+        rec.meta["seconds"] = time.time() - t0
+        rec.meta["cache_fields"] = fields
+        rec.meta["cache_key"] = record_key(fields)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = vid_path.with_suffix(".tmp.npy")
+        np.save(tmp, video)
+        os.replace(tmp, vid_path)
+        rec.save(path)
+    return rec, video
+
+
 def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int = 50, grid_size: int = 10,
                 progress: bool = True, size=None, guidance_scale: float = 6.0, **kw) -> list[tuple[dict, dict]]:
     """Analyse a list of videos with per-video caching (resumes after an interruption; finished videos are not
@@ -286,76 +361,37 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
     A cached record is reused only when everything it depends on matches (:func:`cache_fields`: prompt, split, size,
     steps, grid, guidance, model, matching and feature settings); otherwise it is recomputed (with a pipeline) or a
     ``ValueError`` names the differing fields (without). A corrupt cache entry is named in a warning and recomputed.
+    Several processes record with :func:`record_dataset`, then one scores here with ``pipe=None``.
     Returns ``[(item, tables)]``."""
-    import warnings
-
     from tqdm.auto import tqdm
 
-    from ..fileio import READ_ERRORS, load_npy
-    from ..runners import as_runner
-    from ..world import World
-
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r}; allowed: an integer >= 1")
-    if not np.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale={guidance_scale!r}; allowed: a finite number >= 0")
-    runner = None if pipe is None else as_runner(pipe)
-    want = runner.resolve_size(size) if runner is not None else (tuple(int(v) for v in size) if size else None)
-    model = model_id(runner) if runner is not None else None
+    _check_run(num_steps, guidance_scale)
+    runner, want, model = _setup(pipe, size)
     cache_dir = Path(cache_dir)
     out = []
-    it = tqdm(items, desc="analysis") if progress else items
-    for item in it:
-        if item.get("kind") not in ("generated", "exact"):
-            raise ValueError(f"unknown item kind {item.get('kind')!r} in {item}; allowed: 'generated', 'exact'")
-        fields = cache_fields(item, num_steps, grid_size, want, guidance_scale, model, **kw)
-        key = record_stem(item, num_steps, grid_size)
-        path = cache_dir / f"{key}.npz"
-        vid_path = cache_dir / f"{key}_video.npy"
-        rec = video = None
-        if path.exists() and vid_path.exists():
-            try:
-                rec, video = A.AnalysisRecord.load(path), load_npy(vid_path, "cached analysis video")
-            except READ_ERRORS as err:
-                if runner is None:
-                    raise
-                warnings.warn(f"corrupt analysis cache entry {path} / {vid_path.name} ({err}); recomputing it",
-                              stacklevel=2)
-                rec = video = None
-        if rec is not None:
-            diff = stale_fields(rec.meta.get("cache_fields"), fields)
-            if want is not None and tuple(video.shape[:3]) != tuple(want):
-                diff["video shape"] = (list(video.shape[:3]), list(want))
-            if diff and runner is not None:  # made with other settings / another model: recompute
-                rec = video = None
-            elif diff:
-                raise ValueError(f"cached analysis {path} was made with other settings than asked for: "
-                                 + "; ".join(f"{k}: cached {a!r}, asked {b!r}" for k, (a, b) in diff.items())
-                                 + ". Pass the pipeline to recompute it, or the settings it was made with.")
-        if rec is None:
-            if runner is None:
-                raise ValueError(f"no cached analysis for {item} at {path} and no pipeline to compute it; pass the "
-                                 f"pipeline, or record first with the same num_steps={num_steps}, "
-                                 f"grid_size={grid_size}")
-            T, H, W = want
-            t0 = time.time()
-            if item["kind"] == "generated":
-                video, rec = A.analyze_generation(runner, item["prompt"], item["seed"], num_steps, grid_size,
-                                                guidance_scale=guidance_scale, size=(T, H, W), **kw)
-            else:
-                s = World(T, H, W).sample(item["seed"], item["family"], item.get("split", "heldout"))
-                rec, video = A.analyze_exact(runner, s, num_steps, grid_size=grid_size, **kw), s.video
-            rec.meta["seconds"] = time.time() - t0
-            rec.meta["cache_fields"] = fields
-            rec.meta["cache_key"] = record_key(fields)
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = vid_path.with_suffix(".tmp.npy")
-            np.save(tmp, video)
-            os.replace(tmp, vid_path)
-            rec.save(path)
+    for item in (tqdm(items, desc="analysis") if progress else items):
+        rec, video = _cached_or_computed(runner, want, model, item, cache_dir, num_steps, grid_size, guidance_scale,
+                                         kw)
         gt, vis, _ = A.record_ground_truth(rec, item, video)
         out.append((item, A.score_tables(rec, gt, vis)))
     return out
+
+
+def record_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int = 50, grid_size: int = 10,
+                   processes=None, progress: bool = True, size=None, guidance_scale: float = 6.0, **kw) -> None:
+    """Record (compute and cache, no scoring) this process's share of ``items``
+    (:class:`difftrack.experiments.distributed.Processes`, default: one process) with :func:`run_dataset`'s cache
+    rules, then wait for every process. Each record depends on its item alone, so the cache holds the same records
+    whatever the number of processes; :func:`run_dataset` with ``pipe=None`` then scores them on one process."""
+    from .distributed import Processes
+
+    _check_run(num_steps, guidance_scale)
+    runner, want, model = _setup(pipe, size)
+    cache_dir = Path(cache_dir)
+    procs = processes or Processes()
+    procs.run(items, lambda i, item: _cached_or_computed(runner, want, model, item, cache_dir, num_steps, grid_size,
+                                                         guidance_scale, kw), desc="analysis record",
+              progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------- summary record
