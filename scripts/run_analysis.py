@@ -17,9 +17,10 @@
 :func:`difftrack.experiments.analysis.record_dataset` (one cached ``.npz`` record + video per file, resumable; under a
 launcher each process records its share of the videos, :mod:`difftrack.experiments.distributed`), and one extra
 video is timed against plain generation in separate subprocesses (``analysis_time_ratio``,
-``analysis_extra_peak_mib``; rank 0, after every process has recorded). It imports only torch, numpy, diffusers and difftrack. ``score`` needs no model: it
-adds ground truth (exact world tracks; Lucas-Kanade pseudo GT, OpenCV) through ``run_dataset``'s cache and writes
-the summary. ``all`` does both.
+``analysis_extra_peak_mib``; rank 0, after every process has recorded). It imports only torch, numpy, diffusers and
+difftrack. ``score`` needs no model: it adds ground truth (exact world tracks; Lucas-Kanade pseudo GT, OpenCV)
+through ``run_dataset``'s cache and writes the summary (one process; under a launcher rank 0 scores after the
+record). ``all`` does both.
 
 The summary (``--out``) holds, for the generated (pseudo GT), exact (world, exact GT) and combined sets:
 ``qk_best_acc`` and ``feat_best_acc`` (best layer at the last step), ``best_layers_top3`` (harmonic mean at the last
