@@ -100,9 +100,9 @@ def evaluate_tapvid(trackers: dict, path: str | Path, cache_dir: str | Path, siz
         raise ValueError("trackers is empty; allowed: a dict name -> tracker (or factory)")
     settings = settings or {}
     base = dict(dataset=Path(path).name, size=[int(v) for v in size], max_frames=max_frames, max_points=max_points)
-    dirs = {name: Path(cache_dir) / f"{name}-{cache_key('tapvid', TAPVID_SCHEMA, dict(base, method=name,
-                                                                                        tracker=settings.get(name)))}"
+    keys = {name: cache_key("tapvid", TAPVID_SCHEMA, dict(base, method=name, tracker=settings.get(name)))
             for name in trackers}
+    dirs = {name: Path(cache_dir) / f"{name}-{key}" for name, key in keys.items()}
     built: dict = {}
     names: list[str] = []
     for i, (vname, example) in enumerate(load_tapvid(path)):
