@@ -191,12 +191,12 @@ def _launched_world_size() -> int:
 def processes() -> Processes:
     """This process among the job's processes: one process (rank 0 of 1) without a launcher; under ``torchrun`` /
     ``accelerate launch`` (``WORLD_SIZE`` > 1) the gloo process group is initialised once through
-    ``accelerate.PartialState(cpu=True)`` and its rank, size and local rank are returned."""
+    ``accelerate.PartialState(cpu=True, backend="gloo")`` and its rank, size and local rank are returned."""
     if _launched_world_size() <= 1:
         return Processes()
     from accelerate import PartialState
 
-    state = PartialState(cpu=True, timeout=BARRIER_TIMEOUT)
+    state = PartialState(cpu=True, backend="gloo", timeout=BARRIER_TIMEOUT)  # gloo, not MPI where torch has it
     if state.num_processes != _launched_world_size():
         raise RuntimeError(f"the launcher set WORLD_SIZE={_launched_world_size()} but accelerate initialised "
                            f"{state.num_processes} processes ({state.distributed_type})")
