@@ -163,7 +163,8 @@ def commands(a) -> dict[str, list[list[str]]]:
                        "--device", a.device, *amp, "--batch", "128", "--cache", str(cache / tag / "agreement"),
                        "--out", str(out / "mini_prompt_agreement.json"),
                        "--grid", str(fig / "mini_samples_grid.png")]],
-        "tracking": [[*py, "scripts/run_tracking_benchmark.py", "--n", str(s["tracking_per_family"]),
+        "tracking": [[*py, "scripts/run_tracking_benchmark.py", "--per-family",
+                      str(s["tracking_per_family"]),
                       "--device", a.device, "--cache", str(cache / tag / "tracking"),
                       "--out", str(out / "tracking_benchmark.json")]
                      + (["--methods", s["tracking_methods"]] if s["tracking_methods"] else [])],

@@ -1,7 +1,7 @@
 """Zero-shot point-tracking benchmark on held-out world videos: embedded DiffTrack vs baselines, TAP-Vid metrics.
 
     python scripts/run_tracking_benchmark.py                 # 25 + 25 held-out videos, every method (~20-30 min)
-    python scripts/run_tracking_benchmark.py --methods difftrack,lucas_kanade@64 --n 4
+    python scripts/run_tracking_benchmark.py --methods difftrack,lucas_kanade@64 --per-family 4
 
 Data: ``world.make_dataset(n, family, split="heldout", grid_size=8)`` for both families (objects, scenes): 13 frames
 of 64x64, an 8x8 grid of queries at frame 0 (query-first: every query is visible at frame 0, so TAP-Vid's "first"
@@ -244,7 +244,9 @@ def environment() -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=25, help="held-out videos per family (2 families)")
+    ap.add_argument("--per-family", "--n", dest="n", type=int, default=25,
+                    help="held-out videos per family (2 families); under torchrun write --per-family (torchrun's own "
+                         "parser takes --n for an ambiguous abbreviation of its options)")
     ap.add_argument("--grid", type=int, default=8, help="queries: grid_size x grid_size at frame 0")
     ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     ap.add_argument("--threads", type=int, default=1,

@@ -131,6 +131,13 @@ def test_stages_run_through_the_launcher_and_their_keys_ignore_the_number_of_pro
     assert cmd[:6] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone"]
     assert cmd[6] == "scripts/run_tracking_benchmark.py" and "--workers" not in cmd
     assert all(paper_scale.stage_key(one, s) == paper_scale.stage_key(four, s) for s in paper_scale.STAGES)
+    from torch.distributed.run import get_args_parser
+
+    for stage, cmds in paper_scale.commands(four).items():  # torchrun's own parser hands every argument over
+        for c in cmds:  # (an abbreviation of its options, e.g. --n, would stop it: that is how --per-family came)
+            ns = get_args_parser().parse_args(c[3:])
+            assert (ns.nproc_per_node, ns.standalone, ns.training_script, ns.training_script_args) == \
+                ("4", True, c[6], c[7:]), stage
     multi = paper_scale.parse_args(["--device", "cuda", "--out-dir", str(tmp_path), "--num-machines", "2",
                                     "--machine-rank", "1", "--main-address", "node0"])
     assert multi.num_processes == 8  # the CUDA default
