@@ -194,8 +194,12 @@ def processes() -> Processes:
     ``accelerate.PartialState(cpu=True, backend="gloo")`` and its rank, size and local rank are returned."""
     if _launched_world_size() <= 1:
         return Processes()
-    from accelerate import PartialState
-
+    try:
+        from accelerate import PartialState
+    except ImportError as err:
+        raise ImportError(f"this job runs under a launcher (WORLD_SIZE={_launched_world_size()}), which needs the "
+                          f"accelerate package (pip install 'accelerate>=0.30'); or run it as one plain process") \
+            from err
     state = PartialState(cpu=True, backend="gloo", timeout=BARRIER_TIMEOUT)  # gloo, not MPI where torch has it
     if state.num_processes != _launched_world_size():
         raise RuntimeError(f"the launcher set WORLD_SIZE={_launched_world_size()} but accelerate initialised "
