@@ -160,7 +160,8 @@ def generate(a, procs):
         if only:
             recs[name] = X.generate_cached(pipe, items, setting_dir(run_dir, name, s), s["layers"], s["scale"],
                                            a.steps, a.cfg, a.variant, a.batch, only_batches=only, claim=False,
-                                           autocast=None if a.autocast == "none" else a.autocast)
+                                           autocast=None if a.autocast == "none" else a.autocast,
+                                           log=print if procs.is_main else None)
     gathered = procs.gather(recs)
     if procs.is_main:
         tpath = run_dir / f"timing_generate_{tag}.json"

@@ -85,6 +85,7 @@ def generate(a, procs):
     t0 = time.time()
     recs = X.generate_cached(pipe, items, d / "videos", (), 0.0, a.steps, a.cfg, batch_size=a.batch,
                              autocast=None if a.autocast == "none" else a.autocast, claim=False,
+                             log=print if procs.is_main else None,
                              only_batches=procs.indices(len(X.batches(items, a.batch))))
     recs = [dict(r, device=device_name(device)) for part in procs.gather(recs) for r in part]
     if procs.is_main:

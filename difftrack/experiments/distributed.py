@@ -204,4 +204,8 @@ def processes() -> Processes:
     if state.num_processes != _launched_world_size():
         raise RuntimeError(f"the launcher set WORLD_SIZE={_launched_world_size()} but accelerate initialised "
                            f"{state.num_processes} processes ({state.distributed_type})")
+    if state.process_index != 0:  # progress bars on rank 0 only: also diffusers' loading bars
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     return Processes(rank=state.process_index, world_size=state.num_processes, local_rank=state.local_process_index)
