@@ -22,13 +22,14 @@ The rules every job follows, so that results do not depend on the number of proc
 * after :meth:`Processes.barrier` rank 0 reads every entry back in item order and writes the results;
 * progress bars are drawn on rank 0 only (:meth:`Processes.progress`).
 
-An interrupted run (any rank killed) is resumed by running the same command again: finished items are read from their
-cache entries. ``DIFFTRACK_STOP_AFTER_ITEMS=k`` in the environment makes every rank exit (code
+An interrupted run (any rank killed; torchrun then stops the others) is resumed by running the same command again:
+finished items are read from their cache entries. ``DIFFTRACK_STOP_AFTER_ITEMS=k`` in the environment makes every rank exit (code
 :data:`STOPPED_EXIT_CODE`) after it has finished ``k`` items: how the tests kill a run midway.
 
 The device of a process on CPU-only runs is ``cpu``; CPU threads per process are the launcher's (torchrun and
 accelerate set ``OMP_NUM_THREADS=1``). torch's CPU kernels may sum in another order with another thread count, so
-byte-identical CPU results need the same threads per process; on a GPU every process runs the same kernels.
+byte-identical CPU results are only promised for the same threads per process (on the 2-core test machine 1 and 2
+threads gave the same bytes); on a GPU each process runs the kernels one process would run for the same item.
 """
 from __future__ import annotations
 
