@@ -29,7 +29,8 @@ finished items are read from their cache entries. ``DIFFTRACK_STOP_AFTER_ITEMS=k
 The device of a process on CPU-only runs is ``cpu``; CPU threads per process are the launcher's (torchrun and
 accelerate set ``OMP_NUM_THREADS=1``). torch's CPU kernels may sum in another order with another thread count, so
 byte-identical CPU results are only promised for the same threads per process (on the 2-core test machine 1 and 2
-threads gave the same bytes); on a GPU each process runs the kernels one process would run for the same item.
+threads gave the same analysis records and plain generations, but CAG videos one grey level apart); on a GPU each
+process runs the kernels one process would run for the same item.
 """
 from __future__ import annotations
 
