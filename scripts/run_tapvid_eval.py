@@ -2,8 +2,8 @@
 first videos of a ``tapvid_davis.pkl``-style pickle or a Kinetics shard folder, "first" query mode, scored at 256x256.
 
     python scripts/run_tapvid_eval.py --tapvid /data/tapvid_davis.pkl --out results/tapvid_davis.json
-    torchrun --nproc_per_node 8 scripts/run_tapvid_eval.py --tapvid /data/tapvid_davis.pkl --model /models/CogVideoX-2b \
-        --device cuda --dtype bfloat16 --out results/tapvid_davis_2b.json
+    torchrun --nproc_per_node 8 scripts/run_tapvid_eval.py --tapvid /data/tapvid_davis.pkl \
+        --model /models/CogVideoX-2b --device cuda --dtype bfloat16 --out results/tapvid_davis_2b.json
 
 Each video is cut to ``--max-frames`` frames, resized to the model's frame size and queried at most
 ``--max-points`` times (evenly subsampled); predictions are cached per (method, video) under ``--cache`` (a killed run

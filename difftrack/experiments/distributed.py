@@ -23,8 +23,8 @@ The rules every job follows, so that results do not depend on the number of proc
 * progress bars are drawn on rank 0 only (:meth:`Processes.progress`).
 
 An interrupted run (any rank killed; torchrun then stops the others) is resumed by running the same command again:
-finished items are read from their cache entries. ``DIFFTRACK_STOP_AFTER_ITEMS=k`` in the environment makes every rank exit (code
-:data:`STOPPED_EXIT_CODE`) after it has finished ``k`` items: how the tests kill a run midway.
+finished items are read from their cache entries. ``DIFFTRACK_STOP_AFTER_ITEMS=k`` in the environment makes every
+rank exit (code :data:`STOPPED_EXIT_CODE`) after it has finished ``k`` items: how the tests kill a run midway.
 
 The device of a process on CPU-only runs is ``cpu``; CPU threads per process are the launcher's (torchrun and
 accelerate set ``OMP_NUM_THREADS=1``). torch's CPU kernels may sum in another order with another thread count, so
