@@ -27,7 +27,8 @@ list and ``_SUBMODULES`` name exactly the modules on disk):
 * ``difftrack.click_track``   -- click points on any frame and track them (notebook 04; a widget drawn in the kernel)
 * ``difftrack.params``        -- the notebooks' parameter checks (before any model load or file write)
 * ``difftrack.experiments``   -- the experiments layer: the three jobs' items, per-item caches and resume, the one
-  cache key, typed result records (JSON), the committed paper-scale results read back; scripts and notebooks call it
+  cache key, typed result records (JSON), the committed paper-scale results read back, several processes
+  (``torchrun`` / ``accelerate launch``); scripts and notebooks call it
 * ``difftrack.checks``        -- input checks shared by the public entry points (videos, queries, sizes)
 * ``difftrack.video_io``, ``difftrack.fileio``, ``difftrack.paths``, ``difftrack.provenance`` -- video files, damaged-file
   errors, the project's folders, commit and device of a measurement

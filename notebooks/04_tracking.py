@@ -91,9 +91,9 @@ from difftrack.baselines import DenseFlowTracker, LucasKanadeTracker, PatchMatch
 from difftrack.click_track import ClickTrack, click_track_panel, moving_points  # click points, see tracks
 from difftrack.paths import figures_dir, repo_root, results_dir
 from difftrack.sliders import slider_panel  # slider widgets drawn in the kernel (headless runs never stall)
-from difftrack.tapvid import load_tapvid, resize_video, sample_queries_first, summary_table
+from difftrack.tapvid import load_tapvid, summary_table
 from difftrack.tracking import DiffTracker, FeatureTracker
-from difftrack.experiments.tracking import load_benchmark_table, score_tracks
+from difftrack.experiments.tracking import load_benchmark_table, prepare_tapvid_video, score_tracks
 from difftrack.viz_tracks import draw_tracks, mean_error_per_frame, side_by_side, track_strip
 from difftrack.world import World
 
@@ -410,14 +410,8 @@ else:
     for i, (name, ex) in enumerate(load_tapvid(tapvid_path)):
         if i >= tapvid_max_videos:
             break
-        v = resize_video(ex["video"][:tapvid_max_frames], size)
-        q = sample_queries_first(ex["occluded"][:, :tapvid_max_frames], ex["points"][:, :tapvid_max_frames])
-        keep = np.unique(np.linspace(0, q["query_points"].shape[1] - 1,
-                                     min(tapvid_max_points, q["query_points"].shape[1])).round().astype(int))
-        qp = q["query_points"][0, keep]  # (t, y, x) in [0, 1]
-        tq = np.stack([qp[:, 0], np.clip(qp[:, 2] * W, 0, W), np.clip(qp[:, 1] * H, 0, H)], -1).astype(np.float32)
-        gt = q["target_points"][0, keep] * np.array([W, H], np.float32)
-        gv = ~q["occluded"][0, keep]
+        prep = prepare_tapvid_video(ex, size, tapvid_max_frames, tapvid_max_points)  # resized, "first" queries
+        v, tq, gt, gv = prep["video"], prep["queries"], prep["gt"], prep["gt_visible"]
         for n, tracker in tv_methods.items():
             tr, vis = tracker(v, tq)
             for k, val in score_tracks(tq, tr, vis, gt, gv, size).items():

@@ -3,8 +3,11 @@
     python scripts/paper_scale.py                       # every stage, paper settings, results/ and figures/
     python scripts/paper_scale.py --stages cag,videos   # some stages (the others are left as they are)
     python scripts/paper_scale.py --quick --out-dir /tmp/ps --device cpu   # tiny CPU check of the plumbing
+    python scripts/paper_scale.py --num-processes 16    # 16 processes share the GPU(s) (default 8 on CUDA)
 
-Stages, in order (each a script of its own, run as a subprocess with the settings below):
+Stages, in order (each a script of its own, run with the settings below as ``--num-processes`` processes through
+torchrun, ``python -m torch.distributed.run``, or as one plain process when ``--num-processes 1``; each process takes
+its share of the stage's items, rank 0 merges and writes: :mod:`difftrack.experiments.distributed`):
 
 1. ``analysis``  (``scripts/run_analysis.py``) 20 generated videos per family (pseudo GT) + 20 exact-GT world
    videos per family, 50 steps, CFG 6, 10x10 grid, every layer and step -> ``analysis_summary.json``
@@ -16,7 +19,7 @@ Stages, in order (each a script of its own, run as a subprocess with the setting
    the 4x4 sample grid ``figures/mini_samples_grid.png``; ``prompt_agreement`` / ``prompt_agreement_n`` are merged
    into ``mini_model.json``.
 4. ``tracking``  (``scripts/run_tracking_benchmark.py``) 50 held-out world videos, every method (model-based ones on
-   the GPU, classical ones in a process pool) -> ``tracking_benchmark.json`` / ``.csv``.
+   the GPU, classical ones on the CPU, each process its share of the videos) -> ``tracking_benchmark.json`` / ``.csv``.
 5. ``videos``    the 50-step videos the notebooks' figures and the README show -> ``paper_videos.npz`` (+ ``.json``).
 
 Resumable: every script caches per item under ``--cache`` (a killed run recomputes only what is missing), and a
@@ -24,6 +27,10 @@ stage whose settings are unchanged and which finished is skipped (``--force`` re
 ``paper_scale_manifest.json`` records device, versions, commit, settings and the wall time of each stage (the
 sum over resumed runs is ``total_wall_s``). ``--quick`` uses tiny settings and refuses to write into the
 repository's ``results/``: a small run never overwrites a paper-scale result.
+
+Several machines: run the same command on each with ``--num-machines M --machine-rank k --main-address HOST``
+(``--main-port``), ``--cache`` and ``--out-dir`` in a folder every machine sees; machine 0 writes the results and the
+manifest.
 """
 from __future__ import annotations
 
@@ -67,9 +74,13 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny settings (plumbing check); needs --out-dir")
     ap.add_argument("--allow-cpu", action="store_true", help="run the paper settings on the CPU (hours)")
     ap.add_argument("--force", action="store_true", help="re-run finished stages (item caches still apply)")
-    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="CPU processes for scoring")
-    ap.add_argument("--gpu-workers", type=int, default=None,
-                    help="analysis processes sharing the device (default: 8 on CUDA, 1 on the CPU)")
+    ap.add_argument("--num-processes", type=int, default=None,
+                    help="processes per machine for every stage, sharing the GPUs (several per GPU when there are "
+                         "more processes than GPUs; default: 8 on CUDA, 1 on the CPU)")
+    ap.add_argument("--num-machines", type=int, default=1, help="machines running the same command")
+    ap.add_argument("--machine-rank", type=int, default=0, help="this machine's index, 0 .. --num-machines - 1")
+    ap.add_argument("--main-address", default=None, help="host name of machine 0 (several machines)")
+    ap.add_argument("--main-port", type=int, default=29500, help="port on machine 0 (several machines)")
     a = ap.parse_args(argv)
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
@@ -90,13 +101,30 @@ def parse_args(argv=None):
     a.figures_dir = Path(a.figures_dir).resolve() if a.figures_dir else (
         ROOT / "figures" if a.out_dir == repo_results else a.out_dir / "figures")
     a.settings = dict(QUICK if a.quick else PAPER)
-    if a.workers < 1:
-        ap.error(f"--workers {a.workers}: must be >= 1")
-    if a.gpu_workers is None:
-        a.gpu_workers = 8 if a.device.startswith("cuda") else 1
-    if a.gpu_workers < 1:
-        ap.error(f"--gpu-workers {a.gpu_workers}: must be >= 1")
+    if a.num_processes is None:
+        a.num_processes = 8 if a.device.startswith("cuda") else 1
+    if a.num_processes < 1:
+        ap.error(f"--num-processes {a.num_processes}: must be >= 1")
+    if a.num_machines < 1 or not 0 <= a.machine_rank < a.num_machines:
+        ap.error(f"--num-machines {a.num_machines} --machine-rank {a.machine_rank}: allowed: --num-machines >= 1 "
+                 f"and 0 <= --machine-rank < --num-machines")
+    if a.num_machines > 1 and not a.main_address:
+        ap.error(f"--num-machines {a.num_machines}: pass --main-address (the host name of machine 0)")
+    if not 1 <= a.main_port <= 65535:
+        ap.error(f"--main-port {a.main_port}: allowed: 1 .. 65535")
     return a
+
+
+def launcher(a) -> list[str]:
+    """How every stage script starts: ``[python]`` for one process on one machine, else torchrun
+    (``python -m torch.distributed.run``) with ``--num-processes`` per machine."""
+    if a.num_processes == 1 and a.num_machines == 1:
+        return [sys.executable]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.num_processes)]
+    if a.num_machines == 1:
+        return cmd + ["--standalone"]
+    return cmd + ["--nnodes", str(a.num_machines), "--node_rank", str(a.machine_rank), "--master_addr",
+                  a.main_address, "--master_port", str(a.main_port)]
 
 
 def environment(device: str) -> dict:
@@ -116,27 +144,28 @@ def environment(device: str) -> dict:
 
 def commands(a) -> dict[str, list[list[str]]]:
     """The command lines of each stage."""
-    s, out, fig, cache, py = a.settings, a.out_dir, a.figures_dir, Path(a.cache), sys.executable
+    s, out, fig, cache, py = a.settings, a.out_dir, a.figures_dir, Path(a.cache), launcher(a)
     tag = "quick" if a.quick else "paper"
     amp = ["--autocast", s["autocast"]] if s["autocast"] != "none" else []
     cmds = {
-        "analysis": [[py, "scripts/run_analysis.py", "--videos-per-family", str(s["videos_per_family"]),
+        "analysis": [[*py, "scripts/run_analysis.py", "--videos-per-family", str(s["videos_per_family"]),
                       "--exact", str(s["exact_per_family"]), "--steps", str(s["steps"]), "--grid", str(s["grid"]),
-                      "--device", a.device, "--workers", str(a.gpu_workers), "--cache", str(cache / tag / "analysis"),
+                      "--device", a.device, "--cache", str(cache / tag / "analysis"),
                       "--out", str(out / "analysis_summary.json")]],
-        "cag": [[py, "scripts/run_cag_eval.py", "--phase", "all", "--prompts", str(s["cag_prompts"]),
+        "cag": [[*py, "scripts/run_cag_eval.py", "--phase", "all", "--prompts", str(s["cag_prompts"]),
                  "--steps", str(s["steps"]), "--scales", *[f"{x:g}" for x in s["cag_scales"]], "--cfg",
-                 f"{s['cfg']:g}", "--device", a.device, *amp, "--batch", "100", "--workers", str(a.workers),
+                 f"{s['cfg']:g}", "--device", a.device, *amp, "--batch", "100",
                  "--analysis-summary", str(out / "analysis_summary.json"), "--require-measured-layers",
                  "--cache", str(cache / tag / "cag"), "--out", str(out / "cag.json"),
                  "--timing-file", str(out / "cag_timing.json")]],
-        "agreement": [[py, "scripts/run_prompt_agreement.py", "--phase", "all", "--videos",
+        "agreement": [[*py, "scripts/run_prompt_agreement.py", "--phase", "all", "--videos",
                        str(s["agreement_videos"]), "--steps", str(s["steps"]), "--cfg", f"{s['cfg']:g}",
                        "--device", a.device, *amp, "--batch", "128", "--cache", str(cache / tag / "agreement"),
                        "--out", str(out / "mini_prompt_agreement.json"),
                        "--grid", str(fig / "mini_samples_grid.png")]],
-        "tracking": [[py, "scripts/run_tracking_benchmark.py", "--n", str(s["tracking_per_family"]),
-                      "--device", a.device, "--workers", str(a.workers), "--cache", str(cache / tag / "tracking"),
+        "tracking": [[*py, "scripts/run_tracking_benchmark.py", "--per-family",
+                      str(s["tracking_per_family"]),
+                      "--device", a.device, "--cache", str(cache / tag / "tracking"),
                       "--out", str(out / "tracking_benchmark.json")]
                      + (["--methods", s["tracking_methods"]] if s["tracking_methods"] else [])],
         "videos": [],  # in-process: export_videos
@@ -147,11 +176,13 @@ def commands(a) -> dict[str, list[list[str]]]:
 def stage_key(a, stage: str) -> str:
     """What a finished stage depends on: its command line, the settings and the embedded model's weights
     (:func:`difftrack.experiments.weights_digest`: new weights re-run every stage; the per-item caches check the
-    weights themselves). Not the commit: code changes are the caller's to judge; --force re-runs."""
+    weights themselves). Not the commit: code changes are the caller's to judge; --force re-runs. Not the launcher
+    and the number of processes: results are the same whatever their number."""
     from difftrack.experiments import weights_digest
     from difftrack.mini import WEIGHTS_DIR
 
-    blob = json.dumps(dict(cmd=commands(a)[stage], settings=a.settings, device=a.device,
+    n = len(launcher(a))  # not the launcher: results do not depend on the number of processes
+    blob = json.dumps(dict(cmd=[c[n:] for c in commands(a)[stage]], settings=a.settings, device=a.device,
                            weights=weights_digest(WEIGHTS_DIR)), sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -243,10 +274,14 @@ def main(argv=None) -> int:
     if manifest and manifest.get("mode") != ("quick" if a.quick else "paper"):
         raise SystemExit(f"{mpath} is a {manifest.get('mode')} run's manifest; use another --out-dir")
     manifest.update(mode="quick" if a.quick else "paper", settings=a.settings, command=" ".join(sys.argv),
+                    num_processes=a.num_processes, num_machines=a.num_machines,
                     device=device_name(a.device), commit=git_commit(),
                     description=__doc__.split("\n\n")[0])
     manifest.setdefault("stages", {})
     env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", GIT_COMMIT=git_commit())
+    if a.num_processes > 1:  # the machine's cores shared by its processes (torchrun's default is 1 thread each)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.num_processes)))
+    main_machine = a.machine_rank == 0  # the other machines run the stages; machine 0 writes
     cmds = commands(a)
     for stage in a.stages:
         key = stage_key(a, stage)
@@ -262,28 +297,35 @@ def main(argv=None) -> int:
                    commit=env["GIT_COMMIT"], earlier_attempts_s=prev.get("earlier_attempts_s", 0.0)
                    + (prev.get("wall_s", 0.0) if prev.get("status") != "done" else 0.0))
         manifest["stages"][stage] = rec
-        _write_manifest(mpath, manifest)
+        if main_machine:
+            _write_manifest(mpath, manifest)
         try:
             for cmd in cmds[stage]:
                 child = subprocess.Popen(cmd, cwd=ROOT, env=env)
                 code = child.wait()
                 if code:
                     rec.update(status="failed", wall_s=time.time() - t0, returncode=code)
-                    _write_manifest(mpath, manifest)
+                    if main_machine:
+                        _write_manifest(mpath, manifest)
                     raise SystemExit(f"[paper] stage {stage} failed (exit {code}): {' '.join(cmd)}")
         except _Interrupted as err:  # killed (timeout, Ctrl-C): keep the time spent; the item caches keep the work
             if child is not None and child.poll() is None:
                 child.terminate()
                 child.wait()
             rec.update(status="interrupted", wall_s=time.time() - t0, interrupted_by=str(err))
-            _write_manifest(mpath, manifest)
+            if main_machine:
+                _write_manifest(mpath, manifest)
             raise SystemExit(f"[paper] interrupted in stage {stage} ({err}) after {rec['wall_s']:.0f} s; run the same "
                              f"command again to resume") from None
+        if not main_machine:
+            print(f"[paper] {stage}: this machine's share done in {time.time() - t0:.0f} s", flush=True)
+            continue
         if stage == "agreement":
             merge_agreement(a)
         if stage == "videos":
             rec.update(export_videos(a))
-        rec.update(status="done", wall_s=time.time() - t0, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        rec.update(status="done", wall_s=time.time() - t0, finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                   num_processes=a.num_processes * a.num_machines)
         _write_manifest(mpath, manifest)
         print(f"[paper] {stage}: done in {rec['wall_s']:.0f} s", flush=True)
     print(f"[paper] stages done: {[s for s, r in manifest['stages'].items() if r.get('status') == 'done']}; "

@@ -1,7 +1,9 @@
 """Full-scale layer/timestep analysis summary (issue 5): the numbers behind notebooks 02 and 03 at paper scale.
 
     # everything on one machine (OpenCV needed for the pseudo ground truth of generated videos)
-    python scripts/run_analysis.py --videos-per-family 20 --exact 20 --steps 50 --grid 10 --device cuda --workers 8
+    python scripts/run_analysis.py --videos-per-family 20 --exact 20 --steps 50 --grid 10 --device cuda
+    # the same with 8 processes sharing the GPU (or spread over the GPUs, machines: see the README)
+    torchrun --nproc_per_node 8 scripts/run_analysis.py --videos-per-family 20 --exact 20 --steps 50 --grid 10
 
     # split: record on a GPU box without OpenCV, score on a CPU box later (same --cache folder, copied over, and
     # the same --videos-per-family/--exact/--steps/--grid/--seed)
@@ -12,11 +14,13 @@
     python scripts/run_analysis.py --videos-per-family 1 --exact 1 --steps 3 --grid 4 --cache /tmp/ra --out /tmp/ra.json
 
 ``record`` runs the model: every video of :func:`difftrack.experiments.analysis.analysis_items` goes through
-:func:`difftrack.experiments.analysis.run_dataset` (one cached ``.npz`` record + video per file, resumable), and one extra
+:func:`difftrack.experiments.analysis.record_dataset` (one cached ``.npz`` record + video per file, resumable; under a
+launcher each process records its share of the videos, :mod:`difftrack.experiments.distributed`), and one extra
 video is timed against plain generation in separate subprocesses (``analysis_time_ratio``,
-``analysis_extra_peak_mib``). It imports only torch, numpy, diffusers and difftrack. ``score`` needs no model: it
-adds ground truth (exact world tracks; Lucas-Kanade pseudo GT, OpenCV) through ``run_dataset``'s cache and writes
-the summary. ``all`` does both.
+``analysis_extra_peak_mib``; rank 0, after every process has recorded). It imports only torch, numpy, diffusers and
+difftrack. ``score`` needs no model: it adds ground truth (exact world tracks; Lucas-Kanade pseudo GT, OpenCV)
+through ``run_dataset``'s cache and writes the summary (one process; under a launcher rank 0 scores after the
+record). ``all`` does both.
 
 The summary (``--out``) holds, for the generated (pseudo GT), exact (world, exact GT) and combined sets:
 ``qk_best_acc`` and ``feat_best_acc`` (best layer at the last step), ``best_layers_top3`` (harmonic mean at the last
@@ -26,8 +30,8 @@ commit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -43,10 +47,14 @@ import torch  # noqa: E402
 from difftrack import analysis  # noqa: E402
 from difftrack.experiments import analysis as xa  # noqa: E402
 from difftrack.experiments import json_clean, write_json, write_record  # noqa: E402
+from difftrack.experiments.distributed import processes  # noqa: E402
 from difftrack.runners import load_pipeline, model_tag  # noqa: E402
 from difftrack.provenance import device_name, git_commit  # noqa: E402
 
 RECORD_META = "record_meta.json"
+#: What a launcher puts in a process's environment (removed for the timing subprocesses).
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,21 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--timing-only", action="store_true",
                     help="only time one video (plain generation vs analysis of all layers and steps, separate "
                          "processes) and merge the result into --out")
-    ap.add_argument("--workers", type=int, default=1,
-                    help="record with this many processes sharing the device, each a slice of the videos (the "
-                         "per-video analysis is bound by kernel-launch overhead, so a GPU runs several at once)")
-    ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # worker mode: "k/n", record items[k::n]
     ap.add_argument("--measure", choices=("plain", "analysis"), help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args(argv)
-    if args.workers < 1:
-        raise SystemExit(f"--workers {args.workers}: must be >= 1")
-    if args.shard is not None:
-        try:
-            k, n = (int(v) for v in args.shard.split("/"))
-            assert 0 <= k < n
-        except (ValueError, AssertionError):
-            raise SystemExit(f"--shard {args.shard!r}: expected k/n with 0 <= k < n") from None
-        args.shard = (k, n)
     for name in ("videos_per_family", "exact"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
@@ -143,7 +138,8 @@ def timing(args) -> dict:
                "--seed", str(args.seed)]
         if args.timing_steps:
             cmd += ["--timing-steps", str(args.timing_steps)]
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}  # a plain single process
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if p.returncode:
             raise RuntimeError(f"timing subprocess ({mode}) failed:\n{p.stderr[-3000:]}")
         res[mode] = json.loads(p.stdout.strip().splitlines()[-1])
@@ -161,66 +157,18 @@ def timing(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- phases
-@contextlib.contextmanager
-def _no_pseudo_gt():
-    """``run_dataset`` scores every video right after recording it; generated videos need OpenCV for that. While
-    only recording, hand it a placeholder ground truth (the tables it returns are discarded)."""
-    orig = analysis.pseudo_ground_truth
-    analysis.pseudo_ground_truth = lambda video, q: (np.zeros((len(q), video.shape[0], 2), np.float32),
-                                                     np.ones((len(q), video.shape[0]), bool))
-    try:
-        yield
-    finally:
-        analysis.pseudo_ground_truth = orig
-
-
-def _record_items(args, items, cache: Path) -> None:
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    with _no_pseudo_gt():
-        xa.run_dataset(pipe, items, cache, num_steps=args.steps, grid_size=args.grid)
-    del pipe
-
-
-def _record_sharded(args, cache: Path) -> None:
-    """``--workers`` processes, worker k records ``items[k::workers]`` into the shared per-video cache (each video
-    is its own file, written atomically, so the workers never touch the same file)."""
-    import os
-
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    base = [sys.executable, str(Path(__file__).resolve()), "--phase", "record", "--no-timing",
-            "--videos-per-family", str(args.videos_per_family), "--exact", str(args.exact), "--steps",
-            str(args.steps), "--grid", str(args.grid), "--seed", str(args.seed), "--model", args.model,
-            "--device", args.device, "--dtype", args.dtype, "--cache", str(args.cache)]
-    import signal
-
-    def _stop(signum, frame):
-        raise SystemExit(f"analysis record interrupted ({signal.Signals(signum).name}); finished videos are cached")
-
-    signal.signal(signal.SIGTERM, _stop)
-    procs = [subprocess.Popen(base + ["--shard", f"{k}/{args.workers}"], cwd=ROOT, env=env)
-             for k in range(args.workers)]
-    try:
-        codes = [p.wait() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-    bad = [k for k, c in enumerate(codes) if c]
-    if bad:
-        raise SystemExit(f"analysis record workers {bad} of {args.workers} failed (exit codes "
-                         f"{[codes[k] for k in bad]}); their finished videos are cached, re-run to resume")
-
-
-def record(args, items, cache: Path) -> dict:
+def record(args, items, cache: Path, procs) -> dict | None:
+    """Record this process's share of the videos; then, on rank 0 only, the run's meta (and timing). Other ranks
+    return ``None``."""
     t0 = time.time()
-    if args.workers > 1:
-        _record_sharded(args, cache)
-    else:
-        _record_items(args, items, cache)
-    meta = dict(device=args.device, device_name=device_name(args.device), dtype=args.dtype, model=args.model,
-                record_wall_seconds=time.time() - t0, record_workers=args.workers, commit=commit(),
-                torch=torch.__version__)
+    pipe = load_pipeline(args.model, procs.device(args.device), args.dtype)
+    xa.record_dataset(pipe, items, cache, num_steps=args.steps, grid_size=args.grid, processes=procs)
+    del pipe
+    if not procs.is_main:
+        return None
+    meta = dict(device=args.device, device_name=device_name(procs.device(args.device)), dtype=args.dtype,
+                model=args.model, record_wall_seconds=time.time() - t0, record_processes=procs.world_size,
+                commit=commit(), torch=torch.__version__)
     if not args.no_timing:
         meta["timing"] = timing(args)
     path = cache / RECORD_META
@@ -306,10 +254,11 @@ def score(args, items, cache: Path, record_meta: dict | None) -> dict:
                      record_per_video_exact=float(np.mean(rec_sec["exact"])) if rec_sec["exact"] else None,
                      record_total=float(np.nansum(rec_sec["generated"] + rec_sec["exact"])),
                      record_wall=(record_meta or {}).get("record_wall_seconds"),
-                     record_workers=(record_meta or {}).get("record_workers", 1),
+                     record_processes=(record_meta or {}).get("record_processes",
+                                                              (record_meta or {}).get("record_workers", 1)),
                      score=score_sec,
-                     note="record_per_video_* and record_total: each video's own wall time (with record_workers "
-                          "> 1 the workers share one device, so these add up to more than record_wall)"),
+                     note="record_per_video_* and record_total: each video's own wall time (with record_processes "
+                          "> 1 the processes share the devices, so these add up to more than record_wall)"),
         commit=commit(), record_commit=(record_meta or {}).get("commit"),
     )
     timing_res = (record_meta or {}).get("timing")
@@ -324,6 +273,10 @@ def main(argv=None) -> int:
     if args.measure:
         print(json.dumps(measure(args)))
         return 0
+    if args.timing_only or args.phase == "score":
+        if processes().distributed:
+            raise SystemExit(f"--phase {args.phase}{' --timing-only' if args.timing_only else ''} runs on one "
+                             f"process; launch it without torchrun / accelerate launch")
     if args.timing_only:
         out = _resolve(args.out)
         prev = json.loads(out.read_text()) if out.exists() else {}
@@ -343,14 +296,14 @@ def main(argv=None) -> int:
     cache = _resolve(args.cache) / model_tag(args.model, args.dtype)
     cache.mkdir(parents=True, exist_ok=True)
     items = xa.analysis_items(args.videos_per_family, args.exact, args.seed)
-    if args.shard is not None:  # a worker of --workers: record its slice, nothing else
-        k, n = args.shard
-        _record_items(args, items[k::n], cache)
-        return 0
+    procs = processes()
     t0 = time.time()
     meta = None
     if args.phase in ("record", "all"):
-        meta = record(args, items, cache)
+        meta = record(args, items, cache, procs)
+        if not procs.is_main:  # rank 0 merges (scores) and writes
+            procs.finish()
+            return 0
         print(f"recorded {len(items)} videos in {meta['record_wall_seconds']:.1f} s on {meta['device_name']}")
         if "timing" in meta:
             t = meta["timing"]

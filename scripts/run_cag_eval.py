@@ -26,6 +26,10 @@ On a GPU box without OpenCV: ``--phase generate`` there, ``--phase pack --pack-d
 (~112 MB raw for 700 videos, compressed shards), ``--phase unpack --pack-dir DIR`` and ``--phase score`` here.
 
 Tiny CPU check:  python scripts/run_cag_eval.py --phase all --prompts 3 --steps 4 --scales 1 --batch 3
+
+Several processes (``torchrun --nproc_per_node N scripts/run_cag_eval.py ...``, or ``accelerate launch``; see the
+README): ``generate`` splits the pipeline calls ((setting, batch of --batch prompts) pairs, fixed by prompt index)
+over the processes, ``score`` splits the videos; rank 0 writes the results. The other phases run on one process.
 """
 import argparse
 import json
@@ -42,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from difftrack import cag_eval as E  # noqa: E402  (imports neither torch nor OpenCV at module level)
 from difftrack.experiments import cag as X  # noqa: E402
 from difftrack.experiments import json_clean, write_json, write_record  # noqa: E402
+from difftrack.experiments.distributed import processes  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,7 +70,6 @@ def parse_args(argv=None):
     p.add_argument("--layers-bottom", type=int, nargs=3, default=None, help="override the least-dominant layers")
     p.add_argument("--cache", default=str(ROOT / "cache" / "cag"))
     p.add_argument("--out", default=str(ROOT / "results" / "cag.json"))
-    p.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2))), help="score processes")
     p.add_argument("--time-batch", type=int, default=1, help="videos per step in the 'time' phase")
     p.add_argument("--timing-file", default=str(ROOT / "results" / "cag_timing.json"),
                    help="the 'time' phase adds its measurement here; 'score' copies it into --out")
@@ -105,7 +109,7 @@ def plan(a):
     return items, layers, X.cag_settings(layers, a.scales)
 
 
-def load_pipe(a):
+def load_pipe(a, procs=None):
     import torch
 
     from difftrack import mini
@@ -113,43 +117,61 @@ def load_pipe(a):
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    pipe = mini.load_default(a.device, dtype)
+    pipe = mini.load_default(procs.device(a.device) if procs else a.device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def device_tag(a) -> str:
+def device_tag(a, procs=None) -> str:
     import torch
 
     if a.device.startswith("cuda"):
-        return "cuda_" + torch.cuda.get_device_name(torch.device(a.device)).replace(" ", "_")
+        dev = procs.device(a.device) if procs else a.device
+        return "cuda_" + torch.cuda.get_device_name(torch.device(dev)).replace(" ", "_")
     return "cpu"
 
 
 setting_dir = X.setting_dir  # cache folder of one setting
 
 
-def generate(a):
+def generate(a, procs):
+    """Every (setting, batch) pipeline call split over the processes (:meth:`Processes.indices`); rank 0 writes the
+    manifest, checks each setting folder's weights first and merges the per-call timings."""
     items, layers, settings = plan(a)
     run_dir = Path(a.cache) / run_tag(a)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "manifest.json").write_text(json.dumps(dict(items=items, layers=layers, settings=settings,
-                                                           steps=a.steps, cfg=a.cfg, variant=a.variant,
-                                                           dtype=a.dtype, autocast=a.autocast), indent=1))
-    pipe = load_pipe(a)
-    tag = device_tag(a)
-    tpath = run_dir / f"timing_generate_{tag}.json"
-    timing = json.loads(tpath.read_text()) if tpath.exists() else {}
+    pipe = load_pipe(a, procs)
+    tag = device_tag(a, procs)
+    if procs.is_main:
+        (run_dir / "manifest.json").write_text(json.dumps(dict(items=items, layers=layers, settings=settings,
+                                                               steps=a.steps, cfg=a.cfg, variant=a.variant,
+                                                               dtype=a.dtype, autocast=a.autocast), indent=1))
+        for name, s in settings.items():
+            X.claim_cache(pipe, setting_dir(run_dir, name, s))
+        print(f"[cag] generate {len(items)} prompts x {len(settings)} settings, {a.steps} steps on {a.device} "
+              f"({tag}, {procs.world_size} process(es)); layers {layers}")
+    procs.barrier()
     t0 = time.time()
-    print(f"[cag] generate {len(items)} prompts x {len(settings)} settings, {a.steps} steps on {a.device} "
-          f"({tag}); layers {layers}")
+    units = [(name, b) for name in settings for b in range(len(X.batches(items, a.batch)))]
+    mine = procs.mine(units)
+    recs = {}
     for name, s in settings.items():
-        recs = X.generate_cached(pipe, items, setting_dir(run_dir, name, s), s["layers"], s["scale"], a.steps,
-                                 a.cfg, a.variant, a.batch, autocast=None if a.autocast == "none" else a.autocast)
-        if recs:
-            timing.setdefault(name, []).extend(recs)
-            tpath.write_text(json.dumps(timing, indent=1))
-    print(f"[cag] generate done in {time.time() - t0:.1f} s")
+        only = [b for n, b in mine if n == name]
+        if only:
+            recs[name] = X.generate_cached(pipe, items, setting_dir(run_dir, name, s), s["layers"], s["scale"],
+                                           a.steps, a.cfg, a.variant, a.batch, only_batches=only, claim=False,
+                                           autocast=None if a.autocast == "none" else a.autocast,
+                                           log=print if procs.is_main else None)
+    gathered = procs.gather(recs)
+    if procs.is_main:
+        tpath = run_dir / f"timing_generate_{tag}.json"
+        timing = json.loads(tpath.read_text()) if tpath.exists() else {}
+        for part in gathered:
+            for name, rs in part.items():
+                if rs:
+                    timing.setdefault(name, []).extend(rs)
+        tpath.write_text(json.dumps(timing, indent=1))
+        print(f"[cag] generate done in {time.time() - t0:.1f} s")
 
 
 def time_phase(a):
@@ -198,7 +220,8 @@ def _score_one(task):
     return E.score_video(video, prompt)
 
 
-def score(a):
+def score(a, procs):
+    """The videos scored by every process (a share each), rank 0 writes the results."""
     items, layers, settings = plan(a)
     run_dir = Path(a.cache) / run_tag(a)
     man = run_dir / "manifest.json"
@@ -216,14 +239,10 @@ def score(a):
     if missing:
         raise SystemExit(f"{len(missing)} videos missing (first: {missing[0]}); run --phase generate first")
     t0 = time.time()
-    if a.workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(a.workers) as pool:
-            scores = pool.map(_score_one, tasks, chunksize=4)
-    else:
-        scores = [_score_one(t) for t in tasks]
-    print(f"[cag] scored {len(tasks)} videos in {time.time() - t0:.1f} s")
+    scores = procs.map(_score_one, tasks, desc="cag score")
+    if not procs.is_main:
+        return
+    print(f"[cag] scored {len(tasks)} videos in {time.time() - t0:.1f} s ({procs.world_size} process(es))")
     n = len(items)
     world_scores = scores[:n]
     per = {name: scores[n * (k + 1): n * (k + 2)] for k, name in enumerate(settings)}
@@ -382,10 +401,15 @@ def unpack(a):
 
 def main(argv=None):
     a = parse_args(argv)
+    procs = processes()
+    if procs.distributed and a.phase not in ("generate", "score", "all"):
+        raise SystemExit(f"--phase {a.phase} runs on one process; launch it without torchrun / accelerate launch")
     if a.phase in ("generate", "all"):
-        generate(a)
+        generate(a, procs)
+        procs.barrier()
     if a.phase in ("score", "all"):
-        score(a)
+        score(a, procs)
+    procs.finish()
     if a.phase == "time":
         time_phase(a)
     if a.phase == "pack":

@@ -13,10 +13,12 @@ Phases (videos cached as .npy per (prompt, seed) under ``--cache``; the generate
     python scripts/run_prompt_agreement.py --phase pack --pack-dir DIR / --phase unpack --pack-dir DIR
 
 Tiny CPU check:  python scripts/run_prompt_agreement.py --phase all --videos 3 --steps 4 --batch 3
+
+Several processes (``torchrun --nproc_per_node N scripts/run_prompt_agreement.py ...``, or ``accelerate launch``):
+``generate`` splits the batches of --batch videos (fixed by video index), ``score`` the videos; rank 0 writes.
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from difftrack import cag_eval as E  # noqa: E402
 from difftrack.experiments import cag as X  # noqa: E402
 from difftrack.experiments import write_record  # noqa: E402
+from difftrack.experiments.distributed import processes  # noqa: E402
 from difftrack.provenance import device_name  # noqa: E402
 
 SEED0 = 500  # world seeds of the prompts (disjoint from run_cag_eval's 0..)
@@ -59,49 +62,60 @@ def run_dir(a) -> Path:
                             + ("" if a.autocast == "none" else f"_amp{a.autocast}"))
 
 
-def generate(a):
+def generate(a, procs):
+    """The batches split over the processes; rank 0 writes the manifest, checks the folder's weights first and
+    merges the timings."""
     import torch
 
     from difftrack import mini
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = procs.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     pipe = mini.load_default(device, dtype, weights=a.weights)
     pipe.set_progress_bar_config(disable=True)
     items = E.eval_prompts(a.videos, seed0=SEED0)
     d = run_dir(a)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "manifest.json").write_text(json.dumps(dict(items=items, steps=a.steps, cfg=a.cfg, dtype=a.dtype,
-                                                     autocast=a.autocast), indent=1))
+    if procs.is_main:
+        (d / "manifest.json").write_text(json.dumps(dict(items=items, steps=a.steps, cfg=a.cfg, dtype=a.dtype,
+                                                         autocast=a.autocast), indent=1))
+        X.claim_cache(pipe, d / "videos")
+    procs.barrier()
     t0 = time.time()
+    mine = procs.indices(len(X.batches(items, a.batch)))  # this process's batches, fixed by item index
     if mini.is_image_to_video(pipe.transformer):
-        recs = generate_image_to_video(pipe, items, d / "videos", a)
+        recs = generate_image_to_video(pipe, items, d / "videos", a, mine)
     else:
         recs = X.generate_cached(pipe, items, d / "videos", (), 0.0, a.steps, a.cfg, batch_size=a.batch,
-                                 autocast=None if a.autocast == "none" else a.autocast)
-    if recs:
-        tp = d / "timing_generate.json"
-        old = json.loads(tp.read_text()) if tp.exists() else []
-        tp.write_text(json.dumps(old + [dict(r, device=device_name(device)) for r in recs], indent=1))
-    print(f"[agreement] generated {a.videos} videos ({len(recs)} batches) in {time.time() - t0:.1f} s")
+                                 autocast=None if a.autocast == "none" else a.autocast, claim=False,
+                                 log=print if procs.is_main else None, only_batches=mine)
+    recs = [dict(r, device=device_name(device)) for part in procs.gather(recs) for r in part]
+    if procs.is_main:
+        if recs:
+            tp = d / "timing_generate.json"
+            old = json.loads(tp.read_text()) if tp.exists() else []
+            tp.write_text(json.dumps(old + recs, indent=1))
+        print(f"[agreement] generated {a.videos} videos ({len(recs)} batches) in {time.time() - t0:.1f} s")
 
 
-def generate_image_to_video(pipe, items, directory: Path, a) -> list[dict]:
+def generate_image_to_video(pipe, items, directory: Path, a, only_batches) -> list[dict]:
     """An image-to-video model (issue 30's I2V arm): each prompt's first frame is the world's own render of it, the
     noise :func:`difftrack.cag_eval.initial_noise` as for the text-to-video model; videos cached one file each
-    (resumable), in the layout of :func:`difftrack.experiments.cag.generate_cached`."""
+    (resumable), in the layout and fixed batches of :func:`difftrack.experiments.cag.generate_cached` (this
+    process's batches ``only_batches``)."""
     import torch
 
     from difftrack.cag_eval import autocast_context, initial_noise
     from difftrack.world import World
 
     directory.mkdir(parents=True, exist_ok=True)
-    todo = [it for it in items if not X.video_path(directory, it["index"], it["noise_seed"]).exists()]
     w, device, recs = World(), pipe._execution_device, []
-    for k in range(0, len(todo), a.batch):
-        chunk = todo[k:k + a.batch]
+    batches = X.batches(items, a.batch)
+    for chunk in (batches[b] for b in only_batches):
+        if all(X.video_path(directory, it["index"], it["noise_seed"]).exists() for it in chunk):
+            continue
         first = np.stack([w.sample(it["world_seed"], it["family"], "heldout").video[0] for it in chunk])
         latents = torch.cat([initial_noise(it["noise_seed"]) for it in chunk]).to(device)
         t0 = time.perf_counter()
@@ -152,9 +166,8 @@ def _breakdown(rows: list[dict]) -> dict:
     )
 
 
-def score(a):
-    import multiprocessing as mp
-
+def score(a, procs):
+    """The videos split over the processes; rank 0 writes the result and the grid."""
     d = run_dir(a)
     items = E.eval_prompts(a.videos, seed0=SEED0)
     paths = [X.video_path(d / "videos", it["index"], it["noise_seed"]) for it in items]
@@ -164,10 +177,10 @@ def score(a):
     world_items = items + E.eval_prompts(a.world_extra, seed0=SEED0 + a.videos)
     tasks = [("video", str(p), it["prompt"], it["family"]) for p, it in zip(paths, items)]
     tasks += [("world", it["world_seed"], it["prompt"], it["family"]) for it in world_items]
-    workers = max(1, min(16, os.cpu_count() or 1))
     t0 = time.time()
-    with mp.get_context("spawn").Pool(workers) as pool:
-        rows = pool.map(_agree, tasks, chunksize=4)
+    rows = procs.map(_agree, tasks, desc="agreement score")
+    if not procs.is_main:
+        return
     gen, wor = rows[:len(items)], rows[len(items):]
     import cv2
 
@@ -243,10 +256,15 @@ def unpack(a):
 
 def main(argv=None):
     a = parse_args(argv)
+    procs = processes()
+    if procs.distributed and a.phase not in ("generate", "score", "all"):
+        raise SystemExit(f"--phase {a.phase} runs on one process; launch it without torchrun / accelerate launch")
     if a.phase in ("generate", "all"):
-        generate(a)
+        generate(a, procs)
+        procs.barrier()
     if a.phase in ("score", "all"):
-        score(a)
+        score(a, procs)
+    procs.finish()
     if a.phase == "pack":
         pack(a)
     if a.phase == "unpack":

@@ -1,7 +1,7 @@
 """Zero-shot point-tracking benchmark on held-out world videos: embedded DiffTrack vs baselines, TAP-Vid metrics.
 
     python scripts/run_tracking_benchmark.py                 # 25 + 25 held-out videos, every method (~20-30 min)
-    python scripts/run_tracking_benchmark.py --methods difftrack,lucas_kanade@64 --n 4
+    python scripts/run_tracking_benchmark.py --methods difftrack,lucas_kanade@64 --per-family 4
 
 Data: ``world.make_dataset(n, family, split="heldout", grid_size=8)`` for both families (objects, scenes): 13 frames
 of 64x64, an 8x8 grid of queries at frame 0 (query-first: every query is visible at frame 0, so TAP-Vid's "first"
@@ -27,7 +27,10 @@ Methods (every one on the same videos and queries):
   metric resolution; the enlargement time is counted).
 
 Outputs ``results/tracking_benchmark.json`` / ``.csv``; per-(method, video) predictions are cached under
-``cache/tracking/`` so that an interrupted run resumes (delete the folder to re-run from scratch).
+``cache/tracking/`` so that an interrupted run resumes (delete the folder to re-run from scratch). Several processes
+(``torchrun --nproc_per_node N scripts/run_tracking_benchmark.py ...``, or ``accelerate launch``) split the videos of
+every method, model-based and classical alike (the launcher's processes replace the old pool of classical
+trackers); rank 0 reads the predictions back and writes the results.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from difftrack import baselines, mini, tapvid  # noqa: E402
 from difftrack.experiments import write_record  # noqa: E402
+from difftrack.experiments.distributed import Processes, processes  # noqa: E402
 from difftrack.experiments.tracking import TrackingBenchmark  # noqa: E402
 from difftrack.provenance import git_commit  # noqa: E402
 from difftrack.tracking import DiffTracker, FeatureTracker  # noqa: E402
@@ -143,41 +147,33 @@ def _predict_one(tracker, size: int, v: dict, f: Path) -> dict:
     return dict(tracks=tracks, visible=visible, seconds=sec, cached=False)
 
 
-def _classical_worker(task):
-    """Pool body for the classical (OpenCV, one thread) trackers: ``(name, size, video dict, cache file)``."""
-    import cv2
-
-    cv2.setNumThreads(1)
-    name, size, v, f = task
-    return _predict_one(build_methods({})[name][2](), size, v, Path(f))
-
-
-def run_method(name: str, size: int, factory, vids: list[dict], cache_dir: Path, workers: int = 1) -> list[dict]:
-    """Predictions of one method on every video, cached per video (an interrupted run resumes). ``workers > 1``
-    tracks the classical (model-free) methods in that many processes; seconds stay per video."""
+def run_method(name: str, size: int, factory, vids: list[dict], cache_dir: Path, procs=None) -> list[dict] | None:
+    """Predictions of one method on every video, cached per video (an interrupted run resumes). Each process tracks
+    its share of the videos (:meth:`Processes.indices`) not cached yet, then every process waits; rank 0 returns
+    every prediction read back from the cache, in video order (other ranks: ``None``). Seconds stay per video."""
+    procs = procs or Processes()
     cdir = _cache_dir(cache_dir, name)
     cdir.mkdir(parents=True, exist_ok=True)
     files = [cdir / f"{v['name']}.npz" for v in vids]
-    out: list[dict | None] = []
-    for f in files:
-        if f.exists():
-            z = np.load(f)
-            out.append(dict(tracks=z["tracks"], visible=z["visible"], seconds=float(z["seconds"]), cached=True))
-        else:
-            out.append(None)
-    todo = [i for i, o in enumerate(out) if o is None]
-    if todo and workers > 1 and name.split("@")[0] in CLASSICAL:
-        import multiprocessing as mp
+    todo = [i for i in procs.indices(len(vids)) if not files[i].exists()]
+    if todo:
+        if procs.distributed and name.split("@")[0] in CLASSICAL:
+            import cv2
 
-        with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
-            for i, r in zip(todo, pool.map(_classical_worker, [(name, size, vids[i], str(files[i])) for i in todo])):
-                out[i] = r
-    elif todo:
+            cv2.setNumThreads(1)  # one core per process
         t0 = time.time()
         tracker = factory()
-        print(f"  [{name}] built in {time.time() - t0:.1f}s", flush=True)
-        for i in todo:
-            out[i] = _predict_one(tracker, size, vids[i], files[i])
+        if procs.is_main:
+            print(f"  [{name}] built in {time.time() - t0:.1f}s", flush=True)
+        for i in procs.progress(todo, name):
+            _predict_one(tracker, size, vids[i], files[i])
+    fresh = {i for part in procs.gather(todo) for i in part}  # also waits for every process
+    if not procs.is_main:
+        return None
+    out = []
+    for i, f in enumerate(files):
+        z = np.load(f)
+        out.append(dict(tracks=z["tracks"], visible=z["visible"], seconds=float(z["seconds"]), cached=i not in fresh))
     return out
 
 
@@ -248,28 +244,31 @@ def environment() -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=25, help="held-out videos per family (2 families)")
+    ap.add_argument("--per-family", "--n", dest="n", type=int, default=25,
+                    help="held-out videos per family (2 families); under torchrun write --per-family (torchrun's own "
+                         "parser takes --n for an ambiguous abbreviation of its options)")
     ap.add_argument("--grid", type=int, default=8, help="queries: grid_size x grid_size at frame 0")
     ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: several times faster than 2 when the 2-core machine is shared)")
     ap.add_argument("--device", default="cpu", help="where the model-based trackers run (cpu, cuda)")
-    ap.add_argument("--workers", type=int, default=1, help="processes for the classical trackers")
     ap.add_argument("--cache", default=str(ROOT / "cache" / "tracking"))
     ap.add_argument("--out", default=str(ROOT / "results" / "tracking_benchmark.json"))
     args = ap.parse_args(argv)
-    if args.workers < 1:
-        raise SystemExit(f"--workers {args.workers}: must be >= 1")
-    torch.set_num_threads(args.threads)
+    procs = processes()
+    if not procs.distributed:  # under a launcher: its threads per process
+        torch.set_num_threads(args.threads)
     vids = load_videos(args.n, args.grid)
-    methods = build_methods({}, args.device)
+    methods = build_methods({}, procs.device(args.device))
     names = list(methods) if not args.methods else args.methods.split(",")
     unknown = [n for n in names if n not in methods]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; allowed: {list(methods)}")
-    print(f"{len(vids)} held-out videos, {vids[0]['queries'].shape[0]} queries each, methods: {names}", flush=True)
-    env = environment()  # at the start: the commit whose code produces the predictions
-    env.update(device=args.device, workers=args.workers,
+    if procs.is_main:
+        print(f"{len(vids)} held-out videos, {vids[0]['queries'].shape[0]} queries each, methods: {names}, "
+              f"{procs.world_size} process(es)", flush=True)
+    env = environment() if procs.is_main else {}  # at the start: the commit whose code produces the predictions
+    env.update(device=args.device, processes=procs.world_size,
                gpu=torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None)
     results = {}
     loads = {}
@@ -278,7 +277,9 @@ def main(argv=None):
         desc, size, fac = methods[name]
         l0 = os.getloadavg()
         t0 = time.time()
-        preds = run_method(name, size, fac, vids, Path(args.cache), args.workers)
+        preds = run_method(name, size, fac, vids, Path(args.cache), procs)
+        if preds is None:  # not rank 0: its share is cached
+            continue
         fresh[name] = sum(not p["cached"] for p in preds)
         loads[name] = dict(loadavg_before=l0, loadavg_after=os.getloadavg(), wall_s=time.time() - t0,
                            fresh_predictions=fresh[name])
@@ -295,6 +296,9 @@ def main(argv=None):
         results[name] = res
         print(f"{name:26s} delta_avg {res['average_pts_within_thresh']:.4f}  AJ {res['average_jaccard']:.4f}  "
               f"OA {res['occlusion_accuracy']:.4f}  {res['seconds_per_video']:.2f} s/video", flush=True)
+    if not procs.is_main:
+        procs.finish()
+        return
     gt_vis = float(np.mean([(~v["occluded"][:, 1:]).mean() for v in vids]))
     ranking = {k: sorted(results, key=lambda n: -results[n][k]) for k in
                ("average_pts_within_thresh", "average_jaccard", "occlusion_accuracy")}

@@ -280,8 +280,9 @@ if tb:
     methods = tb.get("methods") or tb.get("results") or {}
     if isinstance(methods, dict) and methods:
         env = tb.get("environment", {})
-        where = (f"model-based on {env['gpu']}, classical on {env.get('cpu_count')} CPU cores, "
-                 f"{env.get('workers', 1)} processes" if env.get("gpu") else "2-core CPU, loaded while measured")
+        procs = env.get("processes", env.get("workers", 1))  # "workers": runs before the launcher (issue 32)
+        where = (f"model-based on {env['gpu']}, classical on {env.get('cpu_count')} CPU cores, {procs} processes"
+                 if env.get("gpu") else "2-core CPU, loaded while measured")
         out += [f"| method | δ_avg | AJ | OA | s / video ({where}) |", "|---|---|---|---|---|"]
         for name, m in methods.items():
             g = lambda k: m.get(k, m.get("metrics", {}).get(k))  # noqa: E731

@@ -120,25 +120,36 @@ def test_manifest_totals_count_interrupted_attempts(tmp_path):
     assert not back["complete"] and not back["within_20_minutes"]
 
 
-def test_analysis_record_in_two_workers_equals_one_process(tmp_path):
-    """run_analysis --workers 2 (each worker a slice of the videos, one shared cache) writes the same records as
-    a single process."""
-    base = [sys.executable, "scripts/run_analysis.py", "--phase", "record", "--no-timing", "--videos-per-family",
-            "1", "--exact", "0", "--steps", "1", "--grid", "2", "--device", "cpu"]
-    for workers, d in ((1, "one"), (2, "two")):
-        p = subprocess.run(base + ["--workers", str(workers), "--cache", str(tmp_path / d)], cwd=ROOT,
-                           capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr[-2000:]
-    one = sorted((tmp_path / "one").rglob("*.npz"))
-    two = sorted((tmp_path / "two").rglob("*.npz"))
-    assert len(one) == 2 and [f.name for f in one] == [f.name for f in two]
-    for a, b in zip(one, two):
-        za, zb = np.load(a), np.load(b)
-        for k in za.files:
-            if za[k].dtype.kind in "fiub":
-                np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{a.name}:{k}")
-    meta = json.loads(next((tmp_path / "two").rglob("record_meta.json")).read_text())
-    assert next(iter(meta.values()))["record_workers"] == 2
+def test_stages_run_through_the_launcher_and_their_keys_ignore_the_number_of_processes(tmp_path, capsys):
+    """--num-processes N starts every stage script through torchrun (one plain process for N = 1); a finished stage
+    is not re-run for another N (results do not depend on it); several machines need machine 0's address."""
+    one = paper_scale.parse_args(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
+    four = paper_scale.parse_args(["--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--num-processes", "4"])
+    assert one.num_processes == 1 and paper_scale.commands(one)["analysis"][0][:2] == [sys.executable,
+                                                                                       "scripts/run_analysis.py"]
+    cmd = paper_scale.commands(four)["tracking"][0]
+    assert cmd[:6] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone"]
+    assert cmd[6] == "scripts/run_tracking_benchmark.py" and "--workers" not in cmd
+    assert all(paper_scale.stage_key(one, s) == paper_scale.stage_key(four, s) for s in paper_scale.STAGES)
+    from torch.distributed.run import get_args_parser
+
+    for stage, cmds in paper_scale.commands(four).items():  # torchrun's own parser hands every argument over
+        for c in cmds:  # (an abbreviation of its options, e.g. --n, would stop it: that is how --per-family came)
+            ns = get_args_parser().parse_args(c[3:])
+            assert (ns.nproc_per_node, ns.standalone, ns.training_script, ns.training_script_args) == \
+                ("4", True, c[6], c[7:]), stage
+    multi = paper_scale.parse_args(["--device", "cuda", "--out-dir", str(tmp_path), "--num-machines", "2",
+                                    "--machine-rank", "1", "--main-address", "node0"])
+    assert multi.num_processes == 8  # the CUDA default
+    assert paper_scale.launcher(multi)[3:] == ["--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "1",
+                                               "--master_addr", "node0", "--master_port", "29500"]
+    for bad, msg in ((["--num-processes", "0"], "--num-processes 0: must be >= 1"),
+                     (["--num-machines", "2"], "pass --main-address"),
+                     (["--num-machines", "2", "--machine-rank", "2", "--main-address", "h"], "--machine-rank 2"),
+                     (["--workers", "4"], "unrecognized arguments: --workers 4")):
+        with pytest.raises(SystemExit):
+            paper_scale.parse_args(["--quick", "--device", "cpu", "--out-dir", str(tmp_path), *bad])
+        assert msg in capsys.readouterr().err
 
 
 def test_head_study_is_read_back_and_drawn(tmp_path):

@@ -7,8 +7,11 @@ compute on arrays and know nothing of files, caches or notebooks. Everything tha
   analysis run and its summaries, the ``analysis_summary.json`` record;
 * :mod:`difftrack.experiments.cag` -- cached CAG generation (one folder per setting), timing, the layer sets read back
   from the analysis summary, the ``cag.json`` and prompt-agreement records;
-* :mod:`difftrack.experiments.tracking` -- benchmark tables read back and the ``tracking_benchmark.json`` record;
+* :mod:`difftrack.experiments.tracking` -- benchmark tables read back, the ``tracking_benchmark.json`` record and the
+  TAP-Vid evaluation of a user's dataset (per-video cache);
 * :mod:`difftrack.experiments.paper_results` -- the committed paper-scale results, read back for the notebooks.
+* :mod:`difftrack.experiments.distributed` -- several processes for every job (``torchrun`` / ``accelerate launch``):
+  the item split by index, the barrier, the merge on rank 0, the device of each process.
 
 This module holds what they share: the one cache-key function (:func:`cache_key`, a hash of the canonical JSON of
 everything a result depends on) and the JSON record helpers (:class:`ResultRecord`, :func:`write_json`,

@@ -332,6 +332,93 @@ def check_cache_dir(cache_dir, create: bool) -> Path:
     return path
 
 
+def _prepare(pipe, items, cache_dir, num_steps, grid_size, guidance_scale, size, max_grid_bytes, kw):
+    """Every check of :func:`run_dataset` / :func:`record_dataset`, before any work; returns ``(items, runner or
+    None, wanted (T, H, W) or None, model id or None, cache folder)``."""
+    from ..checks import check_grid_size, check_guidance_scale, check_int
+
+    check_int("num_steps", num_steps, lo=1)
+    check_guidance_scale(guidance_scale)
+    items = check_items(items)
+    _match_settings(kw)  # unknown settings are named now, not after the first video
+    runner, want, model = _setup(pipe, size)
+    if runner is not None:
+        A.check_grid(runner, grid_size, want, num_steps, kw.get("head_sets"), max_grid_bytes)
+    else:
+        check_grid_size(grid_size)
+    return items, runner, want, model, check_cache_dir(cache_dir, create=runner is not None)
+
+
+def _setup(pipe, size):
+    """``(runner or None, wanted (T, H, W) or None, model id or None)`` of a run."""
+    from ..runners import as_runner
+
+    runner = None if pipe is None else as_runner(pipe)
+    want = runner.resolve_size(size) if runner is not None else (tuple(int(v) for v in size) if size else None)
+    return runner, want, (model_id(runner) if runner is not None else None)
+
+
+def _cached_or_computed(runner, want, model, item: dict, cache_dir: Path, num_steps: int, grid_size: int,
+                        guidance_scale: float, kw: dict, max_grid_bytes=None):
+    """``(AnalysisRecord, video)`` of one item: read from the cache when it was made with the same settings, else
+    computed (with a runner) and cached atomically; see :func:`run_dataset` for the rules."""
+    import warnings
+
+    from ..fileio import READ_ERRORS, load_npy
+    from ..world import World
+
+    if item.get("kind") not in ("generated", "exact"):
+        raise ValueError(f"unknown item kind {item.get('kind')!r} in {item}; allowed: 'generated', 'exact'")
+    fields = cache_fields(item, num_steps, grid_size, want, guidance_scale, model, **kw)
+    key = record_stem(item, num_steps, grid_size)
+    path = cache_dir / f"{key}.npz"
+    vid_path = cache_dir / f"{key}_video.npy"
+    rec = video = None
+    if path.exists() and vid_path.exists():
+        try:
+            rec, video = A.AnalysisRecord.load(path), load_npy(vid_path, "cached analysis video")
+        except READ_ERRORS as err:
+            if runner is None:
+                raise
+            warnings.warn(f"corrupt analysis cache entry {path} / {vid_path.name} ({err}); recomputing it",
+                          stacklevel=3)
+            rec = video = None
+    if rec is not None:
+        diff = stale_fields(rec.meta.get("cache_fields"), fields)
+        if want is not None and tuple(video.shape[:3]) != tuple(want):
+            diff["video shape"] = (list(video.shape[:3]), list(want))
+        if diff and runner is not None:  # made with other settings / another model: recompute
+            rec = video = None
+        elif diff:
+            raise ValueError(f"cached analysis {path} was made with other settings than asked for: "
+                             + "; ".join(f"{k}: cached {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+                             + ". Pass the pipeline to recompute it, or the settings it was made with.")
+    if rec is None:
+        if runner is None:
+            raise ValueError(f"no cached analysis for {item} at {path} and no pipeline to compute it; pass the "
+                             f"pipeline, or record first with the same num_steps={num_steps}, "
+                             f"grid_size={grid_size}")
+        T, H, W = want
+        t0 = time.time()
+        if item["kind"] == "generated":
+            video, rec = A.analyze_generation(runner, item["prompt"], item["seed"], num_steps, grid_size,
+                                              guidance_scale=guidance_scale, size=(T, H, W),
+                                              max_grid_bytes=max_grid_bytes, **kw)
+        else:
+            s = World(T, H, W).sample(item["seed"], item["family"], item.get("split", "heldout"))
+            rec, video = A.analyze_exact(runner, s, num_steps, grid_size=grid_size, max_grid_bytes=max_grid_bytes,
+                                         **kw), s.video
+        rec.meta["seconds"] = time.time() - t0
+        rec.meta["cache_fields"] = fields
+        rec.meta["cache_key"] = record_key(fields)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = vid_path.with_suffix(".tmp.npy")
+        np.save(tmp, video)
+        os.replace(tmp, vid_path)
+        rec.save(path)
+    return rec, video
+
+
 def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int = 50, grid_size: int = 10,
                 progress: bool = True, size=None, guidance_scale: float = 6.0, max_grid_bytes=None,
                 **kw) -> list[tuple[dict, dict]]:
@@ -350,82 +437,36 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
     the cache folder (:func:`check_cache_dir`: writable, created if missing; without a pipeline it must exist),
     ``num_steps``, ``guidance_scale`` and ``grid_size`` by the library's one rule for each
     (:mod:`difftrack.checks`; the grid's memory estimate against ``max_grid_bytes``), and the matching settings.
+    Several processes record with :func:`record_dataset`, then one scores here with ``pipe=None``.
     Returns ``[(item, tables)]``."""
-    import warnings
-
     from tqdm.auto import tqdm
 
-    from ..fileio import READ_ERRORS, load_npy
-    from ..runners import as_runner
-    from ..world import World
-
-    from ..checks import check_grid_size, check_guidance_scale, check_int
-
-    check_int("num_steps", num_steps, lo=1)
-    check_guidance_scale(guidance_scale)
-    items = check_items(items)
-    _match_settings(kw)  # unknown settings are named now, not after the first video
-    runner = None if pipe is None else as_runner(pipe)
-    want = runner.resolve_size(size) if runner is not None else (tuple(int(v) for v in size) if size else None)
-    if runner is not None:
-        A.check_grid(runner, grid_size, want, num_steps, kw.get("head_sets"), max_grid_bytes)
-    else:
-        check_grid_size(grid_size)
-    cache_dir = check_cache_dir(cache_dir, create=runner is not None)
-    model = model_id(runner) if runner is not None else None
+    items, runner, want, model, cache_dir = _prepare(pipe, items, cache_dir, num_steps, grid_size, guidance_scale, size,
+                                                     max_grid_bytes, kw)
     out = []
-    it = tqdm(items, desc="analysis") if progress else items
-    for item in it:
-        fields = cache_fields(item, num_steps, grid_size, want, guidance_scale, model, **kw)
-        key = record_stem(item, num_steps, grid_size)
-        path = cache_dir / f"{key}.npz"
-        vid_path = cache_dir / f"{key}_video.npy"
-        rec = video = None
-        if path.exists() and vid_path.exists():
-            try:
-                rec, video = A.AnalysisRecord.load(path), load_npy(vid_path, "cached analysis video")
-            except READ_ERRORS as err:
-                if runner is None:
-                    raise
-                warnings.warn(f"corrupt analysis cache entry {path} / {vid_path.name} ({err}); recomputing it",
-                              stacklevel=2)
-                rec = video = None
-        if rec is not None:
-            diff = stale_fields(rec.meta.get("cache_fields"), fields)
-            if want is not None and tuple(video.shape[:3]) != tuple(want):
-                diff["video shape"] = (list(video.shape[:3]), list(want))
-            if diff and runner is not None:  # made with other settings / another model: recompute
-                rec = video = None
-            elif diff:
-                raise ValueError(f"cached analysis {path} was made with other settings than asked for: "
-                                 + "; ".join(f"{k}: cached {a!r}, asked {b!r}" for k, (a, b) in diff.items())
-                                 + ". Pass the pipeline to recompute it, or the settings it was made with.")
-        if rec is None:
-            if runner is None:
-                raise ValueError(f"no cached analysis for {item} at {path} and no pipeline to compute it; pass the "
-                                 f"pipeline, or record first with the same num_steps={num_steps}, "
-                                 f"grid_size={grid_size}")
-            T, H, W = want
-            t0 = time.time()
-            if item["kind"] == "generated":
-                video, rec = A.analyze_generation(runner, item["prompt"], item["seed"], num_steps, grid_size,
-                                                guidance_scale=guidance_scale, size=(T, H, W),
-                                                max_grid_bytes=max_grid_bytes, **kw)
-            else:
-                s = World(T, H, W).sample(item["seed"], item["family"], item.get("split", "heldout"))
-                rec, video = A.analyze_exact(runner, s, num_steps, grid_size=grid_size, max_grid_bytes=max_grid_bytes,
-                                             **kw), s.video
-            rec.meta["seconds"] = time.time() - t0
-            rec.meta["cache_fields"] = fields
-            rec.meta["cache_key"] = record_key(fields)
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = vid_path.with_suffix(".tmp.npy")
-            np.save(tmp, video)
-            os.replace(tmp, vid_path)
-            rec.save(path)
+    for item in (tqdm(items, desc="analysis") if progress else items):
+        rec, video = _cached_or_computed(runner, want, model, item, cache_dir, num_steps, grid_size, guidance_scale,
+                                         kw, max_grid_bytes)
         gt, vis, _ = A.record_ground_truth(rec, item, video)
         out.append((item, A.score_tables(rec, gt, vis)))
     return out
+
+
+def record_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int = 50, grid_size: int = 10,
+                   processes=None, progress: bool = True, size=None, guidance_scale: float = 6.0,
+                   max_grid_bytes=None, **kw) -> None:
+    """Record (compute and cache, no scoring) this process's share of ``items``
+    (:class:`difftrack.experiments.distributed.Processes`, default: one process) with :func:`run_dataset`'s cache
+    rules, then wait for every process. Each record depends on its item alone, so the cache holds the same records
+    whatever the number of processes; :func:`run_dataset` with ``pipe=None`` then scores them on one process."""
+    from .distributed import Processes
+
+    items, runner, want, model, cache_dir = _prepare(pipe, items, cache_dir, num_steps, grid_size, guidance_scale, size,
+                                                     max_grid_bytes, kw)
+    procs = processes or Processes()
+    procs.run(items, lambda i, item: _cached_or_computed(runner, want, model, item, cache_dir, num_steps, grid_size,
+                                                         guidance_scale, kw, max_grid_bytes), desc="analysis record",
+              progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------- summary record

@@ -8,6 +8,7 @@ The measures and the generation itself are :mod:`difftrack.cag_eval` (no files);
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -93,60 +94,99 @@ def video_path(directory: str | Path, index: int, seed: int) -> Path:
     return Path(directory) / f"{int(index):04d}_seed{int(seed)}.npy"
 
 
-def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: Sequence[int] = (),
-                    scale: float = 0.0, num_inference_steps: int = 50, guidance_scale: float = 6.0,
-                    variant: str = "renormalized", batch_size: int = 100, log: Callable[[str], None] | None = print,
-                    autocast: str | None = None) -> list[dict]:
-    """Generate every item (``{"index", "prompt", "noise_seed"}``) whose video is not cached yet under
-    ``directory``, ``batch_size`` videos per pipeline call; each video is saved as soon as its batch ends, so an
-    interrupted run resumes. The folder's ``weights.json`` holds the fingerprint of the weights that made its videos
-    (:func:`difftrack.experiments.weights_fingerprint`); when ``pipe`` holds other weights, the cached videos are
-    deleted with a warning and generated again (a folder without the file, from before it existed or unpacked from a
-    pack, is taken to be of ``pipe``'s weights). Returns one timing record per batch: ``{"batch", "steps",
-    "step_seconds" (median over the steps after the first), "first_step_seconds", "total_seconds"}``."""
-    from ..fileio import npy_intact, read_json
+def claim_cache(pipe, directory: str | Path) -> None:
+    """Make ``directory`` a cache of ``pipe``'s videos: its ``weights.json`` holds the fingerprint of the weights that
+    made its videos (:func:`difftrack.experiments.weights_fingerprint`); when ``pipe`` holds other weights, the cached
+    videos are deleted with a warning (they are generated again). A folder without the file (from before it existed,
+    or unpacked from a pack) is taken to be of ``pipe``'s weights. With several processes only rank 0 calls this,
+    before the others generate."""
+    from ..fileio import read_json
     from . import weights_fingerprint, write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if pipe is not None:
-        marker = directory / "weights.json"
-        fp = weights_fingerprint(pipe)
-        made_by = read_json(marker, "CAG cache weights record") if marker.exists() else fp
-        if made_by != fp:
-            stale = sorted(directory.glob("*_seed*.npy")) + sorted(directory.glob("step_seconds.json"))
-            warnings.warn(f"cached videos in {str(directory)!r} were made by other weights ({made_by}, now {fp}); "
-                          f"{len(stale)} files deleted and generated again", stacklevel=2)
-            for f in stale:
-                f.unlink()
-        write_json(marker, fp, indent=None)
-    todo = []
-    for it in items:
-        p = video_path(directory, it["index"], it["noise_seed"])
-        if p.exists() and not npy_intact(p):  # truncated / garbled by a crash or a full disk: redo it
-            warnings.warn(f"cached video {str(p)!r} is corrupt (truncated or garbled); it is recomputed",
-                          stacklevel=2)
-            p.unlink()
-        if not p.exists():
-            todo.append(it)
+    marker = directory / "weights.json"
+    fp = weights_fingerprint(pipe)
+    made_by = read_json(marker, "CAG cache weights record") if marker.exists() else fp
+    if made_by != fp:
+        stale = sorted(directory.glob("*_seed*.npy")) + sorted(directory.glob("step_seconds.json"))
+        warnings.warn(f"cached videos in {str(directory)!r} were made by other weights ({made_by}, now {fp}); "
+                      f"{len(stale)} files deleted and generated again", stacklevel=3)
+        for f in stale:
+            f.unlink()
+    write_json(marker, fp, indent=None)
+
+
+def batches(items: Sequence[dict], batch_size: int) -> list[list[dict]]:
+    """The pipeline calls of a generation: ``items`` in consecutive chunks of ``batch_size``, fixed by item index
+    (a video depends on the batch it is generated in, so every run, resumed or split over processes, generates each
+    video in the same batch)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
+    return [list(items[k:k + batch_size]) for k in range(0, len(items), batch_size)]
+
+
+def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: Sequence[int] = (),
+                    scale: float = 0.0, num_inference_steps: int = 50, guidance_scale: float = 6.0,
+                    variant: str = "renormalized", batch_size: int = 100, log: Callable[[str], None] | None = print,
+                    autocast: str | None = None, only_batches: Sequence[int] | None = None,
+                    claim: bool = True) -> list[dict]:
+    """Generate the videos of ``items`` (``{"index", "prompt", "noise_seed"}``) not cached yet under ``directory``.
+
+    The pipeline calls are :func:`batches` of ``batch_size`` items, fixed by item index: a batch with any video
+    missing is generated whole and its missing videos saved as soon as it ends (an interrupted run resumes, and
+    every video comes from the same batch whatever was cached). ``only_batches``: generate only these batch indices
+    (one process's share, :mod:`difftrack.experiments.distributed`); ``claim``: check the folder's weights first
+    (:func:`claim_cache`; several processes: rank 0 claims, the others pass ``False``). A truncated or garbled
+    cached video is named in a warning and generated again. Returns one timing record per pipeline call:
+    ``{"batch", "steps", "step_seconds" (median over the steps after the first), "first_step_seconds",
+    "total_seconds"}``."""
+    from ..fileio import npy_intact
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if pipe is not None and claim:
+        claim_cache(pipe, directory)
+    chunks = batches(items, batch_size)
+    wanted = range(len(chunks)) if only_batches is None else sorted(set(only_batches))
+    bad = [b for b in wanted if not 0 <= b < len(chunks)]
+    if bad:
+        raise ValueError(f"only_batches holds {bad}; allowed: batch indices 0 .. {len(chunks) - 1}")
     records = []
-    for k in range(0, len(todo), batch_size):
-        chunk = todo[k:k + batch_size]
+    for b in wanted:
+        chunk = chunks[b]
+        missing = []
+        for it in chunk:
+            p = video_path(directory, it["index"], it["noise_seed"])
+            if p.exists() and not npy_intact(p):  # truncated / garbled by a crash or a full disk: redo it
+                warnings.warn(f"cached video {str(p)!r} is corrupt (truncated or garbled); it is recomputed",
+                              stacklevel=2)
+                p.unlink()
+            if not p.exists():
+                missing.append(it)
+        if not missing:
+            continue
         times: list[float] = []
         t0 = time.perf_counter()
         vids = E.generate_videos(pipe, [it["prompt"] for it in chunk], [it["noise_seed"] for it in chunk], layers,
-                               scale, num_inference_steps, guidance_scale, variant, step_times=times,
-                               autocast=autocast)
+                                 scale, num_inference_steps, guidance_scale, variant, step_times=times,
+                                 autocast=autocast)
         total = time.perf_counter() - t0
+        keep = {id(it) for it in missing}
         for it, v in zip(chunk, vids):
-            np.save(video_path(directory, it["index"], it["noise_seed"]), v)
+            if id(it) in keep:
+                p = video_path(directory, it["index"], it["noise_seed"])
+                tmp = p.with_name(p.name + ".tmp")  # atomic: a killed run never leaves half a video
+                with open(tmp, "wb") as f:
+                    np.save(f, v)
+                os.replace(tmp, p)
         rec = dict(batch=len(chunk), steps=num_inference_steps,
                    step_seconds=float(np.median(times[1:] if len(times) > 1 else times)),
                    first_step_seconds=float(times[0]), total_seconds=float(total))
         records.append(rec)
         if log:
-            log(f"  {directory.name}: {k + len(chunk)}/{len(todo)} videos, {rec['step_seconds']:.3f} s/step at batch "
-                f"{len(chunk)} ({total:.1f} s)")
+            log(f"  {directory.name}: batch {b + 1}/{len(chunks)} ({len(missing)} new videos), "
+                f"{rec['step_seconds']:.3f} s/step at batch {len(chunk)} ({total:.1f} s)")
     return records
 
 
