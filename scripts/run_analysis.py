@@ -70,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=1,
                     help="record with this many processes sharing the device, each a slice of the videos (the "
                          "per-video analysis is bound by kernel-launch overhead, so a GPU runs several at once)")
+    ap.add_argument("--protocols", default="difftrack,published",
+                    help="scoring protocols recorded and summarised (difftrack = the project's, the top-level "
+                         "numbers; published = the published code's definitions, defects fixed, under 'published'); "
+                         "one run records both")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # worker mode: "k/n", record items[k::n]
     ap.add_argument("--measure", choices=("plain", "analysis"), help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args(argv)
@@ -89,6 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SystemExit("nothing to analyse: --videos-per-family and --exact are both 0")
     if args.steps < 1 or args.grid < 1:
         raise SystemExit("--steps and --grid must be >= 1")
+    try:
+        args.protocols = analysis.check_protocols([p.strip() for p in args.protocols.split(",") if p.strip()])
+    except ValueError as e:
+        raise SystemExit(f"--protocols {args.protocols!r}: {e}") from None
     return args
 
 
@@ -117,7 +125,8 @@ def measure(args) -> dict:
         if args.measure == "plain":
             runner.generate(prompt, args.seed, n)
         else:
-            analysis.analyze_generation(runner, prompt, args.seed, num_steps=n, grid_size=args.grid)
+            analysis.analyze_generation(runner, prompt, args.seed, num_steps=n, grid_size=args.grid,
+                                        protocols=args.protocols)
         if cuda:
             torch.cuda.synchronize()
 
@@ -140,7 +149,7 @@ def timing(args) -> dict:
     for mode in ("plain", "analysis"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", mode, "--device", args.device,
                "--dtype", args.dtype, "--model", args.model, "--steps", str(args.steps), "--grid", str(args.grid),
-               "--seed", str(args.seed)]
+               "--seed", str(args.seed), "--protocols", ",".join(args.protocols)]
         if args.timing_steps:
             cmd += ["--timing-steps", str(args.timing_steps)]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -177,7 +186,7 @@ def _no_pseudo_gt():
 def _record_items(args, items, cache: Path) -> None:
     pipe = load_pipeline(args.model, args.device, args.dtype)
     with _no_pseudo_gt():
-        xa.run_dataset(pipe, items, cache, num_steps=args.steps, grid_size=args.grid)
+        xa.run_dataset(pipe, items, cache, num_steps=args.steps, grid_size=args.grid, protocols=args.protocols)
     del pipe
 
 
@@ -191,7 +200,8 @@ def _record_sharded(args, cache: Path) -> None:
     base = [sys.executable, str(Path(__file__).resolve()), "--phase", "record", "--no-timing",
             "--videos-per-family", str(args.videos_per_family), "--exact", str(args.exact), "--steps",
             str(args.steps), "--grid", str(args.grid), "--seed", str(args.seed), "--model", args.model,
-            "--device", args.device, "--dtype", args.dtype, "--cache", str(args.cache)]
+            "--device", args.device, "--dtype", args.dtype, "--cache", str(args.cache),
+            "--protocols", ",".join(args.protocols)]
     import signal
 
     def _stop(signum, frame):
@@ -267,7 +277,7 @@ def score(args, items, cache: Path, record_meta: dict | None) -> dict:
         raise SystemExit(f"{len(missing)} of {len(items)} videos have no record in {cache} (first: {missing[0]}); "
                          f"run --phase record with the same --videos-per-family/--exact/--steps/--grid/--seed first")
     t0 = time.time()
-    results = xa.run_dataset(None, items, cache, num_steps=args.steps, grid_size=args.grid)
+    results = xa.run_dataset(None, items, cache, num_steps=args.steps, grid_size=args.grid, protocols=args.protocols)
     score_sec = time.time() - t0
     grouped = xa.group_tables(results)
     names = {"generated": "generated", "exact": "exact", "all": "combined"}
@@ -280,12 +290,20 @@ def score(args, items, cache: Path, record_meta: dict | None) -> dict:
         record_meta = json.loads(meta_path.read_text()).get(f"s{args.steps}_g{args.grid}") if meta_path.exists() \
             else None
     rec0, _ = xa.load_cached(cache, items[0], args.steps, args.grid)
+
+    def blocks(protocol):
+        tabs = {k: xa.protocol_tables(g, protocol) for k, g in grouped.items()}
+        return {names[k]: dict(count=sum(1 for it in items if k == "all" or it["kind"] == k),
+                               **xa.summarize_tables(g).to_dict(), **ranking(g)) for k, g in tabs.items()}, \
+            {names[k]: {n: np.round(v, 5).tolist() for n, v in g.items()} for k, g in tabs.items()}
+
+    main_blocks, main_tables = blocks("difftrack")
     out = dict(
         num_steps=args.steps, generated_per_family=args.videos_per_family, exact_per_family=args.exact,
-        **{names[k]: dict(count=sum(1 for it in items if k == "all" or it["kind"] == k),
-                          **xa.summarize_tables(g).to_dict(), **ranking(g)) for k, g in grouped.items()},
+        protocol="difftrack", protocol_note=xa.PROTOCOL_NOTES["difftrack"],
+        **main_blocks,
         timesteps=[int(t) for t in rec0.timesteps],
-        tables={names[k]: {n: np.round(v, 5).tolist() for n, v in g.items()} for k, g in grouped.items()},
+        tables=main_tables,
         tables_note="per subset, each table [steps][layers] (step 0 = noisiest), mean over videos: qk_acc / feat_acc "
                     "(fraction of visible points within half a token, frames 1..), conf_{text,self,cross} "
                     "(confidence score), attn_{text,self,cross} (attention score), hm (harmonic mean of min-max "
@@ -312,6 +330,10 @@ def score(args, items, cache: Path, record_meta: dict | None) -> dict:
                           "> 1 the workers share one device, so these add up to more than record_wall)"),
         commit=commit(), record_commit=(record_meta or {}).get("commit"),
     )
+    if "published" in args.protocols:
+        pub_blocks, pub_tables = blocks("published")
+        out["published"] = dict(protocol="published", protocol_note=xa.PROTOCOL_NOTES["published"], **pub_blocks,
+                                tables=pub_tables)
     timing_res = (record_meta or {}).get("timing")
     if timing_res:
         out.update(analysis_time_ratio=timing_res["analysis_time_ratio"],
@@ -366,12 +388,13 @@ def main(argv=None) -> int:
             summary.update({k: prev[k] for k in ("timing", "analysis_time_ratio", "analysis_extra_peak_mib")
                             if k in prev})
         write_record(out, xa.AnalysisSummary.from_json(summary), indent=2)
-        for k in ("generated", "exact", "combined"):
-            if k in summary:
-                s = summary[k]
-                print(f"{k:9s} n={s['count']:3d}: qk best {100 * s['qk_best_acc']:.1f} %, feat best "
-                      f"{100 * s['feat_best_acc']:.1f} %, top-3 {s['best_layers_top3']}, HM top3/median "
-                      f"{s['hm_top3_over_median']:.2f}, acc last/first {s['acc_last_over_first_step']:.2f}")
+        for proto, blk in (("difftrack", summary), ("published", summary.get("published") or {})):
+            for k in ("generated", "exact", "combined"):
+                if k in blk:
+                    s = blk[k]
+                    print(f"{proto:9s} {k:9s} n={s['count']:3d}: qk best {100 * s['qk_best_acc']:.1f} %, feat best "
+                          f"{100 * s['feat_best_acc']:.1f} %, top-3 {s['best_layers_top3']}, HM top3/median "
+                          f"{s['hm_top3_over_median']:.2f}, acc last/first {s['acc_last_over_first_step']:.2f}")
         print(f"wrote {out}")
     return 0
 
