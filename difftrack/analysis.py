@@ -349,7 +349,7 @@ def interpolate_frames(tracks: np.ndarray, frames: int) -> np.ndarray:
     return (tracks[..., i0, :] * (1 - w) + tracks[..., i1, :] * w).astype(tracks.dtype)
 
 
-def _score_parts(max_text, sum_text, max_frame, sum_frame, v_lat: np.ndarray) -> dict[str, np.ndarray]:
+def score_parts(max_text, sum_text, max_frame, sum_frame, v_lat: np.ndarray) -> dict[str, np.ndarray]:
     """Confidence and attention score tables ``[S, L]`` from the recorded maxima / sums and the per-latent-frame
     visibility ``v_lat [n, F]`` (frame 0 = the query frame)."""
     vf = v_lat.astype(np.float32).copy()  # [n, F]
@@ -407,7 +407,7 @@ def score_tables(rec: AnalysisRecord, gt_tracks: np.ndarray, gt_visible: np.ndar
         if rec.qk_tracks_heads is not None:  # [S, L, K]: accuracy of each head set
             d = np.linalg.norm(rec.qk_tracks_heads - gt_tracks[None, None, None], axis=-1)
             out["qk_acc_heads"] = ((d < thr) & v_later).sum((-1, -2)) / max(v_later.sum(), 1)
-        out.update(_score_parts(rec.max_text, rec.sum_text, rec.max_frame, rec.sum_frame, vis))
+        out.update(score_parts(rec.max_text, rec.sum_text, rec.max_frame, rec.sum_frame, vis))
         return out
     if "published" not in (rec.protocols or ()) or rec.pub_qk_tracks is None:
         raise ValueError("the record has no published-protocol tracks (recorded with protocols="
@@ -423,7 +423,7 @@ def score_tables(rec: AnalysisRecord, gt_tracks: np.ndarray, gt_visible: np.ndar
         parts = (rec.max_text, rec.sum_text, rec.max_frame, rec.sum_frame)
     else:
         raise ValueError("the record has no score tables at the published temperature sqrt(head_dim)")
-    out.update(_score_parts(*parts, v_lat))
+    out.update(score_parts(*parts, v_lat))
     return out
 
 
