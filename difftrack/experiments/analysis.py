@@ -142,6 +142,35 @@ def summarize_tables(tables: dict[str, np.ndarray], step: int = -1, protocol: st
                    acc_first_step=first)
 
 
+def protocol_summaries(grouped: dict[str, dict[str, np.ndarray]], step: int = -1) -> dict[str, dict | None]:
+    """``{protocol: {subset: Summary dict} or None}`` of :func:`group_tables` output, for every protocol of
+    :data:`difftrack.analysis.PROTOCOLS` (``None``: not recorded)."""
+    out = {}
+    for protocol in A.PROTOCOLS:
+        recorded = all(protocol_tables(t, protocol) is not None for t in grouped.values())
+        out[protocol] = ({name: summarize_tables(t, step, protocol).to_dict() for name, t in grouped.items()}
+                         if recorded else None)
+    return out
+
+
+def headline_frame(by_protocol: dict[str, dict | None]):
+    """``pandas.DataFrame`` of headline numbers, one row per (protocol, subset), from
+    ``{protocol: {subset: summary dict} or None}`` (:func:`protocol_summaries`, or a paper-scale summary's blocks);
+    a protocol that was not recorded gets one row saying so."""
+    import pandas as pd
+
+    cols = ("qk_best_acc", "feat_best_acc", "qk_best_layer", "best_layers_top3", "hm_top3_over_median",
+            "acc_last_over_first_step")
+    rows = []
+    for protocol, subsets in by_protocol.items():
+        if not subsets:
+            rows.append(dict(protocol=protocol, subset="not recorded"))
+            continue
+        for name, s in subsets.items():
+            rows.append(dict(protocol=protocol, subset=name, **{c: s.get(c) for c in cols}))
+    return pd.DataFrame(rows).set_index(["protocol", "subset"])
+
+
 def group_tables(results: list[tuple[dict, dict]]) -> dict[str, dict[str, np.ndarray]]:
     """Mean tables (:func:`difftrack.analysis.mean_tables`) of ``run_dataset`` results per subset: ``"generated"``
     (pseudo ground truth), ``"exact"`` (world videos, exact ground truth) and ``"all"``; each table gains ``"hm"``,
