@@ -21,7 +21,10 @@ the summary. ``all`` does both.
 The summary (``--out``) holds, for the generated (pseudo GT), exact (world, exact GT) and combined sets:
 ``qk_best_acc`` and ``feat_best_acc`` (best layer at the last step), ``best_layers_top3`` (harmonic mean at the last
 step), ``hm_top3_over_median``, ``acc_last_over_first_step`` (best layer); plus counts, settings, device, seconds and
-commit.
+commit. These top-level numbers are the project's scoring protocol (``"protocol": "difftrack"``); the same blocks and
+tables under the published protocol (:mod:`difftrack.analysis`: argmax + match-map interpolation, every video frame
+scored with frame 0, scores at sqrt(head_dim)) are under ``"published"``. Both come from one recording
+(``--protocols``, both by default); records cached without the published protocol are recorded again.
 """
 from __future__ import annotations
 

@@ -190,3 +190,30 @@ def test_summary_without_published_block_reads_and_says_so(tmp_path):
     (tmp_path / "analysis_summary.json").write_text(json.dumps(d))
     p = paper_results.load_analysis(tmp_path)
     assert p.published_summary["all"] == d["combined"] and p.published_tables["all"]["qk_acc"].shape[0] == 50
+
+
+def test_published_chunk_loop():
+    """plan_chunks(plan="published") is the published loop (reference section 7.2): DAVIS's 50 frames give the
+    published five interleaved chunks, 30 frames seven (short, sliding windows) where the project's plan needs 4."""
+    from difftrack.tracking import plan_chunks
+
+    davis = plan_chunks(50, 0, plan="published")
+    assert davis == [[0] + list(range(s, 50, 4))[:12] for s in (1, 2, 3, 4, 5)] == plan_chunks(50, 0)
+    p30 = plan_chunks(30, 0, plan="published")
+    assert len(p30) == 7 and len(plan_chunks(30, 0)) == 4
+    assert p30[2] == [0] + list(range(3, 26, 2)) and p30[-1] == [0] + list(range(7, 30, 2))
+    assert plan_chunks(8, 0, plan="published") == [list(range(8))]  # the published loop divides by zero here
+    assert plan_chunks(30, 0, interleave=False, plan="published")[-1] == [0] + list(range(25, 30))  # short last block
+    with pytest.raises(ValueError, match="plan='davis'"):
+        plan_chunks(30, 0, plan="davis")
+
+
+def test_feature_similarity_dot_is_the_raw_product():
+    from difftrack.matching import feature_cost_frames
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 4, generator=g), torch.randn(2, 6, 4, generator=g)
+    got = feature_cost_frames(a, b, tau=1.0, bidirectional=False, similarity="dot")
+    assert torch.allclose(got, torch.softmax(torch.einsum("sc,fkc->fsk", a, b), -1))
+    with pytest.raises(ValueError, match="similarity='l2'"):
+        feature_cost_frames(a, b, similarity="l2")
