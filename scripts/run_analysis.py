@@ -307,7 +307,8 @@ def score(args, items, cache: Path, record_meta: dict | None) -> dict:
         **main_blocks,
         timesteps=[int(t) for t in rec0.timesteps],
         tables=main_tables,
-        tables_note="per subset, each table [steps][layers] (step 0 = noisiest), mean over videos: qk_acc / feat_acc "
+        tables_note="per subset, each table [steps][layers] (step 0 = noisiest), mean over videos, project protocol "
+                    "(the published protocol's: published.tables): qk_acc / feat_acc "
                     "(fraction of visible points within half a token, frames 1..), conf_{text,self,cross} "
                     "(confidence score), attn_{text,self,cross} (attention score), hm (harmonic mean of min-max "
                     "normalised qk_acc, conf_cross, attn_cross)",
