@@ -217,3 +217,23 @@ def test_feature_similarity_dot_is_the_raw_product():
     assert torch.allclose(got, torch.softmax(torch.einsum("sc,fkc->fsk", a, b), -1))
     with pytest.raises(ValueError, match="similarity='l2'"):
         feature_cost_frames(a, b, similarity="l2")
+
+
+def test_headlines_of_both_protocols_and_not_recorded():
+    from difftrack.experiments import analysis as xa
+
+    rng = np.random.default_rng(0)
+    names = ("qk_acc", "feat_acc", "conf_cross", "attn_cross")
+    tabs = {n: rng.random((3, 4)) for n in names}
+    tabs.update({"pub_" + n: rng.random((3, 4)) for n in names})
+    tabs["qk_acc"][-1, 2] = 2.0  # the project protocol's best layer: 2
+    tabs["pub_qk_acc"][-1, 1] = 2.0  # the published one's: 1
+    by = xa.protocol_summaries({"all": tabs})
+    assert by["difftrack"]["all"]["qk_best_layer"] == 2 and by["published"]["all"]["qk_best_layer"] == 1
+    frame = xa.headline_frame(by)
+    assert frame.loc[("published", "all"), "qk_best_layer"] == 1
+    only = xa.protocol_summaries({"all": {n: tabs[n] for n in names}})
+    assert only["published"] is None
+    assert ("published", "not recorded") in xa.headline_frame(only).index
+    with pytest.raises(ValueError, match="no 'published' tables"):
+        xa.summarize_tables({n: tabs[n] for n in names}, protocol="published")
