@@ -18,8 +18,11 @@ For analysis that must not hold tensors (all layers x all steps), pass ``on_qk=`
 ``store=False``: each event is handed over while the forward runs and nothing is kept.
 
 Steps are the denoising loop index (0 = noisiest). They are counted from the ``timestep`` argument of successive
-transformer calls: a new value starts a new step, an equal value is the same step (Wan calls the transformer twice
-per step), a larger value starts a new run at step 0. Use :meth:`Capture.set_step` to set steps by hand.
+transformer calls through the backbone's step key (:attr:`BackboneAdapter.step_key`; by default the largest value of
+a scalar or per-token timestep): a new key starts a new step, an equal key is the same step (Wan calls the
+transformer twice per step), a noisier one starts a new run at step 0. Mochi's timestep rises along the loop and
+SkyReels-V2's diffusion forcing gives one level per frame; their keys say so (``docs/conventions.md``). Use
+:meth:`Capture.set_step` to set steps by hand.
 
 Classifier-free guidance of batched backbones (CogVideoX, LTX: one batch ``[uncond, cond]``) is recognised from
 the call itself, not guessed from the batch size: the pipelines duplicate the latents for the two halves
@@ -37,6 +40,7 @@ exactly the wrapper it installed.
 from __future__ import annotations
 
 import collections.abc as _abc
+import dataclasses
 import inspect
 import numbers
 from contextlib import contextmanager
@@ -47,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from .backbones import BackboneAdapter, TokenGrid, adapter_for, resolve_transformer
-from .hooks import SDPAIntercept, processor_wrapper_class, unwrap_processor  # noqa: F401 (re-exported)
+from .hooks import SDPAIntercept, processor_wrapper_class, set_processor, unwrap_processor  # noqa: F401
 
 BRANCHES = ("cond", "uncond", "all")
 WHAT = ("q", "k", "features")
@@ -108,14 +112,28 @@ class _CapturingProcessor:
     def _run(self, *args, **kwargs):
         if not self.owner._active("qk"):
             return self.inner(*args, **kwargs)
-        watch = SDPAIntercept(lambda call: self.owner._on_sdpa(self.layer, call["query"], call["key"]))
+        if self.owner.adapter.per_sample_attention:  # one SDPA call per batch row: gather them, then hand over
+            rows = []
+            watch = SDPAIntercept(lambda call: rows.append((call["query"], call["key"])), every=True)
+        else:
+            watch = SDPAIntercept(lambda call: self.owner._on_sdpa(self.layer, call["query"], call["key"]))
         with watch:
             out = self.inner(*args, **kwargs)
         if not watch.handled:
             raise RuntimeError(
                 f"no scaled_dot_product_attention call was seen in layer {self.layer}'s processor "
                 f"{type(self.inner).__name__}; capture needs the native SDPA attention backend")
+        if self.owner.adapter.per_sample_attention:
+            self.owner._on_sdpa_rows(self.layer, rows)
         return out
+
+
+def _rises(key: tuple[float, ...], last: tuple[float, ...]) -> bool:
+    """Whether step key ``key`` starts a new generation after ``last``: some entry got noisier (keys of another
+    length, e.g. another window of frames, compare by their largest entry)."""
+    if len(key) != len(last):
+        return max(key) > max(last)
+    return any(a > b for a, b in zip(key, last))
 
 
 def _wrap(proc, layer: int, owner: "Capture") -> _CapturingProcessor:
@@ -187,6 +205,7 @@ class Capture:
         self.grid: TokenGrid | None = None
         self.step = -1
         self._last_t = None
+        self._last_key: tuple[float, ...] | None = None
         self._call_in_step = 0
         self._manual_step: int | None = None
         self.runs = 0
@@ -206,16 +225,19 @@ class Capture:
             params = list(inspect.signature(type(module).forward).parameters)[1:]  # drop self
             i = params.index("timestep") if "timestep" in params else None
             t = args[i] if i is not None and len(args) > i else None
-        # per-token timesteps (Wan 2.2 TI2V, LTX I2V) hold 0 for conditioning frames: the max is the step's value
-        tv = float(t.max()) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
+        # the adapter's step key (default: the max over per-token timesteps; Wan 2.2 TI2V's clean first frame holds
+        # 0); ``tv``, the recorded timestep, is the call's largest timestep value
+        key = self.adapter.step_key(t)
+        tv = None if t is None else (float(t.max()) if isinstance(t, torch.Tensor) else float(t))
+        last = self._last_key
         if self._manual_step is not None:
             if self._manual_step != self.step:
                 self._call_in_step = 0
             else:
                 self._call_in_step += 1
             self.step = self._manual_step
-        elif self._last_t is None or (tv is not None and self._last_t is not None and tv > self._last_t):
-            if self._last_t is not None:
+        elif last is None or (key is not None and _rises(key, last)):
+            if last is not None:
                 self.runs += 1
                 self._cfg_run.clear()
                 if self.store and self.data:
@@ -226,12 +248,12 @@ class Capture:
                         f"store=False with callbacks")
             self._check_branch_complete()
             self.step, self._call_in_step = 0, 0
-        elif tv == self._last_t:
+        elif key == last:
             self._call_in_step += 1
         else:
             self._check_branch_complete()
             self.step, self._call_in_step = self.step + 1, 0
-        self._last_t = tv
+        self._last_t, self._last_key = tv, key
         self.timesteps[self.step] = tv
         self._cfg_now = self._detect_cfg(args, kwargs)
         x = kwargs.get("hidden_states", args[0] if args else None)
@@ -313,9 +335,30 @@ class Capture:
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach().to(device=self.device or x.device, dtype=self.dtype or x.dtype, copy=True)
 
-    def _on_sdpa(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        q, k = self._select(q), self._select(k)
-        ev = QKEvent(layer, self.step, self.timesteps.get(self.step), q, k, self.grid)
+    def _on_sdpa_rows(self, layer: int, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per-row SDPA calls (``per_sample_attention``): row ``i`` attends over ``[video, its valid text]``
+        (``q, k [1, H, N_video + L_i, D]``). The selected CFG rows are joined along the batch with their text when
+        every selected row has the same text length; otherwise (``branch="all"`` with prompts of different lengths)
+        only their video tokens are kept (``grid.text_len = 0``)."""
+        g = self.grid
+        if len(rows) != self._batch_now:
+            raise RuntimeError(f"layer {layer}: {len(rows)} per-row attention calls for a batch of {self._batch_now}")
+        chosen = self._select(torch.arange(len(rows))).tolist()
+        lens = {rows[i][0].shape[2] for i in chosen}
+        if len(lens) == 1:
+            n = lens.pop()
+            q, k = (torch.cat([rows[i][j] for i in chosen]) for j in (0, 1))
+            grid = dataclasses.replace(g, text_len=n - g.num_video, text_first=False)
+        else:
+            q, k = (torch.cat([rows[i][j][:, :, :g.num_video] for i in chosen]) for j in (0, 1))
+            grid = dataclasses.replace(g, text_len=0)
+        self._on_sdpa(layer, q, k, grid=grid, selected=True)
+
+    def _on_sdpa(self, layer: int, q: torch.Tensor, k: torch.Tensor, grid: TokenGrid | None = None,
+                 selected: bool = False) -> None:
+        if not selected:
+            q, k = self._select(q), self._select(k)
+        ev = QKEvent(layer, self.step, self.timesteps.get(self.step), q, k, grid or self.grid)
         if self.store:
             if "q" in self.what:
                 self._put((f"blocks.{layer}.attn.q", self.step), self._keep(ev.q_video))
@@ -421,7 +464,7 @@ def capture(model, layers: int | str | Sequence[int | str] | None = None, steps:
                 attn = adapter.self_attention(block)
                 wrapper = _wrap(attn.processor, l, cap)
                 installed.append((attn, wrapper))
-                attn.set_processor(wrapper)
+                set_processor(attn, wrapper)
             if want_feat:
                 handles.append(block.register_forward_hook(lambda m, a, o, l=l: cap._on_block(l, o)))
         yield cap

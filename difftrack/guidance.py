@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import TokenGrid, adapter_for, adapters, family_for, resolve_transformer
-from .hooks import SDPAIntercept, processor_wrapper_class, track_grid, unwrap_processor
+from .hooks import SDPAIntercept, processor_wrapper_class, set_processor, track_grid, unwrap_processor
 
 VARIANTS = ("renormalized", "zero_after_softmax")
 CAG_BACKBONES = tuple(a.name for a in adapters() if a.cag_attention)  # ("cogvideox", "hunyuanvideo", "wan")
@@ -450,11 +450,15 @@ class SDPACAGAttnProcessor:
         n = q.shape[0]
         pert, keep = st.split_rows(n, q.device)
         key_mask = None
-        if attn_mask is not None:
+        if attn_mask is not None and _frame_blocks_open(attn_mask, g):
+            pass  # a block-causal mask over the video (SkyReels-V2 causal_block_size > 1) never hides a frame from
+            # itself, so the frame-local attention of the perturbed rows is already inside it
+        elif attn_mask is not None:
             m = attn_mask
             if m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != 1:
                 raise ValueError(f"layer {self.layer}: CAG handles a boolean key-padding mask [B, 1, 1, N] "
-                                 f"(HunyuanVideo's); got {m.dtype} {tuple(m.shape)}")
+                                 f"(HunyuanVideo's) or a video mask [B, 1, N, N] that lets every frame see itself "
+                                 f"(SkyReels-V2's block-causal one); got {m.dtype} {tuple(m.shape)}")
             key_mask = m[:, 0, 0].expand(n, -1)
         out = v.new_empty(q.shape[:3] + (v.shape[-1],))
         out[pert] = frame_local_attention(q[pert], k[pert], v[pert], frames=g.frames, text_len=g.text_len,
@@ -465,6 +469,18 @@ class SDPACAGAttnProcessor:
             am = attn_mask[keep] if attn_mask is not None and attn_mask.shape[0] == n else attn_mask
             out[keep] = F.scaled_dot_product_attention(q[keep], k[keep], v[keep], attn_mask=am)
         return out
+
+
+def _frame_blocks_open(mask: torch.Tensor, g) -> bool:
+    """Whether ``mask`` is a boolean ``[B, 1, N, N]`` mask over the video tokens only (no text in the sequence) whose
+    every frame-to-same-frame block is all True."""
+    N = g.num_video
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (N, N) or g.text_len:
+        return False
+    P = g.tokens_per_frame
+    blocks = mask.reshape(mask.shape[0], mask.shape[1], g.frames, P, g.frames, P)
+    own = blocks.diagonal(dim1=2, dim2=4)  # [B, 1, P, P, F]
+    return bool(own.all())
 
 
 def _sdpa_cag_processor(original, state, variant, layer, query_chunk, key_chunk) -> SDPACAGAttnProcessor:
@@ -515,7 +531,7 @@ def apply_cag(model_or_pipe, config: CAGConfig, *, query_chunk: int = QUERY_CHUN
             else:
                 proc = _sdpa_cag_processor(attn.processor, state, config.variant, l, query_chunk, key_chunk)
             installed.append((attn, proc))
-            attn.set_processor(proc)
+            set_processor(attn, proc)
         yield state
     finally:
         for attn, proc in reversed(installed):  # order-safe: removes exactly this context's processor
@@ -701,7 +717,8 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
                          f"pipeline combines with; CAG is folded through s / guidance_scale)")
     do_cfg = guidance_scale > 1.0 if do_cfg is None else bool(do_cfg)
     transformer = resolve_transformer(model_or_pipe)
-    sequential = adapter_for(transformer).cfg == "sequential"
+    adapter = adapter_for(transformer)
+    sequential = adapter.cfg == "sequential"
     sig = inspect.signature(transformer.forward)
     handles = []
     with apply_cag(transformer, config, **apply_kwargs) as state, \
@@ -714,8 +731,7 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
         def pre(m, args, kwargs):
             bound = sig.bind(*args, **kwargs).arguments
             if sequential:
-                t = bound.get("timestep")
-                tv = float(t.max()) if isinstance(t, torch.Tensor) else t
+                tv = adapter.step_key(bound.get("timestep"))  # the capture's step key (per-frame levels, ...)
                 if do_cfg and pending["last_t"] is not None and tv == pending["last_t"]:
                     pending["s"] = 0.0  # the step's second (unconditional) call
                     state.set_slots(1, [])
@@ -783,7 +799,10 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
     the extra slot); HunyuanVideo uses embedded guidance (``guidance_scale``) and CFG only with ``true_cfg_scale > 1``
     and a negative prompt, which then is the weight folded. ``use_dynamic_cfg=True`` is refused (CogVideoX): the
     pipeline changes ``w`` only after the transformer call, so the hook could not fold ``s/w`` correctly (the
-    published CAG code ignores dynamic CFG too). Wan 2.2's second transformer (``transformer_2``) is refused.
+    published CAG code ignores dynamic CFG too). Wan 2.2's second transformer (``transformer_2``) is refused; so
+    are calls whose loop the hooks cannot follow, as the pipeline's family says (:meth:`PipelineFamily.check_cag_call`:
+    SkyReels-V2's asynchronous diffusion forcing and multi-window long videos). Wan 2.2 TI2V and SkyReels-V2 (also
+    with block-causal attention) follow Wan's sequential CFG; Mochi has no CAG processor (:func:`apply_cag` refuses).
     ``shared_prefix``: see :func:`cag_hooks`.
     """
     if use_dynamic_cfg:
@@ -794,6 +813,8 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
                          "hooks; allowed: a single transformer")
     if config is None:
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
-    weight, do_cfg = family_for(pipe).cfg_weight(guidance_scale, kwargs)  # HunyuanVideo: embedded guidance
+    family = family_for(pipe)
+    family.check_cag_call(kwargs)  # SkyReels-V2 diffusion forcing: synchronous loops only
+    weight, do_cfg = family.cfg_weight(guidance_scale, kwargs)  # HunyuanVideo: embedded guidance
     with cag_hooks(pipe, config, weight, num_inference_steps, do_cfg=do_cfg, shared_prefix=shared_prefix):
         return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)

@@ -8,6 +8,7 @@ wrappers that install and come off in any order.
   run plainly.
 * :func:`processor_wrapper_class` -- wrapper classes that declare the wrapped processor's ``__call__`` signature
   (diffusers' ``Attention`` drops keyword arguments a processor does not declare).
+* :func:`set_processor` -- installs a processor on any diffusers attention module.
 * :func:`unwrap_processor` -- removes one wrapper from an attention module's processor chain wherever it sits,
   so nested contexts (a capture inside CAG, two captures) can exit in any order.
 * :func:`track_grid` -- a forward pre-hook that reads the token grid of every transformer call from its inputs.
@@ -25,20 +26,22 @@ SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "sc
 
 
 class SDPAIntercept(TorchFunctionMode):
-    """Hands the first ``F.scaled_dot_product_attention`` call for which ``match(call)`` holds to ``fn(call)``.
+    """Hands the first ``F.scaled_dot_product_attention`` call for which ``match(call)`` holds to ``fn(call)`` (with
+    ``every=True``: every such call, for processors that attend per batch row, Mochi's).
 
     ``call`` is the dict of the call's arguments by name (:data:`SDPA_ARGS`, plus any other keyword). ``fn``
     returns ``None`` to let the call run unchanged (an observer) or the tensor that replaces its result.
-    ``handled`` counts the calls handed over (0 or 1).
+    ``handled`` counts the calls handed over (0 or 1; any number with ``every``).
     """
 
-    def __init__(self, fn: Callable[[dict], object], match: Callable[[dict], bool] | None = None):
+    def __init__(self, fn: Callable[[dict], object], match: Callable[[dict], bool] | None = None,
+                 every: bool = False):
         super().__init__()
-        self.fn, self.match, self.handled = fn, match, 0
+        self.fn, self.match, self.every, self.handled = fn, match, every, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and not self.handled:
+        if func is F.scaled_dot_product_attention and (self.every or not self.handled):
             call = dict(zip(SDPA_ARGS, args))
             call.update(kwargs)
             if self.match is None or self.match(call):
@@ -74,6 +77,16 @@ def _inner_of(proc):
     return None, None
 
 
+def set_processor(attn: nn.Module, processor) -> None:
+    """Install ``processor`` on the attention module ``attn``: ``attn.set_processor`` where the class has it
+    (diffusers' ``Attention`` and ``AttentionModuleMixin``), else the ``processor`` attribute (``MochiAttention``,
+    which calls ``self.processor`` and has no setter)."""
+    if hasattr(attn, "set_processor"):
+        attn.set_processor(processor)
+    else:
+        attn.processor = processor
+
+
 def unwrap_processor(attn: nn.Module, wrapper) -> bool:
     """Remove ``wrapper`` from ``attn``'s processor chain, wherever it now sits, re-linking what it currently wraps.
 
@@ -84,7 +97,7 @@ def unwrap_processor(attn: nn.Module, wrapper) -> bool:
     e.g. by ``set_attn_processor``; then nothing is touched)."""
     _, below = _inner_of(wrapper)
     if attn.processor is wrapper:
-        attn.set_processor(below)
+        set_processor(attn, below)
         return True
     cur, seen = attn.processor, set()
     while cur is not None and id(cur) not in seen:

@@ -296,9 +296,13 @@ def build_untrained(seed: int = 0) -> MiniVideoPipeline:
                              CogVideoXDDIMScheduler(**scheduler_config()))
 
 
-def load_default(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MiniVideoPipeline:
-    """Load the committed embedded model from inside the package (offline)."""
-    if not (WEIGHTS_DIR / "model_index.json").exists():
-        raise FileNotFoundError(f"embedded weights missing at {WEIGHTS_DIR}; train them with scripts/train_mini.py")
-    pipe = MiniVideoPipeline.from_pretrained(str(WEIGHTS_DIR), dtype=dtype, local_files_only=True)
+def load_default(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 weights: str | Path | None = None) -> MiniVideoPipeline:
+    """Load the committed embedded model from inside the package (offline), or the saved ``MiniVideoPipeline``
+    folder ``weights`` (a training round's candidate)."""
+    folder = Path(weights) if weights is not None else WEIGHTS_DIR
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"embedded weights missing at {folder} (no model_index.json); train them with "
+                                f"scripts/train_mini.py")
+    pipe = MiniVideoPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     return pipe.to(device)

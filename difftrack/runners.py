@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import adapter_for, family_for, family_of_class, patch_sizes, pipeline_families, resolve_transformer
+from .backbones import (adapter_for, family_for, family_of_class, patch_sizes, pipeline_families,  # noqa: F401
+                        resolve_transformer, scheduler_add_noise)
 
 PIPELINES = pipeline_families()  # {pipeline class: family}, from difftrack.backbones
 DTYPES = ("float32", "float16", "bfloat16")
@@ -99,16 +100,6 @@ def model_tag(model: str, dtype: str = "float32") -> str:
     return base if str(dtype) == "float32" else f"{base}-{dtype}"
 
 
-def scheduler_add_noise(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x0`` forward-noised to timestep ``t`` with the scheduler's own rule: DDIM-style ``add_noise``, or flow
-    matching's ``scale_noise`` (Wan, HunyuanVideo)."""
-    if hasattr(scheduler, "add_noise"):
-        return scheduler.add_noise(x0, eps, t.reshape(1).to(x0.device))
-    if hasattr(scheduler, "scale_noise"):
-        return scheduler.scale_noise(x0, t.reshape(1).to(x0.device), eps)
-    raise ValueError(f"scheduler {type(scheduler).__name__} has neither add_noise nor scale_noise; use noise='none'")
-
-
 def latent_visibility(visible: np.ndarray, temporal: int, latent_frames: int) -> np.ndarray:
     """Visibility per latent frame from per-video-frame visibility.
 
@@ -141,7 +132,9 @@ class VideoRunner:
     """A pipeline plus the conventions of its backbone (see the module docstring).
 
     Args:
-        pipe: a ``MiniVideoPipeline``, ``CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline``.
+        pipe: a pipeline of a registered family (:func:`difftrack.backbones.pipeline_families`: the embedded
+            ``MiniVideoPipeline``, ``CogVideoXPipeline``, ``WanPipeline``, ``HunyuanVideoPipeline``,
+            ``SkyReelsV2Pipeline``, ``SkyReelsV2DiffusionForcingPipeline``, ``MochiPipeline``).
         guidance_embed: HunyuanVideo's embedded guidance scale for conditional forwards (the pipeline's default 6).
     """
 
@@ -250,12 +243,13 @@ class VideoRunner:
         return self.family.encode_video(self.pipe, video, self.device)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``x0`` forward-noised to timestep ``t`` by the pipeline's scheduler (:func:`scheduler_add_noise`)."""
-        return scheduler_add_noise(self.pipe.scheduler, x0, noise, t)
+        """``x0`` forward-noised to timestep ``t`` by the pipeline's scheduler, the family's way
+        (:meth:`PipelineFamily.add_noise`)."""
+        return self.family.add_noise(self.pipe.scheduler, x0, noise, t)
 
     def forward_kwargs(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict:
         """Keyword arguments of one transformer call on latents ``x`` (layout of :meth:`encode_video`)."""
-        kw = dict(hidden_states=x.to(self.dtype), timestep=t.reshape(1).expand(x.shape[0]).to(self.device),
+        kw = dict(hidden_states=x.to(self.dtype), timestep=self.family.timestep_input(self.pipe, t, x).to(self.device),
                   return_dict=False, **cond)
         kw.update(self.family.rope_kwargs(self.pipe, self.transformer, x, self.vae_spatial, self.device))
         return kw

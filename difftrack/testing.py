@@ -1,17 +1,19 @@
 """Tiny random pipelines of the real diffusers classes, built entirely offline (no Hub, no downloads).
 
-``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline``
-whose every component (tokenizers included) is constructed in code from a config, with random weights. They run a
-full denoising loop and VAE decode on CPU in well under a second per step and round-trip through
+``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` (Wan 2.1, and Wan 2.2
+TI2V: ``"wan22_ti2v"``), ``HunyuanVideoPipeline``, ``SkyReelsV2Pipeline`` / ``SkyReelsV2DiffusionForcingPipeline``
+or ``MochiPipeline`` whose every component (tokenizers included) is constructed in code from a config, with random
+weights. They run a full denoising loop and VAE decode on CPU in well under a second per step and round-trip through
 ``save_pretrained`` / ``from_pretrained``. They exist to test the capture against the real pipelines' calling
 conventions (CFG layout, number of transformer calls per step, keyword names, dtypes), not to generate anything.
 
-Sizes: 9 frames of 32x32 pixels -> 3 latent frames of 4x4 -> 3 x 2 x 2 tokens (patch 2).
+Sizes (:func:`tiny_size`): 9 frames of 32x32 pixels -> 3 latent frames of 4x4 -> 3 x 2 x 2 tokens (patch 2); Wan 2.2
+TI2V (16x spatial VAE) 9 frames of 64x64, Mochi (6x temporal VAE) 13 frames of 32x32, to the same 3 x 2 x 2 tokens.
 
 Tokenizers are small closed vocabularies (:data:`WORDS`) built with the ``tokenizers`` library:
 
-* ``cogvideox`` / ``wan``: ``T5Tokenizer`` (a Unigram model with whole-word pieces plus single letters, so any
-  lower-case ASCII prompt tokenizes).
+* ``cogvideox``, ``wan``, ``wan22_ti2v``, ``skyreels_v2*``, ``mochi``: ``T5Tokenizer`` (a Unigram model with
+  whole-word pieces plus single letters, so any lower-case ASCII prompt tokenizes).
 * ``hunyuanvideo``: a word-level ``PreTrainedTokenizerFast`` for the Llama encoder (it knows every word of diffusers'
   default HunyuanVideo prompt template, plus its three special tokens) and a character-level ``CLIPTokenizer``. The
   template prefix is not 95 tokens long with this tokenizer, so pass :func:`hunyuan_prompt_template` as
@@ -24,10 +26,16 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("cogvideox", "wan", "hunyuanvideo")
+KINDS = ("cogvideox", "wan", "hunyuanvideo", "wan22_ti2v", "skyreels_v2", "skyreels_v2_df", "mochi")
 WORDS = ("a red green blue yellow white black circle square triangle star moving left right up down on still "
          "background drifting scene camera panning zooming in out rotating and the of with").split()
 FRAMES, HEIGHT, WIDTH = 9, 32, 32
+_SIZES = {"wan22_ti2v": (9, 64, 64), "mochi": (13, 32, 32)}  # 3 latent frames of 4x4 with their VAEs
+
+
+def tiny_size(kind: str) -> tuple[int, int, int]:
+    """``(frames, height, width)`` of ``kind``'s tiny pipeline: 3 x 2 x 2 tokens (3 latent frames of 4 x 4)."""
+    return _SIZES.get(kind, (FRAMES, HEIGHT, WIDTH))
 
 
 def _t5_tokenizer(extra_words=()):
@@ -77,23 +85,90 @@ def _cogvideox():
 
 
 # ---------------------------------------------------------------------------------------------------- Wan
-def _wan():
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+def _umt5():
+    """The tiny T5 tokenizer and UMT5 encoder of the Wan-like pipelines (seed 0)."""
     from transformers import UMT5EncoderModel
 
     tok = _t5_tokenizer()
     torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(_t5_config(len(tok), 16, umt5=True)).eval()
+    return tok, UMT5EncoderModel(_t5_config(len(tok), 16, umt5=True)).eval()
+
+
+def _wan_vae(**over):
+    """A tiny ``AutoencoderKLWan`` (seed 1): Wan 2.1's layout, ``over`` replacing keyword arguments."""
+    from diffusers import AutoencoderKLWan
+
     torch.manual_seed(1)
-    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
+    kw = dict(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    return AutoencoderKLWan(**{**kw, **over}).eval()
+
+
+def _wan_transformer(cls, channels: int = 16, **extra):
+    """A tiny Wan-layout transformer of class ``cls`` (seed 2; Wan, SkyReels-V2)."""
     torch.manual_seed(2)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=scheduler)
+    return cls(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=channels,
+               out_channels=channels, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+               rope_max_seq_len=32, **extra).eval()
+
+
+def _wan():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    tok, text_encoder = _umt5()
+    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=_wan_vae(),
+                       transformer=_wan_transformer(WanTransformer3DModel),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+
+
+def _wan22_ti2v():
+    """Wan 2.2 TI2V-5B layout: the Wan 2.2 VAE (residual, 2x2 patchified input, 16x spatial, 48 latent channels)
+    and ``expand_timesteps=True`` (per-token timesteps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    tok, text_encoder = _umt5()
+    vae = _wan_vae(base_dim=8, z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                   scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
+                   latents_std=[1.0] * 48)
+    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
+                       transformer=_wan_transformer(WanTransformer3DModel, 48),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), expand_timesteps=True)
+
+
+# ------------------------------------------------------------------------------------------ SkyReels-V2
+def _skyreels(df: bool):
+    """``SkyReelsV2Pipeline`` (``df=False``) or ``SkyReelsV2DiffusionForcingPipeline`` (the fps embedding injected,
+    as the diffusion-forcing call passes ``fps``); the Wan VAE; a flow UniPC scheduler (shift 8, the T2V value)."""
+    from diffusers import (SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel,
+                           UniPCMultistepScheduler)
+
+    tok, text_encoder = _umt5()
+    cls = SkyReelsV2DiffusionForcingPipeline if df else SkyReelsV2Pipeline
+    return cls(tokenizer=tok, text_encoder=text_encoder, vae=_wan_vae(),
+               transformer=_wan_transformer(SkyReelsV2Transformer3DModel, inject_sample_info=df),
+               scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                 flow_shift=8.0))
+
+
+# ------------------------------------------------------------------------------------------------- Mochi
+def _mochi():
+    """Mochi 1 layout: asymmetric streams (video 2 x 16, text 8 wide), the Mochi VAE (6x temporal, 8x spatial;
+    32 channels: its group norms have 32 groups), the inverted-sigma flow scheduler of the release."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+    from transformers import T5EncoderModel
+
+    tok = _t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(_t5_config(len(tok), 16)).eval()
+    torch.manual_seed(1)
+    vae = AutoencoderKLMochi(encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4,
+                             latent_channels=12, layers_per_block=(1,) * 5, add_attention_block=(False,) * 5).eval()
+    torch.manual_seed(2)
+    transformer = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=8,
+        in_channels=12, text_embed_dim=16, time_embed_dim=4, max_sequence_length=256).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(invert_sigmas=True)
+    return MochiPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                         transformer=transformer)
 
 
 # ------------------------------------------------------------------------------------------- HunyuanVideo
@@ -179,14 +254,16 @@ def _hunyuanvideo():
                                 scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tok2)
 
 
-_BUILDERS = {"cogvideox": _cogvideox, "wan": _wan, "hunyuanvideo": _hunyuanvideo}
+_BUILDERS = {"cogvideox": _cogvideox, "wan": _wan, "hunyuanvideo": _hunyuanvideo, "wan22_ti2v": _wan22_ti2v,
+             "skyreels_v2": lambda: _skyreels(df=False), "skyreels_v2_df": lambda: _skyreels(df=True),
+             "mochi": _mochi}
 
 
 def build_tiny_pipeline(kind: str, path: str | Path | None = None):
     """A tiny random pipeline of the real diffusers classes, built offline.
 
     Args:
-        kind: ``"cogvideox"``, ``"wan"`` or ``"hunyuanvideo"``.
+        kind: one of :data:`KINDS` (sizes: :func:`tiny_size`).
         path: if given, the pipeline is also written there with ``save_pretrained`` (reload it with the pipeline
             class's ``from_pretrained(path)``).
 

@@ -71,12 +71,11 @@ import numpy as np
 import torch
 
 from . import checks as _checks
-from .backbones import (adapter_for, adapters, attention_heads, frame_encoder, patch_sizes, pipeline_families,
-                        resolve_transformer, scale_vae_latents)
+from .backbones import (adapter_for, adapters, attention_heads, family_of_class, frame_encoder, patch_sizes,
+                        pipeline_families, resolve_transformer, scale_vae_latents, scheduler_add_noise)
 from .capture import capture, run_until
 from .matching import (REFINE, _bilinear_rows, check_heads, feature_cost, match_from_cost, px_to_tokens, qk_cost,
                        refine_peak, select_heads, tokens_to_px)
-from .runners import scheduler_add_noise
 
 __all__ = ["DiffTracker", "FeatureTracker", "plan_chunks", "vae_encode_frames", "check_video", "check_queries",
            "OCCLUSION", "WORK_SIZES", "DEFAULT_MAX_COST_BYTES"]
@@ -434,7 +433,11 @@ class DiffTracker:
         if encoder_hidden_states is not None:
             self._ehs_cache[prompt] = encoder_hidden_states
         self._fixed_ehs = encoder_hidden_states
+        name = type(self.pipe).__name__
+        # the pipeline's family (None for a bare transformer): schedule, noising, timestep argument, VAE factor
+        self.family = family_of_class(name) if name in pipeline_families() else None
         self._setup_encoder(encode, token_stride)
+        own_scheduler = scheduler is None
         if scheduler is None:
             scheduler = getattr(self.pipe, "scheduler", None)
         if scheduler is None:
@@ -444,7 +447,10 @@ class DiffTracker:
 
             scheduler = CogVideoXDDIMScheduler(**scheduler_config())
         self.scheduler = scheduler
-        scheduler.set_timesteps(self.num_steps)
+        if own_scheduler and self.family is not None:  # the pipeline's own schedule (Mochi: its sigma schedule)
+            self.family.set_timesteps(scheduler, self.num_steps, None)
+        else:
+            scheduler.set_timesteps(self.num_steps)
         self.timesteps = [scheduler.timesteps[s].clone() for s in self.steps]
 
     # ------------------------------------------------------------------ setup helpers
@@ -464,8 +470,9 @@ class DiffTracker:
             self.encode, self.token_stride = pixels
         elif vae is not None:
             self.encode = lambda video: vae_encode_frames(vae, video)
-            factor = getattr(self.pipe, "vae_scale_factor_spatial", None) or getattr(
-                self.pipe, "vae_scale_factor", None) or 2 ** (len(vae.config.block_out_channels) - 1)
+            factor = self.family.compression(self.pipe)[1] if self.family is not None else (
+                getattr(self.pipe, "vae_scale_factor_spatial", None) or getattr(self.pipe, "vae_scale_factor", None)
+                or 2 ** (len(vae.config.block_out_channels) - 1))
             self.token_stride = int(factor) * p
         else:
             raise ValueError(f"cannot encode frames for {type(self.transformer).__name__} with "
@@ -626,8 +633,9 @@ class DiffTracker:
         text embeddings (HunyuanVideo's pooled projections, mask, guidance)."""
         F_, C, h, w = x.shape
         rows, cols = h // self.patch, w // self.patch
-        tt = t.reshape(1).to(self.device)
-        kw = dict(hidden_states=self.adapter.latent_input(x).to(self.dtype), encoder_hidden_states=ehs, timestep=tt,
+        hs = self.adapter.latent_input(x).to(self.dtype)
+        tt = (t.reshape(1) if self.family is None else self.family.timestep_input(self.pipe, t, hs)).to(self.device)
+        kw = dict(hidden_states=hs, encoder_hidden_states=ehs, timestep=tt,
                   return_dict=False, **self.adapter.rope_kwargs(self.transformer, self.pipe, F_, rows, cols,
                                                                 self.device))
         kw.update({k: v.to(self.device, self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
@@ -715,7 +723,8 @@ class DiffTracker:
         for t in self.timesteps:
             if self.noise == "add":
                 eps = torch.randn(z0.shape, generator=gen).to(self.device)
-                x = scheduler_add_noise(self.scheduler, z0, eps, t)
+                x = (scheduler_add_noise(self.scheduler, z0, eps, t) if self.family is None
+                     else self.family.add_noise(self.scheduler, z0, eps, t))
             else:
                 x = z0
             inputs.append((x, t))

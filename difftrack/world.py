@@ -127,9 +127,19 @@ class World:
     Args:
         frames: number of frames ``T`` (at least 2).
         height, width: frame size in pixels.
+        object_count_p: probabilities of 1, 2 and 3 objects in an object video (the default is the world's; a
+            training recipe may ask for more single-object videos).
     """
 
-    def __init__(self, frames: int = 13, height: int = 64, width: int = 64):
+    OBJECT_COUNT_P = (0.45, 0.35, 0.2)
+
+    def __init__(self, frames: int = 13, height: int = 64, width: int = 64,
+                 object_count_p: tuple[float, float, float] = OBJECT_COUNT_P):
+        p = np.asarray(object_count_p, dtype=float)
+        if p.shape != (3,) or not np.all(np.isfinite(p)) or np.any(p < 0) or abs(p.sum() - 1) > 1e-6:
+            raise ValueError(f"object_count_p={object_count_p!r}; allowed: three probabilities (of 1, 2, 3 objects) "
+                             f">= 0 that sum to 1")
+        self.object_count_p = tuple(float(x) for x in p)
         if frames < 2:
             raise ValueError(f"frames={frames}: a video needs at least 2 frames")
         if height < 8 or width < 8:
@@ -179,7 +189,7 @@ class World:
             pos = np.repeat(pos0[None], T, 0)
             bg_words = "a still background"
         layers = [Layer(int(rng.choice(tex)), pos, np.full(T, zoom0), np.full(T, rng.uniform(-0.2, 0.2)))]
-        n_obj = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
+        n_obj = int(rng.choice([1, 2, 3], p=list(self.object_count_p)))
         colours = rng.permutation(list(COLOURS))[:n_obj]
         words = []
         for k in range(n_obj):

@@ -3,6 +3,7 @@
 For every backbone adapter (tiny random configs of the real diffusers classes) and for pipeline loops, the max abs
 difference of outputs with and without `capture(layers="all", what=q/k/features)`, in fp32 on the CPU (must be 0.0),
 plus the seconds of the CPU test suite (`--suite` runs the README test command's pytest call and times it).
+`--only TEXT ...` measures the matching rows only and merges them into the file (their commit in `row_commits`).
 """
 import argparse
 import json
@@ -21,48 +22,74 @@ from test_backbones import CASES  # noqa: E402
 
 from difftrack.capture import capture  # noqa: E402
 from difftrack.provenance import git_commit  # noqa: E402
-from difftrack.testing import build_tiny_pipeline  # noqa: E402
+from difftrack.testing import KINDS, build_tiny_pipeline  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--suite", action="store_true", help="also time the CPU test suite")
 p.add_argument("--out", default=str(ROOT / "results/capture_check.json"))
+p.add_argument("--only", nargs="+", metavar="TEXT",
+               help="measure only the rows whose name contains one of these texts and merge them into --out (the "
+                    "other rows and fields are kept; the merged rows' commit goes to row_commits)")
 args = p.parse_args()
+
+
+def wanted(name: str) -> bool:
+    return not args.only or any(t in name for t in args.only)
+
+
+def bare(m, kw) -> float:
+    ref = m(**kw)[0]
+    with capture(m, layers="all", what=("q", "k", "features"), branch="all"):
+        out = m(**kw)[0]
+    return float((out - ref).abs().max())
+
 
 rows = {}
 with torch.no_grad():
     for name, rope in (("CogVideoX-2B-style (sin-cos)", False), ("CogVideoX-5B-style (RoPE)", True)):
-        m, kw = tiny_cogvideox(rope=rope), tiny_inputs(rope=rope)
-        ref = m(**kw)[0]
-        with capture(m, layers="all", what=("q", "k", "features"), branch="all"):
-            out = m(**kw)[0]
-        rows[name + " bare forward"] = float((out - ref).abs().max())
+        if wanted(name + " bare forward"):
+            rows[name + " bare forward"] = bare(tiny_cogvideox(rope=rope), tiny_inputs(rope=rope))
     for case, (build, inputs, _) in CASES.items():
-        m, kw = build(), inputs()
-        ref = m(**kw)[0]
-        with capture(m, layers="all", what=("q", "k", "features"), branch="all"):
-            out = m(**kw)[0]
-        rows[f"{case} bare forward"] = float((out - ref).abs().max())
+        if wanted(f"{case} bare forward"):
+            rows[f"{case} bare forward"] = bare(build(), inputs())
 
 
 from test_real_pipelines import call_kwargs, run  # noqa: E402
 
-for kind in ("cogvideox", "wan", "hunyuanvideo"):
+for kind in KINDS:
+    name = f"{kind} tiny pipeline loop (2 steps)"
+    if not wanted(name):
+        continue
     pipe = build_tiny_pipeline(kind)
     kw = call_kwargs(kind, pipe, output_type="latent")
     ref = run(pipe, kw)
     with capture(pipe, layers="all", what=("q", "k", "features"), branch="all"):
         out = run(pipe, kw)
-    rows[f"{kind} tiny pipeline loop (2 steps)"] = float((out - ref).abs().max())
+    rows[name] = float((out - ref).abs().max())
 
 from difftrack import mini  # noqa: E402
 
-pipe = mini.load_default()
-kw = dict(prompt="a red circle moving left on a still background", num_inference_steps=3, num_frames=5,
-          progress=False, output_type="latent")
-ref = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
-with capture(pipe, layers="all", what=("q", "k", "features")):
-    out = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
-rows["embedded MiniVideoPipeline loop (CFG 6, 3 steps)"] = float((out - ref).abs().max())
+name = "embedded MiniVideoPipeline loop (CFG 6, 3 steps)"
+if wanted(name):
+    pipe = mini.load_default()
+    kw = dict(prompt="a red circle moving left on a still background", num_inference_steps=3, num_frames=5,
+              progress=False, output_type="latent")
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+    with capture(pipe, layers="all", what=("q", "k", "features")):
+        out = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+    rows[name] = float((out - ref).abs().max())
+
+if args.only:
+    if not rows:
+        sys.exit(f"--only {args.only}: no row matches")
+    res = json.loads(Path(args.out).read_text())
+    res["max_abs_diff"].update(rows)
+    res["all_zero"] = all(v == 0.0 for v in res["max_abs_diff"].values())
+    res["backbones_tested"] = sorted({k.split(" ")[0] for k in res["max_abs_diff"]})
+    res.setdefault("row_commits", {}).update({k: git_commit() for k in rows})
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: res["max_abs_diff"][k] for k in rows}, indent=1))
+    sys.exit(0)
 
 res = dict(max_abs_diff=rows, all_zero=all(v == 0.0 for v in rows.values()), dtype="float32", device="cpu",
            backbones_tested=sorted({k.split(" ")[0] for k in rows}), torch=torch.__version__)

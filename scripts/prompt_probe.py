@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--videos", type=int, default=8, help="world videos per family and split")
     ap.add_argument("--timesteps", default="900,600,300", help="comma-separated training timesteps (0..999)")
     ap.add_argument("--out", default=str(ROOT / "results" / "prompt_probe.json"))
+    ap.add_argument("--weights", default=None, help="a saved pipeline folder (default: the committed weights)")
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     ts = [int(x) for x in a.timesteps.split(",")]
     if a.videos < 1 or any(not 0 <= t <= 999 for t in ts):
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     from difftrack.experiments import json_clean, write_json
     from difftrack.provenance import device_name, git_commit
 
-    pipe = mini.load_default()
+    pipe = mini.load_default(a.device, weights=a.weights)
     tr, te = pipe.transformer, pipe.text_encoder
     ac = pipe.scheduler.alphas_cumprod.float()
     colours = list(W.COLOURS)
@@ -61,17 +63,17 @@ def main(argv=None) -> int:
         prompts = dict(true=s.prompt, motion_swapped=swap_words(s.prompt, MOTION_SWAP),
                        colour_swapped=swap_words(s.prompt, colour_swap), empty="")
         video = s.video if isinstance(s.video, np.ndarray) else s.video.cpu().numpy()
-        x0 = mini.video_uint8_to_latents(video)
+        x0 = mini.video_uint8_to_latents(video, device=a.device)
         with torch.no_grad():
             emb = te(te.tokenize([prompts[v] for v in variants]))
         for t in ts:
-            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1000 * i + t))
-            al = ac[t]
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1000 * i + t)).to(a.device)
+            al = ac[t].to(a.device)
             xt = al.sqrt() * x0 + (1 - al).sqrt() * noise
             target = al.sqrt() * noise - (1 - al).sqrt() * x0
             with torch.no_grad():
                 out = tr(hidden_states=xt.repeat(len(variants), 1, 1, 1, 1), encoder_hidden_states=emb,
-                         timestep=torch.full((len(variants),), t), return_dict=False)[0]
+                         timestep=torch.full((len(variants),), t, device=a.device), return_dict=False)[0]
             mse = ((out - target) ** 2).mean(dim=(1, 2, 3, 4)).tolist()
             rows.append(dict(split=split, family=fam, seed=9000 + i, timestep=t, prompt=s.prompt,
                              **{f"mse_{v}": m for v, m in zip(variants, mse)}))
@@ -91,8 +93,9 @@ def main(argv=None) -> int:
                                  colour_worse_in=int(sum(x["mse_colour_swapped"] > x["mse_true"] for x in r)))
                 summary[f"{split}/{fam}/t{t}"] = entry
     out = dict(schema=SCHEMA, description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "),
-               settings=dict(videos_per_family_and_split=a.videos, timesteps=ts, world_seed0=9000, dtype="fp32"),
-               summary=summary, per_video=rows, device=device_name("cpu"), torch=torch.__version__,
+               settings=dict(videos_per_family_and_split=a.videos, timesteps=ts, world_seed0=9000, dtype="fp32",
+                             weights=a.weights or "committed"),
+               summary=summary, per_video=rows, device=device_name(a.device), torch=torch.__version__,
                python=platform.python_version(), commit=git_commit(),
                how_to_read="motion_share / colour_share: the swapped prompt's extra error over the true prompt as a "
                            "fraction of the empty prompt's extra error (0: the word is ignored; about 1: a wrong word "

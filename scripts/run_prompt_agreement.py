@@ -45,6 +45,7 @@ def parse_args(argv=None):
                    help="torch.autocast dtype (the embedded model was trained under bf16 autocast; use bf16 on GPU)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--world-extra", type=int, default=200, help="extra world videos for the validation")
+    p.add_argument("--weights", default=None, help="a saved pipeline folder (default: the committed weights)")
     p.add_argument("--cache", default=str(ROOT / "cache" / "prompt_agreement"))
     p.add_argument("--out", default=str(ROOT / "results" / "mini_prompt_agreement.json"))
     p.add_argument("--grid", default=str(ROOT / "figures" / "mini_samples_grid.png"))
@@ -67,7 +68,7 @@ def generate(a):
         torch.set_num_threads(a.threads)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    pipe = mini.load_default(device, dtype)
+    pipe = mini.load_default(device, dtype, weights=a.weights)
     pipe.set_progress_bar_config(disable=True)
     items = E.eval_prompts(a.videos, seed0=SEED0)
     d = run_dir(a)

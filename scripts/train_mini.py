@@ -37,6 +37,10 @@ weight_decay = 0.01
 grad_clip = 1.0
 p_uncond = 0.1  # prompt dropout for classifier-free guidance
 p_scenes = 0.4  # share of scene videos (the rest are object videos)
+object_count_p = W.World.OBJECT_COUNT_P  # probabilities of 1, 2, 3 objects in an object video
+high_noise_frac = 0.0  # share of each batch drawn at t >= high_noise_t (where only the text can say the motion)
+high_noise_t = 600
+change_weight = 0.0  # loss weight 1 + change_weight * |x0[f] - x0[f-1]| / mean (0: the plain v-prediction MSE)
 ema_decay = 0.999
 log_every = 50
 seed = 1234
@@ -54,6 +58,13 @@ p.add_argument("--out")
 p.add_argument("--init", help="start from these weights (a saved pipeline folder)")
 p.add_argument("--lr", type=float)
 p.add_argument("--seed", type=int, help="data and noise seed (a resumed round should not replay the first's batches)")
+p.add_argument("--p-uncond", type=float, help=f"prompt dropout (default {p_uncond})")
+p.add_argument("--single-object-frac", type=float,
+               help="share of object videos with one object (the rest split 2:1 between two and three objects)")
+p.add_argument("--high-noise-frac", type=float, help="share of each batch at t >= 600 (default 0: uniform t)")
+p.add_argument("--change-weight", type=float, help="loss weight on what changes between frames (default 0)")
+p.add_argument("--warmup", type=int, help=f"linear warm-up steps (default {warmup}; a short resumed round wants fewer)")
+p.add_argument("--arm", default=None, help="name of an A/B arm (recorded in the log)")
 p.add_argument("--compile", action="store_true", help="torch.compile the transformer (GPU: about 2x the steps per "
                "second after a one-minute compile; bench/bench_train.py)")
 args = p.parse_args()
@@ -67,11 +78,24 @@ out = Path(args.out or out)
 lr = args.lr or lr
 seed = seed if args.seed is None else args.seed
 init = args.init
+p_uncond = p_uncond if args.p_uncond is None else args.p_uncond
+if args.single_object_frac is not None:
+    f1 = args.single_object_frac
+    object_count_p = (f1, (1 - f1) * 2 / 3, (1 - f1) / 3)
+high_noise_frac = high_noise_frac if args.high_noise_frac is None else args.high_noise_frac
+change_weight = change_weight if args.change_weight is None else args.change_weight
+warmup = warmup if args.warmup is None or smoke else args.warmup
+for name, v in (("p_uncond", p_uncond), ("high_noise_frac", high_noise_frac)) + tuple(
+        (f"object_count_p[{i}]", x) for i, x in enumerate(object_count_p)):
+    if not 0.0 <= v <= 1.0:
+        p.error(f"{name}={v}; allowed: 0 to 1")
+if change_weight < 0:
+    p.error(f"--change-weight {change_weight}; allowed: >= 0")
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(seed)
 rng = np.random.default_rng(seed)
-world = W.World(mini.FRAMES, mini.HEIGHT, mini.WIDTH)
+world = W.World(mini.FRAMES, mini.HEIGHT, mini.WIDTH, object_count_p=object_count_p)
 pipe = mini.build_untrained(seed)
 if init:  # continue training from a saved pipeline
     pipe = mini.MiniVideoPipeline.from_pretrained(init, dtype=torch.float32)
@@ -113,17 +137,27 @@ log, t0, step = [], time.time(), 0
 while step < max_steps and (time.time() - t0) < minutes * 60:
     x0, prompts = batch()
     ids = text_encoder.tokenize(prompts)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device)
+    T = scheduler.config.num_train_timesteps
+    t = torch.randint(0, T, (batch_size,), device=device)
+    n_high = int(round(high_noise_frac * batch_size))
+    if n_high:  # the first n_high samples at high noise (the batch order is random already)
+        t[:n_high] = torch.randint(high_noise_t, T, (n_high,), device=device)
     noise = torch.randn_like(x0)
     a = alphas[t].view(-1, 1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     v = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction target
     for g in opt.param_groups:
-        g["lr"] = lr_at(step, (time.time() - t0) / (minutes * 60))
+        g["lr"] = lr_at(step, max((time.time() - t0) / (minutes * 60), step / max_steps))  # whichever ends first
     with amp:
         emb = text_encoder(ids)
         pred = fwd(hidden_states=xt, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), v)
+        if change_weight:  # weight what changes between frames: [B, T, C, H, W] -> per-pixel weights
+            dx = (x0[:, 1:] - x0[:, :-1]).abs().mean(2, keepdim=True)
+            dx = torch.cat([dx[:, :1], dx], 1)  # frame 0 takes frame 1's change
+            w = 1 + change_weight * dx / dx.mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
+            loss = (w * (pred.float() - v) ** 2).mean() / w.mean()
+        else:
+            loss = F.mse_loss(pred.float(), v)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -153,7 +187,8 @@ try:
 except Exception:
     commit = None
 meta = dict(init=init, compile=bool(args.compile), steps=step, batch_size=batch_size, minutes=round((time.time() - t0) / 60, 2), lr=lr,
-            p_uncond=p_uncond, p_scenes=p_scenes, ema_decay=ema_decay, seed=seed, device=device,
+            p_uncond=p_uncond, p_scenes=p_scenes, object_count_p=list(object_count_p), high_noise_frac=high_noise_frac,
+            high_noise_t=high_noise_t, change_weight=change_weight, warmup=warmup, arm=args.arm, ema_decay=ema_decay, seed=seed, device=device,
             device_name=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
             torch=torch.__version__, commit=commit, final_loss=log[-1]["loss"] if log else None, smoke=smoke)
 (out / "training_log.json").write_text(json.dumps(dict(meta=meta, log=log), indent=1))

@@ -122,6 +122,25 @@ if rounds_file.exists():  # issue 20: every training round, kept or not, with it
                      f"{fmt(r['qk_half'])} | {fmt(r['qk_one'])} | {fmt(r['features_half'])} | "
                      f"{fmt(r.get('prompt_agreement'))} | {'yes' if r['kept'] else 'no'} | {r.get('note', '')} |")
     lines.append("")
+for ab_file in sorted((ROOT / "results/train_rounds").glob("ab*/summary.json")):  # issue 30: recipe A/B rounds
+    ab = json.loads(ab_file.read_text())
+    f3 = lambda v: "-" if v is None else f"{v:+.3f}" if abs(v) < 0.1 else f"{v:.3f}"  # noqa: E731
+    lines += [f"## Recipe A/B round `{ab['name']}` (issue 30)",
+              f"Every arm from the same weights (`{Path(ab['init']).name}`), seed {ab['seed']}, trained side by side for "
+              f"{ab['minutes_cap']:g} minutes on one {ab['device']} (commit {ab['commit'][:7]}, recipe "
+              f"`{' '.join(ab['recipe'])}` plus the arm's flags); measures: prompt agreement of {ab['agreement_videos']} "
+              f"videos at 50 steps, CFG 6, bf16 autocast; the motion words' share of the prompt's effect on object videos "
+              f"(`scripts/prompt_probe.py`, mean over train/held-out and t = 900/600/300); held-out query-key matching "
+              f"(`scripts/eval_mini.py`). {ab['how_to_read']}. Files: `{ab_file.parent.relative_to(ROOT)}/`.", "",
+              "| arm | flags | steps | agreement | object direction | object colour | scenes | motion share | "
+              "half token | one token | kept |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in ab["arms"].items():
+        m = r["measures"]
+        lines.append(f"| {name} | `{' '.join(r.get('flags', [])) or '-'}` | {r.get('steps', '-')} | "
+                     f"{m['prompt_agreement']:.3f} | {m['object_direction_ok']:.3f} | {m['object_colour_ok']:.3f} | "
+                     f"{m['scene_agreement']:.3f} | {f3(m['motion_share_objects_mean'])} | {m['qk_half_token']:.4f} | "
+                     f"{m['qk_one_token']:.4f} | {'yes' if name in ab.get('kept', []) else 'no'} |")
+    lines += ([f"Verdict: {ab['verdict']}", ""] if ab.get("verdict") else [""])
 tb_file = ROOT / "results/train_bench.json"
 if tb_file.exists():
     tb = json.loads(tb_file.read_text())

@@ -94,12 +94,54 @@ def ltx_inputs(batch=2, seed=0):
                 num_frames=F_, height=R_, width=C_, rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)
 
 
+def tiny_skyreels(seed=0, block=1):
+    """SkyReels-V2 diffusion-forcing layout: fps embedding injected, ``block`` frames per causal block."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    return SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+        inject_sample_info=True, num_frame_per_block=block).eval()
+
+
+def skyreels_inputs(batch=1, seed=0, levels=(700.0, 700.0), text_seed=None):
+    """A diffusion-forcing call: one timestep per latent frame (``[B, F]``)."""
+    kw = wan_inputs(batch=batch, seed=seed, text_seed=text_seed)
+    kw.update(timestep=torch.tensor([list(levels)] * batch), enable_diffusion_forcing=True, fps=[1] * batch)
+    return kw
+
+
+def tiny_mochi(seed=0):
+    """Mochi layout: a narrower text stream (8) than the video stream (2 heads x 16)."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    return MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                                   pooled_projection_dim=8, in_channels=4, text_embed_dim=16, time_embed_dim=4,
+                                   max_sequence_length=8).eval()
+
+
+def mochi_inputs(batch=2, seed=0, valid=(2, 4), t=300.0):
+    """A CFG batch as MochiPipeline builds it: duplicated latents, [uncond, cond] text of 8 tokens whose first
+    ``valid[i]`` are real (the rest padding)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, F_, 2 * R_, 2 * C_, generator=g)
+    mask = torch.zeros(batch, 8, dtype=torch.long)
+    for i in range(batch):
+        mask[i, :valid[i % len(valid)]] = 1
+    return dict(hidden_states=torch.cat([x] * batch), encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
+                timestep=torch.full((batch,), t), encoder_attention_mask=mask, return_dict=False)
+
+
 CASES = {
     "hunyuan": (tiny_hunyuan, hunyuan_inputs, 3),
     "wan": (tiny_wan, wan_inputs, 2),
     "cogvideox15": (tiny_cogvideox15, cog15_inputs, 2),
     "cogvideox15-i2v": (lambda: tiny_cogvideox15(i2v=True), lambda: cog15_inputs(i2v=True), 2),
     "ltx": (tiny_ltx, ltx_inputs, 2),
+    "skyreels-df": (tiny_skyreels, skyreels_inputs, 2),
+    "mochi": (tiny_mochi, mochi_inputs, 2),
 }
 
 
@@ -151,7 +193,8 @@ def test_bit_identical_with_and_without_capture(case):
         assert cache.q(l).shape[:2] == (B, 2) and cache.q(l).shape[2:5] == (F_, R_, C_)
         assert cache.features(l).shape[:4] == (B, F_, R_, C_)
     assert (cache.grid.frames, cache.grid.rows, cache.grid.cols) == (F_, R_, C_)
-    assert not any(type(p).__name__.startswith("Capturing") for p in m.attn_processors.values())
+    a = adapter_for(m)  # (MochiTransformer3DModel has no attn_processors)
+    assert not any(type(a.self_attention(b).processor).__name__.startswith("Capturing") for _, b in a.blocks(m))
 
 
 def test_hunyuan_layout_and_flat_layers():
@@ -323,3 +366,72 @@ def test_adapter_defaults_and_bad_fields():
     assert patch_sizes(SimpleNamespace(config=SimpleNamespace(patch_size=2, patch_size_t=None))) == (1, 2)
     with pytest.raises(ValueError, match=r"patch_size \(1, 2, 4\): expected \(t, s, s\)"):
         patch_sizes(SimpleNamespace(config=SimpleNamespace(patch_size=(1, 2, 4))))
+
+
+def test_mochi_per_row_attention_capture_and_recomputation():
+    """Mochi attends per batch row over [video, that row's valid text]: capture joins the rows of the chosen CFG
+    branch, with the text when the lengths agree; the video q/k equal to_q/k -> RMSNorm -> Mochi's RoPE."""
+    m, kw = tiny_mochi(), mochi_inputs(valid=(2, 5))
+    attn = m.transformer_blocks[1].attn1
+    got, h = grab_attn_inputs(attn)
+    seen = {}
+    with torch.no_grad():
+        for branch in ("cond", "uncond", "all"):
+            with capture(m, layers=[1], branch=branch,
+                         on_qk=lambda ev, b=branch: seen.setdefault(b, (ev.grid.text_len, ev.q.shape))) as c:
+                m(**kw)
+            seen[branch + "_q"], seen[branch + "_k"] = c.q(1), c.k(1)
+    h.remove()
+    n = F_ * R_ * C_
+    assert seen["cond"] == (5, (1, 2, n + 5, 16)) and seen["uncond"] == (2, (1, 2, n + 2, 16))
+    assert seen["all"] == (0, (2, 2, n, 16))  # different prompt lengths: video tokens only
+    assert torch.equal(seen["all_q"][1], seen["cond_q"][0]) and torch.equal(seen["all_q"][0], seen["uncond_q"][0])
+    x, (cos, sin) = got["hidden_states"], got["image_rotary_emb"]
+
+    def rope(t):  # MochiAttnProcessor2_0's rotation of interleaved pairs
+        e, o = t[..., 0::2].float(), t[..., 1::2].float()
+        return torch.stack([e * cos - o * sin, e * sin + o * cos], -1).flatten(-2)
+
+    with torch.no_grad():
+        q = rope(attn.norm_q(attn.to_q(x).unflatten(2, (2, -1))))
+        k = rope(attn.norm_k(attn.to_k(x).unflatten(2, (2, -1))))
+    torch.testing.assert_close(seen["all_q"], to_grid(q, n), rtol=0, atol=1e-5)
+    torch.testing.assert_close(seen["all_k"], to_grid(k, n), rtol=0, atol=1e-5)
+
+
+def test_step_keys_of_the_new_families():
+    """Mochi's timestep rises along the loop (0 -> 1000): each rise is a step, a fall a new generation.
+    SkyReels-V2 diffusion forcing: the per-frame levels are the step key (asynchronous rows keep the noisiest frame
+    at 999 while others move on: still one step per row). Wan 2.2 TI2V: per-token timesteps, 0 for a clean first
+    frame, count by their maximum."""
+    with torch.no_grad():
+        m = tiny_mochi()
+        with capture(m, layers=[0], num_steps=3) as c:
+            for t in (0.0, 25.0, 60.0):
+                m(**mochi_inputs(t=t))
+        assert c.timesteps == {0: 0.0, 1: 25.0, 2: 60.0} and sorted(s for _, s in c.keys()) == [0, 0, 1, 1, 2, 2]
+        with pytest.raises(ValueError, match="a second generation started inside one capture"):
+            with capture(m, layers=[0]):
+                for t in (0.0, 25.0, 0.0):
+                    m(**mochi_inputs(t=t))
+
+        m = tiny_skyreels()
+        rows = [(500.0, 999.0), (300.0, 999.0), (0.0, 500.0), (0.0, 300.0)]  # ar_step > 0: frame 0 runs ahead
+        with capture(m, layers=[0], branch="uncond") as c:
+            for levels in rows:
+                m(**skyreels_inputs(levels=levels, text_seed=11))  # cond
+                m(**skyreels_inputs(levels=levels, text_seed=22))  # uncond
+        assert c.timesteps == {0: 999.0, 1: 999.0, 2: 500.0, 3: 300.0}
+        with capture(m, layers=[0]) as ref:
+            m(**skyreels_inputs(levels=rows[1], text_seed=22))
+        assert torch.equal(c.q(0, step=1), ref.q(0))
+
+        m = tiny_wan()
+        n = F_ * R_ * C_
+        with capture(m, layers=[0], branch="uncond") as c:
+            for t in (900.0, 500.0):
+                ts = torch.full((1, n), t)
+                ts[:, :R_ * C_] = 0.0  # the clean conditioning frame
+                m(**dict(wan_inputs(text_seed=11), timestep=ts))
+                m(**dict(wan_inputs(text_seed=22), timestep=ts))
+        assert c.timesteps == {0: 900.0, 1: 500.0}

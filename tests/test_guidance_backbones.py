@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_backbones import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
+from test_backbones import (hunyuan_inputs, skyreels_inputs, tiny_hunyuan, tiny_mochi, tiny_skyreels, tiny_wan,
+                            wan_inputs)
 from test_guidance import dense_mask
 from test_real_pipelines import call_kwargs
 from torch.overrides import TorchFunctionMode
@@ -60,8 +61,8 @@ class DenseSDPA(TorchFunctionMode):
             a = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
             q, k, v, m = a["query"], a["key"], a["value"], a.get("attn_mask")
             allowed = dense_mask(*self.args)[None].expand(q.shape[0], -1, -1)
-            if m is not None:
-                allowed = allowed & m[:, 0, 0][:, None, :]
+            if m is not None:  # key padding [B, 1, 1, N] (HunyuanVideo) or a full [B, 1, N, N] mask (SkyReels-V2)
+                allowed = allowed & (m[:, 0, 0][:, None, :] if m.shape[2] == 1 else m[:, 0])
             self.n += 1
             return dense_masked(q, k, v, allowed, self.variant)
         return func(*args, **kwargs)
@@ -76,6 +77,16 @@ def _dense_processor(original, mode):
 
     __call__.__signature__ = inspect.signature(type(original).__call__)
     return type(f"Dense{type(original).__name__}", (), {"__call__": __call__})()
+
+
+def _dense_run(m, kw, attn, mode):
+    """``m(**kw)[0]`` with ``attn``'s processor run under the dense reference ``mode`` (restored after)."""
+    original = attn.processor
+    attn.set_processor(_dense_processor(original, mode))
+    try:
+        return m(**kw)[0]
+    finally:
+        attn.set_processor(original)
 
 
 CASES = {  # name: (builder, inputs, text tokens in the self-attention, layer -> block)
@@ -98,13 +109,7 @@ def test_perturbed_attention_in_real_processors_equals_dense_reference(case, lay
         assert state.calls == 1
         mode = DenseSDPA(F_, text_len, text_first=False, variant=variant)
         block = block_of(m, layer)
-        attn = block.attn1 if hasattr(block, "attn1") else block.attn
-        original = attn.processor
-        attn.set_processor(_dense_processor(original, mode))
-        try:
-            ref = m(**kw)[0]
-        finally:
-            attn.set_processor(original)
+        ref = _dense_run(m, kw, block.attn1 if hasattr(block, "attn1") else block.attn, mode)
     assert mode.n == 1
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert (out - plain).abs().max() > 1e-4
@@ -151,8 +156,11 @@ def test_sequential_hooks_fold_cag_into_the_cond_call(do_cfg):
 
 
 @pytest.mark.parametrize("kind,extra", [("wan", {}), ("hunyuanvideo", {}),
-                                        ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"})],
-                         ids=["wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg"])
+                                        ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}),
+                                        ("wan22_ti2v", {}), ("skyreels_v2", {}),
+                                        ("skyreels_v2_df", {"causal_block_size": 2, "num_frames": 13})],
+                         ids=["wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg", "wan22-ti2v",
+                              "skyreels-v2", "skyreels-v2-df-block-causal"])
 def test_unmodified_diffusers_pipelines_with_cag(kind, extra):
     pipe = build_tiny_pipeline(kind)
     kw = call_kwargs(kind, pipe, output_type="latent", **extra)
@@ -173,6 +181,53 @@ def test_unmodified_diffusers_pipelines_with_cag(kind, extra):
     assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_block_causal_skyreels_perturbed_attention_equals_dense_reference(variant):
+    """SkyReels-V2 with 2-frame causal blocks passes a [1, 1, N, N] mask; a frame always sees its own block, so the
+    perturbed rows are the plain frame-local attention, and unperturbed rows keep the causal mask."""
+    frames = 4
+    m = tiny_skyreels(block=2)
+    kw = skyreels_inputs(levels=(300.0,) * frames)
+    kw["hidden_states"] = torch.randn(1, 4, frames, 2 * R_, 2 * C_, generator=torch.Generator().manual_seed(4))
+    two = dict(kw, hidden_states=kw["hidden_states"].repeat(2, 1, 1, 1, 1), timestep=kw["timestep"].repeat(2, 1),
+               encoder_hidden_states=kw["encoder_hidden_states"].repeat(2, 1, 1))  # fps [1] broadcasts (as CAG)
+    with torch.no_grad():
+        plain = m(**kw)[0]
+        with apply_cag(m, CAGConfig(layers=[1], variant=variant)) as state:
+            out = m(**kw)[0]
+            state.set_slots(2, [1])
+            both = m(**two)[0]
+        mode = DenseSDPA(frames, 0, text_first=False, variant=variant)
+        ref = _dense_run(m, kw, m.blocks[1].attn1, mode)
+    assert mode.n == 1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(both[:1], plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(both[1:], out, rtol=0, atol=1e-5)
+    assert (out - plain).abs().max() > 1e-4
+
+
+def test_cag_refuses_what_its_hooks_cannot_follow():
+    """Mochi attends per batch row over sequences of different lengths (no CAG processor); asynchronous diffusion
+    forcing and multi-window long videos run more loop rows than steps. Refused before any work."""
+    with pytest.raises(ValueError, match=r"CAG is implemented for .* got MochiTransformer3DModel \(mochi\)"):
+        with apply_cag(tiny_mochi(), CAGConfig(layers=[0])):
+            pass
+    pipe = build_tiny_pipeline("skyreels_v2_df")
+    kw = call_kwargs("skyreels_v2_df", pipe, output_type="latent")
+    gs = kw.pop("guidance_scale")
+    calls = []
+    h = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"ar_step=2: asynchronous diffusion forcing .* allowed: ar_step=0"):
+            generate_with_cag_diffusers(pipe, CAGConfig(layers=[1]), guidance_scale=gs, ar_step=2, **kw)
+        with pytest.raises(ValueError, match=r"num_frames=13 > base_num_frames=9 with overlap_history"):
+            generate_with_cag_diffusers(pipe, CAGConfig(layers=[1]), guidance_scale=gs,
+                                        **dict(kw, num_frames=13, base_num_frames=9, overlap_history=5))
+    finally:
+        h.remove()
+    assert not calls
+
+
 def test_cag_errors_name_the_allowed_values():
     from difftrack.backbones import adapter_for
 
@@ -184,8 +239,10 @@ def test_cag_errors_name_the_allowed_values():
 
 
 @pytest.mark.parametrize("kind,extra", [("cogvideox", {}), ("wan", {}), ("hunyuanvideo", {}),
-                                        ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"})],
-                         ids=["cogvideox", "wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg"])
+                                        ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}),
+                                        ("wan22_ti2v", {}), ("skyreels_v2_df", {})],
+                         ids=["cogvideox", "wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg", "wan22-ti2v",
+                              "skyreels-v2-df"])
 def test_shared_prefix_cag_equals_the_three_slot_cag_up_to_rounding(kind, extra):
     """On every pipeline CAG supports, the shared-prefix CAG (blocks before the first CAG layer computed once for the
     conditional and perturbed slots) gives the 3-slot sample up to float rounding in fp32 on the CPU (not bitwise:

@@ -1,6 +1,7 @@
 """Notebooks 02 and 04 on real diffusers pipelines without weights (issue 8).
 
-For each of CogVideoXPipeline, WanPipeline and HunyuanVideoPipeline, a tiny random pipeline of the real classes
+For each of CogVideoXPipeline, WanPipeline (Wan 2.1 and Wan 2.2 TI2V), HunyuanVideoPipeline, SkyReelsV2Pipeline,
+SkyReelsV2DiffusionForcingPipeline and MochiPipeline, a tiny random pipeline of the real classes
 (:func:`difftrack.testing.build_tiny_pipeline`: tiny T5 / Llama + CLIP, VAE and transformer built from configs) is
 written with ``save_pretrained`` to a temporary folder, and the notebook runs on it through papermill with ``model``
 set to that folder -- the same path a user takes with a local CogVideoX-2B checkpoint. Outputs (figures, results,
@@ -18,7 +19,7 @@ import nbformat
 import pytest
 
 from difftrack.runners import VideoRunner
-from difftrack.testing import FRAMES, HEIGHT, KINDS, WIDTH, build_tiny_pipeline
+from difftrack.testing import KINDS, build_tiny_pipeline, tiny_size
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
@@ -59,13 +60,14 @@ def _text(nb) -> str:
 
 def test_02_layer_analysis_on_saved_tiny_pipeline(saved_pipeline, tmp_path):
     kind, folder, n_layers = saved_pipeline
+    size = list(tiny_size(kind))
     nb = _run("02_layer_analysis", dict(model=str(folder), videos_per_family=1, exact_per_family=1, num_steps=2,
-                                        grid_size=4, num_points=2, size=[FRAMES, HEIGHT, WIDTH]),
+                                        grid_size=4, num_points=2, size=size),
               tmp_path)
     summary = json.loads((tmp_path / "results" / "02_summary.json").read_text())
-    assert summary["settings"]["model"] == str(folder) and summary["settings"]["size"] == [FRAMES, HEIGHT, WIDTH]
+    assert summary["settings"]["model"] == str(folder) and summary["settings"]["size"] == size
     assert len(summary["timesteps"]) == 2
-    cls = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline", "hunyuanvideo": "HunyuanVideoPipeline"}[kind]
+    cls = json.loads((folder / "model_index.json").read_text())["_class_name"]
     assert f"{cls}, {n_layers} blocks" in _text(nb)
     for name in ("generated", "exact", "all"):
         s = summary["summary"][name]
@@ -80,11 +82,12 @@ def test_02_layer_analysis_on_saved_tiny_pipeline(saved_pipeline, tmp_path):
 def test_04_tracking_on_saved_tiny_pipeline(saved_pipeline, tmp_path):
     kind, folder, n_layers = saved_pipeline
     last = n_layers - 1
+    T, H, W = tiny_size(kind)
     nb = _run("04_tracking", dict(model=str(folder), layer=last, slider_layers=[0, last], slider_steps=[-1, -2],
-                                  native_size=[HEIGHT, WIDTH], num_frames=FRAMES, grid_size=3, n_videos=1,
+                                  native_size=[H, W], num_frames=T, grid_size=3, n_videos=1,
                                   scale=2, device="cpu"), tmp_path)
     text = _text(nb)
-    assert f"{n_layers} blocks), frames {HEIGHT}x{WIDTH}" in text
+    assert f"{n_layers} blocks), frames {H}x{W}" in text
     assert f"DiffTracker (layer {last}, step -1)" in text  # the metrics table has the tracker's row
     for fig in ("04_tracks_strip.png", "04_layer_step.png", "04_metrics.png", "04_tracks.mp4"):
         assert (tmp_path / "figures" / fig).stat().st_size > 1000, fig

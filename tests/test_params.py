@@ -78,18 +78,35 @@ def test_check_cell_comes_right_after_the_parameters_cell(name):
 
 @pytest.mark.parametrize("yaml_name, notebooks", [
     ("full.yaml", ["01_dataset", "02_layer_analysis", "03_timestep"]), ("04_full.yaml", ["04_tracking"]),
-    ("cogvideox_2b.yaml", ["02_layer_analysis", "03_timestep"]), ("04_cogvideox_2b.yaml", ["04_tracking"])])
+    ("cogvideox_2b.yaml", ["02_layer_analysis", "03_timestep"]), ("04_cogvideox_2b.yaml", ["04_tracking"]),
+    ("wan22_ti2v_5b.yaml", ["02_layer_analysis", "03_timestep"]), ("04_wan22_ti2v_5b.yaml", ["04_tracking"]),
+    ("skyreels_v2_df_1.3b.yaml", ["02_layer_analysis", "03_timestep"]),
+    ("04_skyreels_v2_df_1.3b.yaml", ["04_tracking"]),
+    ("mochi_1.yaml", ["02_layer_analysis", "03_timestep"]), ("04_mochi_1.yaml", ["04_tracking"])])
 def test_committed_paper_scale_parameter_files_pass(yaml_name, notebooks, tmp_path):
-    """notebooks/params/*.yaml on top of the defaults; the CogVideoX-2B files with a folder of CogVideoX-2B's
-    configs in place of their /path/to/CogVideoX-2b placeholder, and on the CPU where CUDA is missing."""
+    """notebooks/params/*.yaml on top of the defaults; the real-model files with a folder of the model's configs
+    (the released checkpoints' transformer and VAE geometry) in place of their /path/to/... placeholder, and on the
+    CPU where CUDA is missing."""
     import torch
     import yaml
 
     over = yaml.safe_load((NB_DIR / "params" / yaml_name).read_text())
+    folders = {  # placeholder folder name: (pipeline class, transformer config, VAE config)
+        "CogVideoX-2b": ("CogVideoXPipeline", dict(num_layers=30, patch_size=2, sample_frames=49, sample_height=60,
+                                                  sample_width=90),
+                         dict(temporal_compression_ratio=4, block_out_channels=[128, 256, 256, 512])),
+        "Wan2.2-TI2V-5B-Diffusers": ("WanPipeline", dict(num_layers=30, patch_size=[1, 2, 2]),
+                                     dict(scale_factor_temporal=4, scale_factor_spatial=16)),
+        "SkyReels-V2-DF-1.3B-540P-Diffusers": ("SkyReelsV2DiffusionForcingPipeline",
+                                               dict(num_layers=30, patch_size=[1, 2, 2]),
+                                               dict(scale_factor_temporal=4, scale_factor_spatial=8)),
+        "mochi-1-preview": ("MochiPipeline", dict(num_layers=48, patch_size=2),
+                            dict(temporal_expansions=[1, 2, 3], spatial_expansions=[2, 2, 2])),
+    }
     if "model" in over:
-        over["model"] = str(_folder(tmp_path / "CogVideoX-2b", "CogVideoXPipeline", dict(
-            num_layers=30, patch_size=2, sample_frames=49, sample_height=60, sample_width=90),
-            vae=dict(temporal_compression_ratio=4, block_out_channels=[128, 256, 256, 512])))
+        name = Path(over["model"]).name
+        cls, tcfg, vcfg = folders[name]
+        over["model"] = str(_folder(tmp_path / name, cls, tcfg, vae=vcfg))
     if over.get("device") == "cuda" and not torch.cuda.is_available():
         over["device"] = "cpu"
     for name in notebooks:
@@ -258,9 +275,10 @@ def test_folder_geometry_matches_the_runner_of_saved_tiny_pipelines(tmp_path):
     """The config-file reading agrees with VideoRunner on the real diffusers classes (tiny random pipelines, as
     tests/test_notebooks_backbones.py runs notebooks 02 and 04 on), and those notebook runs' parameters pass."""
     from difftrack.runners import VideoRunner
-    from difftrack.testing import FRAMES, HEIGHT, KINDS, WIDTH, build_tiny_pipeline
+    from difftrack.testing import KINDS, build_tiny_pipeline, tiny_size
 
     for kind in KINDS:
+        FRAMES, HEIGHT, WIDTH = tiny_size(kind)
         folder = tmp_path / kind
         runner = VideoRunner(build_tiny_pipeline(kind, path=folder))
         g = model_geometry(str(folder))

@@ -8,18 +8,23 @@ import pytest
 import torch
 
 from difftrack.capture import capture
-from difftrack.testing import FRAMES, HEIGHT, KINDS, WIDTH, build_tiny_pipeline, hunyuan_prompt_template
+from difftrack.backbones.skyreels import encode_prompt
+from difftrack.testing import KINDS, build_tiny_pipeline, hunyuan_prompt_template, tiny_size
 
 STEPS = 2
 
 
 def call_kwargs(kind, pipe, **extra):
-    kw = dict(prompt="a red circle moving left", num_frames=FRAMES, height=HEIGHT, width=WIDTH,
-              num_inference_steps=STEPS, output_type="pt")
+    T, H, W = tiny_size(kind)
+    kw = dict(prompt="a red circle moving left", num_frames=T, height=H, width=W, num_inference_steps=STEPS,
+              output_type="pt")
     if kind == "cogvideox":
         kw.update(negative_prompt="", guidance_scale=6.0)
-    elif kind == "wan":
+    elif kind in ("wan", "wan22_ti2v", "mochi"):
         kw.update(negative_prompt="a blue square", guidance_scale=5.0)
+    elif kind.startswith("skyreels"):  # their prompt cleaning needs ftfy: embeddings instead (skyreels docstring)
+        kw.update(prompt=None, prompt_embeds=encode_prompt(pipe, kw["prompt"]),
+                  negative_prompt_embeds=encode_prompt(pipe, "a blue square"), guidance_scale=5.0)
     else:
         kw.update(prompt_template=hunyuan_prompt_template(pipe.tokenizer), guidance_scale=6.0)
     kw.update(extra)
@@ -27,7 +32,7 @@ def call_kwargs(kind, pipe, **extra):
 
 
 def run(pipe, kw, seen=None):
-    cb = None if seen is None else (lambda p, i, t, d: seen.append((i, float(t))) or {})
+    cb = None if seen is None else (lambda p, i, t, d: seen.append((i, float(t.max()))) or {})  # DF: t per frame
     return pipe(generator=torch.Generator().manual_seed(0), callback_on_step_end=cb, **kw).frames
 
 
@@ -50,7 +55,9 @@ def test_capture_in_pipeline_is_exact_and_tags_steps(saved):
     heads = pipe.transformer.config.num_attention_heads
     assert cache.q(0, step=1).shape == (1, heads, 3, 2, 2, 16)  # cond branch only, 3 latent frames x 2 x 2 tokens
     assert cache.features(0, step=1).shape[:4] == (1, 3, 2, 2)
-    assert all(not type(p).__name__.startswith("Capturing") for p in pipe.transformer.attn_processors.values())
+    a = cache.adapter  # (MochiTransformer3DModel has no attn_processors)
+    assert all(not type(a.self_attention(b).processor).__name__.startswith("Capturing")
+               for _, b in a.blocks(pipe.transformer))
 
 
 def test_save_and_reload_gives_the_same_output(saved):
@@ -75,7 +82,7 @@ def _qk_events(pipe, kw, branch):
     return events
 
 
-@pytest.mark.parametrize("kind", ["wan", "hunyuanvideo"])
+@pytest.mark.parametrize("kind", ["wan", "hunyuanvideo", "wan22_ti2v", "skyreels_v2", "skyreels_v2_df"])
 def test_sequential_cfg_branches_in_pipeline(kind):
     pipe = build_tiny_pipeline(kind)
     extra = {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"} if kind == "hunyuanvideo" else {}
@@ -108,3 +115,85 @@ def test_cogvideox_batched_cfg_in_pipeline():
         run(pipe, kw)
     assert a.q(1).shape[0] == 2 and torch.equal(c.q(1)[0], a.q(1)[1])  # [uncond, cond]
     assert a.grid.text_len == 226 and a.grid.text_first
+
+
+def _timesteps_seen(pipe, kw):
+    """The ``timestep`` argument of every transformer call of one run."""
+    seen = []
+    h = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["timestep"].clone()),
+                                                   with_kwargs=True)
+    try:
+        run(pipe, kw)
+    finally:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["wan", "wan22_ti2v", "skyreels_v2", "skyreels_v2_df", "mochi"])
+def test_runner_transformer_calls_match_the_pipelines(kind):
+    """The runners' bare forwards (analysis on real videos, tracking) pass the timestep in the pipeline's form
+    (Wan 2.2 TI2V: [B, N] per token; SkyReels-V2 diffusion forcing: [B, F] per frame) at the pipeline's schedule
+    (Mochi: its linear-quadratic sigmas, rising timesteps), with the same extra conditioning."""
+    from difftrack.runners import VideoRunner
+
+    pipe = build_tiny_pipeline(kind)
+    kw = call_kwargs(kind, pipe, output_type="latent")
+    seen = _timesteps_seen(pipe, kw)
+    runner = VideoRunner(pipe)
+    ts = runner.timesteps(STEPS)
+    calls = 2 if kind != "mochi" else 1  # sequential CFG: cond and uncond per step; Mochi: one batched call
+    assert len(seen) == calls * STEPS
+    x = torch.zeros((1, pipe.transformer.config.in_channels, 3, 4, 4))
+    for i, t in enumerate(ts):
+        mine = runner.forward_kwargs(x, torch.tensor(t), runner.cond("a red circle"))
+        theirs = seen[calls * i][:1]  # the first row (Mochi's batch is [uncond, cond])
+        assert mine["timestep"].shape == theirs.shape and torch.equal(mine["timestep"].float(), theirs.float())
+    shape = {"wan22_ti2v": (1, 12), "skyreels_v2_df": (1, 3)}.get(kind, (1,))
+    assert tuple(seen[0][:1].shape) == shape
+    extra = set(runner.cond("a red circle"))
+    assert extra == {"encoder_hidden_states"} | {"skyreels_v2_df": {"enable_diffusion_forcing", "fps"},
+                                                 "mochi": {"encoder_attention_mask"}}.get(kind, set())
+
+
+def test_mochi_noising_and_size_conventions():
+    """Mochi noises as its inverted flow: t = 0 is pure noise, t = 1000 the clean latent; 6x temporal, 8x spatial
+    compression, default size 19 x 480 x 848."""
+    from difftrack.runners import VideoRunner
+
+    runner = VideoRunner(build_tiny_pipeline("mochi"))
+    assert (runner.temporal, runner.vae_spatial, runner.default_size()) == (6, 8, (19, 480, 848))
+    x0, eps = torch.randn(1, 12, 3, 4, 4), torch.randn(1, 12, 3, 4, 4)
+    assert torch.equal(runner.add_noise(x0, eps, torch.tensor(0.0)), eps)
+    torch.testing.assert_close(runner.add_noise(x0, eps, torch.tensor(1000.0)), x0, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="frames=9; MochiPipeline needs at least 2 frames and frames - 1 divisible "
+                                         "by its temporal compression 6"):
+        runner.check_size((9, 32, 32))
+
+
+def test_skyreels_diffusion_forcing_async_steps_are_the_step_matrix_rows():
+    """ar_step > 0: frames at different levels in one call and more loop rows than steps. Capture counts one step
+    per row of the pipeline's step matrix (its callback index), records the noisiest frame's timestep, and is
+    exact; the rows' levels differ across frames."""
+    pipe = build_tiny_pipeline("skyreels_v2_df")
+    kw = call_kwargs("skyreels_v2_df", pipe, output_type="latent", ar_step=1, causal_block_size=1)
+    ref = run(pipe, kw)
+    seen = []
+    with capture(pipe, layers=[0], branch="uncond") as cache:
+        out = run(pipe, kw, seen)
+    assert torch.equal(ref, out)
+    rows = _timesteps_seen(pipe, kw)[::2]
+    assert len(rows) > STEPS and any(len(set(r[0].tolist())) > 1 for r in rows)
+    assert sorted(cache.timesteps) == [i for i, _ in seen] == list(range(len(rows)))
+    assert [cache.timesteps[i] for i in range(len(rows))] == [float(r.max()) for r in rows]
+
+
+@pytest.mark.parametrize("kind", ["mochi", "hunyuanvideo"])
+def test_tracker_uses_the_pipelines_schedule(kind):
+    """DiffTracker on a pipeline sets its timesteps the family's way (Mochi's linear-quadratic sigmas,
+    HunyuanVideo's linspace sigmas), the same schedule the analysis runner reads."""
+    from difftrack.runners import VideoRunner
+    from difftrack.tracking import DiffTracker
+
+    pipe = build_tiny_pipeline(kind)
+    tracker = DiffTracker(pipe, layers=[0], step=[0, 1, 2], num_steps=3)
+    assert [float(t) for t in tracker.timesteps] == VideoRunner(pipe).timesteps(3)

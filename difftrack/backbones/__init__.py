@@ -1,7 +1,7 @@
 """Per-backbone adapters: every decision that depends on the backbone family lives in this package.
 
 Two registries, filled by one module per family (``cogvideox``, ``hunyuanvideo``, ``wan``, ``ltxvideo``,
-``embedded``):
+``skyreels``, ``mochi``, ``embedded``):
 
 * :class:`BackboneAdapter`, by transformer class name: where the blocks are, how the attention sequence is laid out,
   which CFG branch is which. The capture core (:mod:`difftrack.capture`) uses nothing else.
@@ -17,6 +17,8 @@ test.
 | CogVideoX-2B/5B/5B-I2V/1.5 | ``CogVideoXTransformer3DModel`` | ``[text, video]`` | one batch ``[uncond, cond]`` |
 | HunyuanVideo (T2V, I2V) | ``HunyuanVideoTransformer3DModel`` | ``[video, text]``; 20 dual + 40 single blocks as one list | embedded guidance, batch 1; true CFG: separate forwards, cond first |
 | Wan 2.1/2.2 | ``WanTransformer3DModel`` | ``[video]`` (text by cross-attention) | separate forwards, cond first |
+| SkyReels-V2 | ``SkyReelsV2Transformer3DModel`` | ``[video]``; per-frame timesteps | separate forwards, cond first |
+| Mochi 1 | ``MochiTransformer3DModel`` | ``[video, valid text]``, one SDPA per row | one batch ``[uncond, cond]`` |
 | LTX-Video | ``LTXVideoTransformer3DModel`` | ``[video]`` (text by cross-attention), input already patchified | one batch ``[uncond, cond]`` |
 
 Not covered: ``HunyuanVideoFramepackTransformer3DModel`` (history tokens are prepended to the video and the text is
@@ -102,6 +104,12 @@ class BackboneAdapter:
         cag_attention: how :mod:`difftrack.guidance` perturbs the self-attention for CAG: ``"joint"`` (the
             processor computes q/k/v of ``[text, video]`` itself, CogVideoX), ``"sdpa"`` (intercept the processor's
             SDPA call), ``None`` (not supported).
+        step_key: ``timestep argument -> tuple of floats`` that counts denoising steps in capture and CAG: calls with
+            equal keys are one step (sequential CFG), a key with any entry larger than the last one starts a new
+            generation, anything else is the next step. Larger means noisier. Default :func:`max_timestep` (the
+            largest per-token value: Wan 2.2 TI2V's clean first frame holds 0).
+        per_sample_attention: the processor runs one SDPA call per batch row on ``[video, that row's valid text]``
+            (Mochi drops padded text tokens per row): capture collects every call of the processor, not the first.
     """
 
     name: str
@@ -117,6 +125,8 @@ class BackboneAdapter:
     rope: Callable | None = None
     trained_tokens: Callable | None = None
     cag_attention: str | None = "sdpa"
+    step_key: Callable | None = None  # default: max_timestep
+    per_sample_attention: bool = False
 
     def __post_init__(self):
         if self.cfg not in ("batched", "sequential"):
@@ -130,6 +140,8 @@ class BackboneAdapter:
             self.self_attention = _attn1
         if self.block_video_output is None:
             self.block_video_output = _output_as_is
+        if self.step_key is None:
+            self.step_key = max_timestep
 
     def latent_input(self, x: torch.Tensor) -> torch.Tensor:
         """Per-frame latents ``[F, C, h, w]`` -> the transformer's ``hidden_states`` (batch 1)."""
@@ -137,6 +149,18 @@ class BackboneAdapter:
 
     def rope_kwargs(self, transformer, pipe, frames: int, rows: int, cols: int, device) -> dict:
         return {} if self.rope is None else self.rope(transformer, pipe, frames, rows, cols, device)
+
+
+def max_timestep(t) -> tuple[float, ...] | None:
+    """Step key of a ``timestep`` argument (scalar, ``[B]`` or per-token ``[B, N]``): ``(max,)``, ``None`` without one.
+
+    Per-token timesteps (Wan 2.2 TI2V's ``expand_timesteps``) hold 0 for a clean conditioning frame and the step's
+    ``t`` for every other token, so the maximum is the step's timestep."""
+    import torch
+
+    if t is None:
+        return None
+    return (float(t.max()) if isinstance(t, torch.Tensor) else float(t),)
 
 
 def block_list(attr: str) -> Callable[[nn.Module], list[tuple[str, nn.Module]]]:
@@ -249,6 +273,16 @@ def _check_tokens(grid: TokenGrid, n: int, what: str) -> TokenGrid:
 
 
 
+def scheduler_add_noise(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x0`` forward-noised to timestep ``t`` with the scheduler's own rule: DDIM-style ``add_noise``, or flow
+    matching's ``scale_noise`` (Wan, HunyuanVideo)."""
+    if hasattr(scheduler, "add_noise"):
+        return scheduler.add_noise(x0, eps, t.reshape(1).to(x0.device))
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(x0, t.reshape(1).to(x0.device), eps)
+    raise ValueError(f"scheduler {type(scheduler).__name__} has neither add_noise nor scale_noise; use noise='none'")
+
+
 def scale_vae_latents(vae, z: torch.Tensor) -> torch.Tensor:
     """VAE latents ``z`` (channels on dim 1) in the transformer's scale, as the pipelines undo it before decoding:
     normalised by ``latents_mean`` / ``latents_std`` where the VAE config has them (Wan), else multiplied by
@@ -313,18 +347,36 @@ class PipelineFamily:
         """Set ``num_steps`` timesteps the way the pipeline does."""
         scheduler.set_timesteps(num_steps, device=device)
 
+    def add_noise(self, scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x0`` forward-noised to the schedule's timestep ``t`` (default :func:`scheduler_add_noise`: the
+        scheduler's ``add_noise`` or flow matching's ``scale_noise``)."""
+        return scheduler_add_noise(scheduler, x0, eps, t)
+
+    def timestep_input(self, pipe, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The ``timestep`` argument of a transformer call at the schedule's timestep ``t`` on latents ``x``
+        (batch first) as the pipeline builds it: ``[B]`` by default."""
+        return t.reshape(1).expand(x.shape[0])
+
+    def check_cag_call(self, call_kwargs: dict) -> None:
+        """Refuse (``ValueError``) a ``__call__`` whose loop CAG's hooks cannot follow; every call is allowed by
+        default."""
+
     def generate(self, pipe, prompt: str, size: tuple[int, int, int], num_steps: int, guidance_scale: float,
                  generator: torch.Generator, negative_prompt: str = "") -> np.ndarray:
         """One video from the pipeline's own ``__call__``: ``uint8 [T, H, W, 3]``."""
         import numpy as np
 
         T, H, W = size
-        kw = dict(prompt=prompt, num_frames=T, height=H, width=W, num_inference_steps=num_steps,
-                  guidance_scale=guidance_scale, generator=generator, output_type="np")
-        if self.takes_negative_prompt:
-            kw["negative_prompt"] = negative_prompt
+        kw = dict(num_frames=T, height=H, width=W, num_inference_steps=num_steps, guidance_scale=guidance_scale,
+                  generator=generator, output_type="np", **self.prompt_kwargs(pipe, prompt, negative_prompt))
         out = np.asarray(pipe(**kw).frames[0], np.float32)
         return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+    def prompt_kwargs(self, pipe, prompt: str, negative_prompt: str) -> dict:
+        """The prompt arguments of :meth:`generate`'s ``__call__``: ``prompt`` (and ``negative_prompt`` where the
+        pipeline takes one)."""
+        return dict(prompt=prompt, negative_prompt=negative_prompt) if self.takes_negative_prompt else dict(
+            prompt=prompt)
 
     def cond(self, pipe, prompt: str, device, dtype, guidance_embed: float) -> dict:
         """Keyword arguments of a conditional transformer call for ``prompt`` (batch 1)."""
@@ -409,4 +461,4 @@ def frame_encoder(transformer, vae):
 
 
 # one module per family; importing them registers their adapters and pipeline families (order: pipeline listing)
-from . import embedded, cogvideox, wan, hunyuanvideo, ltxvideo  # noqa: E402,F401
+from . import embedded, cogvideox, wan, hunyuanvideo, ltxvideo, skyreels, mochi  # noqa: E402,F401
