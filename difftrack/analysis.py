@@ -12,9 +12,24 @@ Ground truth comes afterwards: exact tracks for world videos, or pseudo ground t
 (OpenCV pyramidal Lucas-Kanade with a forward-backward check) for generated videos, as the paper used CoTracker.
 :func:`score_tables` then gives per-(step, layer) tables.
 
-Defects of the published code that are fixed here: query tokens indexed (row = y, col = x) [B3]; cell-centre
-coordinates and border clamping [B4]; frame 0 (trivially correct) excluded from accuracy; the "feature" is the block
-output (post-``to_out``, the residual stream) [B12].
+Two scoring protocols (``protocol=``; every difference is a row of ``docs/conventions.md``):
+
+* ``"difftrack"`` (default, the project's): tracks refined by a soft-argmax around the peak (``Recorder(refine=)``),
+  scored per **latent** frame (latent frame ``k`` pinned to video frame ``r k``; frames 1.. only, frame 0 being the
+  query itself) against the visibility of the AND rule over the ``r`` video frames a latent frame encodes; the
+  confidence and attention scores use the matching temperature ``tau``; features matched by cosine similarity,
+  bidirectional.
+* ``"published"`` (the published ``analyze_generation.py`` / ``MatchingEvaluator``, shared reference sections 4.3-4.4):
+  argmax per source token, then bilinear interpolation of the integer match map at the query; the latent-frame
+  tracks linearly interpolated to **every video frame** (``F.interpolate(size=T, mode="linear",
+  align_corners=False)``; the identity when latent frames are video frames, as on the embedded model) and all ``T``
+  frames scored, **frame 0 included**, against the per-video-frame visibility; the AND rule only in the confidence
+  score; scores at ``tau = sqrt(head_dim)`` whatever the matching temperature; features by the raw dot product,
+  forward only. Record it with ``Recorder(protocols=("difftrack", "published"))`` (one run, both protocols).
+
+Defects of the published code fixed in both protocols: query tokens indexed (row = y, col = x) [B3]; cell-centre
+coordinates and border clamping [B4]; no second softmax before the argmax; the "feature" is the block output
+(post-``to_out``, the residual stream) [B12].
 """
 from __future__ import annotations
 
@@ -30,6 +45,32 @@ from . import matching as M
 from .capture import FeatureEvent, QKEvent, _normalise_steps, capture
 
 SCORE_PARTS = ("text", "self", "cross")
+#: Scoring protocols: the project's own (default) and the published code's (see the module docstring).
+PROTOCOLS = ("difftrack", "published")
+#: Prefix of the published protocol's tables in :func:`difftrack.experiments.analysis.run_dataset` results.
+PUBLISHED_PREFIX = "pub_"
+#: The published analysis's query-key matching (section 4.3): sqrt(head_dim), bidirectional, argmax + interpolation.
+PUBLISHED_MATCH = dict(tau="dim", bidirectional=True, refine="paper")
+#: The published feature matching: softmax of raw dot products (no temperature), forward only, same refinement.
+PUBLISHED_FEATURES = dict(tau=1.0, bidirectional=False, refine="paper", similarity="dot")
+
+
+def check_protocol(protocol) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}; allowed: {PROTOCOLS}")
+    return protocol
+
+
+def check_protocols(protocols) -> tuple[str, ...]:
+    """A non-empty collection of :data:`PROTOCOLS` names -> the tuple in canonical order (``"difftrack"`` first)."""
+    if isinstance(protocols, str) or protocols is None:
+        protocols = (protocols,)
+    protocols = tuple(protocols)
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or "difftrack" not in protocols:
+        raise ValueError(f"protocols={protocols!r}; allowed: a collection of {PROTOCOLS} that holds 'difftrack' "
+                         f"(the default tables are always recorded)")
+    return tuple(p for p in PROTOCOLS if p in protocols)
 
 
 @dataclass
@@ -40,7 +81,10 @@ class AnalysisRecord:
     * ``max_text``, ``sum_text``: ``[S, L, n]``; ``max_frame``, ``sum_frame``: ``[S, L, n, F]`` (attention of the
       point's frame-0 token, head-averaged);
     * ``qk_tracks_heads``: ``float32 [S, L, K, n, F, 2]`` query-key tracks from the cost averaged over each of the
-      ``K`` head sets ``head_sets`` only (recorded when :class:`Recorder` gets ``head_sets``; else ``None``).
+      ``K`` head sets ``head_sets`` only (recorded when :class:`Recorder` gets ``head_sets``; else ``None``);
+    * ``pub_qk_tracks``, ``pub_feat_tracks`` ``[S, L, n, F, 2]`` and ``pub_{max,sum}_{text,frame}``: the same for the
+      published protocol (recorded when ``"published"`` is in ``protocols``; the score tables only when the
+      default scores were not already at ``sqrt(head_dim)``, ``scores_at_sqrt_dim``).
     """
 
     queries: np.ndarray  # [n, 2] pixels (x, y) in frame 0
@@ -58,6 +102,14 @@ class AnalysisRecord:
     qk_tracks_heads: np.ndarray | None = None
     head_sets: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    protocols: list = field(default_factory=lambda: ["difftrack"])
+    scores_at_sqrt_dim: bool | None = None  # the default score tables used tau = sqrt(head_dim)
+    pub_qk_tracks: np.ndarray | None = None
+    pub_feat_tracks: np.ndarray | None = None
+    pub_max_text: np.ndarray | None = None
+    pub_sum_text: np.ndarray | None = None
+    pub_max_frame: np.ndarray | None = None
+    pub_sum_frame: np.ndarray | None = None
 
     def save(self, path: str | Path) -> None:
         """Atomic write (``.npz``): a crash never leaves a half-written result."""
@@ -105,6 +157,10 @@ class Recorder:
 
     :meth:`record` (and :attr:`rec`) checks that every expected table has every expected (step, layer) and raises
     :class:`difftrack.hooks.IncompleteRunError` naming what is missing otherwise (never a ``nan`` in their place).
+        protocols: the scoring protocols to record (:data:`PROTOCOLS`; ``"difftrack"`` always): with
+            ``"published"`` the published protocol's tracks (argmax + match-map interpolation from the same cost
+            when ``tau`` is ``sqrt(head_dim)``, published feature matching) and, when ``tau`` is not
+            ``sqrt(head_dim)``, its score tables are recorded too (``pub_*``).
     """
 
     TABLES = ("qk_tracks", "feat_tracks", "max_text", "sum_text", "max_frame", "sum_frame")
@@ -112,16 +168,24 @@ class Recorder:
     def __init__(self, queries_px: np.ndarray, stride: float, num_steps: int, num_layers: int, frames: int,
                  tau=None, bidirectional: bool = True, refine: str = "softargmax", radius: int = 1,
                  feature_tau: float = 0.05, scores: bool = True, head_sets=None, features: bool = True,
-                 steps=None):
+                 steps=None, protocols=("difftrack",)):
         for name, v in (("num_steps", num_steps), ("num_layers", num_layers), ("frames", frames)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name}={v!r}; allowed: an integer >= 1")
+        M.temperature(tau, 1, 1)  # a bad tau fails here, before any capture
+        self.protocols = check_protocols(protocols)
+        self.published = "published" in self.protocols
         n = len(queries_px)
         S, L, F = num_steps, num_layers, frames
         self._rec = AnalysisRecord(queries=np.asarray(queries_px, np.float32), stride=float(stride), num_steps=S,
-                                   num_layers=L, frames=F)
+                                   num_layers=L, frames=F, protocols=list(self.protocols),
+                                   scores_at_sqrt_dim=tau is None or tau == "dim")
         self._shapes = dict(qk_tracks=(S, L, n, F, 2), feat_tracks=(S, L, n, F, 2), max_text=(S, L, n),
                             sum_text=(S, L, n), max_frame=(S, L, n, F), sum_frame=(S, L, n, F))
+        if self.published:
+            self._shapes.update(pub_qk_tracks=(S, L, n, F, 2), pub_feat_tracks=(S, L, n, F, 2))
+            if scores and not self._rec.scores_at_sqrt_dim:
+                self._shapes.update({f"pub_{t}": self._shapes[t] for t in self.TABLES[2:]})
         if head_sets is not None:
             if isinstance(head_sets, (str, bytes)) or not len(head_sets):
                 raise ValueError(f"head_sets={head_sets!r}; allowed: None or a non-empty list of head lists, "
@@ -205,29 +269,48 @@ class Recorder:
             self._dev_cache[key] = (idx, vs, text_idx)
         return self._dev_cache[key]
 
+    def _qk_tracks(self, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
+        """``[qk_tracks]`` (``[qk_tracks, pub_qk_tracks]`` with the published protocol) of one layer, ``[n, F, 2]``
+        pixels each; both from one cost when the temperature and direction agree."""
+        pts, stride = self._pts(q.device), self._rec.stride
+        if not self.published:
+            return [M.match_video(q, k, pts, stride, **self.kw)[0]]
+        same = (M.temperature(self.kw["tau"], q.shape[0], q.shape[-1]) == M.temperature("dim", q.shape[0], q.shape[-1])
+                and self.kw["bidirectional"] == PUBLISHED_MATCH["bidirectional"])
+        if same:
+            kw = {k_: v for k_, v in self.kw.items() if k_ != "refine"}
+            return [t for t, _ in M.match_video_refines(q, k, pts, stride, (self.kw["refine"], "paper"), **kw)]
+        return [M.match_video(q, k, pts, stride, **self.kw)[0],
+                M.match_video(q, k, pts, stride, radius=self.kw["radius"], **PUBLISHED_MATCH)[0]]
+
+    def _store_scores(self, prefix: str, ev: QKEvent, tau) -> None:
+        g = ev.grid
+        N = ev.q.shape[2]
+        idx, vs, text_idx = self._score_index(g, N, ev.q.device)
+        A = M.attention_rows(ev.q[0], ev.k[0], idx, tau=tau)  # [n, N]
+        video = A[:, vs].reshape(len(idx), g.frames, g.tokens_per_frame)
+        text = A.index_select(1, text_idx)
+        self._store(prefix + "max_text", ev.step, ev.layer,
+                    text.max(-1).values if text.shape[1] else torch.zeros(len(idx), device=A.device))
+        self._store(prefix + "sum_text", ev.step, ev.layer, text.sum(-1))
+        self._store(prefix + "max_frame", ev.step, ev.layer, video.max(-1).values)
+        self._store(prefix + "sum_frame", ev.step, ev.layer, video.sum(-1))
+
     @torch.no_grad()
     def on_qk(self, ev: QKEvent) -> None:
         self._check(ev.step, ev.layer)
         q, k = ev.q_video[0], ev.k_video[0]  # [H, F, rows, cols, D]
-        tr, _ = M.match_video(q, k, self._pts(q.device), self._rec.stride, **self.kw)
-        self._store("qk_tracks", ev.step, ev.layer, tr)
+        for name, tr in zip(("qk_tracks", "pub_qk_tracks"), self._qk_tracks(q, k)):
+            self._store(name, ev.step, ev.layer, tr)
         if self.head_sets is not None:
             self._store("qk_tracks_heads", ev.step, ev.layer, torch.stack(
                 [M.match_video(q, k, self._pts(q.device), self._rec.stride, heads=hs, **self.kw)[0]
                  for hs in self.head_sets]))
         if not self.scores:
             return
-        g = ev.grid
-        N = ev.q.shape[2]
-        idx, vs, text_idx = self._score_index(g, N, ev.q.device)
-        A = M.attention_rows(ev.q[0], ev.k[0], idx, tau=self.kw["tau"])  # [n, N]
-        video = A[:, vs].reshape(len(idx), g.frames, g.tokens_per_frame)
-        text = A.index_select(1, text_idx)
-        self._store("max_text", ev.step, ev.layer,
-                    text.max(-1).values if text.shape[1] else torch.zeros(len(idx), device=A.device))
-        self._store("sum_text", ev.step, ev.layer, text.sum(-1))
-        self._store("max_frame", ev.step, ev.layer, video.max(-1).values)
-        self._store("sum_frame", ev.step, ev.layer, video.sum(-1))
+        self._store_scores("", ev, self.kw["tau"])
+        if "pub_max_text" in self._shapes:  # the published scores are at sqrt(head_dim), the default ones are not
+            self._store_scores(PUBLISHED_PREFIX, ev, PUBLISHED_MATCH["tau"])
 
     @torch.no_grad()
     def on_features(self, ev: FeatureEvent) -> None:
@@ -235,6 +318,10 @@ class Recorder:
         f = ev.features[0]
         tr, _ = M.match_video_features(f, self._pts(f.device), self._rec.stride, **self.feature_kw)
         self._store("feat_tracks", ev.step, ev.layer, tr)
+        if self.published:
+            tr, _ = M.match_video_features(f, self._pts(f.device), self._rec.stride, radius=self.kw["radius"],
+                                           **PUBLISHED_FEATURES)
+            self._store("pub_feat_tracks", ev.step, ev.layer, tr)
 
 
 def pseudo_ground_truth(video: np.ndarray, queries_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -278,9 +365,45 @@ def pseudo_vs_exact(video: np.ndarray, queries_px: np.ndarray, tracks: np.ndarra
                 pseudo_visible_frac=float(p_vis[:, 1:].mean()), exact_visible_frac=float(visible[:, 1:].mean()))
 
 
+def interpolate_frames(tracks: np.ndarray, frames: int) -> np.ndarray:
+    """Linear interpolation along the frame axis (``-2``) of ``tracks [..., F, 2]`` to ``frames`` frames, as the
+    published ``interpolate_trajectory`` (``F.interpolate(size=frames, mode="linear", align_corners=False)``): output
+    frame ``t`` reads input position ``(t + 0.5) F / frames - 0.5``, clamped to ``[0, F - 1]``. The identity when
+    ``frames == F``."""
+    tracks = np.asarray(tracks)
+    F = tracks.shape[-2]
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
+        raise ValueError(f"frames={frames!r}; allowed: an integer >= 1")
+    if frames == F:
+        return tracks.copy()
+    pos = np.clip((np.arange(frames) + 0.5) * F / frames - 0.5, 0, F - 1)
+    i0 = np.floor(pos).astype(int)
+    i1 = np.minimum(i0 + 1, F - 1)
+    w = (pos - i0).astype(np.float64)[:, None]
+    return (tracks[..., i0, :] * (1 - w) + tracks[..., i1, :] * w).astype(tracks.dtype)
+
+
+def score_parts(max_text, sum_text, max_frame, sum_frame, v_lat: np.ndarray) -> dict[str, np.ndarray]:
+    """Confidence and attention score tables ``[S, L]`` from the recorded maxima / sums and the per-latent-frame
+    visibility ``v_lat [n, F]`` (frame 0 = the query frame)."""
+    vf = v_lat.astype(np.float32).copy()  # [n, F]
+    vf[:, 0] = 0
+    out = {"conf_text": max_text.mean(-1), "conf_self": max_frame[..., 0].mean(-1)}
+    cross = (max_frame * vf[None, None]).sum(-1) / np.maximum(vf.sum(-1), 1e-8)[None, None]
+    out["conf_cross"] = cross.mean(-1)
+    v0 = v_lat[:, 0]
+    out["attn_text"] = sum_text[..., v0].mean(-1)
+    out["attn_self"] = sum_frame[..., v0, 0].mean(-1)
+    out["attn_cross"] = sum_frame[..., v0, 1:].sum(-1).mean(-1)
+    return out
+
+
 def score_tables(rec: AnalysisRecord, gt_tracks: np.ndarray, gt_visible: np.ndarray,
-                 threshold_tokens: float = 0.5) -> dict[str, np.ndarray]:
+                 threshold_tokens: float = 0.5, protocol: str = "difftrack") -> dict[str, np.ndarray]:
     """Per-(step, layer) tables ``[S, L]`` from one video's record and its ground truth.
+
+    ``protocol="difftrack"`` (default): ``gt_tracks [n, F, 2]``, ``gt_visible [n, F]`` **per latent frame**
+    (:func:`record_ground_truth`: the AND rule over the video frames a latent frame encodes);
 
     * ``qk_acc`` / ``feat_acc``: PCK at ``threshold_tokens`` tokens (the paper's half token; 8 px at 480x720),
       visible points, frames 1.. only; ``qk_acc_heads`` ``[S, L, K]`` the same per head set when the record has
@@ -289,28 +412,52 @@ def score_tables(rec: AnalysisRecord, gt_tracks: np.ndarray, gt_visible: np.ndar
       visible later frames of the max over that frame's keys (all points; never-visible points count 0 for cross);
     * ``attn_{text,self,cross}``: attention score -- summed attention on text / frame 0 / frames 1.., points
       visible at frame 0.
+
+    ``protocol="published"``: ``gt_tracks [n, T, 2]``, ``gt_visible [n, T]`` **per video frame**
+    (:func:`video_ground_truth`); the record's ``pub_*`` tracks are interpolated to the ``T`` video frames
+    (:func:`interpolate_frames`) and ``qk_acc`` / ``feat_acc`` pool every visible (point, frame) pair, frame 0
+    included; the scores as above from the published-temperature tables, the latent visibility by the AND rule
+    (:func:`difftrack.runners.latent_visibility`, ``rec.meta["temporal"]`` video frames per latent frame).
     """
+    from .runners import latent_visibility
+
+    check_protocol(protocol)
     thr = threshold_tokens * rec.stride
-    vis = np.asarray(gt_visible, bool).copy()
-    v_later = vis.copy()
-    v_later[:, 0] = False
+    vis = np.asarray(gt_visible, bool)
+    gt_tracks = np.asarray(gt_tracks)
+    if gt_tracks.ndim != 3 or vis.shape != gt_tracks.shape[:2] or vis.shape[0] != len(rec.queries):
+        raise ValueError(f"ground truth tracks {gt_tracks.shape} / visibility {vis.shape} do not match the record's "
+                         f"{len(rec.queries)} points; expected [n, frames, 2] and [n, frames]")
     out = {}
-    for name, tr in (("qk_acc", rec.qk_tracks), ("feat_acc", rec.feat_tracks)):
-        d = np.linalg.norm(tr - gt_tracks[None, None], axis=-1)  # [S, L, n, F]
-        ok = (d < thr) & v_later[None, None]
-        out[name] = ok.sum((-1, -2)) / max(v_later.sum(), 1)
-    if rec.qk_tracks_heads is not None:  # [S, L, K]: accuracy of each head set
-        d = np.linalg.norm(rec.qk_tracks_heads - gt_tracks[None, None, None], axis=-1)
-        out["qk_acc_heads"] = ((d < thr) & v_later).sum((-1, -2)) / max(v_later.sum(), 1)
-    vf = v_later.astype(np.float32)  # [n, F]
-    out["conf_text"] = rec.max_text.mean(-1)
-    out["conf_self"] = rec.max_frame[..., 0].mean(-1)
-    cross = (rec.max_frame * vf[None, None]).sum(-1) / np.maximum(vf.sum(-1), 1e-8)[None, None]
-    out["conf_cross"] = cross.mean(-1)
-    v0 = vis[:, 0]
-    out["attn_text"] = rec.sum_text[..., v0].mean(-1)
-    out["attn_self"] = rec.sum_frame[..., v0, 0].mean(-1)
-    out["attn_cross"] = rec.sum_frame[..., v0, 1:].sum(-1).mean(-1)
+    if protocol == "difftrack":
+        if vis.shape[1] != rec.frames:
+            raise ValueError(f"protocol 'difftrack' scores per latent frame: ground truth of {vis.shape[1]} frames "
+                             f"for a record of {rec.frames} latent frames (record_ground_truth gives them)")
+        v_later = vis.copy()
+        v_later[:, 0] = False
+        for name, tr in (("qk_acc", rec.qk_tracks), ("feat_acc", rec.feat_tracks)):
+            d = np.linalg.norm(tr - gt_tracks[None, None], axis=-1)  # [S, L, n, F]
+            out[name] = ((d < thr) & v_later[None, None]).sum((-1, -2)) / max(v_later.sum(), 1)
+        if rec.qk_tracks_heads is not None:  # [S, L, K]: accuracy of each head set
+            d = np.linalg.norm(rec.qk_tracks_heads - gt_tracks[None, None, None], axis=-1)
+            out["qk_acc_heads"] = ((d < thr) & v_later).sum((-1, -2)) / max(v_later.sum(), 1)
+        out.update(score_parts(rec.max_text, rec.sum_text, rec.max_frame, rec.sum_frame, vis))
+        return out
+    if "published" not in (rec.protocols or ()) or rec.pub_qk_tracks is None:
+        raise ValueError("the record has no published-protocol tracks (recorded with protocols="
+                         f"{rec.protocols!r}); record it with Recorder(protocols=('difftrack', 'published'))")
+    T = vis.shape[1]
+    v_lat = latent_visibility(vis, int(rec.meta.get("temporal", 1)), rec.frames)  # checks T against the frames
+    for name, tr in (("qk_acc", rec.pub_qk_tracks), ("feat_acc", rec.pub_feat_tracks)):
+        d = np.linalg.norm(interpolate_frames(tr, T) - gt_tracks[None, None], axis=-1)  # [S, L, n, T]
+        out[name] = ((d < thr) & vis[None, None]).sum((-1, -2)) / max(vis.sum(), 1)
+    if rec.pub_max_text is not None:
+        parts = (rec.pub_max_text, rec.pub_sum_text, rec.pub_max_frame, rec.pub_sum_frame)
+    elif rec.scores_at_sqrt_dim:
+        parts = (rec.max_text, rec.sum_text, rec.max_frame, rec.sum_frame)
+    else:
+        raise ValueError("the record has no score tables at the published temperature sqrt(head_dim)")
+    out.update(score_parts(*parts, v_lat))
     return out
 
 
@@ -340,6 +487,11 @@ def mean_tables(tables: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Average per-video tables (equal weight per video, as the paper)."""
     if not tables:
         raise ValueError("no tables to average")
+    keys = set(tables[0])
+    odd = [i for i, t in enumerate(tables) if set(t) != keys]
+    if odd:
+        raise ValueError(f"tables {odd[0]} holds {sorted(set(tables[odd[0]]) ^ keys)} where table 0 does not (or the "
+                         f"reverse): videos recorded with different protocols / head sets cannot be averaged")
     return {k: np.nanmean(np.stack([t[k] for t in tables]), 0) for k in tables[0]}
 
 
@@ -452,22 +604,34 @@ def token_px(pipe) -> int:
     return as_runner(pipe).stride
 
 
+def video_ground_truth(rec: AnalysisRecord, item: dict, video: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """Ground truth of a record's queries **per video frame** (``[n, T, 2]``, ``[n, T]``) and its source: exact world
+    tracks for ``exact`` items, Lucas-Kanade pseudo ground truth on the generated frames otherwise (what the
+    published protocol scores, ``score_tables(..., protocol="published")``)."""
+    from .world import World
+
+    if item["kind"] == "exact":
+        q = np.concatenate([np.zeros((len(rec.queries), 1), np.float32), rec.queries], 1)
+        w = World(*video.shape[:3])
+        gt, vis = w.tracks(w.sample(item["seed"], item["family"], item.get("split", "heldout")), q)
+        return gt, vis, "exact"
+    gt, vis = pseudo_ground_truth(video, rec.queries)
+    return gt, vis, "pseudo"
+
+
+def latent_ground_truth(rec: AnalysisRecord, gt: np.ndarray, vis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-video-frame ground truth -> per latent frame (``[n, F, 2]``, ``[n, F]``): video frames picked by
+    ``rec.meta["frame_index"]``, visibility by the AND rule (:func:`difftrack.runners.latent_visibility`)."""
+    from .runners import latent_visibility
+
+    idx = np.asarray(rec.meta.get("frame_index", range(gt.shape[1])), int)
+    return gt[:, idx], latent_visibility(vis, int(rec.meta.get("temporal", 1)), len(idx))
+
+
 def record_ground_truth(rec: AnalysisRecord, item: dict, video: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
     """Ground truth of a record's queries **per latent frame** (``[n, F, 2]``, ``[n, F]``) and its source:
     exact world tracks for ``exact`` items, Lucas-Kanade pseudo ground truth on the generated frames otherwise;
     video frames are mapped to latent frames by ``rec.meta["frame_index"]`` and the AND visibility rule
-    (:func:`difftrack.runners.latent_visibility`)."""
-    from .runners import latent_visibility
-    from .world import World
-
-    q = np.concatenate([np.zeros((len(rec.queries), 1), np.float32), rec.queries], 1)
-    if item["kind"] == "exact":
-        w = World(*video.shape[:3])
-        gt, vis = w.tracks(w.sample(item["seed"], item["family"], item.get("split", "heldout")), q)
-        source = "exact"
-    else:
-        gt, vis = pseudo_ground_truth(video, rec.queries)
-        source = "pseudo"
-    idx = np.asarray(rec.meta.get("frame_index", range(video.shape[0])), int)
-    r = int(rec.meta.get("temporal", 1))
-    return gt[:, idx], latent_visibility(vis, r, len(idx)), source
+    (:func:`latent_ground_truth`)."""
+    gt, vis, source = video_ground_truth(rec, item, video)
+    return (*latent_ground_truth(rec, gt, vis), source)

@@ -339,12 +339,20 @@ def _qk_rows_fused(q_src, k_src, q_tgt, k_tgt, t: float, bidirectional: bool, sr
     return 0.5 * (fwd + bwd.view(Fr, Mk, R).transpose(-1, -2)) / H
 
 
+SIMILARITY = ("cosine", "dot")
+
+
 def feature_cost_frames(f_src: torch.Tensor, f_tgt: torch.Tensor, tau: float = 0.05, bidirectional: bool = True,
-                        src_rows: torch.Tensor | None = None) -> torch.Tensor:
+                        src_rows: torch.Tensor | None = None, similarity: str = "cosine") -> torch.Tensor:
     """:func:`feature_cost` for several target frames: ``f_src [M_s, C]``, ``f_tgt [F, M_k, C]`` -> ``[F, M_s, M_k]``
     (``[F, R, M_k]`` for the source tokens ``src_rows [R]``; the target->source softmax still normalises over
-    every source token)."""
-    if f_src.is_cuda and f_src.dtype in _HALF and f_tgt.dtype == f_src.dtype:
+    every source token). ``similarity="dot"``: the raw dot product ``f_s . f_k / tau`` instead of the cosine (the
+    published feature matching: ``softmax_j(f^0_i . f^k_j)``, ``tau = 1``, forward only)."""
+    if similarity not in SIMILARITY:
+        raise ValueError(f"similarity={similarity!r}; allowed: {SIMILARITY}")
+    if similarity == "dot":
+        sim = torch.einsum("sc,fkc->fsk", f_src.float(), f_tgt.float()) / tau
+    elif f_src.is_cuda and f_src.dtype in _HALF and f_tgt.dtype == f_src.dtype:
         # half-precision features on CUDA: the raw dot products on the tensor cores (exact inputs, float32
         # accumulation), then divided by the norms -- the cosine of the float32 path up to rounding
         Fr, Mk, C = f_tgt.shape
@@ -421,28 +429,43 @@ def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, strid
     Returns:
         ``(tracks [n, F, 2] pixels, confidence [n, F])``; the source frame holds the points themselves.
     """
+    return match_video_refines(q, k, points_px, stride, (refine,), src_frame, tau, bidirectional, radius, sharpen,
+                               heads)[0]
+
+
+def match_video_refines(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, stride: float, refines,
+                        src_frame: int = 0, tau: float | str | None = None, bidirectional: bool = True,
+                        radius: int = 1, sharpen: float = 1.0, heads=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`match_video` with several refinements from **one** cost (e.g. the project's soft-argmax and the
+    published argmax + match-map interpolation, recorded side by side): ``[(tracks, confidence)]``, one per entry of
+    ``refines``. With ``"paper"`` among them the cost of every source token is computed (also on CUDA)."""
     if q.dim() != 5:
         raise ValueError(f"q must be [H, F, rows, cols, D]; got {tuple(q.shape)}")
     H, Fr, rows, cols, D = q.shape
     if not 0 <= src_frame < Fr:
         raise ValueError(f"src_frame {src_frame} out of range for {Fr} frames")
-    if refine not in REFINE:
-        raise ValueError(f"unknown refine {refine!r}; allowed: {REFINE}")
+    refines = tuple(refines)
+    bad = [r for r in refines if r not in REFINE]
+    if bad or not refines:
+        raise ValueError(f"unknown refine {bad[0] if bad else refines!r}; allowed: {REFINE}")
     pts = px_to_tokens(points_px.to(q.device).float(), stride)
     q, k, tau = select_heads(q, k, heads, tau)  # the layer's temperature, not that of the subset
     H = q.shape[0]
     qf, kf = q.reshape(H, Fr, rows * cols, D), k.reshape(H, Fr, rows * cols, D)
-    src_rows = _point_rows(pts, rows, cols, refine)
+    src_rows = _point_rows(pts, rows, cols, refines)
     costs = qk_cost_frames(qf[:, src_frame], kf[:, src_frame], _others(qf, 1, src_frame), _others(kf, 1, src_frame),
                            tau, bidirectional, src_rows=src_rows)
-    return _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen, src_rows)
+    return [_place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, r, radius, sharpen, src_rows)
+            for r in refines]
 
 
-def _point_rows(pts: torch.Tensor, rows: int, cols: int, refine: str) -> torch.Tensor | None:
+def _point_rows(pts: torch.Tensor, rows: int, cols: int, refine) -> torch.Tensor | None:
     """The source rows a match needs: on CUDA, the 4 tokens around each point (``[4 n]``, corner-major) when they
     are fewer than the frame's tokens; ``None`` (every row) on the CPU, where the full cost keeps results
-    bit-identical to earlier versions, and for ``refine="paper"``, which takes the argmax of every source token."""
-    if not pts.is_cuda or refine == "paper" or 4 * pts.shape[0] >= rows * cols:
+    bit-identical to earlier versions, and for ``refine="paper"`` (one refine or any of a tuple), which takes the
+    argmax of every source token."""
+    paper = refine == "paper" if isinstance(refine, str) else "paper" in refine
+    if not pts.is_cuda or paper or 4 * pts.shape[0] >= rows * cols:
         return None
     return _corners(pts, rows, cols)[0].reshape(-1)
 
@@ -460,13 +483,15 @@ def _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius,
 
 def match_video_features(feat: torch.Tensor, points_px: torch.Tensor, stride: float, src_frame: int = 0,
                          tau: float = 0.05, bidirectional: bool = True, refine: str = "softargmax", radius: int = 1,
-                         sharpen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`match_video` from block features ``feat [F, rows, cols, C]`` (cosine similarity)."""
+                         sharpen: float = 1.0, similarity: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`match_video` from block features ``feat [F, rows, cols, C]`` (cosine similarity, or the raw dot
+    product with ``similarity="dot"``, see :func:`feature_cost_frames`)."""
     Fr, rows, cols, C = feat.shape
     pts = px_to_tokens(points_px.to(feat.device).float(), stride)
     ff = feat.reshape(Fr, rows * cols, C)
     src_rows = _point_rows(pts, rows, cols, refine)
-    costs = feature_cost_frames(ff[src_frame], _others(ff, 0, src_frame), tau, bidirectional, src_rows=src_rows)
+    costs = feature_cost_frames(ff[src_frame], _others(ff, 0, src_frame), tau, bidirectional, src_rows=src_rows,
+                                similarity=similarity)
     return _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen, src_rows)
 
 

@@ -104,7 +104,8 @@ def latent_visibility(visible: np.ndarray, temporal: int, latent_frames: int) ->
 
     Returns:
         ``bool [n, F]``: frame 0 as is; latent frame ``k >= 1`` visible when all of video frames ``r(k-1)+1 .. rk``
-        are (the published 4-frame AND rule).
+        are (the published code's 4-frame AND rule, which it uses in the confidence score only; its accuracy scores
+        every video frame against the per-frame visibility).
     """
     visible = np.asarray(visible, bool)
     if visible.ndim != 2:

@@ -150,8 +150,25 @@ def _check_index_list(name: str, value, what: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------- chunk planning
-def plan_chunks(num_frames: int, query_frame: int, chunk_len: int = 13, interleave: bool = True
-                ) -> list[list[int]]:
+def _published_chunks(T: int, query_frame: int, targets: list[int], m: int, interleave: bool) -> list[list[int]]:
+    """The published chunk loop (``evaluate_tapvid.py``) over target positions ``1 .. T - 1``."""
+    I = T // m if interleave else 1
+    stride = 1 if interleave else m
+    start, end, seen, chunks = 1, (m - 1) * I + 1, set(), []
+    while len(seen) < T - 1:
+        pos = list(range(start, end + 1, I))
+        chunks.append([query_frame] + [targets[p - 1] for p in pos])
+        seen.update(pos)
+        start += stride
+        end = min(start + (m - 1) * I, T - 1)
+    return chunks
+
+
+CHUNK_PLANS = ("difftrack", "published")
+
+
+def plan_chunks(num_frames: int, query_frame: int, chunk_len: int = 13, interleave: bool = True,
+                plan: str = "difftrack") -> list[list[int]]:
     """Chunks of frame indices, each ``[query_frame] + targets`` (targets in increasing order).
 
     With ``n = T - 1`` targets and ``m = chunk_len - 1`` targets per chunk:
@@ -167,9 +184,18 @@ def plan_chunks(num_frames: int, query_frame: int, chunk_len: int = 13, interlea
 
     Frames appearing in several chunks have their costs averaged by the tracker.
 
+    ``plan="published"``: the published loop itself (reference section 7.2), over the targets in order: interleave
+    stride ``I = T // (chunk_len - 1)`` (1 without interleaving), windows ``start, start + I, .., end`` with
+    ``end = start + (chunk_len - 2) I`` clipped at the last target, ``start`` advancing by 1 (by ``chunk_len - 1``
+    without interleaving) until every target is covered -- so the last windows may be short and slide one frame at a
+    time. Where the published loop divides by zero (``I = 0``, fewer than ``chunk_len - 1`` frames) one chunk holds
+    every frame, as ``"difftrack"``.
+
     Raises:
-        ValueError: ``num_frames < 2``, ``query_frame`` out of range or ``chunk_len < 2``.
+        ValueError: ``num_frames < 2``, ``query_frame`` out of range, ``chunk_len < 2`` or an unknown ``plan``.
     """
+    if plan not in CHUNK_PLANS:
+        raise ValueError(f"plan={plan!r}; allowed: {CHUNK_PLANS}")
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 2:
         raise ValueError(f"num_frames={num_frames!r}; at least 2 frames are needed")
     if isinstance(chunk_len, bool) or not isinstance(chunk_len, (int, np.integer)) or chunk_len < 2:
@@ -180,6 +206,8 @@ def plan_chunks(num_frames: int, query_frame: int, chunk_len: int = 13, interlea
     n, m = len(targets), int(chunk_len) - 1
     if n <= m:
         return [[int(query_frame)] + targets]
+    if plan == "published":
+        return _published_chunks(int(num_frames), int(query_frame), targets, m, interleave)
     step = max(1, n // m) if interleave else 1
     span = (m - 1) * step  # positions covered by a full window: s, s+step, ..., s+span
     covered = np.zeros(n, bool)
@@ -252,6 +280,8 @@ class DiffTracker:
         noise_seed: seed of that noise.
         chunk_len: frames per transformer call (query frame + ``chunk_len - 1`` targets), see :func:`plan_chunks`.
         interleave: interleaved chunks (the published setting) or consecutive blocks.
+        chunk_plan: ``"difftrack"`` (default: full windows, fewest chunks) or ``"published"`` (the published loop,
+            :func:`plan_chunks`; the same chunks for ``T = 13, 25, 50, 250``, more and shorter ones e.g. for 30).
         tau: softmax temperature: ``None``/``"dim"`` = sqrt(head_dim) (default), ``"heads"`` = sqrt(num_heads)
             (reproduces [B2]) or a number.
         bidirectional: average the forward and backward softmax (the paper's cost).
@@ -324,7 +354,7 @@ class DiffTracker:
                  ncc_patch: int = 21, ncc_upsample: int = 4, ncc_threshold: float | None = DEFAULT_NCC_THRESHOLD,
                  device=None, dtype: torch.dtype | None = None, work_size: str | tuple[int, int] = "model",
                  max_cost_bytes: int = DEFAULT_MAX_COST_BYTES, heads: Sequence[int] | None = None,
-                 expert: str | None = None):
+                 expert: str | None = None, chunk_plan: str = "difftrack"):
         if pipe_or_transformer is None:
             from .mini import load_default
 
@@ -374,6 +404,9 @@ class DiffTracker:
             raise ValueError(f"radius={radius!r}; allowed: an int >= 0")
         self.noise, self.noise_seed = noise, int(noise_seed)
         self.chunk_len, self.interleave = int(chunk_len), bool(interleave)
+        if chunk_plan not in CHUNK_PLANS:
+            raise ValueError(f"chunk_plan={chunk_plan!r}; allowed: {CHUNK_PLANS}")
+        self.chunk_plan = chunk_plan
         self.tau, self.bidirectional, self.refine, self.radius, self.fuse = tau, bidirectional, refine, radius, fuse
         self.occlusion = occlusion
         if cycle_threshold is None:
@@ -570,7 +603,7 @@ class DiffTracker:
         """Most target-frame costs held at once while the chunk plans of ``query_frames`` run."""
         most = 1
         for tq in set(int(f) for f in query_frames):
-            plan = plan_chunks(num_frames, tq, self.chunk_len, self.interleave)
+            plan = plan_chunks(num_frames, tq, self.chunk_len, self.interleave, self.chunk_plan)
             left = {f: sum(f in c[1:] for c in plan) for f in range(num_frames) if f != tq}
             held = set()
             for chunk in plan:
@@ -736,7 +769,7 @@ class DiffTracker:
             pts_tok = px_to_tokens(pts_px_all[idx], stride)
             tracks[idx, tq] = q[idx, 1:]
             cyc[idx, tq] = 0.0
-            plan = plan_chunks(T, tq, self.chunk_len, self.interleave)
+            plan = plan_chunks(T, tq, self.chunk_len, self.interleave, self.chunk_plan)
             expected = {f: sum(f in c[1:] for c in plan) for f in range(T) if f != tq}
             acc: dict[int, torch.Tensor] = {}
             seen = {f: 0 for f in expected}

@@ -11,7 +11,8 @@ its share of the stage's items, rank 0 merges and writes: :mod:`difftrack.experi
 
 1. ``analysis``  (``scripts/run_analysis.py``) 20 generated videos per family (pseudo GT) + 20 exact-GT world
    videos per family, 50 steps, CFG 6, 10x10 grid, every layer and step -> ``analysis_summary.json``
-   (headline numbers, per-(step, layer) tables, Fig. 5 attention shares, pseudo GT vs exact GT, timing).
+   (headline numbers, per-(step, layer) tables, Fig. 5 attention shares, pseudo GT vs exact GT, timing), under the
+   project's scoring protocol and, in its ``published`` block, the published one (both from one recording).
 2. ``cag``       (``scripts/run_cag_eval.py``) 100 prompts x {no CAG, CAG on the measured top-3 layers, CAG on the
    measured 3 least-dominant layers} x scales 0.5 / 1 / 2, 50 steps, same noise seeds -> ``cag.json``. The layers
    are read from stage 1's ``analysis_summary.json`` (``--require-measured-layers``: never defaults).
@@ -151,7 +152,7 @@ def commands(a) -> dict[str, list[list[str]]]:
         "analysis": [[*py, "scripts/run_analysis.py", "--videos-per-family", str(s["videos_per_family"]),
                       "--exact", str(s["exact_per_family"]), "--steps", str(s["steps"]), "--grid", str(s["grid"]),
                       "--device", a.device, "--cache", str(cache / tag / "analysis"),
-                      "--out", str(out / "analysis_summary.json")]],
+                      "--protocols", "difftrack,published", "--out", str(out / "analysis_summary.json")]],
         "cag": [[*py, "scripts/run_cag_eval.py", "--phase", "all", "--prompts", str(s["cag_prompts"]),
                  "--steps", str(s["steps"]), "--scales", *[f"{x:g}" for x in s["cag_scales"]], "--cfg",
                  f"{s['cfg']:g}", "--device", a.device, *amp, "--batch", "100",

@@ -25,7 +25,10 @@ record). ``all`` does both.
 The summary (``--out``) holds, for the generated (pseudo GT), exact (world, exact GT) and combined sets:
 ``qk_best_acc`` and ``feat_best_acc`` (best layer at the last step), ``best_layers_top3`` (harmonic mean at the last
 step), ``hm_top3_over_median``, ``acc_last_over_first_step`` (best layer); plus counts, settings, device, seconds and
-commit.
+commit. These top-level numbers are the project's scoring protocol (``"protocol": "difftrack"``); the same blocks and
+tables under the published protocol (:mod:`difftrack.analysis`: argmax + match-map interpolation, every video frame
+scored with frame 0, scores at sqrt(head_dim)) are under ``"published"``. Both come from one recording
+(``--protocols``, both by default); records cached without the published protocol are recorded again.
 """
 from __future__ import annotations
 
@@ -75,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--timing-only", action="store_true",
                     help="only time one video (plain generation vs analysis of all layers and steps, separate "
                          "processes) and merge the result into --out")
+    ap.add_argument("--protocols", default="difftrack,published",
+                    help="scoring protocols recorded and summarised (difftrack = the project's, the top-level "
+                         "numbers; published = the published code's definitions, defects fixed, under 'published'); "
+                         "one run records both")
     ap.add_argument("--measure", choices=("plain", "analysis"), help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args(argv)
     for name in ("videos_per_family", "exact"):
@@ -84,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SystemExit("nothing to analyse: --videos-per-family and --exact are both 0")
     if args.steps < 1 or args.grid < 1:
         raise SystemExit("--steps and --grid must be >= 1")
+    try:
+        args.protocols = analysis.check_protocols([p.strip() for p in args.protocols.split(",") if p.strip()])
+    except ValueError as e:
+        raise SystemExit(f"--protocols {args.protocols!r}: {e}") from None
     return args
 
 
@@ -112,7 +123,8 @@ def measure(args) -> dict:
         if args.measure == "plain":
             runner.generate(prompt, args.seed, n)
         else:
-            analysis.analyze_generation(runner, prompt, args.seed, num_steps=n, grid_size=args.grid)
+            analysis.analyze_generation(runner, prompt, args.seed, num_steps=n, grid_size=args.grid,
+                                        protocols=args.protocols)
         if cuda:
             torch.cuda.synchronize()
 
@@ -135,7 +147,7 @@ def timing(args) -> dict:
     for mode in ("plain", "analysis"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", mode, "--device", args.device,
                "--dtype", args.dtype, "--model", args.model, "--steps", str(args.steps), "--grid", str(args.grid),
-               "--seed", str(args.seed)]
+               "--seed", str(args.seed), "--protocols", ",".join(args.protocols)]
         if args.timing_steps:
             cmd += ["--timing-steps", str(args.timing_steps)]
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}  # a plain single process
@@ -162,7 +174,8 @@ def record(args, items, cache: Path, procs) -> dict | None:
     return ``None``."""
     t0 = time.time()
     pipe = load_pipeline(args.model, procs.device(args.device), args.dtype)
-    xa.record_dataset(pipe, items, cache, num_steps=args.steps, grid_size=args.grid, processes=procs)
+    xa.record_dataset(pipe, items, cache, num_steps=args.steps, grid_size=args.grid, processes=procs,
+                      protocols=args.protocols)
     del pipe
     if not procs.is_main:
         return None
@@ -215,7 +228,7 @@ def score(args, items, cache: Path, record_meta: dict | None) -> dict:
         raise SystemExit(f"{len(missing)} of {len(items)} videos have no record in {cache} (first: {missing[0]}); "
                          f"run --phase record with the same --videos-per-family/--exact/--steps/--grid/--seed first")
     t0 = time.time()
-    results = xa.run_dataset(None, items, cache, num_steps=args.steps, grid_size=args.grid)
+    results = xa.run_dataset(None, items, cache, num_steps=args.steps, grid_size=args.grid, protocols=args.protocols)
     score_sec = time.time() - t0
     grouped = xa.group_tables(results)
     names = {"generated": "generated", "exact": "exact", "all": "combined"}
@@ -228,13 +241,22 @@ def score(args, items, cache: Path, record_meta: dict | None) -> dict:
         record_meta = json.loads(meta_path.read_text()).get(f"s{args.steps}_g{args.grid}") if meta_path.exists() \
             else None
     rec0, _ = xa.load_cached(cache, items[0], args.steps, args.grid)
+
+    def blocks(protocol):
+        tabs = {k: xa.protocol_tables(g, protocol) for k, g in grouped.items()}
+        return {names[k]: dict(count=sum(1 for it in items if k == "all" or it["kind"] == k),
+                               **xa.summarize_tables(g).to_dict(), **ranking(g)) for k, g in tabs.items()}, \
+            {names[k]: {n: np.round(v, 5).tolist() for n, v in g.items()} for k, g in tabs.items()}
+
+    main_blocks, main_tables = blocks("difftrack")
     out = dict(
         num_steps=args.steps, generated_per_family=args.videos_per_family, exact_per_family=args.exact,
-        **{names[k]: dict(count=sum(1 for it in items if k == "all" or it["kind"] == k),
-                          **xa.summarize_tables(g).to_dict(), **ranking(g)) for k, g in grouped.items()},
+        protocol="difftrack", protocol_note=xa.PROTOCOL_NOTES["difftrack"],
+        **main_blocks,
         timesteps=[int(t) for t in rec0.timesteps],
-        tables={names[k]: {n: np.round(v, 5).tolist() for n, v in g.items()} for k, g in grouped.items()},
-        tables_note="per subset, each table [steps][layers] (step 0 = noisiest), mean over videos: qk_acc / feat_acc "
+        tables=main_tables,
+        tables_note="per subset, each table [steps][layers] (step 0 = noisiest), mean over videos, project protocol "
+                    "(the published protocol's: published.tables): qk_acc / feat_acc "
                     "(fraction of visible points within half a token, frames 1..), conf_{text,self,cross} "
                     "(confidence score), attn_{text,self,cross} (attention score), hm (harmonic mean of min-max "
                     "normalised qk_acc, conf_cross, attn_cross)",
@@ -261,6 +283,10 @@ def score(args, items, cache: Path, record_meta: dict | None) -> dict:
                           "> 1 the processes share the devices, so these add up to more than record_wall)"),
         commit=commit(), record_commit=(record_meta or {}).get("commit"),
     )
+    if "published" in args.protocols:
+        pub_blocks, pub_tables = blocks("published")
+        out["published"] = dict(protocol="published", protocol_note=xa.PROTOCOL_NOTES["published"], **pub_blocks,
+                                tables=pub_tables)
     timing_res = (record_meta or {}).get("timing")
     if timing_res:
         out.update(analysis_time_ratio=timing_res["analysis_time_ratio"],
@@ -319,12 +345,13 @@ def main(argv=None) -> int:
             summary.update({k: prev[k] for k in ("timing", "analysis_time_ratio", "analysis_extra_peak_mib")
                             if k in prev})
         write_record(out, xa.AnalysisSummary.from_json(summary), indent=2)
-        for k in ("generated", "exact", "combined"):
-            if k in summary:
-                s = summary[k]
-                print(f"{k:9s} n={s['count']:3d}: qk best {100 * s['qk_best_acc']:.1f} %, feat best "
-                      f"{100 * s['feat_best_acc']:.1f} %, top-3 {s['best_layers_top3']}, HM top3/median "
-                      f"{s['hm_top3_over_median']:.2f}, acc last/first {s['acc_last_over_first_step']:.2f}")
+        for proto, blk in (("difftrack", summary), ("published", summary.get("published") or {})):
+            for k in ("generated", "exact", "combined"):
+                if k in blk:
+                    s = blk[k]
+                    print(f"{proto:9s} {k:9s} n={s['count']:3d}: qk best {100 * s['qk_best_acc']:.1f} %, feat best "
+                          f"{100 * s['feat_best_acc']:.1f} %, top-3 {s['best_layers_top3']}, HM top3/median "
+                          f"{s['hm_top3_over_median']:.2f}, acc last/first {s['acc_last_over_first_step']:.2f}")
         print(f"wrote {out}")
     return 0
 

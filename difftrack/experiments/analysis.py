@@ -85,6 +85,20 @@ def latent_video(rec, video: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- summaries
+#: What each scoring protocol's numbers are (written into ``analysis_summary.json`` beside them).
+PROTOCOL_NOTES = {
+    "difftrack": "the project's protocol: soft-argmax refinement (3x3 around the peak); accuracy per latent frame, "
+                 "frames 1.. only, visibility of the AND rule over the video frames a latent frame encodes; scores "
+                 "at the matching temperature; features by cosine similarity, bidirectional",
+    "published": "the published analysis code's definitions (analyze_generation.py / MatchingEvaluator) with its "
+                 "defects [B3], [B4] and the second softmax fixed: argmax per source token + bilinear interpolation "
+                 "of the match map; latent-frame tracks linearly interpolated to every video frame (the identity "
+                 "when latent frames are video frames) and all frames scored, frame 0 included, per-video-frame "
+                 "visibility; the AND rule only in the confidence score; scores at sqrt(head_dim); features by "
+                 "raw dot product, forward only",
+}
+
+
 @dataclass
 class Summary:
     """Headline numbers of one set of mean tables (see :func:`summarize_tables`)."""
@@ -101,8 +115,9 @@ class Summary:
         return dict(self.__dict__)
 
 
-def summarize_tables(tables: dict[str, np.ndarray], step: int = -1) -> Summary:
-    """Headline numbers of mean tables ``[S, L]`` (:func:`difftrack.analysis.mean_tables`), at ``step``:
+def summarize_tables(tables: dict[str, np.ndarray], step: int = -1, protocol: str = "difftrack") -> Summary:
+    """Headline numbers of mean tables ``[S, L]`` (:func:`difftrack.analysis.mean_tables`) of ``protocol``
+    (:func:`protocol_tables`; ``ValueError`` when it was not recorded), at ``step``:
 
     * ``qk_best_acc`` / ``feat_best_acc``: best accuracy over layers (fraction in ``[0, 1]``);
     * ``best_layers_top3``: layers with the highest harmonic mean;
@@ -111,6 +126,9 @@ def summarize_tables(tables: dict[str, np.ndarray], step: int = -1) -> Summary:
     * ``acc_last_over_first_step``: the best layer's (by QK accuracy at ``step``) accuracy at ``step`` over its
       accuracy at step 0.
     """
+    tables = protocol_tables(tables, protocol)
+    if tables is None:
+        raise ValueError(f"no {protocol!r} tables: record with protocols=('difftrack', 'published')")
     hm = A.harmonic_mean(tables["qk_acc"], tables["conf_cross"], tables["attn_cross"])
     qk, feat = tables["qk_acc"][step], tables["feat_acc"][step]
     top3 = A.top_layers(hm, k=min(3, hm.shape[1]), step=step)
@@ -124,10 +142,40 @@ def summarize_tables(tables: dict[str, np.ndarray], step: int = -1) -> Summary:
                    acc_first_step=first)
 
 
+def protocol_summaries(grouped: dict[str, dict[str, np.ndarray]], step: int = -1) -> dict[str, dict | None]:
+    """``{protocol: {subset: Summary dict} or None}`` of :func:`group_tables` output, for every protocol of
+    :data:`difftrack.analysis.PROTOCOLS` (``None``: not recorded)."""
+    out = {}
+    for protocol in A.PROTOCOLS:
+        recorded = all(protocol_tables(t, protocol) is not None for t in grouped.values())
+        out[protocol] = ({name: summarize_tables(t, step, protocol).to_dict() for name, t in grouped.items()}
+                         if recorded else None)
+    return out
+
+
+def headline_frame(by_protocol: dict[str, dict | None]):
+    """``pandas.DataFrame`` of headline numbers, one row per (protocol, subset), from
+    ``{protocol: {subset: summary dict} or None}`` (:func:`protocol_summaries`, or a paper-scale summary's blocks);
+    a protocol that was not recorded gets one row saying so."""
+    import pandas as pd
+
+    cols = ("qk_best_acc", "feat_best_acc", "qk_best_layer", "best_layers_top3", "hm_top3_over_median",
+            "acc_last_over_first_step")
+    rows = []
+    for protocol, subsets in by_protocol.items():
+        if not subsets:
+            rows.append(dict(protocol=protocol, subset="not recorded"))
+            continue
+        for name, s in subsets.items():
+            rows.append(dict(protocol=protocol, subset=name, **{c: s.get(c) for c in cols}))
+    return pd.DataFrame(rows).set_index(["protocol", "subset"])
+
+
 def group_tables(results: list[tuple[dict, dict]]) -> dict[str, dict[str, np.ndarray]]:
     """Mean tables (:func:`difftrack.analysis.mean_tables`) of ``run_dataset`` results per subset: ``"generated"``
     (pseudo ground truth), ``"exact"`` (world videos, exact ground truth) and ``"all"``; each table gains ``"hm"``,
-    the harmonic mean. Empty subsets are left out."""
+    the harmonic mean (and ``"pub_hm"`` from the published protocol's tables when recorded). Empty subsets are left
+    out."""
     groups = {"generated": [t for it, t in results if it["kind"] == "generated"],
               "exact": [t for it, t in results if it["kind"] == "exact"],
               "all": [t for _, t in results]}
@@ -136,6 +184,9 @@ def group_tables(results: list[tuple[dict, dict]]) -> dict[str, dict[str, np.nda
         if tabs:
             m = A.mean_tables(tabs)
             m["hm"] = A.harmonic_mean(m["qk_acc"], m["conf_cross"], m["attn_cross"])
+            p = A.PUBLISHED_PREFIX
+            if p + "qk_acc" in m:
+                m[p + "hm"] = A.harmonic_mean(m[p + "qk_acc"], m[p + "conf_cross"], m[p + "attn_cross"])
             out[name] = m
     return out
 
@@ -175,11 +226,13 @@ class NotebookAnalysis:
 
 
 def run_notebook_analysis(model: str, device: str, dtype: str, size, videos_per_family: int, exact_per_family: int,
-                          seed: int, num_steps: int, grid_size: int, log=print) -> NotebookAnalysis:
+                          seed: int, num_steps: int, grid_size: int, log=print,
+                          protocols=("difftrack", "published")) -> NotebookAnalysis:
     """Load ``model``, analyse ``videos_per_family`` generated and ``exact_per_family`` world videos of each family
     with :func:`run_dataset` (per-video cache under ``cache/analysis_nb/<model tag>``, shared
     by notebooks 01-03: a rerun with the same parameters skips the model) and group the tables; ``log`` gets what
-    was run."""
+    was run. ``protocols``: the scoring protocols recorded (:data:`difftrack.analysis.PROTOCOLS`; both by default,
+    the published one's tables prefixed ``pub_``)."""
     from .. import paths
     from ..runners import VideoRunner, load_pipeline, model_tag
 
@@ -196,7 +249,8 @@ def run_notebook_analysis(model: str, device: str, dtype: str, size, videos_per_
         log(f"experts ({runner.experts.rule}): " + ", ".join(
             f"{e} steps {[s for s, b in enumerate(by) if b == e]}" for e in runner.experts.names))
     t0 = time.time()
-    results = run_dataset(runner, items, cache, num_steps=num_steps, grid_size=grid_size, size=size)
+    results = run_dataset(runner, items, cache, num_steps=num_steps, grid_size=grid_size, size=size,
+                          protocols=protocols)
     seconds = time.time() - t0
     log(f"{len(results)} videos analysed in {seconds:.1f} s (per-video cache: {cache})")
     grouped = group_tables(results)
@@ -218,6 +272,9 @@ def _match_settings(kw: dict) -> dict:
                          f"(and guidance_scale)")
     out = {n: kw.get(n, params[n].default) for n in allowed}
     out["features"] = bool(kw.get("features", True))
+    protocols = A.check_protocols(out.pop("protocols"))
+    if protocols != ("difftrack",):  # left out when default: records made before protocols existed stay valid
+        out["protocols"] = "+".join(protocols)
     return {k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in out.items()}
 
 
@@ -447,8 +504,7 @@ def run_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: int =
     for item in (tqdm(items, desc="analysis") if progress else items):
         rec, video = _cached_or_computed(runner, want, model, item, cache_dir, num_steps, grid_size, guidance_scale,
                                          kw, max_grid_bytes)
-        gt, vis, _ = A.record_ground_truth(rec, item, video)
-        out.append((item, A.score_tables(rec, gt, vis)))
+        out.append((item, score_record(rec, item, video)))
     return out
 
 
@@ -469,6 +525,28 @@ def record_dataset(pipe, items: list[dict], cache_dir: str | Path, num_steps: in
               progress=progress)
 
 
+def score_record(rec, item: dict, video: np.ndarray) -> dict[str, np.ndarray]:
+    """Tables of one record (:func:`difftrack.analysis.score_tables`) for every protocol it holds: the default
+    protocol's under their names, the published protocol's (when recorded) prefixed ``pub_``
+    (:data:`difftrack.analysis.PUBLISHED_PREFIX`, see :func:`protocol_tables`)."""
+    gt, vis, _ = A.video_ground_truth(rec, item, video)
+    tables = A.score_tables(rec, *A.latent_ground_truth(rec, gt, vis))
+    if "published" in (rec.protocols or ()):
+        tables.update({A.PUBLISHED_PREFIX + k: v for k, v in A.score_tables(rec, gt, vis, protocol="published").items()})
+    return tables
+
+
+def protocol_tables(tables: dict[str, np.ndarray], protocol: str = "difftrack") -> dict[str, np.ndarray] | None:
+    """The tables of one protocol out of a mixed dict (:func:`score_record`, :func:`group_tables`), under their plain
+    names (``qk_acc`` ...); ``None`` when ``protocol="published"`` was not recorded."""
+    A.check_protocol(protocol)
+    p = A.PUBLISHED_PREFIX
+    if protocol == "difftrack":
+        return {k: v for k, v in tables.items() if not k.startswith(p)}
+    out = {k[len(p):]: v for k, v in tables.items() if k.startswith(p)}
+    return out or None
+
+
 # ---------------------------------------------------------------------------------------------- summary record
 @dataclass(kw_only=True)
 class AnalysisSummary(ResultRecord):
@@ -477,7 +555,10 @@ class AnalysisSummary(ResultRecord):
 
     Blocks ``generated``, ``exact`` and ``combined`` (each :class:`Summary` plus ``count``, ``layer_ranking`` best
     first and ``worst_layers_bottom3``); ``tables``: per block ``name -> [steps][layers]``; ``timesteps`` ``[S]``.
-    A summary of one set may hold its block's keys at the top level instead of under ``combined``.
+    A summary of one set may hold its block's keys at the top level instead of under ``combined``. These top-level
+    numbers are of ``protocol`` (``"difftrack"``; absent in summaries written before protocols existed, which are
+    the same protocol). ``published``: the same blocks and ``tables`` under the published protocol
+    (:data:`PROTOCOL_NOTES`), absent when it was not recorded (:meth:`protocol_block`).
     """
 
     SCHEMA = "analysis_summary/1"
@@ -493,6 +574,16 @@ class AnalysisSummary(ResultRecord):
     settings: dict | None = None
     device: str | None = None
     commit: str | None = None
+    protocol: str | None = None
+    published: dict | None = None
+
+    def protocol_block(self, protocol: str = "difftrack") -> dict | None:
+        """``{"generated", "exact", "combined", "tables", ...}`` of one protocol: the top level for ``"difftrack"``,
+        the ``published`` block for ``"published"`` (``None`` when this summary did not record it)."""
+        A.check_protocol(protocol)
+        if protocol == "published":
+            return self.published
+        return self.to_json()
 
     def ranking_block(self) -> dict:
         """The block holding the layer ranking: ``combined`` (generated + exact videos), else the top level of a

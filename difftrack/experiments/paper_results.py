@@ -22,13 +22,18 @@ MIN_STEPS = 50  # a result with fewer denoising steps is not a paper-scale one
 @dataclass
 class PaperAnalysis:
     """Mean tables ``[S, L]`` per subset (``tables["all"]["qk_acc"]`` ...), the scheduler timesteps ``[S]``, the
-    headline summaries per subset and a caption naming device, videos, steps and commit."""
+    headline summaries per subset and a caption naming device, videos, steps and commit -- of the project's scoring
+    protocol (``protocol``); ``published_tables`` / ``published_summary``: the same under the published protocol
+    (``None`` when the run did not record it)."""
 
     tables: dict[str, dict[str, np.ndarray]]
     timesteps: list[int]
     summary: dict[str, dict]
     caption: str
     path: Path
+    protocol: str = "difftrack"
+    published_tables: dict | None = None
+    published_summary: dict | None = None
 
 
 def _results_dir(results_dir) -> Path:
@@ -52,14 +57,21 @@ def load_analysis(results_dir=None) -> PaperAnalysis | None:
     if "tables" not in d or d.get("num_steps", 0) < MIN_STEPS:
         return None
     names = {"generated": "generated", "exact": "exact", "combined": "all"}
-    tables = {names[k]: {t: np.asarray(v, np.float64) for t, v in tabs.items()} for k, tabs in d["tables"].items()}
-    summary = {names[k]: d[k] for k in names if k in d}
+
+    def read(block):
+        return ({names[k]: {t: np.asarray(v, np.float64) for t, v in tabs.items()} for k, tabs in block["tables"].items()},
+                {names[k]: block[k] for k in names if k in block})
+
+    tables, summary = read(d)
+    pub = d.get("published")
+    pub_tables, pub_summary = read(pub) if isinstance(pub, dict) and "tables" in pub else (None, None)
     c = d.get("counts", {})
     caption = (f"paper-scale run: {c.get('generated', '?')} generated + {c.get('exact', '?')} exact-GT videos, "
                f"{d['num_steps']} steps, {d['settings']['grid']}x{d['settings']['grid']} grid, on {d.get('device')} "
                f"(commit {d.get('commit')}; {path.parent.name}/{path.name})")
     return PaperAnalysis(tables=tables, timesteps=[int(t) for t in d["timesteps"]], summary=summary, caption=caption,
-                         path=path)
+                         path=path, protocol=d.get("protocol", "difftrack"), published_tables=pub_tables,
+                         published_summary=pub_summary)
 
 
 def load_videos(prefix: str, results_dir=None) -> dict[str, tuple[np.ndarray, dict]]:
