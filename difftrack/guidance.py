@@ -451,11 +451,7 @@ class SDPACAGAttnProcessor:
         pert, keep = st.split_rows(n, q.device)
         key_mask = None
         if attn_mask is not None:
-            m = attn_mask
-            if m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != 1:
-                raise ValueError(f"layer {self.layer}: CAG handles a boolean key-padding mask [B, 1, 1, N] "
-                                 f"(HunyuanVideo's); got {m.dtype} {tuple(m.shape)}")
-            key_mask = m[:, 0, 0].expand(n, -1)
+            key_mask = _key_padding(attn_mask, self.layer).expand(n, -1)
         out = v.new_empty(q.shape[:3] + (v.shape[-1],))
         out[pert] = frame_local_attention(q[pert], k[pert], v[pert], frames=g.frames, text_len=g.text_len,
                                           variant=self.variant, text_first=g.text_first,
@@ -465,6 +461,21 @@ class SDPACAGAttnProcessor:
             am = attn_mask[keep] if attn_mask is not None and attn_mask.shape[0] == n else attn_mask
             out[keep] = F.scaled_dot_product_attention(q[keep], k[keep], v[keep], attn_mask=am)
         return out
+
+
+def _key_padding(m: torch.Tensor, layer: int) -> torch.Tensor:
+    """``bool [B, N]`` key-padding mask of an SDPA ``attn_mask``: a ``[B, 1, 1, N]`` key mask (HunyuanVideo), or a
+    ``[B, 1, N, N]`` mask that is the outer AND of a key mask with itself (HunyuanVideo 1.5: padding masked as keys
+    and as queries; its padding queries then attend the valid keys in the perturbed slot -- they are padding, no
+    valid token reads them). Any other mask is refused."""
+    if m.dtype == torch.bool and m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1:
+        return m[:, 0, 0]
+    if m.dtype == torch.bool and m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == m.shape[3]:
+        km = m[:, 0].any(1)  # [B, N]: the keys some query may see
+        if torch.equal(m[:, 0], km[:, :, None] & km[:, None, :]):
+            return km
+    raise ValueError(f"layer {layer}: CAG handles a boolean key-padding mask [B, 1, 1, N] (HunyuanVideo's) or its "
+                     f"outer AND [B, 1, N, N] (HunyuanVideo 1.5's); got {m.dtype} {tuple(m.shape)}")
 
 
 def _sdpa_cag_processor(original, state, variant, layer, query_chunk, key_chunk) -> SDPACAGAttnProcessor:
@@ -657,7 +668,8 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
 # ------------------------------------------------------------------------------------- unmodified diffusers loop
 # batched transformer arguments that get the conditional slot appended (those present and batched)
 _EXPANDED = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image",
-             "pooled_projections", "encoder_attention_mask", "guidance")
+             "pooled_projections", "encoder_attention_mask", "guidance", "encoder_hidden_states_2",
+             "encoder_attention_mask_2", "image_embeds", "timestep_r")
 
 
 @contextmanager
@@ -792,8 +804,9 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
     if getattr(pipe, "transformer_2", None) is not None:
         raise ValueError("pipelines with a second transformer (Wan 2.2 A14B, transformer_2) are not supported by CAG "
                          "hooks; allowed: a single transformer")
+    family = family_for(pipe)
     if config is None:
-        return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
-    weight, do_cfg = family_for(pipe).cfg_weight(guidance_scale, kwargs)  # HunyuanVideo: embedded guidance
+        return family.call(pipe, guidance_scale, *args, num_inference_steps=num_inference_steps, **kwargs)
+    weight, do_cfg = family.cfg_weight(guidance_scale, kwargs)  # HunyuanVideo: embedded guidance
     with cag_hooks(pipe, config, weight, num_inference_steps, do_cfg=do_cfg, shared_prefix=shared_prefix):
-        return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
+        return family.call(pipe, guidance_scale, *args, num_inference_steps=num_inference_steps, **kwargs)

@@ -19,12 +19,13 @@ Tokenizers are small closed vocabularies (:data:`WORDS`) built with the ``tokeni
 """
 from __future__ import annotations
 
+import inspect
 import string
 from pathlib import Path
 
 import torch
 
-KINDS = ("cogvideox", "wan", "hunyuanvideo")
+KINDS = ("cogvideox", "wan", "hunyuanvideo", "hunyuanvideo15")
 WORDS = ("a red green blue yellow white black circle square triangle star moving left right up down on still "
          "background drifting scene camera panning zooming in out rotating and the of with").split()
 FRAMES, HEIGHT, WIDTH = 9, 32, 32
@@ -179,7 +180,75 @@ def _hunyuanvideo():
                                 scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tok2)
 
 
-_BUILDERS = {"cogvideox": _cogvideox, "wan": _wan, "hunyuanvideo": _hunyuanvideo}
+# --------------------------------------------------------------------------------------- HunyuanVideo 1.5
+QWEN_CROP = 108  # HunyuanVideo15Pipeline.prompt_template_encode_start_idx (hard-coded in its __init__)
+_QWEN_SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fill|>"]
+
+
+def _qwen_tokenizer():
+    """Word-level tokenizer with Qwen2's chat special tokens and a chat template whose system part (everything
+    before the user's prompt) is exactly :data:`QWEN_CROP` tokens, as Qwen2.5-VL's tokenizer makes it for
+    HunyuanVideo 1.5's system message: the pipeline's hard-coded ``crop_start=108`` then crops exactly the template
+    (filler tokens ``<|fill|>`` make up the difference)."""
+    from diffusers import HunyuanVideo15Pipeline
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    system = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters["system_message"].default
+    words = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(system.lower())]
+    words += ["system", "user", "assistant"] + list(WORDS) + list(string.ascii_lowercase + string.digits +
+                                                                  string.punctuation)
+    vocab = {sp: i for i, sp in enumerate(_QWEN_SPECIALS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(_QWEN_SPECIALS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>")
+    head = "<|im_start|>system {{ messages[0]['content'] }}<|im_end|> "
+    n = len(tok(f"<|im_start|>system {system}<|im_end|> <|im_start|>user ").input_ids)
+    if n > QWEN_CROP:
+        raise RuntimeError(f"the tiny Qwen template prefix has {n} tokens, more than {QWEN_CROP}")
+    tok.chat_template = (head + "<|fill|>" * (QWEN_CROP - n) + "<|im_start|>user {{ messages[1]['content'] }}"
+                         "<|im_end|> {% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    return tok
+
+
+def _hunyuanvideo15():
+    from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
+                           HunyuanVideo15Transformer3DModel)
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5EncoderModel
+
+    tok, tok2 = _qwen_tokenizer(), ByT5Tokenizer()
+    torch.manual_seed(0)
+    # the pipeline reads hidden_states[-3] (num_hidden_layers_to_skip=2): at least 2 layers; 3D (mrope) positions
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), eos_token_id=tok.eos_token_id,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})).eval()
+    torch.manual_seed(1)
+    text_encoder_2 = T5EncoderModel(_t5_config(len(tok2), 16)).eval()  # ByT5: 256 bytes + specials
+    torch.manual_seed(2)
+    vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 5,
+                                      layers_per_block=1, spatial_compression_ratio=16,
+                                      temporal_compression_ratio=4).eval()
+    torch.manual_seed(3)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=16,
+        image_embed_dim=8, rope_axes_dim=(4, 6, 6), target_size=32, task_type="t2v").eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    return HunyuanVideo15Pipeline(text_encoder=text_encoder, tokenizer=tok, transformer=transformer, vae=vae,
+                                  scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tok2,
+                                  guider=ClassifierFreeGuidance(guidance_scale=6.0))
+
+
+_BUILDERS = {"cogvideox": _cogvideox, "wan": _wan, "hunyuanvideo": _hunyuanvideo,
+             "hunyuanvideo15": _hunyuanvideo15}
 
 
 def build_tiny_pipeline(kind: str, path: str | Path | None = None):

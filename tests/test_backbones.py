@@ -35,6 +35,31 @@ def hunyuan_inputs(batch=1, seed=0, text=6, pad=2):
                 guidance=torch.full((batch,), 6000.0), return_dict=False)
 
 
+def tiny_hunyuan15(seed=0, layers=2):
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=layers,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+        image_embed_dim=8, rope_axes_dim=(4, 6, 6), target_size=32, task_type="t2v").eval()
+
+
+def hunyuan15_inputs(batch=1, seed=0, text=6, pad=2, glyph=4, image=3):
+    """T2V call as HunyuanVideo15Pipeline makes it: packed latents (zero condition latents and mask), right-padded
+    Qwen text, ByT5 glyph text with nothing valid (no quoted text in the prompt), zero image embeddings."""
+    from difftrack.backbones.hunyuanvideo15 import pack_t2v
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[:, text - pad:] = 0
+    return dict(hidden_states=pack_t2v(torch.randn(batch, 4, F_, R_, C_, generator=g)),
+                timestep=torch.full((batch,), 700.0), encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
+                encoder_attention_mask=mask, encoder_hidden_states_2=torch.zeros(batch, glyph, 8),
+                encoder_attention_mask_2=torch.zeros(batch, glyph, dtype=torch.long),
+                image_embeds=torch.zeros(batch, image, 8), return_dict=False)
+
+
 def tiny_wan(seed=0, layers=2):
     from diffusers import WanTransformer3DModel
 
@@ -100,6 +125,7 @@ CASES = {
     "cogvideox15": (tiny_cogvideox15, cog15_inputs, 2),
     "cogvideox15-i2v": (lambda: tiny_cogvideox15(i2v=True), lambda: cog15_inputs(i2v=True), 2),
     "ltx": (tiny_ltx, ltx_inputs, 2),
+    "hunyuan15": (tiny_hunyuan15, hunyuan15_inputs, 2),
 }
 
 
@@ -198,6 +224,32 @@ def test_hunyuan_qk_equal_recomputation_dual_and_single():
         k = single.norm_k(single.to_k(x).unflatten(2, (2, -1)))
         q, k = (apply_rotary_emb(t[:, :n], rope, sequence_dim=1) for t in (q, k))
         check_close(cache, 2, to_grid(q, n), to_grid(k, n))
+
+
+def test_hunyuan15_layout_and_qk_equal_recomputation():
+    """HunyuanVideo 1.5: [video, image, glyph, text] in every block's attention, the video first; the captured q/k
+    are the video rows of to_q/to_k -> RMSNorm -> RoPE on a frame-major (frame, row, col) grid."""
+    m = tiny_hunyuan15()
+    kw = hunyuan15_inputs()
+    attn = m.transformer_blocks[1].attn
+    got, h = grab_attn_inputs(attn)
+    with torch.no_grad(), capture(m, layers=[1]) as cache:
+        m(**kw)
+    h.remove()
+    g, n = cache.grid, F_ * R_ * C_
+    assert (g.text_len, g.text_first, g.stride) == (6 + 4 + 3, False, 1) and g.video_slice(n + 13) == slice(0, n)
+    assert got["encoder_hidden_states"].shape[1] == 13  # the three condition streams, reordered, after the video
+    rope = rope_table((4, 6, 6), 256.0)
+    with torch.no_grad():
+        x = got["hidden_states"]
+        q = apply_rotary_emb(attn.norm_q(attn.to_q(x).unflatten(2, (2, -1))), rope, sequence_dim=1)
+        k = apply_rotary_emb(attn.norm_k(attn.to_k(x).unflatten(2, (2, -1))), rope, sequence_dim=1)
+    check_close(cache, 1, to_grid(q, n), to_grid(k, n))
+    bad = dict(kw)
+    del bad["image_embeds"]
+    with pytest.raises(ValueError, match="encoder_hidden_states_2= and image_embeds="):
+        with torch.no_grad(), capture(m, layers=[0]):
+            m(**bad)
 
 
 def test_wan_qk_equal_recomputation():

@@ -4,9 +4,12 @@ Checks the calling conventions the adapters assume: CogVideoX's batched [uncond,
 (cond first), HunyuanVideo's embedded guidance (one call) and true CFG (two calls, cond first), step indices and
 timesteps, bit-identical outputs, and save_pretrained / from_pretrained round trips.
 """
+import inspect
+
 import pytest
 import torch
 
+from difftrack.backbones import family_for
 from difftrack.capture import capture
 from difftrack.testing import FRAMES, HEIGHT, KINDS, WIDTH, build_tiny_pipeline, hunyuan_prompt_template
 
@@ -18,7 +21,7 @@ def call_kwargs(kind, pipe, **extra):
               num_inference_steps=STEPS, output_type="pt")
     if kind == "cogvideox":
         kw.update(negative_prompt="", guidance_scale=6.0)
-    elif kind == "wan":
+    elif kind in ("wan", "hunyuanvideo15"):  # HunyuanVideo 1.5: the family sets its guider's scale (run())
         kw.update(negative_prompt="a blue square", guidance_scale=5.0)
     else:
         kw.update(prompt_template=hunyuan_prompt_template(pipe.tokenizer), guidance_scale=6.0)
@@ -27,8 +30,18 @@ def call_kwargs(kind, pipe, **extra):
 
 
 def run(pipe, kw, seen=None):
-    cb = None if seen is None else (lambda p, i, t, d: seen.append((i, float(t))) or {})
-    return pipe(generator=torch.Generator().manual_seed(0), callback_on_step_end=cb, **kw).frames
+    """The pipeline's ``__call__`` through its family (``guidance_scale`` set the family's way); ``seen`` gets
+    ``(step, timestep)`` of every step (from the step callback, or for pipelines without one from the scheduler's
+    timesteps after the run)."""
+    kw = dict(kw)
+    gs = kw.pop("guidance_scale")
+    takes_cb = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
+    if seen is not None and takes_cb:
+        kw["callback_on_step_end"] = lambda p, i, t, d: seen.append((i, float(t))) or {}
+    out = family_for(pipe).call(pipe, gs, generator=torch.Generator().manual_seed(0), **kw).frames
+    if seen is not None and not takes_cb:  # HunyuanVideo15Pipeline has no step callback
+        seen.extend((i, float(t)) for i, t in enumerate(pipe.scheduler.timesteps))
+    return out
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -75,7 +88,7 @@ def _qk_events(pipe, kw, branch):
     return events
 
 
-@pytest.mark.parametrize("kind", ["wan", "hunyuanvideo"])
+@pytest.mark.parametrize("kind", ["wan", "hunyuanvideo", "hunyuanvideo15"])
 def test_sequential_cfg_branches_in_pipeline(kind):
     pipe = build_tiny_pipeline(kind)
     extra = {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"} if kind == "hunyuanvideo" else {}

@@ -102,6 +102,11 @@ class BackboneAdapter:
         cag_attention: how :mod:`difftrack.guidance` perturbs the self-attention for CAG: ``"joint"`` (the
             processor computes q/k/v of ``[text, video]`` itself, CogVideoX), ``"sdpa"`` (intercept the processor's
             SDPA call), ``None`` (not supported).
+        pack_input: ``latents [B, C, F, h, w] -> hidden_states`` of a bare transformer call whose input carries
+            conditioning channels besides the latents (HunyuanVideo 1.5: zero condition latents and mask appended);
+            ``None``: the latents as they are.
+        first_call_only: capture only the first transformer call of each denoising step (LTX-2: its extra
+            guidance calls at the same timestep, spatio-temporal guidance and modality isolation, are skipped).
     """
 
     name: str
@@ -117,6 +122,8 @@ class BackboneAdapter:
     rope: Callable | None = None
     trained_tokens: Callable | None = None
     cag_attention: str | None = "sdpa"
+    pack_input: Callable | None = None
+    first_call_only: bool = False
 
     def __post_init__(self):
         if self.cfg not in ("batched", "sequential"):
@@ -133,7 +140,11 @@ class BackboneAdapter:
 
     def latent_input(self, x: torch.Tensor) -> torch.Tensor:
         """Per-frame latents ``[F, C, h, w]`` -> the transformer's ``hidden_states`` (batch 1)."""
-        return x[None] if self.frames_first else x.permute(1, 0, 2, 3)[None]
+        return self.pack(x[None] if self.frames_first else x.permute(1, 0, 2, 3)[None])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents in the transformer's layout -> its ``hidden_states`` (:attr:`pack_input`; as they are without)."""
+        return x if self.pack_input is None else self.pack_input(x)
 
     def rope_kwargs(self, transformer, pipe, frames: int, rows: int, cols: int, device) -> dict:
         return {} if self.rope is None else self.rope(transformer, pipe, frames, rows, cols, device)
@@ -320,10 +331,10 @@ class PipelineFamily:
 
         T, H, W = size
         kw = dict(prompt=prompt, num_frames=T, height=H, width=W, num_inference_steps=num_steps,
-                  guidance_scale=guidance_scale, generator=generator, output_type="np")
+                  generator=generator, output_type="np")
         if self.takes_negative_prompt:
             kw["negative_prompt"] = negative_prompt
-        out = np.asarray(pipe(**kw).frames[0], np.float32)
+        out = np.asarray(self.call(pipe, guidance_scale, **kw).frames[0], np.float32)
         return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
 
     def cond(self, pipe, prompt: str, device, dtype, guidance_embed: float) -> dict:
@@ -358,6 +369,11 @@ class PipelineFamily:
         """``(CFG weight, whether the pipeline runs an unconditional branch)`` of a ``__call__`` with
         ``guidance_scale`` and the other keyword arguments ``call_kwargs``."""
         return guidance_scale, guidance_scale > 1.0
+
+    def call(self, pipe, guidance_scale: float, *args, **kwargs):
+        """``pipe(*args, guidance_scale=guidance_scale, **kwargs)``; families whose ``__call__`` takes no guidance
+        scale (HunyuanVideo 1.5: its guider holds it) set it their way."""
+        return pipe(*args, guidance_scale=guidance_scale, **kwargs)
 
 
 _FAMILIES: dict[str, PipelineFamily] = {}
@@ -409,4 +425,4 @@ def frame_encoder(transformer, vae):
 
 
 # one module per family; importing them registers their adapters and pipeline families (order: pipeline listing)
-from . import embedded, cogvideox, wan, hunyuanvideo, ltxvideo  # noqa: E402,F401
+from . import embedded, cogvideox, wan, hunyuanvideo, ltxvideo, hunyuanvideo15  # noqa: E402,F401
