@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_backbones import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
+from test_backbones import hunyuan15_inputs, hunyuan_inputs, tiny_hunyuan, tiny_hunyuan15, tiny_wan, wan_inputs
 from test_guidance import dense_mask
 from test_real_pipelines import call_kwargs
 from torch.overrides import TorchFunctionMode
 
+from difftrack.backbones import family_for
 from difftrack.guidance import CAGConfig, apply_cag, cag_hooks, frame_local_attention, generate_with_cag_diffusers
 from difftrack.testing import build_tiny_pipeline
 
@@ -83,11 +84,13 @@ CASES = {  # name: (builder, inputs, text tokens in the self-attention, layer ->
     "hunyuan-dual": (lambda: tiny_hunyuan(), lambda: hunyuan_inputs(batch=2), 6, lambda m, l: m.transformer_blocks[l]),
     "hunyuan-single": (lambda: tiny_hunyuan(), lambda: hunyuan_inputs(batch=2), 6,
                        lambda m, l: m.single_transformer_blocks[l - len(m.transformer_blocks)]),
+    # [video, image, glyph, text] with a [B, 1, N, N] mask masking padding as keys and as queries
+    "hunyuan15": (lambda: tiny_hunyuan15(), lambda: hunyuan15_inputs(batch=2), 13, lambda m, l: m.transformer_blocks[l]),
 }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case,layer", [("wan", 1), ("hunyuan-dual", 1), ("hunyuan-single", 2)])
+@pytest.mark.parametrize("case,layer", [("wan", 1), ("hunyuan-dual", 1), ("hunyuan-single", 2), ("hunyuan15", 1)])
 def test_perturbed_attention_in_real_processors_equals_dense_reference(case, layer, variant):
     build, inputs, text_len, block_of = CASES[case]
     m, kw = build(), inputs()
@@ -151,8 +154,9 @@ def test_sequential_hooks_fold_cag_into_the_cond_call(do_cfg):
 
 
 @pytest.mark.parametrize("kind,extra", [("wan", {}), ("hunyuanvideo", {}),
-                                        ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"})],
-                         ids=["wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg"])
+                                        ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}),
+                                        ("hunyuanvideo15", {})],
+                         ids=["wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg", "hunyuan15-guider-cfg"])
 def test_unmodified_diffusers_pipelines_with_cag(kind, extra):
     pipe = build_tiny_pipeline(kind)
     kw = call_kwargs(kind, pipe, output_type="latent", **extra)
@@ -163,7 +167,8 @@ def test_unmodified_diffusers_pipelines_with_cag(kind, extra):
         return generate_with_cag_diffusers(pipe, config, generator=torch.Generator().manual_seed(0),
                                            guidance_scale=gs, **kw).frames
 
-    ref = pipe(generator=torch.Generator().manual_seed(0), guidance_scale=gs, **kw).frames
+    ref = family_for(pipe).call(pipe, gs, generator=torch.Generator().manual_seed(0), **kw).frames
+    guider = getattr(pipe, "guider", None)
     assert torch.equal(run(CAGConfig(layers=[1], scale=0.0)), ref)
     assert torch.equal(run(None), ref)
     guided = run(CAGConfig(layers=[0, 1], scale=1.0))
@@ -171,6 +176,7 @@ def test_unmodified_diffusers_pipelines_with_cag(kind, extra):
     assert (guided - ref).abs().max() > 1e-4
     assert {k: type(p) for k, p in pipe.transformer.attn_processors.items()} == before
     assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
+    assert getattr(pipe, "guider", None) is guider  # HunyuanVideo 1.5: its own guider is back
 
 
 def test_cag_errors_name_the_allowed_values():
@@ -214,3 +220,17 @@ def test_shared_prefix_cag_equals_the_three_slot_cag_up_to_rounding(kind, extra)
     torch.testing.assert_close(out[True], out[False], rtol=0, atol=2e-5)
     assert batches[True] < batches[False]
     assert all(not b._forward_pre_hooks and not b._forward_hooks for _, b in blocks)
+
+
+def test_key_padding_mask_forms():
+    """CAG reads a key-padding mask from [B, 1, 1, N] (HunyuanVideo) or from its outer AND [B, 1, N, N]
+    (HunyuanVideo 1.5); any other boolean mask is refused with the shapes named."""
+    from difftrack.guidance import _key_padding
+
+    km = torch.tensor([[True, True, False, True], [True, False, False, False]])
+    assert torch.equal(_key_padding(km[:, None, None, :], 0), km)
+    outer = (km[:, :, None] & km[:, None, :])[:, None]
+    assert torch.equal(_key_padding(outer, 0), km)
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None].expand(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"outer AND \[B, 1, N, N\].*got torch.bool \(2, 1, 4, 4\)"):
+        _key_padding(causal, 3)

@@ -65,7 +65,8 @@ def test_02_layer_analysis_on_saved_tiny_pipeline(saved_pipeline, tmp_path):
     summary = json.loads((tmp_path / "results" / "02_summary.json").read_text())
     assert summary["settings"]["model"] == str(folder) and summary["settings"]["size"] == [FRAMES, HEIGHT, WIDTH]
     assert len(summary["timesteps"]) == 2
-    cls = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline", "hunyuanvideo": "HunyuanVideoPipeline"}[kind]
+    cls = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline", "hunyuanvideo": "HunyuanVideoPipeline",
+           "hunyuanvideo15": "HunyuanVideo15Pipeline"}[kind]
     assert f"{cls}, {n_layers} blocks" in _text(nb)
     for name in ("generated", "exact", "all"):
         s = summary["summary"][name]

@@ -17,6 +17,9 @@ What is new for the method here, and what capture and matching mean:
   ``(frame, row, col)`` meshgrid, ``rope_axes_dim`` split 16/56/56), as the other backbones.
 * **Conditioning channels.** ``in_channels = 2 C + 1``: noisy latents, condition latents (zeros for T2V) and a mask
   channel (zeros for T2V). :func:`pack_t2v` builds that input for bare calls (noised forwards, tracking).
+* **VAE batch.** ``AutoencoderKLHunyuanVideo15`` (diffusers 0.42.1) fails on a batch of more than one clip (its
+  mid-block attention mask is ``[B, N, N]`` against ``[B, 1, N, C]`` queries), so tracking encodes its frames one by
+  one (:func:`_frames_one_by_one`); generation and analysis use batch 1 anyway.
 * **CAG.** The perturbed self-attention is the SDPA swap of the other joint backbones; the ``[B, 1, N, N]`` mask is
   the outer AND of a key-padding mask with itself, handed over as that key mask (padding queries then attend the
   valid keys instead of none: they are padding, and no valid token reads them).
@@ -26,7 +29,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from . import BackboneAdapter, TokenGrid, _arg, first_output, latent_grid, register, register_family
+from . import (BackboneAdapter, TokenGrid, _arg, first_output, latent_grid, patch_sizes, register,
+               register_family, register_frame_encoder)
 from .hunyuanvideo import HunyuanVideoFamily
 
 if TYPE_CHECKING:
@@ -72,6 +76,18 @@ register(BackboneAdapter(
     sequential_cond_first=True,
     pack_input=pack_t2v,
 ))
+
+
+@register_frame_encoder
+def _frames_one_by_one(transformer, vae):
+    """Tracking encodes frames one at a time: ``AutoencoderKLHunyuanVideo15``'s mid-block attention (diffusers
+    0.42.1) builds a ``[B, N, N]`` causal mask against ``[B, 1, N, C]`` queries and fails for any batch above 1."""
+    if type(transformer).__name__ not in ("HunyuanVideo15Transformer3DModel",) or vae is None:
+        return None
+    from ..tracking import vae_encode_frames
+
+    stride = int(vae.config.spatial_compression_ratio) * patch_sizes(transformer)[1]
+    return (lambda video: vae_encode_frames(vae, video, batch_size=1)), stride
 
 
 @contextmanager
