@@ -248,9 +248,11 @@ class VideoRunner:
         self.check_size(video.shape[:3])
         return self.family.encode_video(self.pipe, video, self.device)
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``x0`` forward-noised to timestep ``t`` by the pipeline's scheduler (:func:`scheduler_add_noise`)."""
-        return scheduler_add_noise(self.pipe.scheduler, x0, noise, t)
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, transformer timestep)``: ``x0`` forward-noised to scheduler timestep ``t`` as the pipeline feeds its
+        transformer (:meth:`difftrack.backbones.BackboneAdapter.noised`: the scheduler's own rule and ``t`` itself,
+        Cosmos' EDM inputs)."""
+        return self.adapter.noised(self.pipe.scheduler, x0, noise, t)
 
     def forward_kwargs(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict:
         """Keyword arguments of one transformer call on latents ``x`` (layout of :meth:`encode_video`)."""
@@ -272,10 +274,10 @@ class VideoRunner:
         ts = self.pipe.scheduler.timesteps
         for s in (range(num_steps) if steps is None else steps):
             t = ts[s].to(self.device)
-            xt = self.add_noise(x0, noise, t)
+            xt, tm = self.add_noise(x0, noise, t)
             if cap is not None:
                 cap.set_step(int(s))
-            self.transformer(**self.forward_kwargs(xt, t, cond))
+            self.transformer(**self.forward_kwargs(xt, tm, cond))
         return [float(t) for t in ts]
 
 

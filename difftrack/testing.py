@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("cogvideox", "wan", "hunyuanvideo", "hunyuanvideo15")
+KINDS = ("cogvideox", "wan", "hunyuanvideo", "hunyuanvideo15", "cosmos")
 WORDS = ("a red green blue yellow white black circle square triangle star moving left right up down on still "
          "background drifting scene camera panning zooming in out rotating and the of with").split()
 FRAMES, HEIGHT, WIDTH = 9, 32, 32
@@ -247,8 +247,47 @@ def _hunyuanvideo15():
                                   guider=ClassifierFreeGuidance(guidance_scale=6.0))
 
 
+# ------------------------------------------------------------------------------------- Cosmos-Predict2
+class PassThroughSafetyChecker:
+    """Test-only stand-in for ``cosmos_guardrail.CosmosSafetyChecker`` (not installable offline) that lets every
+    prompt and video pass, as diffusers' own Cosmos tests do. For the tiny random pipelines only: a pipeline loaded
+    by :mod:`difftrack.backbones.cosmos` without the guardrail refuses generation instead."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, video):
+        return video
+
+
+def _cosmos():
+    from diffusers import (AutoencoderKLWan, Cosmos2VideoToWorldPipeline, CosmosTransformer3DModel,
+                           FlowMatchEulerDiscreteScheduler)
+    from transformers import T5EncoderModel
+
+    tok = _t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(_t5_config(len(tok), 16)).eval()
+    torch.manual_seed(1)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    torch.manual_seed(2)
+    # in_channels: 16 latent channels + the condition-mask channel. concat_padding_mask=False: the released
+    # checkpoints append a padding channel too, which diffusers 0.42.1 resizes with torchvision (not installed here)
+    transformer = CosmosTransformer3DModel(
+        in_channels=17, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
+        text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 8, 8), patch_size=(1, 2, 2), rope_scale=(1.0, 4.0, 4.0),
+        concat_padding_mask=False, extra_pos_embed_type=None).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
+    return Cosmos2VideoToWorldPipeline(text_encoder=text_encoder, tokenizer=tok, transformer=transformer, vae=vae,
+                                       scheduler=scheduler, safety_checker=PassThroughSafetyChecker())
+
+
 _BUILDERS = {"cogvideox": _cogvideox, "wan": _wan, "hunyuanvideo": _hunyuanvideo,
-             "hunyuanvideo15": _hunyuanvideo15}
+             "hunyuanvideo15": _hunyuanvideo15, "cosmos": _cosmos}
 
 
 def build_tiny_pipeline(kind: str, path: str | Path | None = None):

@@ -76,7 +76,6 @@ from .backbones import (adapter_for, adapters, attention_heads, frame_encoder, p
 from .capture import capture, run_until
 from .matching import (REFINE, _bilinear_rows, check_heads, feature_cost, match_from_cost, px_to_tokens, qk_cost,
                        refine_peak, select_heads, tokens_to_px)
-from .runners import scheduler_add_noise
 
 __all__ = ["DiffTracker", "FeatureTracker", "plan_chunks", "vae_encode_frames", "check_video", "check_queries",
            "OCCLUSION", "WORK_SIZES", "DEFAULT_MAX_COST_BYTES"]
@@ -681,10 +680,10 @@ class DiffTracker:
         for t in self.timesteps:
             if self.noise == "add":
                 eps = torch.randn(z0.shape, generator=gen).to(self.device)
-                x = scheduler_add_noise(self.scheduler, z0, eps, t)
+                x, tm = self.adapter.noised(self.scheduler, z0, eps, t)  # Cosmos: EDM inputs and timestep
             else:
-                x = z0
-            inputs.append((x, t))
+                x, tm = z0, t
+            inputs.append((x, tm))
 
         N = q.shape[0]
         tracks = np.zeros((N, T, 2), np.float32)

@@ -6,6 +6,7 @@ frame-major (frame, row, col) meshgrid so that the token order is checked too), 
 """
 import pytest
 import torch
+from conftest import processors
 from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed, get_3d_rotary_pos_embed
 
 from difftrack.backbones import adapter_for
@@ -177,7 +178,7 @@ def test_bit_identical_with_and_without_capture(case):
         assert cache.q(l).shape[:2] == (B, 2) and cache.q(l).shape[2:5] == (F_, R_, C_)
         assert cache.features(l).shape[:4] == (B, F_, R_, C_)
     assert (cache.grid.frames, cache.grid.rows, cache.grid.cols) == (F_, R_, C_)
-    assert not any(type(p).__name__.startswith("Capturing") for p in m.attn_processors.values())
+    assert not any(type(p).__name__.startswith("Capturing") for p in processors(m).values())
 
 
 def test_hunyuan_layout_and_flat_layers():

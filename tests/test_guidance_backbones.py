@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import processors
 import torch.nn.functional as F
 from test_backbones import hunyuan15_inputs, hunyuan_inputs, tiny_hunyuan, tiny_hunyuan15, tiny_wan, wan_inputs
 from test_guidance import dense_mask
@@ -111,7 +112,7 @@ def test_perturbed_attention_in_real_processors_equals_dense_reference(case, lay
     assert mode.n == 1
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert (out - plain).abs().max() > 1e-4
-    assert all(not type(p).__name__.startswith("CAG") for p in m.attn_processors.values())
+    assert all(not type(p).__name__.startswith("CAG") for p in processors(m).values())
 
 
 def test_only_perturbed_slot_changes_in_wan():
@@ -161,7 +162,7 @@ def test_unmodified_diffusers_pipelines_with_cag(kind, extra):
     pipe = build_tiny_pipeline(kind)
     kw = call_kwargs(kind, pipe, output_type="latent", **extra)
     gs = kw.pop("guidance_scale")
-    before = {k: type(p) for k, p in pipe.transformer.attn_processors.items()}
+    before = {k: type(p) for k, p in processors(pipe.transformer).items()}
 
     def run(config):
         return generate_with_cag_diffusers(pipe, config, generator=torch.Generator().manual_seed(0),
@@ -174,7 +175,7 @@ def test_unmodified_diffusers_pipelines_with_cag(kind, extra):
     guided = run(CAGConfig(layers=[0, 1], scale=1.0))
     assert guided.shape == ref.shape and torch.isfinite(guided).all()
     assert (guided - ref).abs().max() > 1e-4
-    assert {k: type(p) for k, p in pipe.transformer.attn_processors.items()} == before
+    assert {k: type(p) for k, p in processors(pipe.transformer).items()} == before
     assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
     assert getattr(pipe, "guider", None) is guider  # HunyuanVideo 1.5: its own guider is back
 

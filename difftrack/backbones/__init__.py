@@ -105,6 +105,9 @@ class BackboneAdapter:
         pack_input: ``latents [B, C, F, h, w] -> hidden_states`` of a bare transformer call whose input carries
             conditioning channels besides the latents (HunyuanVideo 1.5: zero condition latents and mask appended);
             ``None``: the latents as they are.
+        noise_input: ``(scheduler, x0, eps, t) -> (x_t, transformer timestep)``: a clean latent forward-noised to
+            scheduler timestep ``t`` as the pipeline feeds its transformer (Cosmos: EDM sigmas, ``t / (1 + t)``);
+            ``None``: the scheduler's own ``add_noise`` / ``scale_noise`` and ``t`` itself.
         first_call_only: capture only the first transformer call of each denoising step (LTX-2: its extra
             guidance calls at the same timestep, spatio-temporal guidance and modality isolation, are skipped).
     """
@@ -123,6 +126,7 @@ class BackboneAdapter:
     trained_tokens: Callable | None = None
     cag_attention: str | None = "sdpa"
     pack_input: Callable | None = None
+    noise_input: Callable | None = None
     first_call_only: bool = False
 
     def __post_init__(self):
@@ -141,6 +145,14 @@ class BackboneAdapter:
     def latent_input(self, x: torch.Tensor) -> torch.Tensor:
         """Per-frame latents ``[F, C, h, w]`` -> the transformer's ``hidden_states`` (batch 1)."""
         return self.pack(x[None] if self.frames_first else x.permute(1, 0, 2, 3)[None])
+
+    def noised(self, scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor):
+        """``(x_t, transformer timestep)``: ``x0`` noised to scheduler timestep ``t`` (:attr:`noise_input`)."""
+        if self.noise_input is not None:
+            return self.noise_input(scheduler, x0, eps, t)
+        from ..runners import scheduler_add_noise
+
+        return scheduler_add_noise(scheduler, x0, eps, t), t
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """Latents in the transformer's layout -> its ``hidden_states`` (:attr:`pack_input`; as they are without)."""
@@ -425,4 +437,4 @@ def frame_encoder(transformer, vae):
 
 
 # one module per family; importing them registers their adapters and pipeline families (order: pipeline listing)
-from . import embedded, cogvideox, wan, hunyuanvideo, ltxvideo, hunyuanvideo15  # noqa: E402,F401
+from . import embedded, cogvideox, wan, hunyuanvideo, ltxvideo, hunyuanvideo15, cosmos  # noqa: E402,F401
