@@ -669,7 +669,7 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
 # batched transformer arguments that get the conditional slot appended (those present and batched)
 _EXPANDED = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image",
              "pooled_projections", "encoder_attention_mask", "guidance", "encoder_hidden_states_2",
-             "encoder_attention_mask_2", "image_embeds", "timestep_r")
+             "encoder_attention_mask_2", "image_embeds", "timestep_r", "condition_mask")
 
 
 @contextmanager

@@ -256,7 +256,8 @@ class VideoRunner:
 
     def forward_kwargs(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict:
         """Keyword arguments of one transformer call on latents ``x`` (layout of :meth:`encode_video`)."""
-        kw = dict(hidden_states=self.adapter.pack(x.to(self.dtype)), timestep=t.reshape(1).expand(x.shape[0]).to(self.device),
+        kw = dict(hidden_states=self.adapter.pack(x.to(self.dtype)),
+                  timestep=t.reshape(1).expand(x.shape[0]).to(self.device),
                   return_dict=False, **cond)
         kw.update(self.family.rope_kwargs(self.pipe, self.transformer, x, self.vae_spatial, self.device))
         return kw

@@ -279,7 +279,7 @@ def _cosmos():
     # checkpoints append a padding channel too, which diffusers 0.42.1 resizes with torchvision (not installed here)
     transformer = CosmosTransformer3DModel(
         in_channels=17, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
-        text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 8, 8), patch_size=(1, 2, 2), rope_scale=(1.0, 4.0, 4.0),
+        text_embed_dim=16, adaln_lora_dim=4, max_size=(16, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 4.0, 4.0),
         concat_padding_mask=False, extra_pos_embed_type=None).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
     return Cosmos2VideoToWorldPipeline(text_encoder=text_encoder, tokenizer=tok, transformer=transformer, vae=vae,

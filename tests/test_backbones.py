@@ -61,6 +61,30 @@ def hunyuan15_inputs(batch=1, seed=0, text=6, pad=2, glyph=4, image=3):
                 image_embeds=torch.zeros(batch, image, 8), return_dict=False)
 
 
+def tiny_cosmos(seed=0, layers=2):
+    """Cosmos-Predict2 layout: 16 latent channels + the condition-mask channel (no padding channel: diffusers resizes
+    it with torchvision, not installed here)."""
+    from diffusers import CosmosTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CosmosTransformer3DModel(
+        in_channels=17, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=layers,
+        mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 8, 8), patch_size=(1, 2, 2),
+        rope_scale=(1.0, 4.0, 4.0), concat_padding_mask=False, extra_pos_embed_type=None).eval()
+
+
+def cosmos_inputs(batch=1, seed=0):
+    """A Video2World call: latent frame 0 conditioning (mask 1, its own tiny timestep), per-frame timesteps."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.full((batch, 1, F_, 1, 1), 0.7)
+    t[:, :, 0] = 1e-4
+    cond = torch.zeros(batch, 1, F_, 2 * R_, 2 * C_)
+    cond[:, :, 0] = 1.0
+    return dict(hidden_states=torch.randn(batch, 16, F_, 2 * R_, 2 * C_, generator=g), timestep=t,
+                encoder_hidden_states=torch.randn(batch, 5, 16, generator=g), fps=16, condition_mask=cond,
+                return_dict=False)
+
+
 def tiny_wan(seed=0, layers=2):
     from diffusers import WanTransformer3DModel
 
@@ -127,6 +151,7 @@ CASES = {
     "cogvideox15-i2v": (lambda: tiny_cogvideox15(i2v=True), lambda: cog15_inputs(i2v=True), 2),
     "ltx": (tiny_ltx, ltx_inputs, 2),
     "hunyuan15": (tiny_hunyuan15, hunyuan15_inputs, 2),
+    "cosmos": (tiny_cosmos, cosmos_inputs, 2),
 }
 
 
@@ -251,6 +276,37 @@ def test_hunyuan15_layout_and_qk_equal_recomputation():
     with pytest.raises(ValueError, match="encoder_hidden_states_2= and image_embeds="):
         with torch.no_grad(), capture(m, layers=[0]):
             m(**bad)
+
+
+def test_cosmos_qk_equal_recomputation_and_bare_inputs():
+    """Cosmos: attn1 is video-only (to_q -> per-head RMSNorm -> Cosmos RoPE); the step's timestep is the largest
+    per-frame one (the conditioning frame has its own tiny one); a bare forward with the condition mask packed as
+    a zero channel equals the call with ``condition_mask`` zeros."""
+    from diffusers.models.embeddings import apply_rotary_emb as rope_apply
+
+    from difftrack.backbones.cosmos import pack_no_condition
+
+    m = tiny_cosmos()
+    kw = cosmos_inputs()
+    attn = m.transformer_blocks[1].attn1
+    got, h = grab_attn_inputs(attn)
+    with torch.no_grad(), capture(m, layers=[1]) as cache:
+        m(**kw)
+    h.remove()
+    n = F_ * R_ * C_
+    assert cache.grid.text_len == 0 and cache.timesteps == {0: pytest.approx(0.7)}
+    x, rope = got["_args"][0], got["image_rotary_emb"]
+    assert x.shape[1] == n
+    with torch.no_grad():
+        q = attn.norm_q(attn.to_q(x).unflatten(2, (2, -1)).transpose(1, 2))
+        k = attn.norm_k(attn.to_k(x).unflatten(2, (2, -1)).transpose(1, 2))
+        q, k = (rope_apply(t, rope, use_real=True, use_real_unbind_dim=-2).transpose(1, 2) for t in (q, k))
+    check_close(cache, 1, to_grid(q, n), to_grid(k, n))
+    with torch.no_grad():
+        zero = dict(kw, condition_mask=torch.zeros_like(kw["condition_mask"]))
+        packed = {k: v for k, v in zero.items() if k != "condition_mask"}
+        packed["hidden_states"] = pack_no_condition(kw["hidden_states"])
+        assert torch.equal(m(**zero)[0], m(**packed)[0])
 
 
 def test_wan_qk_equal_recomputation():

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import processors
 import torch.nn.functional as F
-from test_backbones import hunyuan15_inputs, hunyuan_inputs, tiny_hunyuan, tiny_hunyuan15, tiny_wan, wan_inputs
+from test_backbones import (cosmos_inputs, hunyuan15_inputs, hunyuan_inputs, tiny_cosmos, tiny_hunyuan, tiny_hunyuan15,
+                            tiny_wan, wan_inputs)
 from test_guidance import dense_mask
 from test_real_pipelines import call_kwargs
 from torch.overrides import TorchFunctionMode
@@ -86,12 +87,15 @@ CASES = {  # name: (builder, inputs, text tokens in the self-attention, layer ->
     "hunyuan-single": (lambda: tiny_hunyuan(), lambda: hunyuan_inputs(batch=2), 6,
                        lambda m, l: m.single_transformer_blocks[l - len(m.transformer_blocks)]),
     # [video, image, glyph, text] with a [B, 1, N, N] mask masking padding as keys and as queries
-    "hunyuan15": (lambda: tiny_hunyuan15(), lambda: hunyuan15_inputs(batch=2), 13, lambda m, l: m.transformer_blocks[l]),
+    "hunyuan15": (lambda: tiny_hunyuan15(), lambda: hunyuan15_inputs(batch=2), 13,
+                  lambda m, l: m.transformer_blocks[l]),
+    "cosmos": (lambda: tiny_cosmos(), lambda: cosmos_inputs(batch=2), 0, lambda m, l: m.transformer_blocks[l]),
 }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case,layer", [("wan", 1), ("hunyuan-dual", 1), ("hunyuan-single", 2), ("hunyuan15", 1)])
+@pytest.mark.parametrize("case,layer", [("wan", 1), ("hunyuan-dual", 1), ("hunyuan-single", 2), ("hunyuan15", 1),
+                                        ("cosmos", 1)])
 def test_perturbed_attention_in_real_processors_equals_dense_reference(case, layer, variant):
     build, inputs, text_len, block_of = CASES[case]
     m, kw = build(), inputs()
@@ -156,8 +160,9 @@ def test_sequential_hooks_fold_cag_into_the_cond_call(do_cfg):
 
 @pytest.mark.parametrize("kind,extra", [("wan", {}), ("hunyuanvideo", {}),
                                         ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}),
-                                        ("hunyuanvideo15", {})],
-                         ids=["wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg", "hunyuan15-guider-cfg"])
+                                        ("hunyuanvideo15", {}), ("cosmos", {})],
+                         ids=["wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg", "hunyuan15-guider-cfg",
+                              "cosmos-cfg"])
 def test_unmodified_diffusers_pipelines_with_cag(kind, extra):
     pipe = build_tiny_pipeline(kind)
     kw = call_kwargs(kind, pipe, output_type="latent", **extra)

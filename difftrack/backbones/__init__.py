@@ -298,12 +298,15 @@ class PipelineFamily:
         pipeline_classes: pipeline class names handled.
         takes_negative_prompt: whether ``__call__`` takes ``negative_prompt``.
         fixed_size: the family runs at its default size only (the embedded model), whatever size is asked.
+        prompt_to_video: :meth:`generate` makes a video from a prompt alone (not Cosmos Video2World, which needs a
+            conditioning image).
     """
 
     name = "base"
     pipeline_classes: tuple[str, ...] = ()
     takes_negative_prompt = False
     fixed_size = False
+    prompt_to_video = True
 
     def load(self, path: str, dtype: torch.dtype):
         """The pipeline saved in the local folder ``path`` (offline), in ``dtype``, progress bars off."""

@@ -16,6 +16,9 @@ What is new for the method here, and what capture and matching mean:
 * **Noising.** The transformer takes ``c_in (x0 + sigma eps) = (1 - t) x0 + t eps`` with ``t = sigma / (sigma + 1)``
   and that ``t`` as its timestep ``[B, 1, F, 1, 1]`` (or ``[B]``), not the scheduler's timestep
   (:func:`edm_noise`).
+* **CAG** perturbs ``attn1`` (video only) in the conditional call; the pipeline combines ``c + w (c - u)`` on
+  x0 predictions, so the hooks fold ``s / (w + 1)`` (:meth:`CosmosFamily.cfg_weight`) and the guided x0 is
+  ``u + (w + 1)(c - u) + s (c - p)``; the conditioning frames are put back by the pipeline as always.
 * **Generation** needs a conditioning image (``image=`` / ``video=``) and NVIDIA's guardrail (``cosmos_guardrail``,
   which the pipeline requires under the NVIDIA Open Model License). Analysis of generated videos from a prompt alone
   is refused (:meth:`CosmosFamily.generate`); without ``cosmos_guardrail`` the loader installs a checker that
@@ -85,6 +88,7 @@ class CosmosFamily(PipelineFamily):
     name = "cosmos"
     pipeline_classes = ("Cosmos2VideoToWorldPipeline",)
     takes_negative_prompt = True
+    prompt_to_video = False
 
     def load(self, path: str, dtype):
         """Offline; the real guardrail when ``cosmos_guardrail`` is installed, else :class:`GuardrailMissing`."""
@@ -113,6 +117,11 @@ class CosmosFamily(PipelineFamily):
         raise ValueError("Cosmos2VideoToWorldPipeline generates from a conditioning image or clip (image= / video=), "
                          "not from a prompt alone; allowed here: analysis of given videos (videos_per_family=0, "
                          "exact_per_family >= 1) and tracking")
+
+    def cfg_weight(self, guidance_scale: float, call_kwargs: dict) -> tuple[float, bool]:
+        """The pipeline combines ``c + w (c - u) = u + (w + 1)(c - u)`` (on its x0 predictions, an affine map of
+        the transformer's outputs): the weight on ``c - u`` is ``w + 1``; CFG runs when ``w > 1``."""
+        return guidance_scale + 1.0, guidance_scale > 1.0
 
     def cond(self, pipe, prompt: str, device, dtype, guidance_embed: float) -> dict:
         """T5 embeddings, the pipeline's default ``fps`` (16) and a zero padding mask."""
