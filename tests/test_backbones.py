@@ -85,6 +85,30 @@ def cosmos_inputs(batch=1, seed=0):
                 return_dict=False)
 
 
+def tiny_ltx2(seed=0, perturbed_attn=False):
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=16, audio_in_channels=4, audio_out_channels=4,
+        audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8, base_height=256,
+        base_width=256, perturbed_attn=perturbed_attn).eval()
+
+
+def ltx2_inputs(batch=2, seed=0, t=700.0, **extra):
+    """A CFG call as LTX2Pipeline makes it: video and audio latents duplicated, [uncond, cond] text."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(1, batch // 2)
+    x, a = torch.randn(n, F_ * R_ * C_, 8, generator=g), torch.randn(n, 5, 4, generator=g)
+    return dict(hidden_states=torch.cat([x] * (batch // n)), audio_hidden_states=torch.cat([a] * (batch // n)),
+                encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
+                audio_encoder_hidden_states=torch.randn(batch, 5, 16, generator=g), timestep=torch.full((batch,), t),
+                sigma=torch.full((batch,), t / 1000), encoder_attention_mask=torch.ones(batch, 5),
+                audio_encoder_attention_mask=torch.ones(batch, 5), num_frames=F_, height=R_, width=C_, fps=24.0,
+                audio_num_frames=5, return_dict=False, **extra)
+
+
 def tiny_wan(seed=0, layers=2):
     from diffusers import WanTransformer3DModel
 
@@ -152,6 +176,7 @@ CASES = {
     "ltx": (tiny_ltx, ltx_inputs, 2),
     "hunyuan15": (tiny_hunyuan15, hunyuan15_inputs, 2),
     "cosmos": (tiny_cosmos, cosmos_inputs, 2),
+    "ltx2": (tiny_ltx2, ltx2_inputs, 2),
 }
 
 
@@ -309,6 +334,68 @@ def test_cosmos_qk_equal_recomputation_and_bare_inputs():
         assert torch.equal(m(**zero)[0], m(**packed)[0])
 
 
+def test_ltx2_video_stream_only():
+    """LTX-2: the video self-attention attn1 is captured (q/k = to_q/to_k -> RMSNorm across heads -> interleaved
+    RoPE, the cond half of [uncond, cond]); the audio stream's output stays bit-identical and audio_attn1 is never
+    wrapped."""
+    from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb
+
+    m = tiny_ltx2()
+    kw = ltx2_inputs()
+    attn = m.transformer_blocks[1].attn1
+    got, h = grab_attn_inputs(attn)
+    seen = {}
+    hook = m.transformer_blocks[1].audio_attn1.register_forward_pre_hook(
+        lambda mod, a, k: seen.setdefault("audio", []).append(type(mod.processor).__name__), with_kwargs=True)
+    with torch.no_grad():
+        ref = m(**kw)
+        with capture(m, layers="all", what=("q", "k", "features")) as cache:
+            out = m(**kw)
+    h.remove(), hook.remove()
+    assert torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1])  # video and audio outputs
+    assert seen["audio"] == ["LTX2AudioVideoAttnProcessor"] * 2  # also inside the capture
+    n = F_ * R_ * C_
+    x, rope = got["hidden_states"], got["query_rotary_emb"]
+    with torch.no_grad():
+        q = apply_interleaved_rotary_emb(attn.norm_q(attn.to_q(x)), rope).unflatten(2, (2, -1))
+        k = apply_interleaved_rotary_emb(attn.norm_k(attn.to_k(x)), rope).unflatten(2, (2, -1))
+    torch.testing.assert_close(cache.q(1), to_grid(q, n)[1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache.k(1), to_grid(k, n)[1:], rtol=0, atol=1e-5)
+    assert cache.features(1).shape == (1, F_, R_, C_, 16)
+
+
+def test_ltx2_guidance_calls_of_a_step_are_not_captured():
+    """LTX2Pipeline's loop: per step a CFG call [uncond, cond], then an STG call (LTX-2.3's perturbed attention
+    skips the SDPA of the STG blocks) at the same timestep. Only the first call of each step is captured: without
+    that rule the STG call would fail capture (no SDPA in the skipped block)."""
+    m = tiny_ltx2(perturbed_attn=True)
+    with torch.no_grad():
+        refs = {}
+        for t in (900.0, 500.0):
+            with capture(m, layers=[1]) as c:
+                m(**ltx2_inputs(t=t))
+            refs[t] = c.q(1)
+        with capture(m, layers=[1], num_steps=2) as cache:
+            for t in (900.0, 500.0):
+                m(**ltx2_inputs(t=t))  # CFG
+                m(**ltx2_inputs(batch=1, t=t, spatio_temporal_guidance_blocks=[1]))  # STG: attn1 skipped
+    assert cache.timesteps == {0: 900.0, 1: 500.0}
+    assert torch.equal(cache.q(1, step=0), refs[900.0]) and torch.equal(cache.q(1, step=1), refs[500.0])
+    import dataclasses
+
+    from difftrack.backbones import register
+
+    adapter = cache.adapter
+    register(dataclasses.replace(adapter, first_call_only=False))  # every call captured (restored below)
+    try:
+        with pytest.raises(RuntimeError, match="no scaled_dot_product_attention call was seen in layer 1"):
+            with torch.no_grad(), capture(m, layers=[1]):
+                m(**ltx2_inputs(t=900.0))
+                m(**ltx2_inputs(batch=1, t=900.0, spatio_temporal_guidance_blocks=[1]))
+    finally:
+        register(adapter)
+
+
 def test_wan_qk_equal_recomputation():
     m = tiny_wan()
     kw = wan_inputs()
@@ -432,3 +519,15 @@ def test_adapter_defaults_and_bad_fields():
     assert patch_sizes(SimpleNamespace(config=SimpleNamespace(patch_size=2, patch_size_t=None))) == (1, 2)
     with pytest.raises(ValueError, match=r"patch_size \(1, 2, 4\): expected \(t, s, s\)"):
         patch_sizes(SimpleNamespace(config=SimpleNamespace(patch_size=(1, 2, 4))))
+
+
+def test_ltx2_tracking_and_cag_are_refused():
+    from difftrack.guidance import CAGConfig, apply_cag
+    from difftrack.tracking import DiffTracker
+
+    m = tiny_ltx2()
+    with pytest.raises(ValueError, match=r"backbone 'ltx2' is not supported for tracking; allowed: .*wan"):
+        DiffTracker(m, layers=(1,))
+    with pytest.raises(ValueError, match=r"CAG is implemented for .*; got LTX2VideoTransformer3DModel \(ltx2\)"):
+        with apply_cag(m, CAGConfig(layers=[1])):
+            pass

@@ -440,4 +440,4 @@ def frame_encoder(transformer, vae):
 
 
 # one module per family; importing them registers their adapters and pipeline families (order: pipeline listing)
-from . import embedded, cogvideox, wan, hunyuanvideo, ltxvideo, hunyuanvideo15, cosmos  # noqa: E402,F401
+from . import embedded, cogvideox, wan, hunyuanvideo, ltxvideo, hunyuanvideo15, cosmos, ltx2  # noqa: E402,F401
