@@ -76,20 +76,36 @@ def test_check_cell_comes_right_after_the_parameters_cell(name):
         assert call not in before, f"{call} before the parameter check of {name}"
 
 
-@pytest.mark.parametrize("yaml_name, notebooks", [
-    ("full.yaml", ["01_dataset", "02_layer_analysis", "03_timestep"]), ("04_full.yaml", ["04_tracking"]),
-    ("cogvideox_2b.yaml", ["02_layer_analysis", "03_timestep"]), ("04_cogvideox_2b.yaml", ["04_tracking"])])
-def test_committed_paper_scale_parameter_files_pass(yaml_name, notebooks, tmp_path):
-    """notebooks/params/*.yaml on top of the defaults; the CogVideoX-2B files with a folder of CogVideoX-2B's
-    configs in place of their /path/to/CogVideoX-2b placeholder, and on the CPU where CUDA is missing."""
+# the released checkpoints' config entries the checks read (transformer/config.json, vae/config.json)
+CONFIGS = {
+    "cogvideox": ("CogVideoXPipeline", dict(num_layers=30, patch_size=2, sample_frames=49, sample_height=60,
+                                            sample_width=90),
+                  dict(temporal_compression_ratio=4, block_out_channels=[128, 256, 256, 512])),
+    "hunyuanvideo15": ("HunyuanVideo15Pipeline", dict(num_layers=54, patch_size=1, patch_size_t=1),
+                       dict(temporal_compression_ratio=4, spatial_compression_ratio=16)),
+    "cosmos": ("Cosmos2VideoToWorldPipeline", dict(num_layers=28, patch_size=[1, 2, 2]),
+               dict(temperal_downsample=[False, True, True])),
+}
+
+
+@pytest.mark.parametrize("yaml_name, notebooks, family", [
+    ("full.yaml", ["01_dataset", "02_layer_analysis", "03_timestep"], None), ("04_full.yaml", ["04_tracking"], None),
+    ("cogvideox_2b.yaml", ["02_layer_analysis", "03_timestep"], "cogvideox"),
+    ("04_cogvideox_2b.yaml", ["04_tracking"], "cogvideox"),
+    ("hunyuanvideo15_480p.yaml", ["02_layer_analysis", "03_timestep"], "hunyuanvideo15"),
+    ("04_hunyuanvideo15_480p.yaml", ["04_tracking"], "hunyuanvideo15"),
+    ("cosmos_predict2_2b.yaml", ["02_layer_analysis", "03_timestep"], "cosmos"),
+    ("04_cosmos_predict2_2b.yaml", ["04_tracking"], "cosmos")])
+def test_committed_paper_scale_parameter_files_pass(yaml_name, notebooks, family, tmp_path):
+    """notebooks/params/*.yaml on top of the defaults; the files for a real backbone with a folder of its released
+    configs in place of their /path/to/... placeholder, and on the CPU where CUDA is missing."""
     import torch
     import yaml
 
     over = yaml.safe_load((NB_DIR / "params" / yaml_name).read_text())
     if "model" in over:
-        over["model"] = str(_folder(tmp_path / "CogVideoX-2b", "CogVideoXPipeline", dict(
-            num_layers=30, patch_size=2, sample_frames=49, sample_height=60, sample_width=90),
-            vae=dict(temporal_compression_ratio=4, block_out_channels=[128, 256, 256, 512])))
+        cls, transformer, vae = CONFIGS[family]
+        over["model"] = str(_folder(tmp_path / family, cls, transformer, vae=vae))
     if over.get("device") == "cuda" and not torch.cuda.is_available():
         over["device"] = "cpu"
     for name in notebooks:
@@ -219,6 +235,18 @@ def _folder(path: Path, cls: str, transformer: dict, vae: dict | None = None) ->
     return path
 
 
+def test_prompt_only_generation_refused_for_video2world(tmp_path):
+    """Cosmos Video2World generates from a conditioning image: notebook 02's check refuses videos_per_family > 0
+    before any model load, and takes world videos only."""
+    cls, transformer, vae = CONFIGS["cosmos"]
+    folder = str(_folder(tmp_path / "cosmos", cls, transformer, vae=vae))
+    vals = {**defaults("02_layer_analysis"), "model": folder, "size": [9, 32, 32]}
+    with pytest.raises(ValueError, match=r"videos_per_family.*Cosmos2VideoToWorldPipeline does not generate from a "
+                                         r"prompt alone; allowed: 0"):
+        check_notebook("02_layer_analysis", dict(vals, videos_per_family=1))
+    check_notebook("02_layer_analysis", dict(vals, videos_per_family=0, exact_per_family=1))
+
+
 def test_embedded_geometry_matches_the_model_without_loading_it():
     from difftrack import mini
     from difftrack.runners import VideoRunner
@@ -268,7 +296,8 @@ def test_folder_geometry_matches_the_runner_of_saved_tiny_pipelines(tmp_path):
         assert g.default_size in (None, runner.default_size()), kind
         last = g.num_layers - 1
         check_notebook("02_layer_analysis", {**defaults("02_layer_analysis"), "model": str(folder), "num_steps": 2,
-                                             "size": [FRAMES, HEIGHT, WIDTH]})
+                                             "size": [FRAMES, HEIGHT, WIDTH],  # Cosmos: world videos only
+                                             "videos_per_family": int(runner.family.prompt_to_video)})
         check_notebook("04_tracking", {**defaults("04_tracking"), "model": str(folder), "layer": last,
                                        "slider_layers": [0, last], "slider_steps": [-1, -2],
                                        "native_size": [HEIGHT, WIDTH], "num_frames": FRAMES, "device": "cpu"})
