@@ -4,7 +4,7 @@ For every backbone adapter (tiny random configs of the real diffusers classes) a
 difference of outputs with and without `capture(layers="all", what=q/k/features)`, in fp32 on the CPU (must be 0.0),
 plus the seconds of the CPU test suite (`--suite` runs the README test command's pytest call and times it).
 `--only NAME ...` measures only the rows whose name contains one of the NAMEs and merges them into the existing
-file (other rows and fields kept; `rows_commit` records the commit each merged row was measured at).
+file (other rows and fields kept; `row_commits` records the commit each merged row was measured at).
 """
 import argparse
 import json
@@ -86,12 +86,12 @@ if not rows:
 if args.only is not None and Path(args.out).is_file():  # merge the measured rows into the existing file
     res = json.loads(Path(args.out).read_text())
     res["max_abs_diff"].update(rows)
-    rows_commit = res.setdefault("rows_commit", {})
-    rows_commit.update({k: git_commit() for k in rows})
+    row_commits = res.setdefault("row_commits", {})
+    row_commits.update({k: git_commit() for k in rows})
     rows = res["max_abs_diff"]
     res.update(all_zero=all(v == 0.0 for v in rows.values()), backbones_tested=sorted({k.split(" ")[0] for k in rows}))
     Path(args.out).write_text(json.dumps(res, indent=1))
-    print(json.dumps({k: rows[k] for k in rows_commit}, indent=1))
+    print(json.dumps({k: rows[k] for k in row_commits}, indent=1))
     raise SystemExit(0 if res["all_zero"] else 1)
 
 res = dict(max_abs_diff=rows, all_zero=all(v == 0.0 for v in rows.values()), dtype="float32", device="cpu",
