@@ -1,7 +1,7 @@
 """Per-backbone adapters: every decision that depends on the backbone family lives in this package.
 
 Two registries, filled by one module per family (``cogvideox``, ``hunyuanvideo``, ``wan``, ``ltxvideo``,
-``embedded``):
+``embedded``, ``hunyuanvideo15``, ``cosmos``, ``ltx2``):
 
 * :class:`BackboneAdapter`, by transformer class name: where the blocks are, how the attention sequence is laid out,
   which CFG branch is which. The capture core (:mod:`difftrack.capture`) uses nothing else.
@@ -18,9 +18,14 @@ test.
 | HunyuanVideo (T2V, I2V) | ``HunyuanVideoTransformer3DModel`` | ``[video, text]``; 20 dual + 40 single blocks as one list | embedded guidance, batch 1; true CFG: separate forwards, cond first |
 | Wan 2.1/2.2 | ``WanTransformer3DModel`` | ``[video]`` (text by cross-attention) | separate forwards, cond first |
 | LTX-Video | ``LTXVideoTransformer3DModel`` | ``[video]`` (text by cross-attention), input already patchified | one batch ``[uncond, cond]`` |
+| HunyuanVideo 1.5 (T2V) | ``HunyuanVideo15Transformer3DModel`` | ``[video, image, glyph, text]``, 54 dual-stream blocks | separate forwards through the ``guider``, cond first |
+| Cosmos-Predict2 (Video2World) | ``CosmosTransformer3DModel`` | ``[video]`` (text by cross-attention) | separate forwards, cond first |
+| LTX-2 (video stream) | ``LTX2VideoTransformer3DModel`` | ``[video]`` (audio in its own stream), patchified | one batch ``[uncond, cond]``, then STG / modality calls (not captured) |
 
 Not covered: ``HunyuanVideoFramepackTransformer3DModel`` (history tokens are prepended to the video and the text is
-cropped per call, so there is no fixed grid), HunyuanVideo 1.5, Wan VACE/Animate, LTX-2.
+cropped per call, so there is no fixed grid), Wan VACE/Animate, HunyuanVideo 1.5 I2V (``HunyuanVideo15ImageToVideoPipeline``:
+captured by the adapter, no pipeline family), Cosmos-Predict2.5 / Transfer (``CosmosAttnProcessor2_5``, control blocks),
+``LTX2Pipeline`` as a pipeline family (its Gemma 3 text encoder, audio VAE and vocoder are not built here).
 """
 from __future__ import annotations
 
