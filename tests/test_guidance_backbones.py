@@ -240,3 +240,37 @@ def test_key_padding_mask_forms():
     causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None].expand(2, 1, 4, 4)
     with pytest.raises(ValueError, match=r"outer AND \[B, 1, N, N\].*got torch.bool \(2, 1, 4, 4\)"):
         _key_padding(causal, 3)
+
+
+def test_cosmos_combine_weight_is_w_plus_one():
+    """Cosmos2VideoToWorldPipeline combines c + w (c - u) (on its x0 predictions): a change d of the conditional
+    transformer output moves the step's latents by -(w + 1)/w times what the same change of the unconditional output
+    does. That weight is what the CAG hooks fold through (CosmosFamily.cfg_weight: s / (w + 1))."""
+    from test_real_pipelines import run
+
+    pipe = build_tiny_pipeline("cosmos")
+    kw = call_kwargs("cosmos", pipe, output_type="latent")
+    w = kw["guidance_scale"]
+    assert family_for(pipe).cfg_weight(w, {}) == (w + 1.0, True)
+    d = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))  # latents are ~80 at step 0
+
+    def step0(which):
+        calls, out = [], {}
+
+        def post(m, a, k, o):
+            calls.append(1)
+            if len(calls) == which:  # 1: the conditional call of step 0, 2: the unconditional one
+                return (o[0] + d,) + tuple(o[1:])
+
+        h = pipe.transformer.register_forward_hook(post, with_kwargs=True)
+        try:
+            run(pipe, dict(kw, callback_on_step_end=lambda p, i, t, c: (out.setdefault(i, c["latents"].clone()), {})[1]))
+        finally:
+            h.remove()
+        return out[0]
+
+    plain, dc, du = step0(0), step0(1), step0(2)
+    noisy = slice(1, None)  # latent frame 0 is the conditioning frame, put back by the pipeline
+    torch.testing.assert_close((dc - plain)[:, :, noisy], -(w + 1) / w * (du - plain)[:, :, noisy], rtol=1e-3,
+                               atol=1e-4)
+    assert (dc - plain)[:, :, noisy].abs().max() > 1e-6 and torch.equal(dc[:, :, 0], plain[:, :, 0])

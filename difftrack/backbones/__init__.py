@@ -23,9 +23,9 @@ test.
 | LTX-2 (video stream) | ``LTX2VideoTransformer3DModel`` | ``[video]`` (audio in its own stream), patchified | one batch ``[uncond, cond]``, then STG / modality calls (not captured) |
 
 Not covered: ``HunyuanVideoFramepackTransformer3DModel`` (history tokens are prepended to the video and the text is
-cropped per call, so there is no fixed grid), Wan VACE/Animate, HunyuanVideo 1.5 I2V (``HunyuanVideo15ImageToVideoPipeline``:
-captured by the adapter, no pipeline family), Cosmos-Predict2.5 / Transfer (``CosmosAttnProcessor2_5``, control blocks),
-``LTX2Pipeline`` as a pipeline family (its Gemma 3 text encoder, audio VAE and vocoder are not built here).
+cropped per call, so there is no fixed grid), Wan VACE/Animate, HunyuanVideo 1.5 I2V
+(``HunyuanVideo15ImageToVideoPipeline``: no family, untested), Cosmos-Predict2.5 / Transfer (other processor, control
+blocks), ``LTX2Pipeline`` as a pipeline family (its Gemma 3 text encoder, audio VAE and vocoder are not built here).
 """
 from __future__ import annotations
 
