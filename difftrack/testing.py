@@ -50,15 +50,20 @@ def _t5_config(vocab_size: int, d_model: int, umt5: bool = False):
                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
-# ---------------------------------------------------------------------------------------------- CogVideoX
-def _cogvideox():
-    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
-                           CogVideoXTransformer3DModel)
+def _t5_text():
+    """``(tokenizer, T5EncoderModel)``: the tiny T5 text encoder (``d_model`` 16, seed 0) of CogVideoX and Cosmos."""
     from transformers import T5EncoderModel
 
     tok = _t5_tokenizer()
     torch.manual_seed(0)
-    text_encoder = T5EncoderModel(_t5_config(len(tok), 16)).eval()
+    return tok, T5EncoderModel(_t5_config(len(tok), 16)).eval()
+
+
+# ---------------------------------------------------------------------------------------------- CogVideoX
+def _cogvideox():
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+    tok, text_encoder = _t5_text()
     torch.manual_seed(1)
     vae = AutoencoderKLCogVideoX(
         in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
@@ -101,24 +106,38 @@ def _wan():
 _LLAMA_SPECIALS = ["<unk>", "<pad>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
+def _words_of(text: str) -> list[str]:
+    """The lower-cased words and punctuation of ``text`` (the tiny word-level tokenizers' pre-tokenization)."""
+    from tokenizers import pre_tokenizers
+
+    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())]
+
+
+def _word_level(specials: list[str], words: list[str]):
+    """``(tokenizers.Tokenizer, vocab)``: a lower-casing word-level model over ``specials``, then ``words``,
+    :data:`WORDS` and single characters (any lower-case ASCII prompt tokenizes)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {sp: i for i, sp in enumerate(specials)}
+    for w in list(words) + list(WORDS) + list(string.ascii_lowercase + string.digits + string.punctuation):
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(specials)
+    return tk, vocab
+
+
 def _llama_tokenizer():
     """Word-level tokenizer with Llama-3's chat special tokens and every word of the default HunyuanVideo template."""
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     text = DEFAULT_PROMPT_TEMPLATE["template"]
     for sp in _LLAMA_SPECIALS:
         text = text.replace(sp, " ")
-    words = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())] + list(WORDS)
-    words += list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = {sp: i for i, sp in enumerate(_LLAMA_SPECIALS)}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.add_special_tokens(_LLAMA_SPECIALS)
+    tk, vocab = _word_level(_LLAMA_SPECIALS, _words_of(text))
     tk.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
         special_tokens=[("<|begin_of_text|>", vocab["<|begin_of_text|>"])])
@@ -147,6 +166,13 @@ def hunyuan_prompt_template(tokenizer=None) -> dict:
     return {"template": DEFAULT_PROMPT_TEMPLATE["template"], "crop_start": len(tokenizer(prefix).input_ids)}
 
 
+def _lm_size(tok) -> dict:
+    """The tiny decoder-LM text encoders' size (Llama, Qwen2.5-VL). HunyuanVideo (1 and 1.5) pipelines read
+    ``hidden_states[-3]`` (``num_hidden_layers_to_skip=2``): at least 2 layers."""
+    return dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+
+
 def _hunyuanvideo():
     from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
                            HunyuanVideoTransformer3DModel)
@@ -154,11 +180,8 @@ def _hunyuanvideo():
 
     tok, tok2 = _llama_tokenizer(), _clip_tokenizer()
     torch.manual_seed(0)
-    # the pipeline reads hidden_states[-3] (num_hidden_layers_to_skip=2): at least 2 layers
-    text_encoder = LlamaModel(LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    text_encoder = LlamaModel(LlamaConfig(**_lm_size(tok), max_position_embeddings=512,
+                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
     torch.manual_seed(1)
     text_encoder_2 = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok2), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -191,20 +214,10 @@ def _qwen_tokenizer():
     HunyuanVideo 1.5's system message: the pipeline's hard-coded ``crop_start=108`` then crops exactly the template
     (filler tokens ``<|fill|>`` make up the difference)."""
     from diffusers import HunyuanVideo15Pipeline
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     system = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters["system_message"].default
-    words = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(system.lower())]
-    words += ["system", "user", "assistant"] + list(WORDS) + list(string.ascii_lowercase + string.digits +
-                                                                  string.punctuation)
-    vocab = {sp: i for i, sp in enumerate(_QWEN_SPECIALS)}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.add_special_tokens(_QWEN_SPECIALS)
+    tk, _ = _word_level(_QWEN_SPECIALS, _words_of(system) + ["system", "user", "assistant"])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   unk_token="<unk>")
     head = "<|im_start|>system {{ messages[0]['content'] }}<|im_end|> "
@@ -224,12 +237,9 @@ def _hunyuanvideo15():
 
     tok, tok2 = _qwen_tokenizer(), ByT5Tokenizer()
     torch.manual_seed(0)
-    # the pipeline reads hidden_states[-3] (num_hidden_layers_to_skip=2): at least 2 layers; 3D (mrope) positions
-    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), eos_token_id=tok.eos_token_id,
-        rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})).eval()
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(  # 3D (mrope) positions: sections of head_dim / 2
+        **_lm_size(tok), max_position_embeddings=2048, bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
+        eos_token_id=tok.eos_token_id, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})).eval()
     torch.manual_seed(1)
     text_encoder_2 = T5EncoderModel(_t5_config(len(tok2), 16)).eval()  # ByT5: 256 bytes + specials
     torch.manual_seed(2)
@@ -266,11 +276,7 @@ class PassThroughSafetyChecker:
 def _cosmos():
     from diffusers import (AutoencoderKLWan, Cosmos2VideoToWorldPipeline, CosmosTransformer3DModel,
                            FlowMatchEulerDiscreteScheduler)
-    from transformers import T5EncoderModel
-
-    tok = _t5_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = T5EncoderModel(_t5_config(len(tok), 16)).eval()
+    tok, text_encoder = _t5_text()
     torch.manual_seed(1)
     vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True]).eval()

@@ -187,6 +187,18 @@ def grab_attn_inputs(attn):
     return got, attn.register_forward_pre_hook(lambda m, a, k: got.update(k, _args=a), with_kwargs=True)
 
 
+def captured(m, kw, attn, layer, **capture_kw):
+    """``(cache, inputs)``: one forward of ``m`` on ``kw`` under ``capture(m, layers=[layer])`` and the keyword
+    inputs (``_args``: positional) that the attention module ``attn`` received."""
+    got, h = grab_attn_inputs(attn)
+    try:
+        with torch.no_grad(), capture(m, layers=[layer], **capture_kw) as cache:
+            m(**kw)
+    finally:
+        h.remove()
+    return cache, got
+
+
 def to_grid(x_bnhd, n_video, video_first=True):
     """[B, N, H, D] -> video tokens as [B, H, F, rows, cols, D]."""
     v = x_bnhd[:, :n_video] if video_first else x_bnhd[:, -n_video:]
@@ -283,10 +295,7 @@ def test_hunyuan15_layout_and_qk_equal_recomputation():
     m = tiny_hunyuan15()
     kw = hunyuan15_inputs()
     attn = m.transformer_blocks[1].attn
-    got, h = grab_attn_inputs(attn)
-    with torch.no_grad(), capture(m, layers=[1]) as cache:
-        m(**kw)
-    h.remove()
+    cache, got = captured(m, kw, attn, 1)
     g, n = cache.grid, F_ * R_ * C_
     assert (g.text_len, g.text_first, g.stride) == (6 + 4 + 3, False, 1) and g.video_slice(n + 13) == slice(0, n)
     assert got["encoder_hidden_states"].shape[1] == 13  # the three condition streams, reordered, after the video
@@ -314,10 +323,7 @@ def test_cosmos_qk_equal_recomputation_and_bare_inputs():
     m = tiny_cosmos()
     kw = cosmos_inputs()
     attn = m.transformer_blocks[1].attn1
-    got, h = grab_attn_inputs(attn)
-    with torch.no_grad(), capture(m, layers=[1]) as cache:
-        m(**kw)
-    h.remove()
+    cache, got = captured(m, kw, attn, 1)
     n = F_ * R_ * C_
     assert cache.grid.text_len == 0 and cache.timesteps == {0: pytest.approx(0.7)}
     x, rope = got["_args"][0], got["image_rotary_emb"]
@@ -400,10 +406,7 @@ def test_wan_qk_equal_recomputation():
     m = tiny_wan()
     kw = wan_inputs()
     attn = m.blocks[1].attn1
-    got, h = grab_attn_inputs(attn)
-    with torch.no_grad(), capture(m, layers=[1]) as cache:
-        m(**kw)
-    h.remove()
+    cache, got = captured(m, kw, attn, 1)
     x, n = got["_args"][0], F_ * R_ * C_  # WanTransformerBlock calls attn1(norm_hidden_states, None, None, rope)
     assert x.shape[1] == n and cache.grid.text_len == 0
     # Wan RoPE: head_dim 16 -> t 8, h 4, w 4 (h = w = 2 * (16 // 6)), pairs interleaved
@@ -419,10 +422,7 @@ def test_cogvideox15_temporal_patch_qk_equal_recomputation():
     m = tiny_cogvideox15()
     kw = cog15_inputs()
     attn = m.transformer_blocks[1].attn1
-    got, h = grab_attn_inputs(attn)
-    with torch.no_grad(), capture(m, layers=[1], branch="all") as cache:
-        m(**kw)
-    h.remove()
+    cache, got = captured(m, kw, attn, 1, branch="all")
     assert (cache.grid.frames, cache.grid.text_len, cache.grid.text_first) == (F_, 8, True)
     x = torch.cat([got["encoder_hidden_states"], got["hidden_states"]], 1)
     n = F_ * R_ * C_
@@ -439,10 +439,7 @@ def test_ltx_qk_equal_recomputation():
     m = tiny_ltx()
     kw = ltx_inputs()
     attn = m.transformer_blocks[0].attn1
-    got, h = grab_attn_inputs(attn)
-    with torch.no_grad(), capture(m, layers=[0]) as cache:
-        m(**kw)
-    h.remove()
+    cache, got = captured(m, kw, attn, 0)
     x, n = got["hidden_states"], F_ * R_ * C_
     with torch.no_grad():
         q = ltx_rope(attn.norm_q(attn.to_q(x)), got["image_rotary_emb"]).unflatten(2, (2, -1))

@@ -264,7 +264,8 @@ def test_cosmos_combine_weight_is_w_plus_one():
 
         h = pipe.transformer.register_forward_hook(post, with_kwargs=True)
         try:
-            run(pipe, dict(kw, callback_on_step_end=lambda p, i, t, c: (out.setdefault(i, c["latents"].clone()), {})[1]))
+            keep = lambda p, i, t, c: (out.setdefault(i, c["latents"].clone()), {})[1]  # noqa: E731
+            run(pipe, dict(kw, callback_on_step_end=keep))
         finally:
             h.remove()
         return out[0]

@@ -23,32 +23,16 @@ What is new for the method here, and what capture and matching mean:
 """
 from __future__ import annotations
 
-from . import BackboneAdapter, TokenGrid, _arg, _check_tokens, first_output, patch_sizes, register
+from . import BackboneAdapter, first_output, register
+from .ltxvideo import patchified_grid
 
 # forward(hidden_states [B, N, C], audio_hidden_states [B, Na, Ca], encoder_hidden_states,
 #         audio_encoder_hidden_states, timestep, audio_timestep, sigma, audio_sigma, encoder_attention_mask,
 #         audio_encoder_attention_mask, num_frames, height, width, fps, audio_num_frames, video_coords, ...)
-_SIZE_POS = {"num_frames": 10, "height": 11, "width": 12}
-
-
-def _ltx2_grid(model, args, kwargs) -> TokenGrid:
-    x = _arg(args, kwargs, "hidden_states", 0)  # [B, N, C]
-    try:
-        f, h, w = (_arg(args, kwargs, k, i) for k, i in _SIZE_POS.items())
-    except ValueError:
-        f = None
-    if f is None or h is None or w is None:
-        raise ValueError("LTX-2 capture needs the num_frames=, height=, width= arguments of the transformer call "
-                         "(the latent sizes LTX2Pipeline passes)")
-    pt, p = patch_sizes(model)
-    g = TokenGrid(frames=int(f) // pt, rows=int(h) // p, cols=int(w) // p, text_len=0, text_first=False, stride=p)
-    return _check_tokens(g, x.shape[1], "LTX2VideoTransformer3DModel")
-
-
 register(BackboneAdapter(
     name="ltx2",
     class_names=("LTX2VideoTransformer3DModel",),
-    grid=_ltx2_grid,
+    grid=patchified_grid((10, 11, 12), "LTX-2"),
     self_attention=lambda b: b.attn1,  # the video self-attention; audio_attn1 is never wrapped
     block_video_output=first_output,  # (video hidden states, audio hidden states)
     cfg="batched",
