@@ -16,7 +16,8 @@ backbone's own calling conventions:
   schedule (the scheduler's own ``add_noise`` / ``scale_noise``), one conditional forward per step.
 
 Supported pipelines (``_class_name`` in ``model_index.json``): ``MiniVideoPipeline`` (the embedded model),
-``CogVideoXPipeline`` (2B sin-cos and 5B RoPE), ``WanPipeline`` and ``HunyuanVideoPipeline``.
+``CogVideoXPipeline`` (2B sin-cos and 5B RoPE), ``WanPipeline``, ``HunyuanVideoPipeline``, ``HunyuanVideo15Pipeline``
+and ``Cosmos2VideoToWorldPipeline`` (world videos and tracking only: it generates from a conditioning image).
 :func:`load_pipeline` takes ``"embedded"`` or a local folder of any of them (nothing is downloaded).
 
 Latent frames and video frames (VAE backbones compress time by ``r = 4``): latent frame ``k >= 1`` encodes video

@@ -1,7 +1,7 @@
 """Tiny random pipelines of the real diffusers classes, built entirely offline (no Hub, no downloads).
 
-``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline``
-whose every component (tokenizers included) is constructed in code from a config, with random weights. They run a
+``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline``, ``HunyuanVideoPipeline``,
+``HunyuanVideo15Pipeline`` or ``Cosmos2VideoToWorldPipeline`` whose every component (tokenizers included) is constructed in code from a config, with random weights. They run a
 full denoising loop and VAE decode on CPU in well under a second per step and round-trip through
 ``save_pretrained`` / ``from_pretrained``. They exist to test the capture against the real pipelines' calling
 conventions (CFG layout, number of transformer calls per step, keyword names, dtypes), not to generate anything.
@@ -16,6 +16,12 @@ Tokenizers are small closed vocabularies (:data:`WORDS`) built with the ``tokeni
   default HunyuanVideo prompt template, plus its three special tokens) and a character-level ``CLIPTokenizer``. The
   template prefix is not 95 tokens long with this tokenizer, so pass :func:`hunyuan_prompt_template` as
   ``prompt_template=`` to crop it correctly (the default template also runs, it just crops differently).
+* ``hunyuanvideo15``: a word-level tokenizer with Qwen2's chat tokens whose chat template puts the prompt at token
+  108, where the pipeline's hard-coded crop starts (:func:`_qwen_tokenizer`), and diffusers' ``ByT5Tokenizer``
+  (byte-level, no files). HunyuanVideo 1.5 tokens: 2 x 2 per frame (16x VAE, patch 1).
+* ``cosmos``: the T5 tokenizer above; a test-only pass-through safety checker (:class:`PassThroughSafetyChecker`;
+  ``cosmos_guardrail`` cannot be installed offline) and no padding-mask channel (diffusers resizes it with
+  torchvision, not installed here).
 """
 from __future__ import annotations
 
