@@ -1,8 +1,10 @@
 """Tiny random pipelines of the real diffusers classes, built entirely offline (no Hub, no downloads).
 
 ``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline``, ``HunyuanVideoPipeline``,
-``HunyuanVideo15Pipeline`` or ``Cosmos2VideoToWorldPipeline`` whose every component (tokenizers included) is constructed in code from a config, with random weights. They run a
-full denoising loop and VAE decode on CPU in well under a second per step and round-trip through
+``HunyuanVideo15Pipeline`` or ``Cosmos2VideoToWorldPipeline`` whose every component (tokenizers included) is
+constructed in code from a config, with random weights. They run a full denoising loop and VAE decode on CPU in
+about a second per step (HunyuanVideo 1.5: ~0.7 s per transformer call, its 1000 + 256 + 729 condition tokens are
+fixed by the pipeline) and round-trip through
 ``save_pretrained`` / ``from_pretrained``. They exist to test the capture against the real pipelines' calling
 conventions (CFG layout, number of transformer calls per step, keyword names, dtypes), not to generate anything.
 
