@@ -786,14 +786,17 @@ def cag_hooks(model_or_pipe, config: CAGConfig, guidance_scale: float, num_infer
 def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_scale: float = 6.0,
                                 num_inference_steps: int = 50, use_dynamic_cfg: bool = False,
                                 shared_prefix: bool = True, **kwargs):
-    """Run an unmodified ``diffusers.CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline`` (or any
-    pipeline of the same loop shape) with CAG.
+    """Run an unmodified ``diffusers.CogVideoXPipeline``, ``WanPipeline``, ``HunyuanVideoPipeline``,
+    ``HunyuanVideo15Pipeline`` or ``Cosmos2VideoToWorldPipeline`` (a pipeline of a registered family,
+    :func:`difftrack.backbones.family_for`) with CAG.
 
     ``*args`` / ``**kwargs`` go to ``pipe(...)`` unchanged (prompt, generator, output_type, ...); the return value is
     the pipeline's. Implemented with :func:`cag_hooks` on ``pipe.transformer``: CogVideoX batches ``[uncond, cond]``
     (one extra slot ``[uncond, cond, perturbed]``); Wan calls the transformer for cond then uncond (the cond call gets
     the extra slot); HunyuanVideo uses embedded guidance (``guidance_scale``) and CFG only with ``true_cfg_scale > 1``
-    and a negative prompt, which then is the weight folded. ``use_dynamic_cfg=True`` is refused (CogVideoX): the
+    and a negative prompt, which then is the weight folded; HunyuanVideo 1.5 takes ``guidance_scale`` into its
+    ``guider`` for the call; Cosmos combines ``c + w (c - u)``, so ``w + 1`` is folded (the family's
+    ``cfg_weight``). ``use_dynamic_cfg=True`` is refused (CogVideoX): the
     pipeline changes ``w`` only after the transformer call, so the hook could not fold ``s/w`` correctly (the
     published CAG code ignores dynamic CFG too). Wan 2.2's second transformer (``transformer_2``) is refused.
     ``shared_prefix``: see :func:`cag_hooks`.
