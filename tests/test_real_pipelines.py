@@ -191,6 +191,27 @@ def test_mochi_noising_and_size_conventions():
         runner.check_size((9, 32, 32))
 
 
+def test_cosmos_bare_forwards_take_the_pipelines_edm_inputs():
+    """Cosmos' bare forwards (runner, tracking) noise and time through the family as the pipeline feeds its
+    transformer: timestep ``t' = sigma / (sigma + 1)`` of the step's EDM sigma (the pipeline's value for its noisy
+    frames; frame 0 is its conditioning frame), input ``(1 - t') x0 + t' eps``, not the scheduler's own rule."""
+    from difftrack.runners import VideoRunner
+
+    pipe = build_tiny_pipeline("cosmos")
+    seen = _timesteps_seen(pipe, call_kwargs("cosmos", pipe, output_type="latent"))  # [1, 1, F, 1, 1] per call
+    runner = VideoRunner(pipe)
+    ts = runner.timesteps(STEPS)
+    x0, eps = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 16, 3, 4, 4)
+    for i, t in enumerate(ts):
+        mine = runner.forward_kwargs(x0, torch.tensor(t), runner.cond("a red circle"))["timestep"]
+        theirs = seen[2 * i][0, 0, 1:, 0, 0]  # the cond call's noisy frames
+        assert mine.shape == (1,) and torch.equal(theirs, mine.expand(2))
+        sigma = pipe.scheduler.sigmas[i]
+        assert t > 1.0 and float(mine) == pytest.approx(float(sigma / (sigma + 1)), rel=1e-6)
+        torch.testing.assert_close(runner.add_noise(x0, eps, torch.tensor(t)), (1 - mine) * x0 + mine * eps,
+                                   rtol=0, atol=0)
+
+
 def test_skyreels_diffusion_forcing_async_steps_are_the_step_matrix_rows():
     """ar_step > 0: frames at different levels in one call and more loop rows than steps. Capture counts one step
     per row of the pipeline's step matrix (its callback index), records the noisiest frame's timestep, and is
