@@ -391,6 +391,8 @@ class Capture:
     def _active(self, kind: str) -> bool:
         if not self._step_selected():
             return False
+        if self.adapter.first_call_only and self._call_in_step > 0:
+            return False  # a later guidance call of the same step (LTX-2's STG / modality isolation)
         if self.adapter.cfg == "sequential" and self.branch != "all":
             cond_idx = 0 if self.adapter.sequential_cond_first else 1
             want = cond_idx if self.branch == "cond" else 1 - cond_idx

@@ -483,12 +483,7 @@ class SDPACAGAttnProcessor:
             pass  # a block-causal mask over the video (SkyReels-V2 causal_block_size > 1) never hides a frame from
             # itself, so the frame-local attention of the perturbed rows is already inside it
         elif attn_mask is not None:
-            m = attn_mask
-            if m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != 1:
-                raise ValueError(f"layer {self.layer}: CAG handles a boolean key-padding mask [B, 1, 1, N] "
-                                 f"(HunyuanVideo's) or a video mask [B, 1, N, N] that lets every frame see itself "
-                                 f"(SkyReels-V2's block-causal one); got {m.dtype} {tuple(m.shape)}")
-            key_mask = m[:, 0, 0].expand(n, -1)
+            key_mask = _key_padding(attn_mask, self.layer).expand(n, -1)
         out = v.new_empty(q.shape[:3] + (v.shape[-1],))
         out[pert] = frame_local_attention(q[pert], k[pert], v[pert], frames=g.frames, text_len=g.text_len,
                                           variant=self.variant, text_first=g.text_first,
@@ -510,6 +505,23 @@ def _frame_blocks_open(mask: torch.Tensor, g) -> bool:
     blocks = mask.reshape(mask.shape[0], mask.shape[1], g.frames, P, g.frames, P)
     own = blocks.diagonal(dim1=2, dim2=4)  # [B, 1, P, P, F]
     return bool(own.all())
+
+
+def _key_padding(m: torch.Tensor, layer: int) -> torch.Tensor:
+    """``bool [B, N]`` key-padding mask of an SDPA ``attn_mask``: a ``[B, 1, 1, N]`` key mask (HunyuanVideo), or a
+    ``[B, 1, N, N]`` mask that is the outer AND of a key mask with itself (HunyuanVideo 1.5: padding masked as keys
+    and as queries; its padding queries then attend the valid keys in the perturbed slot -- they are padding, no
+    valid token reads them). Any other mask is refused (a video mask that lets every frame see itself,
+    SkyReels-V2's block-causal one, is handled before: :func:`_frame_blocks_open`)."""
+    if m.dtype == torch.bool and m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1:
+        return m[:, 0, 0]
+    if m.dtype == torch.bool and m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == m.shape[3]:
+        km = m[:, 0].any(1)  # [B, N]: the keys some query may see
+        if torch.equal(m[:, 0], km[:, :, None] & km[:, None, :]):
+            return km
+    raise ValueError(f"layer {layer}: CAG handles a boolean key-padding mask [B, 1, 1, N] (HunyuanVideo's), its "
+                     f"outer AND [B, 1, N, N] (HunyuanVideo 1.5's) or a video mask [B, 1, N, N] that lets every frame "
+                     f"see itself (SkyReels-V2's block-causal one); got {m.dtype} {tuple(m.shape)}")
 
 
 def _sdpa_cag_processor(original, state, variant, layer, query_chunk, key_chunk) -> SDPACAGAttnProcessor:
@@ -718,7 +730,8 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
 # ------------------------------------------------------------------------------------- unmodified diffusers loop
 # batched transformer arguments that get the conditional slot appended (those present and batched)
 _EXPANDED = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image",
-             "pooled_projections", "encoder_attention_mask", "guidance")
+             "pooled_projections", "encoder_attention_mask", "guidance", "encoder_hidden_states_2",
+             "encoder_attention_mask_2", "image_embeds", "timestep_r", "condition_mask")
 
 
 @contextmanager
@@ -880,14 +893,17 @@ def _expert_weights(guidance_scale, expert_guidance_scales, names) -> dict[str, 
 def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_scale: float = 6.0,
                                 num_inference_steps: int = 50, use_dynamic_cfg: bool = False,
                                 shared_prefix: bool = True, **kwargs):
-    """Run an unmodified ``diffusers.CogVideoXPipeline``, ``WanPipeline`` or ``HunyuanVideoPipeline`` (or any
-    pipeline of the same loop shape) with CAG.
+    """Run an unmodified ``diffusers.CogVideoXPipeline``, ``WanPipeline``, ``HunyuanVideoPipeline``,
+    ``HunyuanVideo15Pipeline`` or ``Cosmos2VideoToWorldPipeline`` (a pipeline of a registered family,
+    :func:`difftrack.backbones.family_for`) with CAG.
 
     ``*args`` / ``**kwargs`` go to ``pipe(...)`` unchanged (prompt, generator, output_type, ...); the return value is
     the pipeline's. Implemented with :func:`cag_hooks` on ``pipe.transformer``: CogVideoX batches ``[uncond, cond]``
     (one extra slot ``[uncond, cond, perturbed]``); Wan calls the transformer for cond then uncond (the cond call gets
     the extra slot); HunyuanVideo uses embedded guidance (``guidance_scale``) and CFG only with ``true_cfg_scale > 1``
-    and a negative prompt, which then is the weight folded. ``use_dynamic_cfg=True`` is refused (CogVideoX): the
+    and a negative prompt, which then is the weight folded; HunyuanVideo 1.5 takes ``guidance_scale`` into its
+    ``guider`` for the call; Cosmos combines ``c + w (c - u)``, so ``w + 1`` is folded (the family's
+    ``cfg_weight``). ``use_dynamic_cfg=True`` is refused (CogVideoX): the
     pipeline changes ``w`` only after the transformer call, so the hook could not fold ``s/w`` correctly (the
     published CAG code ignores dynamic CFG too). Wan 2.2 A14B (``transformer_2``, ``boundary_ratio``): each step is
     perturbed in the expert that runs it, the low-noise expert's steps folded with ``guidance_scale_2`` (default
@@ -900,12 +916,12 @@ def generate_with_cag_diffusers(pipe, config: CAGConfig | None, *args, guidance_
         raise ValueError("use_dynamic_cfg=True is not supported with CAG (the CFG weight changes after the "
                          "transformer call); pass use_dynamic_cfg=False")
     _checks.check_guidance_scale(guidance_scale)  # the one rule, with or without CAG (diffusers takes any number)
-    if config is None:
-        return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
     family = family_for(pipe)
+    if config is None:
+        return family.call(pipe, guidance_scale, *args, num_inference_steps=num_inference_steps, **kwargs)
     family.check_cag_call(kwargs)  # SkyReels-V2 diffusion forcing: synchronous loops only
-    weight, do_cfg = family.cfg_weight(guidance_scale, kwargs)  # HunyuanVideo: embedded guidance
+    weight, do_cfg = family.cfg_weight(guidance_scale, kwargs)  # HunyuanVideo: embedded guidance; Cosmos: w + 1
     per_expert = experts(pipe).guidance_scales(weight, kwargs)  # Wan 2.2: guidance_scale_2 for transformer_2
     with cag_hooks(pipe, config, weight, num_inference_steps, do_cfg=do_cfg, shared_prefix=shared_prefix,
                    expert_guidance_scales=per_expert):
-        return pipe(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **kwargs)
+        return family.call(pipe, guidance_scale, *args, num_inference_steps=num_inference_steps, **kwargs)

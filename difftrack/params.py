@@ -61,6 +61,7 @@ class Geometry:
     default_size: tuple[int, int, int] | None  # (frames, height, width) when the configs say it
     fixed_size: bool = False  # the family runs at its default size only (the embedded model)
     experts: tuple[str, ...] = ("transformer",)  # Wan 2.2 A14B: ("transformer", "transformer_2")
+    prompt_to_video: bool = True  # the family generates from a prompt alone (not Cosmos Video2World)
 
     def describe(self) -> str:
         return (f"model {self.model!r} ({self.pipeline}) has {self.num_layers} blocks, {self.stride} px per token, "
@@ -113,7 +114,8 @@ def model_geometry(model: str) -> Geometry:
         raise ValueError(f"{folder / 'vae' / 'config.json'} or {folder / 'transformer' / 'config.json'}: no usable "
                          f"compression or sample size ({err!r})") from None
     return Geometry(model=model, pipeline=cls, num_layers=layers, stride=spatial * patch, temporal=temporal,
-                    default_size=default, fixed_size=family.fixed_size, experts=family.experts_in_index(index))
+                    default_size=default, fixed_size=family.fixed_size, experts=family.experts_in_index(index),
+                    prompt_to_video=family.prompt_to_video)
 
 
 # ---------------------------------------------------------------------------------------------- declarative spec
@@ -372,6 +374,13 @@ def _expert_of_model(ctx):
                          f"pipeline's expert at each timestep) or one of them")
 
 
+def _generates(ctx):
+    g = ctx["geometry"]
+    if ctx["videos_per_family"] > 0 and not g.prompt_to_video:
+        yield "videos_per_family", (f"{ctx['videos_per_family']}: {g.pipeline} does not generate from a prompt "
+                                    f"alone; allowed: 0 (analyse world videos: exact_per_family >= 1)")
+
+
 def _temporal_one(ctx):
     g = ctx["geometry"]
     if g.temporal != 1:
@@ -392,7 +401,8 @@ COMMON = {  # notebooks 01-03 (same defaults in their parameters cells: tests/te
     "size": Param("list", item="int", lengths=(0, 3), note="[frames, height, width]; empty: the model's default"),
 }
 COMMON_RULES = (Rule(("videos_per_family", "exact_per_family"), _some_videos), _size_rule(),
-                Rule(("grid_size", "num_steps", "size", "model"), _grid_memory))
+                Rule(("grid_size", "num_steps", "size", "model"), _grid_memory),
+                Rule(("videos_per_family", "model"), _generates))
 
 
 def _native_size_rule(ctx):

@@ -16,7 +16,8 @@ backbone's own calling conventions:
   schedule (the scheduler's own ``add_noise`` / ``scale_noise``), one conditional forward per step.
 
 Supported pipelines (``_class_name`` in ``model_index.json``): ``MiniVideoPipeline`` (the embedded model),
-``CogVideoXPipeline`` (2B sin-cos and 5B RoPE), ``WanPipeline`` and ``HunyuanVideoPipeline``.
+``CogVideoXPipeline`` (2B sin-cos and 5B RoPE), ``WanPipeline``, ``HunyuanVideoPipeline``, ``HunyuanVideo15Pipeline``
+and ``Cosmos2VideoToWorldPipeline`` (world videos and tracking only: it generates from a conditioning image).
 :func:`load_pipeline` takes ``"embedded"`` or a local folder of any of them (nothing is downloaded).
 
 Latent frames and video frames (VAE backbones compress time by ``r = 4``): latent frame ``k >= 1`` encodes video
@@ -249,12 +250,15 @@ class VideoRunner:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x0`` forward-noised to timestep ``t`` by the pipeline's scheduler, the family's way
-        (:meth:`PipelineFamily.add_noise`)."""
+        (:meth:`PipelineFamily.add_noise`: the scheduler's own rule, Mochi's sigmas, Cosmos' EDM inputs)."""
         return self.family.add_noise(self.pipe.scheduler, x0, noise, t)
 
     def forward_kwargs(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict:
-        """Keyword arguments of one transformer call on latents ``x`` (layout of :meth:`encode_video`)."""
-        kw = dict(hidden_states=x.to(self.dtype), timestep=self.family.timestep_input(self.pipe, t, x).to(self.device),
+        """Keyword arguments of one transformer call on latents ``x`` (layout of :meth:`encode_video`) at scheduler
+        timestep ``t``: conditioning channels packed by the adapter (:meth:`BackboneAdapter.pack`), the timestep as
+        the family builds it (:meth:`PipelineFamily.timestep_input`)."""
+        kw = dict(hidden_states=self.adapter.pack(x.to(self.dtype)),
+                  timestep=self.family.timestep_input(self.pipe, t, x).to(self.device),
                   return_dict=False, **cond)
         kw.update(self.family.rope_kwargs(self.pipe, self.transformer, x, self.vae_spatial, self.device))
         return kw

@@ -2,9 +2,11 @@
 
 ``build_tiny_pipeline(kind)`` returns a working ``CogVideoXPipeline``, ``WanPipeline`` (Wan 2.1; Wan 2.2 TI2V:
 ``"wan22_ti2v"``; Wan 2.2's two experts: ``"wan22"``), ``HunyuanVideoPipeline``, ``SkyReelsV2Pipeline`` /
-``SkyReelsV2DiffusionForcingPipeline`` or ``MochiPipeline`` whose every component (tokenizers included) is
-constructed in code from a config, with random weights. They run a full denoising loop and VAE decode on CPU in well
-under a second per step and round-trip through
+``SkyReelsV2DiffusionForcingPipeline``, ``MochiPipeline``, ``HunyuanVideo15Pipeline`` or
+``Cosmos2VideoToWorldPipeline`` whose every component (tokenizers included) is constructed in code from a config,
+with random weights. They run a full denoising loop and VAE decode on CPU in about a second per step or less
+(HunyuanVideo 1.5: ~0.7 s per transformer call, its 1000 + 256 + 729 condition tokens are fixed by the pipeline) and
+round-trip through
 ``save_pretrained`` / ``from_pretrained``. They exist to test the capture against the real pipelines' calling
 conventions (CFG layout, number of transformer calls per step, keyword names, dtypes), not to generate anything.
 
@@ -19,15 +21,23 @@ Tokenizers are small closed vocabularies (:data:`WORDS`) built with the ``tokeni
   default HunyuanVideo prompt template, plus its three special tokens) and a character-level ``CLIPTokenizer``. The
   template prefix is not 95 tokens long with this tokenizer, so pass :func:`hunyuan_prompt_template` as
   ``prompt_template=`` to crop it correctly (the default template also runs, it just crops differently).
+* ``hunyuanvideo15``: a word-level tokenizer with Qwen2's chat tokens whose chat template puts the prompt at token
+  108, where the pipeline's hard-coded crop starts (:func:`_qwen_tokenizer`), and diffusers' ``ByT5Tokenizer``
+  (byte-level, no files). HunyuanVideo 1.5 tokens: 2 x 2 per frame (16x VAE, patch 1).
+* ``cosmos``: the T5 tokenizer above; a test-only pass-through safety checker (:class:`PassThroughSafetyChecker`;
+  ``cosmos_guardrail`` cannot be installed offline) and no padding-mask channel (diffusers resizes it with
+  torchvision, not installed here).
 """
 from __future__ import annotations
 
+import inspect
 import string
 from pathlib import Path
 
 import torch
 
-KINDS = ("cogvideox", "wan", "hunyuanvideo", "wan22_ti2v", "skyreels_v2", "skyreels_v2_df", "mochi")
+KINDS = ("cogvideox", "wan", "hunyuanvideo", "wan22_ti2v", "skyreels_v2", "skyreels_v2_df", "mochi", "hunyuanvideo15",
+         "cosmos")
 # multi-expert pipelines, built by build_tiny_pipeline too but kept out of KINDS (the single-transformer cases)
 EXPERT_KINDS = ("wan22",)
 # Wan 2.2 A14B T2V's boundary_ratio: with the tiny scheduler (flow matching, shift 5) a 2-step run has timesteps
@@ -63,15 +73,21 @@ def _t5_config(vocab_size: int, d_model: int, umt5: bool = False):
                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
+def _t5_text(umt5: bool = False):
+    """``(tokenizer, encoder)``: the tiny T5 tokenizer and text encoder (``d_model`` 16, seed 0): ``T5EncoderModel``
+    (CogVideoX, Cosmos) or, with ``umt5``, ``UMT5EncoderModel`` (the Wan-like pipelines)."""
+    from transformers import T5EncoderModel, UMT5EncoderModel
+
+    tok = _t5_tokenizer()
+    torch.manual_seed(0)
+    return tok, (UMT5EncoderModel if umt5 else T5EncoderModel)(_t5_config(len(tok), 16, umt5=umt5)).eval()
+
+
 # ---------------------------------------------------------------------------------------------- CogVideoX
 def _cogvideox():
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
                            CogVideoXTransformer3DModel)
-    from transformers import T5EncoderModel
-
-    tok = _t5_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = T5EncoderModel(_t5_config(len(tok), 16)).eval()
+    tok, text_encoder = _t5_text()
     torch.manual_seed(1)
     vae = AutoencoderKLCogVideoX(
         in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
@@ -91,15 +107,6 @@ def _cogvideox():
 
 
 # ---------------------------------------------------------------------------------------------------- Wan
-def _umt5():
-    """The tiny T5 tokenizer and UMT5 encoder of the Wan-like pipelines (seed 0)."""
-    from transformers import UMT5EncoderModel
-
-    tok = _t5_tokenizer()
-    torch.manual_seed(0)
-    return tok, UMT5EncoderModel(_t5_config(len(tok), 16, umt5=True)).eval()
-
-
 def _wan_vae(**over):
     """A tiny ``AutoencoderKLWan`` (seed 1): Wan 2.1's layout, ``over`` replacing keyword arguments."""
     from diffusers import AutoencoderKLWan
@@ -120,7 +127,7 @@ def _wan_transformer(cls, channels: int = 16, seed: int = 2, **extra):
 def _wan(experts: int = 1):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-    tok, text_encoder = _umt5()
+    tok, text_encoder = _t5_text(umt5=True)
     kw = dict(tokenizer=tok, text_encoder=text_encoder, vae=_wan_vae(),
               transformer=_wan_transformer(WanTransformer3DModel), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
     if experts == 1:
@@ -135,7 +142,7 @@ def _wan22_ti2v():
     and ``expand_timesteps=True`` (per-token timesteps)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-    tok, text_encoder = _umt5()
+    tok, text_encoder = _t5_text(umt5=True)
     vae = _wan_vae(base_dim=8, z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
                    scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
                    latents_std=[1.0] * 48)
@@ -151,7 +158,7 @@ def _skyreels(df: bool):
     from diffusers import (SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel,
                            UniPCMultistepScheduler)
 
-    tok, text_encoder = _umt5()
+    tok, text_encoder = _t5_text(umt5=True)
     cls = SkyReelsV2DiffusionForcingPipeline if df else SkyReelsV2Pipeline
     return cls(tokenizer=tok, text_encoder=text_encoder, vae=_wan_vae(),
                transformer=_wan_transformer(SkyReelsV2Transformer3DModel, inject_sample_info=df),
@@ -185,24 +192,38 @@ def _mochi():
 _LLAMA_SPECIALS = ["<unk>", "<pad>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
+def _words_of(text: str) -> list[str]:
+    """The lower-cased words and punctuation of ``text`` (the tiny word-level tokenizers' pre-tokenization)."""
+    from tokenizers import pre_tokenizers
+
+    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())]
+
+
+def _word_level(specials: list[str], words: list[str]):
+    """``(tokenizers.Tokenizer, vocab)``: a lower-casing word-level model over ``specials``, then ``words``,
+    :data:`WORDS` and single characters (any lower-case ASCII prompt tokenizes)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {sp: i for i, sp in enumerate(specials)}
+    for w in list(words) + list(WORDS) + list(string.ascii_lowercase + string.digits + string.punctuation):
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(specials)
+    return tk, vocab
+
+
 def _llama_tokenizer():
     """Word-level tokenizer with Llama-3's chat special tokens and every word of the default HunyuanVideo template."""
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     text = DEFAULT_PROMPT_TEMPLATE["template"]
     for sp in _LLAMA_SPECIALS:
         text = text.replace(sp, " ")
-    words = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())] + list(WORDS)
-    words += list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = {sp: i for i, sp in enumerate(_LLAMA_SPECIALS)}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.add_special_tokens(_LLAMA_SPECIALS)
+    tk, vocab = _word_level(_LLAMA_SPECIALS, _words_of(text))
     tk.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
         special_tokens=[("<|begin_of_text|>", vocab["<|begin_of_text|>"])])
@@ -231,6 +252,13 @@ def hunyuan_prompt_template(tokenizer=None) -> dict:
     return {"template": DEFAULT_PROMPT_TEMPLATE["template"], "crop_start": len(tokenizer(prefix).input_ids)}
 
 
+def _lm_size(tok) -> dict:
+    """The tiny decoder-LM text encoders' size (Llama, Qwen2.5-VL). HunyuanVideo (1 and 1.5) pipelines read
+    ``hidden_states[-3]`` (``num_hidden_layers_to_skip=2``): at least 2 layers."""
+    return dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+
+
 def _hunyuanvideo():
     from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
                            HunyuanVideoTransformer3DModel)
@@ -238,11 +266,8 @@ def _hunyuanvideo():
 
     tok, tok2 = _llama_tokenizer(), _clip_tokenizer()
     torch.manual_seed(0)
-    # the pipeline reads hidden_states[-3] (num_hidden_layers_to_skip=2): at least 2 layers
-    text_encoder = LlamaModel(LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    text_encoder = LlamaModel(LlamaConfig(**_lm_size(tok), max_position_embeddings=512,
+                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
     torch.manual_seed(1)
     text_encoder_2 = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok2), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -264,9 +289,95 @@ def _hunyuanvideo():
                                 scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tok2)
 
 
+# --------------------------------------------------------------------------------------- HunyuanVideo 1.5
+QWEN_CROP = 108  # HunyuanVideo15Pipeline.prompt_template_encode_start_idx (hard-coded in its __init__)
+_QWEN_SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fill|>"]
+
+
+def _qwen_tokenizer():
+    """Word-level tokenizer with Qwen2's chat special tokens and a chat template whose system part (everything
+    before the user's prompt) is exactly :data:`QWEN_CROP` tokens, as Qwen2.5-VL's tokenizer makes it for
+    HunyuanVideo 1.5's system message: the pipeline's hard-coded ``crop_start=108`` then crops exactly the template
+    (filler tokens ``<|fill|>`` make up the difference)."""
+    from diffusers import HunyuanVideo15Pipeline
+    from transformers import PreTrainedTokenizerFast
+
+    system = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters["system_message"].default
+    tk, _ = _word_level(_QWEN_SPECIALS, _words_of(system) + ["system", "user", "assistant"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>")
+    head = "<|im_start|>system {{ messages[0]['content'] }}<|im_end|> "
+    n = len(tok(f"<|im_start|>system {system}<|im_end|> <|im_start|>user ").input_ids)
+    if n > QWEN_CROP:
+        raise RuntimeError(f"the tiny Qwen template prefix has {n} tokens, more than {QWEN_CROP}")
+    tok.chat_template = (head + "<|fill|>" * (QWEN_CROP - n) + "<|im_start|>user {{ messages[1]['content'] }}"
+                         "<|im_end|> {% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    return tok
+
+
+def _hunyuanvideo15():
+    from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
+                           HunyuanVideo15Transformer3DModel)
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5EncoderModel
+
+    tok, tok2 = _qwen_tokenizer(), ByT5Tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(  # 3D (mrope) positions: sections of head_dim / 2
+        **_lm_size(tok), max_position_embeddings=2048, bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
+        eos_token_id=tok.eos_token_id, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})).eval()
+    torch.manual_seed(1)
+    text_encoder_2 = T5EncoderModel(_t5_config(len(tok2), 16)).eval()  # ByT5: 256 bytes + specials
+    torch.manual_seed(2)
+    vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 5,
+                                      layers_per_block=1, spatial_compression_ratio=16,
+                                      temporal_compression_ratio=4).eval()
+    torch.manual_seed(3)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=16,
+        image_embed_dim=8, rope_axes_dim=(4, 6, 6), target_size=32, task_type="t2v").eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    return HunyuanVideo15Pipeline(text_encoder=text_encoder, tokenizer=tok, transformer=transformer, vae=vae,
+                                  scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tok2,
+                                  guider=ClassifierFreeGuidance(guidance_scale=6.0))
+
+
+# ------------------------------------------------------------------------------------- Cosmos-Predict2
+class PassThroughSafetyChecker:
+    """Test-only stand-in for ``cosmos_guardrail.CosmosSafetyChecker`` (not installable offline) that lets every
+    prompt and video pass, as diffusers' own Cosmos tests do. For the tiny random pipelines only: a pipeline loaded
+    by :mod:`difftrack.backbones.cosmos` without the guardrail refuses generation instead."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, video):
+        return video
+
+
+def _cosmos():
+    from diffusers import Cosmos2VideoToWorldPipeline, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+    tok, text_encoder = _t5_text()
+    vae = _wan_vae()  # Wan 2.1's VAE layout (seed 1)
+    torch.manual_seed(2)
+    # in_channels: 16 latent channels + the condition-mask channel. concat_padding_mask=False: the released
+    # checkpoints append a padding channel too, which diffusers 0.42.1 resizes with torchvision (not installed here)
+    transformer = CosmosTransformer3DModel(
+        in_channels=17, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
+        text_embed_dim=16, adaln_lora_dim=4, max_size=(16, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 4.0, 4.0),
+        concat_padding_mask=False, extra_pos_embed_type=None).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
+    return Cosmos2VideoToWorldPipeline(text_encoder=text_encoder, tokenizer=tok, transformer=transformer, vae=vae,
+                                       scheduler=scheduler, safety_checker=PassThroughSafetyChecker())
+
+
 _BUILDERS = {"cogvideox": _cogvideox, "wan": _wan, "hunyuanvideo": _hunyuanvideo, "wan22_ti2v": _wan22_ti2v,
              "skyreels_v2": lambda: _skyreels(df=False), "skyreels_v2_df": lambda: _skyreels(df=True),
-             "mochi": _mochi, "wan22": lambda: _wan(experts=2)}
+             "mochi": _mochi, "wan22": lambda: _wan(experts=2), "hunyuanvideo15": _hunyuanvideo15, "cosmos": _cosmos}
 
 
 def build_tiny_pipeline(kind: str, path: str | Path | None = None):

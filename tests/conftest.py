@@ -47,3 +47,9 @@ def with_schema(original: dict, schema: str) -> dict:
     records existed have none)."""
     assert original.get("schema", schema) == schema, f"file says schema {original.get('schema')!r}, record {schema!r}"
     return {"schema": schema, **{k: v for k, v in original.items() if k != "schema"}}
+
+
+def processors(model) -> dict:
+    """``{module name: attention processor}`` of every attention module of ``model`` (``attn_processors`` without
+    diffusers' ``AttentionMixin``, which ``CosmosTransformer3DModel`` lacks)."""
+    return {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}

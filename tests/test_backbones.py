@@ -6,6 +6,7 @@ frame-major (frame, row, col) meshgrid so that the token order is checked too), 
 """
 import pytest
 import torch
+from conftest import processors
 from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed, get_3d_rotary_pos_embed
 
 from difftrack.backbones import adapter_for
@@ -33,6 +34,79 @@ def hunyuan_inputs(batch=1, seed=0, text=6, pad=2):
                 timestep=torch.full((batch,), 700.0), encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
                 encoder_attention_mask=mask, pooled_projections=torch.randn(batch, 8, generator=g),
                 guidance=torch.full((batch,), 6000.0), return_dict=False)
+
+
+def tiny_hunyuan15(seed=0, layers=2):
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=layers,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+        image_embed_dim=8, rope_axes_dim=(4, 6, 6), target_size=32, task_type="t2v").eval()
+
+
+def hunyuan15_inputs(batch=1, seed=0, text=6, pad=2, glyph=4, image=3):
+    """T2V call as HunyuanVideo15Pipeline makes it: packed latents (zero condition latents and mask), right-padded
+    Qwen text, ByT5 glyph text with nothing valid (no quoted text in the prompt), zero image embeddings."""
+    from difftrack.backbones.hunyuanvideo15 import pack_t2v
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[:, text - pad:] = 0
+    return dict(hidden_states=pack_t2v(torch.randn(batch, 4, F_, R_, C_, generator=g)),
+                timestep=torch.full((batch,), 700.0), encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
+                encoder_attention_mask=mask, encoder_hidden_states_2=torch.zeros(batch, glyph, 8),
+                encoder_attention_mask_2=torch.zeros(batch, glyph, dtype=torch.long),
+                image_embeds=torch.zeros(batch, image, 8), return_dict=False)
+
+
+def tiny_cosmos(seed=0, layers=2):
+    """Cosmos-Predict2 layout: 16 latent channels + the condition-mask channel (no padding channel: diffusers resizes
+    it with torchvision, not installed here)."""
+    from diffusers import CosmosTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CosmosTransformer3DModel(
+        in_channels=17, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=layers,
+        mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 8, 8), patch_size=(1, 2, 2),
+        rope_scale=(1.0, 4.0, 4.0), concat_padding_mask=False, extra_pos_embed_type=None).eval()
+
+
+def cosmos_inputs(batch=1, seed=0):
+    """A Video2World call: latent frame 0 conditioning (mask 1, its own tiny timestep), per-frame timesteps."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.full((batch, 1, F_, 1, 1), 0.7)
+    t[:, :, 0] = 1e-4
+    cond = torch.zeros(batch, 1, F_, 2 * R_, 2 * C_)
+    cond[:, :, 0] = 1.0
+    return dict(hidden_states=torch.randn(batch, 16, F_, 2 * R_, 2 * C_, generator=g), timestep=t,
+                encoder_hidden_states=torch.randn(batch, 5, 16, generator=g), fps=16, condition_mask=cond,
+                return_dict=False)
+
+
+def tiny_ltx2(seed=0, perturbed_attn=False):
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=16, audio_in_channels=4, audio_out_channels=4,
+        audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8, base_height=256,
+        base_width=256, perturbed_attn=perturbed_attn).eval()
+
+
+def ltx2_inputs(batch=2, seed=0, t=700.0, **extra):
+    """A CFG call as LTX2Pipeline makes it: video and audio latents duplicated, [uncond, cond] text."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(1, batch // 2)
+    x, a = torch.randn(n, F_ * R_ * C_, 8, generator=g), torch.randn(n, 5, 4, generator=g)
+    return dict(hidden_states=torch.cat([x] * (batch // n)), audio_hidden_states=torch.cat([a] * (batch // n)),
+                encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
+                audio_encoder_hidden_states=torch.randn(batch, 5, 16, generator=g), timestep=torch.full((batch,), t),
+                sigma=torch.full((batch,), t / 1000), encoder_attention_mask=torch.ones(batch, 5),
+                audio_encoder_attention_mask=torch.ones(batch, 5), num_frames=F_, height=R_, width=C_, fps=24.0,
+                audio_num_frames=5, return_dict=False, **extra)
 
 
 def tiny_wan(seed=0, layers=2):
@@ -142,6 +216,9 @@ CASES = {
     "ltx": (tiny_ltx, ltx_inputs, 2),
     "skyreels-df": (tiny_skyreels, skyreels_inputs, 2),
     "mochi": (tiny_mochi, mochi_inputs, 2),
+    "hunyuan15": (tiny_hunyuan15, hunyuan15_inputs, 2),
+    "cosmos": (tiny_cosmos, cosmos_inputs, 2),
+    "ltx2": (tiny_ltx2, ltx2_inputs, 2),
 }
 
 
@@ -150,6 +227,18 @@ def grab_attn_inputs(attn):
     """Forward pre-hook storing the attention module's keyword inputs."""
     got = {}
     return got, attn.register_forward_pre_hook(lambda m, a, k: got.update(k, _args=a), with_kwargs=True)
+
+
+def captured(m, kw, attn, layer, **capture_kw):
+    """``(cache, inputs)``: one forward of ``m`` on ``kw`` under ``capture(m, layers=[layer])`` and the keyword
+    inputs (``_args``: positional) that the attention module ``attn`` received."""
+    got, h = grab_attn_inputs(attn)
+    try:
+        with torch.no_grad(), capture(m, layers=[layer], **capture_kw) as cache:
+            m(**kw)
+    finally:
+        h.remove()
+    return cache, got
 
 
 def to_grid(x_bnhd, n_video, video_first=True):
@@ -193,8 +282,7 @@ def test_bit_identical_with_and_without_capture(case):
         assert cache.q(l).shape[:2] == (B, 2) and cache.q(l).shape[2:5] == (F_, R_, C_)
         assert cache.features(l).shape[:4] == (B, F_, R_, C_)
     assert (cache.grid.frames, cache.grid.rows, cache.grid.cols) == (F_, R_, C_)
-    a = adapter_for(m)  # (MochiTransformer3DModel has no attn_processors)
-    assert not any(type(a.self_attention(b).processor).__name__.startswith("Capturing") for _, b in a.blocks(m))
+    assert not any(type(p).__name__.startswith("Capturing") for p in processors(m).values())
 
 
 def test_hunyuan_layout_and_flat_layers():
@@ -243,14 +331,124 @@ def test_hunyuan_qk_equal_recomputation_dual_and_single():
         check_close(cache, 2, to_grid(q, n), to_grid(k, n))
 
 
+def test_hunyuan15_layout_and_qk_equal_recomputation():
+    """HunyuanVideo 1.5: [video, image, glyph, text] in every block's attention, the video first; the captured q/k
+    are the video rows of to_q/to_k -> RMSNorm -> RoPE on a frame-major (frame, row, col) grid."""
+    m = tiny_hunyuan15()
+    kw = hunyuan15_inputs()
+    attn = m.transformer_blocks[1].attn
+    cache, got = captured(m, kw, attn, 1)
+    g, n = cache.grid, F_ * R_ * C_
+    assert (g.text_len, g.text_first, g.stride) == (6 + 4 + 3, False, 1) and g.video_slice(n + 13) == slice(0, n)
+    assert got["encoder_hidden_states"].shape[1] == 13  # the three condition streams, reordered, after the video
+    rope = rope_table((4, 6, 6), 256.0)
+    with torch.no_grad():
+        x = got["hidden_states"]
+        q = apply_rotary_emb(attn.norm_q(attn.to_q(x).unflatten(2, (2, -1))), rope, sequence_dim=1)
+        k = apply_rotary_emb(attn.norm_k(attn.to_k(x).unflatten(2, (2, -1))), rope, sequence_dim=1)
+    check_close(cache, 1, to_grid(q, n), to_grid(k, n))
+    bad = dict(kw)
+    del bad["image_embeds"]
+    with pytest.raises(ValueError, match="encoder_hidden_states_2= and image_embeds="):
+        with torch.no_grad(), capture(m, layers=[0]):
+            m(**bad)
+
+
+def test_cosmos_qk_equal_recomputation_and_bare_inputs():
+    """Cosmos: attn1 is video-only (to_q -> per-head RMSNorm -> Cosmos RoPE); the step's timestep is the largest
+    per-frame one (the conditioning frame has its own tiny one); a bare forward with the condition mask packed as
+    a zero channel equals the call with ``condition_mask`` zeros."""
+    from diffusers.models.embeddings import apply_rotary_emb as rope_apply
+
+    from difftrack.backbones.cosmos import pack_no_condition
+
+    m = tiny_cosmos()
+    kw = cosmos_inputs()
+    attn = m.transformer_blocks[1].attn1
+    cache, got = captured(m, kw, attn, 1)
+    n = F_ * R_ * C_
+    assert cache.grid.text_len == 0 and cache.timesteps == {0: pytest.approx(0.7)}
+    x, rope = got["_args"][0], got["image_rotary_emb"]
+    assert x.shape[1] == n
+    with torch.no_grad():
+        q = attn.norm_q(attn.to_q(x).unflatten(2, (2, -1)).transpose(1, 2))
+        k = attn.norm_k(attn.to_k(x).unflatten(2, (2, -1)).transpose(1, 2))
+        q, k = (rope_apply(t, rope, use_real=True, use_real_unbind_dim=-2).transpose(1, 2) for t in (q, k))
+    check_close(cache, 1, to_grid(q, n), to_grid(k, n))
+    with torch.no_grad():
+        zero = dict(kw, condition_mask=torch.zeros_like(kw["condition_mask"]))
+        packed = {k: v for k, v in zero.items() if k != "condition_mask"}
+        packed["hidden_states"] = pack_no_condition(kw["hidden_states"])
+        assert torch.equal(m(**zero)[0], m(**packed)[0])
+
+
+def test_ltx2_video_stream_only():
+    """LTX-2: the video self-attention attn1 is captured (q/k = to_q/to_k -> RMSNorm across heads -> interleaved
+    RoPE, the cond half of [uncond, cond]); the audio stream's output stays bit-identical and audio_attn1 is never
+    wrapped."""
+    from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb
+
+    m = tiny_ltx2()
+    kw = ltx2_inputs()
+    attn = m.transformer_blocks[1].attn1
+    got, h = grab_attn_inputs(attn)
+    seen = {}
+    hook = m.transformer_blocks[1].audio_attn1.register_forward_pre_hook(
+        lambda mod, a, k: seen.setdefault("audio", []).append(type(mod.processor).__name__), with_kwargs=True)
+    with torch.no_grad():
+        ref = m(**kw)
+        with capture(m, layers="all", what=("q", "k", "features")) as cache:
+            out = m(**kw)
+    h.remove(), hook.remove()
+    assert torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1])  # video and audio outputs
+    assert seen["audio"] == ["LTX2AudioVideoAttnProcessor"] * 2  # also inside the capture
+    n = F_ * R_ * C_
+    x, rope = got["hidden_states"], got["query_rotary_emb"]
+    with torch.no_grad():
+        q = apply_interleaved_rotary_emb(attn.norm_q(attn.to_q(x)), rope).unflatten(2, (2, -1))
+        k = apply_interleaved_rotary_emb(attn.norm_k(attn.to_k(x)), rope).unflatten(2, (2, -1))
+    torch.testing.assert_close(cache.q(1), to_grid(q, n)[1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache.k(1), to_grid(k, n)[1:], rtol=0, atol=1e-5)
+    assert cache.features(1).shape == (1, F_, R_, C_, 16)
+
+
+def test_ltx2_guidance_calls_of_a_step_are_not_captured():
+    """LTX2Pipeline's loop: per step a CFG call [uncond, cond], then an STG call (LTX-2.3's perturbed attention
+    skips the SDPA of the STG blocks) at the same timestep. Only the first call of each step is captured: without
+    that rule the STG call would fail capture (no SDPA in the skipped block)."""
+    m = tiny_ltx2(perturbed_attn=True)
+    with torch.no_grad():
+        refs = {}
+        for t in (900.0, 500.0):
+            with capture(m, layers=[1]) as c:
+                m(**ltx2_inputs(t=t))
+            refs[t] = c.q(1)
+        with capture(m, layers=[1], num_steps=2) as cache:
+            for t in (900.0, 500.0):
+                m(**ltx2_inputs(t=t))  # CFG
+                m(**ltx2_inputs(batch=1, t=t, spatio_temporal_guidance_blocks=[1]))  # STG: attn1 skipped
+    assert cache.timesteps == {0: 900.0, 1: 500.0}
+    assert torch.equal(cache.q(1, step=0), refs[900.0]) and torch.equal(cache.q(1, step=1), refs[500.0])
+    import dataclasses
+
+    from difftrack.backbones import register
+
+    adapter = cache.adapter
+    register(dataclasses.replace(adapter, first_call_only=False))  # every call captured (restored below)
+    try:
+        with pytest.raises(RuntimeError, match="no scaled_dot_product_attention call was seen in layer 1"):
+            with torch.no_grad(), capture(m, layers=[1]):
+                m(**ltx2_inputs(t=900.0))
+                m(**ltx2_inputs(batch=1, t=900.0, spatio_temporal_guidance_blocks=[1]))
+    finally:
+        register(adapter)
+
+
 def test_wan_qk_equal_recomputation():
     m = tiny_wan()
     kw = wan_inputs()
     attn = m.blocks[1].attn1
-    got, h = grab_attn_inputs(attn)
-    with torch.no_grad(), capture(m, layers=[1]) as cache:
-        m(**kw)
-    h.remove()
+    cache, got = captured(m, kw, attn, 1)
     x, n = got["_args"][0], F_ * R_ * C_  # WanTransformerBlock calls attn1(norm_hidden_states, None, None, rope)
     assert x.shape[1] == n and cache.grid.text_len == 0
     # Wan RoPE: head_dim 16 -> t 8, h 4, w 4 (h = w = 2 * (16 // 6)), pairs interleaved
@@ -266,10 +464,7 @@ def test_cogvideox15_temporal_patch_qk_equal_recomputation():
     m = tiny_cogvideox15()
     kw = cog15_inputs()
     attn = m.transformer_blocks[1].attn1
-    got, h = grab_attn_inputs(attn)
-    with torch.no_grad(), capture(m, layers=[1], branch="all") as cache:
-        m(**kw)
-    h.remove()
+    cache, got = captured(m, kw, attn, 1, branch="all")
     assert (cache.grid.frames, cache.grid.text_len, cache.grid.text_first) == (F_, 8, True)
     x = torch.cat([got["encoder_hidden_states"], got["hidden_states"]], 1)
     n = F_ * R_ * C_
@@ -286,10 +481,7 @@ def test_ltx_qk_equal_recomputation():
     m = tiny_ltx()
     kw = ltx_inputs()
     attn = m.transformer_blocks[0].attn1
-    got, h = grab_attn_inputs(attn)
-    with torch.no_grad(), capture(m, layers=[0]) as cache:
-        m(**kw)
-    h.remove()
+    cache, got = captured(m, kw, attn, 0)
     x, n = got["hidden_states"], F_ * R_ * C_
     with torch.no_grad():
         q = ltx_rope(attn.norm_q(attn.to_q(x)), got["image_rotary_emb"]).unflatten(2, (2, -1))
@@ -435,3 +627,15 @@ def test_step_keys_of_the_new_families():
                 m(**dict(wan_inputs(text_seed=11), timestep=ts))
                 m(**dict(wan_inputs(text_seed=22), timestep=ts))
         assert c.timesteps == {0: 900.0, 1: 500.0}
+
+
+def test_ltx2_tracking_and_cag_are_refused():
+    from difftrack.guidance import CAGConfig, apply_cag
+    from difftrack.tracking import DiffTracker
+
+    m = tiny_ltx2()
+    with pytest.raises(ValueError, match=r"backbone 'ltx2' is not supported for tracking; allowed: .*wan"):
+        DiffTracker(m, layers=(1,))
+    with pytest.raises(ValueError, match=r"CAG is implemented for .*; got LTX2VideoTransformer3DModel \(ltx2\)"):
+        with apply_cag(m, CAGConfig(layers=[1])):
+            pass

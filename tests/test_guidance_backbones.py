@@ -6,13 +6,15 @@ import math
 
 import pytest
 import torch
+from conftest import processors
 import torch.nn.functional as F
-from test_backbones import (hunyuan_inputs, skyreels_inputs, tiny_hunyuan, tiny_mochi, tiny_skyreels, tiny_wan,
-                            wan_inputs)
+from test_backbones import (cosmos_inputs, hunyuan15_inputs, hunyuan_inputs, skyreels_inputs, tiny_cosmos, tiny_hunyuan,
+                            tiny_hunyuan15, tiny_mochi, tiny_skyreels, tiny_wan, wan_inputs)
 from test_guidance import dense_mask
 from test_real_pipelines import call_kwargs
 from torch.overrides import TorchFunctionMode
 
+from difftrack.backbones import family_for
 from difftrack.guidance import CAGConfig, apply_cag, cag_hooks, frame_local_attention, generate_with_cag_diffusers
 from difftrack.testing import build_tiny_pipeline
 
@@ -94,11 +96,16 @@ CASES = {  # name: (builder, inputs, text tokens in the self-attention, layer ->
     "hunyuan-dual": (lambda: tiny_hunyuan(), lambda: hunyuan_inputs(batch=2), 6, lambda m, l: m.transformer_blocks[l]),
     "hunyuan-single": (lambda: tiny_hunyuan(), lambda: hunyuan_inputs(batch=2), 6,
                        lambda m, l: m.single_transformer_blocks[l - len(m.transformer_blocks)]),
+    # [video, image, glyph, text] with a [B, 1, N, N] mask masking padding as keys and as queries
+    "hunyuan15": (lambda: tiny_hunyuan15(), lambda: hunyuan15_inputs(batch=2), 13,
+                  lambda m, l: m.transformer_blocks[l]),
+    "cosmos": (lambda: tiny_cosmos(), lambda: cosmos_inputs(batch=2), 0, lambda m, l: m.transformer_blocks[l]),
 }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case,layer", [("wan", 1), ("hunyuan-dual", 1), ("hunyuan-single", 2)])
+@pytest.mark.parametrize("case,layer", [("wan", 1), ("hunyuan-dual", 1), ("hunyuan-single", 2), ("hunyuan15", 1),
+                                        ("cosmos", 1)])
 def test_perturbed_attention_in_real_processors_equals_dense_reference(case, layer, variant):
     build, inputs, text_len, block_of = CASES[case]
     m, kw = build(), inputs()
@@ -113,7 +120,7 @@ def test_perturbed_attention_in_real_processors_equals_dense_reference(case, lay
     assert mode.n == 1
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert (out - plain).abs().max() > 1e-4
-    assert all(not type(p).__name__.startswith("CAG") for p in m.attn_processors.values())
+    assert all(not type(p).__name__.startswith("CAG") for p in processors(m).values())
 
 
 def test_only_perturbed_slot_changes_in_wan():
@@ -158,27 +165,30 @@ def test_sequential_hooks_fold_cag_into_the_cond_call(do_cfg):
 @pytest.mark.parametrize("kind,extra", [("wan", {}), ("hunyuanvideo", {}),
                                         ("hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}),
                                         ("wan22_ti2v", {}), ("skyreels_v2", {}),
-                                        ("skyreels_v2_df", {"causal_block_size": 2, "num_frames": 13})],
+                                        ("skyreels_v2_df", {"causal_block_size": 2, "num_frames": 13}),
+                                        ("hunyuanvideo15", {}), ("cosmos", {})],
                          ids=["wan-cfg", "hunyuan-embedded-guidance", "hunyuan-true-cfg", "wan22-ti2v",
-                              "skyreels-v2", "skyreels-v2-df-block-causal"])
+                              "skyreels-v2", "skyreels-v2-df-block-causal", "hunyuan15-guider-cfg", "cosmos-cfg"])
 def test_unmodified_diffusers_pipelines_with_cag(kind, extra):
     pipe = build_tiny_pipeline(kind)
     kw = call_kwargs(kind, pipe, output_type="latent", **extra)
     gs = kw.pop("guidance_scale")
-    before = {k: type(p) for k, p in pipe.transformer.attn_processors.items()}
+    before = {k: type(p) for k, p in processors(pipe.transformer).items()}
 
     def run(config):
         return generate_with_cag_diffusers(pipe, config, generator=torch.Generator().manual_seed(0),
                                            guidance_scale=gs, **kw).frames
 
-    ref = pipe(generator=torch.Generator().manual_seed(0), guidance_scale=gs, **kw).frames
+    ref = family_for(pipe).call(pipe, gs, generator=torch.Generator().manual_seed(0), **kw).frames
+    guider = getattr(pipe, "guider", None)
     assert torch.equal(run(CAGConfig(layers=[1], scale=0.0)), ref)
     assert torch.equal(run(None), ref)
     guided = run(CAGConfig(layers=[0, 1], scale=1.0))
     assert guided.shape == ref.shape and torch.isfinite(guided).all()
     assert (guided - ref).abs().max() > 1e-4
-    assert {k: type(p) for k, p in pipe.transformer.attn_processors.items()} == before
+    assert {k: type(p) for k, p in processors(pipe.transformer).items()} == before
     assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
+    assert getattr(pipe, "guider", None) is guider  # HunyuanVideo 1.5: its own guider is back
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -271,3 +281,52 @@ def test_shared_prefix_cag_equals_the_three_slot_cag_up_to_rounding(kind, extra)
     torch.testing.assert_close(out[True], out[False], rtol=0, atol=2e-5)
     assert batches[True] < batches[False]
     assert all(not b._forward_pre_hooks and not b._forward_hooks for _, b in blocks)
+
+
+def test_key_padding_mask_forms():
+    """CAG reads a key-padding mask from [B, 1, 1, N] (HunyuanVideo) or from its outer AND [B, 1, N, N]
+    (HunyuanVideo 1.5); any other boolean mask is refused with the shapes named."""
+    from difftrack.guidance import _key_padding
+
+    km = torch.tensor([[True, True, False, True], [True, False, False, False]])
+    assert torch.equal(_key_padding(km[:, None, None, :], 0), km)
+    outer = (km[:, :, None] & km[:, None, :])[:, None]
+    assert torch.equal(_key_padding(outer, 0), km)
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None].expand(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"outer AND \[B, 1, N, N\].*got torch.bool \(2, 1, 4, 4\)"):
+        _key_padding(causal, 3)
+
+
+def test_cosmos_combine_weight_is_w_plus_one():
+    """Cosmos2VideoToWorldPipeline combines c + w (c - u) (on its x0 predictions): a change d of the conditional
+    transformer output moves the step's latents by -(w + 1)/w times what the same change of the unconditional output
+    does. That weight is what the CAG hooks fold through (CosmosFamily.cfg_weight: s / (w + 1))."""
+    from test_real_pipelines import run
+
+    pipe = build_tiny_pipeline("cosmos")
+    kw = call_kwargs("cosmos", pipe, output_type="latent")
+    w = kw["guidance_scale"]
+    assert family_for(pipe).cfg_weight(w, {}) == (w + 1.0, True)
+    d = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))  # latents are ~80 at step 0
+
+    def step0(which):
+        calls, out = [], {}
+
+        def post(m, a, k, o):
+            calls.append(1)
+            if len(calls) == which:  # 1: the conditional call of step 0, 2: the unconditional one
+                return (o[0] + d,) + tuple(o[1:])
+
+        h = pipe.transformer.register_forward_hook(post, with_kwargs=True)
+        try:
+            keep = lambda p, i, t, c: (out.setdefault(i, c["latents"].clone()), {})[1]  # noqa: E731
+            run(pipe, dict(kw, callback_on_step_end=keep))
+        finally:
+            h.remove()
+        return out[0]
+
+    plain, dc, du = step0(0), step0(1), step0(2)
+    noisy = slice(1, None)  # latent frame 0 is the conditioning frame, put back by the pipeline
+    torch.testing.assert_close((dc - plain)[:, :, noisy], -(w + 1) / w * (du - plain)[:, :, noisy], rtol=1e-3,
+                               atol=1e-4)
+    assert (dc - plain)[:, :, noisy].abs().max() > 1e-6 and torch.equal(dc[:, :, 0], plain[:, :, 0])

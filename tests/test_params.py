@@ -76,36 +76,47 @@ def test_check_cell_comes_right_after_the_parameters_cell(name):
         assert call not in before, f"{call} before the parameter check of {name}"
 
 
+# the released checkpoints' config entries the checks read, by the placeholder folder name of the parameter files:
+# (pipeline class, transformer/config.json, vae/config.json)
+CONFIGS = {
+    "CogVideoX-2b": ("CogVideoXPipeline", dict(num_layers=30, patch_size=2, sample_frames=49, sample_height=60,
+                                              sample_width=90),
+                     dict(temporal_compression_ratio=4, block_out_channels=[128, 256, 256, 512])),
+    "Wan2.2-TI2V-5B-Diffusers": ("WanPipeline", dict(num_layers=30, patch_size=[1, 2, 2]),
+                                 dict(scale_factor_temporal=4, scale_factor_spatial=16)),
+    "SkyReels-V2-DF-1.3B-540P-Diffusers": ("SkyReelsV2DiffusionForcingPipeline",
+                                           dict(num_layers=30, patch_size=[1, 2, 2]),
+                                           dict(scale_factor_temporal=4, scale_factor_spatial=8)),
+    "mochi-1-preview": ("MochiPipeline", dict(num_layers=48, patch_size=2),
+                        dict(temporal_expansions=[1, 2, 3], spatial_expansions=[2, 2, 2])),
+    "HunyuanVideo-1.5-480p_t2v": ("HunyuanVideo15Pipeline", dict(num_layers=54, patch_size=1, patch_size_t=1),
+                                  dict(temporal_compression_ratio=4, spatial_compression_ratio=16)),
+    "Cosmos-Predict2-2B-Video2World": ("Cosmos2VideoToWorldPipeline", dict(num_layers=28, patch_size=[1, 2, 2]),
+                                       dict(temperal_downsample=[False, True, True])),
+}
+
+
 @pytest.mark.parametrize("yaml_name, notebooks", [
     ("full.yaml", ["01_dataset", "02_layer_analysis", "03_timestep"]), ("04_full.yaml", ["04_tracking"]),
     ("cogvideox_2b.yaml", ["02_layer_analysis", "03_timestep"]), ("04_cogvideox_2b.yaml", ["04_tracking"]),
     ("wan22_ti2v_5b.yaml", ["02_layer_analysis", "03_timestep"]), ("04_wan22_ti2v_5b.yaml", ["04_tracking"]),
     ("skyreels_v2_df_1.3b.yaml", ["02_layer_analysis", "03_timestep"]),
     ("04_skyreels_v2_df_1.3b.yaml", ["04_tracking"]),
-    ("mochi_1.yaml", ["02_layer_analysis", "03_timestep"]), ("04_mochi_1.yaml", ["04_tracking"])])
+    ("mochi_1.yaml", ["02_layer_analysis", "03_timestep"]), ("04_mochi_1.yaml", ["04_tracking"]),
+    ("hunyuanvideo15_480p.yaml", ["02_layer_analysis", "03_timestep"]),
+    ("04_hunyuanvideo15_480p.yaml", ["04_tracking"]),
+    ("cosmos_predict2_2b.yaml", ["02_layer_analysis", "03_timestep"]), ("04_cosmos_predict2_2b.yaml", ["04_tracking"])])
 def test_committed_paper_scale_parameter_files_pass(yaml_name, notebooks, tmp_path):
     """notebooks/params/*.yaml on top of the defaults; the real-model files with a folder of the model's configs
-    (the released checkpoints' transformer and VAE geometry) in place of their /path/to/... placeholder, and on the
-    CPU where CUDA is missing."""
+    (the released checkpoints' transformer and VAE geometry, :data:`CONFIGS`) in place of their /path/to/...
+    placeholder, and on the CPU where CUDA is missing."""
     import torch
     import yaml
 
     over = yaml.safe_load((NB_DIR / "params" / yaml_name).read_text())
-    folders = {  # placeholder folder name: (pipeline class, transformer config, VAE config)
-        "CogVideoX-2b": ("CogVideoXPipeline", dict(num_layers=30, patch_size=2, sample_frames=49, sample_height=60,
-                                                  sample_width=90),
-                         dict(temporal_compression_ratio=4, block_out_channels=[128, 256, 256, 512])),
-        "Wan2.2-TI2V-5B-Diffusers": ("WanPipeline", dict(num_layers=30, patch_size=[1, 2, 2]),
-                                     dict(scale_factor_temporal=4, scale_factor_spatial=16)),
-        "SkyReels-V2-DF-1.3B-540P-Diffusers": ("SkyReelsV2DiffusionForcingPipeline",
-                                               dict(num_layers=30, patch_size=[1, 2, 2]),
-                                               dict(scale_factor_temporal=4, scale_factor_spatial=8)),
-        "mochi-1-preview": ("MochiPipeline", dict(num_layers=48, patch_size=2),
-                            dict(temporal_expansions=[1, 2, 3], spatial_expansions=[2, 2, 2])),
-    }
     if "model" in over:
         name = Path(over["model"]).name
-        cls, tcfg, vcfg = folders[name]
+        cls, tcfg, vcfg = CONFIGS[name]
         over["model"] = str(_folder(tmp_path / name, cls, tcfg, vae=vcfg))
     if over.get("device") == "cuda" and not torch.cuda.is_available():
         over["device"] = "cpu"
@@ -237,6 +248,18 @@ def _folder(path: Path, cls: str, transformer: dict, vae: dict | None = None) ->
     return path
 
 
+def test_prompt_only_generation_refused_for_video2world(tmp_path):
+    """Cosmos Video2World generates from a conditioning image: notebook 02's check refuses videos_per_family > 0
+    before any model load, and takes world videos only."""
+    cls, transformer, vae = CONFIGS["Cosmos-Predict2-2B-Video2World"]
+    folder = str(_folder(tmp_path / "cosmos", cls, transformer, vae=vae))
+    vals = {**defaults("02_layer_analysis"), "model": folder, "size": [9, 32, 32]}
+    with pytest.raises(ValueError, match=r"videos_per_family.*Cosmos2VideoToWorldPipeline does not generate from a "
+                                         r"prompt alone; allowed: 0"):
+        check_notebook("02_layer_analysis", dict(vals, videos_per_family=1))
+    check_notebook("02_layer_analysis", dict(vals, videos_per_family=0, exact_per_family=1))
+
+
 def test_embedded_geometry_matches_the_model_without_loading_it():
     from difftrack import mini
     from difftrack.runners import VideoRunner
@@ -292,7 +315,8 @@ def test_folder_geometry_matches_the_runner_of_saved_tiny_pipelines(tmp_path):
         assert g.default_size in (None, runner.default_size()), kind
         last = g.num_layers - 1
         check_notebook("02_layer_analysis", {**defaults("02_layer_analysis"), "model": str(folder), "num_steps": 2,
-                                             "size": [FRAMES, HEIGHT, WIDTH]})
+                                             "size": [FRAMES, HEIGHT, WIDTH],  # Cosmos: world videos only
+                                             "videos_per_family": int(runner.family.prompt_to_video)})
         check_notebook("04_tracking", {**defaults("04_tracking"), "model": str(folder), "layer": last,
                                        "slider_layers": [0, last], "slider_steps": [-1, -2],
                                        "native_size": [HEIGHT, WIDTH], "num_frames": FRAMES, "device": "cpu"})

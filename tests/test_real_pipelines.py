@@ -4,9 +4,14 @@ Checks the calling conventions the adapters assume: CogVideoX's batched [uncond,
 (cond first), HunyuanVideo's embedded guidance (one call) and true CFG (two calls, cond first), step indices and
 timesteps, bit-identical outputs, and save_pretrained / from_pretrained round trips.
 """
+import inspect
+
+import numpy as np
 import pytest
 import torch
+from conftest import processors
 
+from difftrack.backbones import family_for
 from difftrack.capture import capture
 from difftrack.backbones.skyreels import encode_prompt
 from difftrack.testing import KINDS, build_tiny_pipeline, hunyuan_prompt_template, tiny_size
@@ -20,11 +25,13 @@ def call_kwargs(kind, pipe, **extra):
               output_type="pt")
     if kind == "cogvideox":
         kw.update(negative_prompt="", guidance_scale=6.0)
-    elif kind in ("wan", "wan22_ti2v", "mochi"):
-        kw.update(negative_prompt="a blue square", guidance_scale=5.0)
+    elif kind in ("wan", "wan22_ti2v", "mochi", "hunyuanvideo15"):  # HunyuanVideo 1.5: the family sets its guider's
+        kw.update(negative_prompt="a blue square", guidance_scale=5.0)  # scale (run())
     elif kind.startswith("skyreels"):  # their prompt cleaning needs ftfy: embeddings instead (skyreels docstring)
         kw.update(prompt=None, prompt_embeds=encode_prompt(pipe, kw["prompt"]),
                   negative_prompt_embeds=encode_prompt(pipe, "a blue square"), guidance_scale=5.0)
+    elif kind == "cosmos":  # Video2World: a conditioning image (its first latent frame), CFG 7 (the default)
+        kw.update(image=[np.full((H, W, 3), 100, np.uint8)], negative_prompt="a blue square", guidance_scale=7.0)
     else:
         kw.update(prompt_template=hunyuan_prompt_template(pipe.tokenizer), guidance_scale=6.0)
     kw.update(extra)
@@ -32,8 +39,18 @@ def call_kwargs(kind, pipe, **extra):
 
 
 def run(pipe, kw, seen=None):
-    cb = None if seen is None else (lambda p, i, t, d: seen.append((i, float(t.max()))) or {})  # DF: t per frame
-    return pipe(generator=torch.Generator().manual_seed(0), callback_on_step_end=cb, **kw).frames
+    """The pipeline's ``__call__`` through its family (``guidance_scale`` set the family's way); ``seen`` gets
+    ``(step, timestep)`` of every step (from the step callback, the largest of per-frame timesteps; for pipelines
+    without one from the scheduler's timesteps after the run)."""
+    kw = dict(kw)
+    gs = kw.pop("guidance_scale")
+    takes_cb = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
+    if seen is not None and takes_cb:
+        kw["callback_on_step_end"] = lambda p, i, t, d: seen.append((i, float(t.max()))) or {}  # DF: t per frame
+    out = family_for(pipe).call(pipe, gs, generator=torch.Generator().manual_seed(0), **kw).frames
+    if seen is not None and not takes_cb:  # HunyuanVideo15Pipeline has no step callback
+        seen.extend((i, float(t)) for i, t in enumerate(pipe.scheduler.timesteps))
+    return out
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -51,19 +68,22 @@ def test_capture_in_pipeline_is_exact_and_tags_steps(saved):
         out = run(pipe, kw, seen)
     assert torch.equal(ref, out)
     assert sorted(cache.keys()) == [("blocks.0.attn.k", 1), ("blocks.0.attn.q", 1), ("blocks.0.out", 1)]
-    assert cache.timesteps == dict(seen) and len(seen) == STEPS
+    # the transformer's own timestep of each step as the family builds it: the scheduler's (per frame / per token:
+    # its largest), Cosmos' sigma / (sigma + 1) of its EDM sigma
+    family, x = family_for(pipe), torch.zeros(1, 1, 3, 2, 2)  # [B, C, F, h, w] latents: the argument's shape only
+    model_t = {i: float(family.timestep_input(pipe, torch.tensor(t), x).max()) for i, t in seen}
+    assert cache.timesteps == model_t and len(seen) == STEPS
     heads = pipe.transformer.config.num_attention_heads
     assert cache.q(0, step=1).shape == (1, heads, 3, 2, 2, 16)  # cond branch only, 3 latent frames x 2 x 2 tokens
     assert cache.features(0, step=1).shape[:4] == (1, 3, 2, 2)
-    a = cache.adapter  # (MochiTransformer3DModel has no attn_processors)
-    assert all(not type(a.self_attention(b).processor).__name__.startswith("Capturing")
-               for _, b in a.blocks(pipe.transformer))
+    assert all(not type(p).__name__.startswith("Capturing") for p in processors(pipe.transformer).values())
 
 
 def test_save_and_reload_gives_the_same_output(saved):
     kind, pipe, path = saved
-    reloaded = type(pipe).from_pretrained(str(path))
-    reloaded.set_progress_bar_config(disable=True)
+    reloaded = family_for(pipe).load(str(path), torch.float32)  # as runners.load_pipeline loads a folder
+    if getattr(reloaded, "safety_checker", None) is not None:  # Cosmos: the tiny pipeline's test pass-through
+        reloaded.safety_checker = pipe.safety_checker
     assert type(reloaded.tokenizer).__name__ == type(pipe.tokenizer).__name__
     kw = call_kwargs(kind, pipe)
     # equal weights, but safetensors-loaded parameters can sit at other memory alignments, which changes the CPU
@@ -82,7 +102,8 @@ def _qk_events(pipe, kw, branch):
     return events
 
 
-@pytest.mark.parametrize("kind", ["wan", "hunyuanvideo", "wan22_ti2v", "skyreels_v2", "skyreels_v2_df"])
+@pytest.mark.parametrize("kind", ["wan", "hunyuanvideo", "wan22_ti2v", "skyreels_v2", "skyreels_v2_df",
+                                  "hunyuanvideo15", "cosmos"])
 def test_sequential_cfg_branches_in_pipeline(kind):
     pipe = build_tiny_pipeline(kind)
     extra = {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"} if kind == "hunyuanvideo" else {}
@@ -168,6 +189,27 @@ def test_mochi_noising_and_size_conventions():
     with pytest.raises(ValueError, match="frames=9; MochiPipeline needs at least 2 frames and frames - 1 divisible "
                                          "by its temporal compression 6"):
         runner.check_size((9, 32, 32))
+
+
+def test_cosmos_bare_forwards_take_the_pipelines_edm_inputs():
+    """Cosmos' bare forwards (runner, tracking) noise and time through the family as the pipeline feeds its
+    transformer: timestep ``t' = sigma / (sigma + 1)`` of the step's EDM sigma (the pipeline's value for its noisy
+    frames; frame 0 is its conditioning frame), input ``(1 - t') x0 + t' eps``, not the scheduler's own rule."""
+    from difftrack.runners import VideoRunner
+
+    pipe = build_tiny_pipeline("cosmos")
+    seen = _timesteps_seen(pipe, call_kwargs("cosmos", pipe, output_type="latent"))  # [1, 1, F, 1, 1] per call
+    runner = VideoRunner(pipe)
+    ts = runner.timesteps(STEPS)
+    x0, eps = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 16, 3, 4, 4)
+    for i, t in enumerate(ts):
+        mine = runner.forward_kwargs(x0, torch.tensor(t), runner.cond("a red circle"))["timestep"]
+        theirs = seen[2 * i][0, 0, 1:, 0, 0]  # the cond call's noisy frames
+        assert mine.shape == (1,) and torch.equal(theirs, mine.expand(2))
+        sigma = pipe.scheduler.sigmas[i]
+        assert t > 1.0 and float(mine) == pytest.approx(float(sigma / (sigma + 1)), rel=1e-6)
+        torch.testing.assert_close(runner.add_noise(x0, eps, torch.tensor(t)), (1 - mine) * x0 + mine * eps,
+                                   rtol=0, atol=0)
 
 
 def test_skyreels_diffusion_forcing_async_steps_are_the_step_matrix_rows():

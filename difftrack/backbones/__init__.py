@@ -1,7 +1,7 @@
 """Per-backbone adapters: every decision that depends on the backbone family lives in this package.
 
 Three registries, filled by one module per family (``cogvideox``, ``hunyuanvideo``, ``wan``, ``ltxvideo``,
-``skyreels``, ``mochi``, ``embedded``):
+``skyreels``, ``mochi``, ``embedded``, ``hunyuanvideo15``, ``cosmos``, ``ltx2``):
 
 * :class:`BackboneAdapter`, by transformer class name: where the blocks are, how the attention sequence is laid out,
   which CFG branch is which. The capture core (:mod:`difftrack.capture`) uses nothing else.
@@ -23,9 +23,14 @@ test.
 | SkyReels-V2 | ``SkyReelsV2Transformer3DModel`` | ``[video]``; per-frame timesteps | separate forwards, cond first |
 | Mochi 1 | ``MochiTransformer3DModel`` | ``[video, valid text]``, one SDPA per row | one batch ``[uncond, cond]`` |
 | LTX-Video | ``LTXVideoTransformer3DModel`` | ``[video]`` (text by cross-attention), input already patchified | one batch ``[uncond, cond]`` |
+| HunyuanVideo 1.5 (T2V) | ``HunyuanVideo15Transformer3DModel`` | ``[video, image, glyph, text]``, 54 dual-stream blocks | separate forwards through the ``guider``, cond first |
+| Cosmos-Predict2 (Video2World) | ``CosmosTransformer3DModel`` | ``[video]`` (text by cross-attention) | separate forwards, cond first |
+| LTX-2 (video stream) | ``LTX2VideoTransformer3DModel`` | ``[video]`` (audio in its own stream), patchified | one batch ``[uncond, cond]``, then STG / modality calls (not captured) |
 
 Not covered: ``HunyuanVideoFramepackTransformer3DModel`` (history tokens are prepended to the video and the text is
-cropped per call, so there is no fixed grid), HunyuanVideo 1.5, Wan VACE/Animate, LTX-2.
+cropped per call, so there is no fixed grid), Wan VACE/Animate, HunyuanVideo 1.5 I2V
+(``HunyuanVideo15ImageToVideoPipeline``: no family, untested), Cosmos-Predict2.5 / Transfer (other processor, control
+blocks), ``LTX2Pipeline`` as a pipeline family (its Gemma 3 text encoder, audio VAE and vocoder are not built here).
 """
 from __future__ import annotations
 
@@ -113,6 +118,11 @@ class BackboneAdapter:
             largest per-token value: Wan 2.2 TI2V's clean first frame holds 0).
         per_sample_attention: the processor runs one SDPA call per batch row on ``[video, that row's valid text]``
             (Mochi drops padded text tokens per row): capture collects every call of the processor, not the first.
+        pack_input: ``latents [B, C, F, h, w] -> hidden_states`` of a bare transformer call whose input carries
+            conditioning channels besides the latents (HunyuanVideo 1.5: zero condition latents and mask appended);
+            ``None``: the latents as they are.
+        first_call_only: capture only the first transformer call of each denoising step (LTX-2: its extra
+            guidance calls at the same timestep, spatio-temporal guidance and modality isolation, are skipped).
     """
 
     name: str
@@ -130,6 +140,8 @@ class BackboneAdapter:
     cag_attention: str | None = "sdpa"
     step_key: Callable | None = None  # default: max_timestep
     per_sample_attention: bool = False
+    pack_input: Callable | None = None
+    first_call_only: bool = False
 
     def __post_init__(self):
         if self.cfg not in ("batched", "sequential"):
@@ -148,7 +160,11 @@ class BackboneAdapter:
 
     def latent_input(self, x: torch.Tensor) -> torch.Tensor:
         """Per-frame latents ``[F, C, h, w]`` -> the transformer's ``hidden_states`` (batch 1)."""
-        return x[None] if self.frames_first else x.permute(1, 0, 2, 3)[None]
+        return self.pack(x[None] if self.frames_first else x.permute(1, 0, 2, 3)[None])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents in the transformer's layout -> its ``hidden_states`` (:attr:`pack_input`; as they are without)."""
+        return x if self.pack_input is None else self.pack_input(x)
 
     def rope_kwargs(self, transformer, pipe, frames: int, rows: int, cols: int, device) -> dict:
         return {} if self.rope is None else self.rope(transformer, pipe, frames, rows, cols, device)
@@ -323,12 +339,15 @@ class PipelineFamily:
         pipeline_classes: pipeline class names handled.
         takes_negative_prompt: whether ``__call__`` takes ``negative_prompt``.
         fixed_size: the family runs at its default size only (the embedded model), whatever size is asked.
+        prompt_to_video: :meth:`generate` makes a video from a prompt alone (not Cosmos Video2World, which needs a
+            conditioning image).
     """
 
     name = "base"
     pipeline_classes: tuple[str, ...] = ()
     takes_negative_prompt = False
     fixed_size = False
+    prompt_to_video = True
 
     def load(self, path: str, dtype: torch.dtype):
         """The pipeline saved in the local folder ``path`` (offline), in ``dtype``, progress bars off."""
@@ -392,9 +411,9 @@ class PipelineFamily:
         import numpy as np
 
         T, H, W = size
-        kw = dict(num_frames=T, height=H, width=W, num_inference_steps=num_steps, guidance_scale=guidance_scale,
-                  generator=generator, output_type="np", **self.prompt_kwargs(pipe, prompt, negative_prompt))
-        out = np.asarray(pipe(**kw).frames[0], np.float32)
+        kw = dict(num_frames=T, height=H, width=W, num_inference_steps=num_steps, generator=generator,
+                  output_type="np", **self.prompt_kwargs(pipe, prompt, negative_prompt))
+        out = np.asarray(self.call(pipe, guidance_scale, **kw).frames[0], np.float32)
         return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
 
     def prompt_kwargs(self, pipe, prompt: str, negative_prompt: str) -> dict:
@@ -435,6 +454,11 @@ class PipelineFamily:
         """``(CFG weight, whether the pipeline runs an unconditional branch)`` of a ``__call__`` with
         ``guidance_scale`` and the other keyword arguments ``call_kwargs``."""
         return guidance_scale, guidance_scale > 1.0
+
+    def call(self, pipe, guidance_scale: float, *args, **kwargs):
+        """``pipe(*args, guidance_scale=guidance_scale, **kwargs)``; families whose ``__call__`` takes no guidance
+        scale (HunyuanVideo 1.5: its guider holds it) set it their way."""
+        return pipe(*args, guidance_scale=guidance_scale, **kwargs)
 
 
 _FAMILIES: dict[str, PipelineFamily] = {}
@@ -565,4 +589,5 @@ def frame_encoder(transformer, vae):
 
 
 # one module per family; importing them registers their adapters and pipeline families (order: pipeline listing)
-from . import embedded, cogvideox, wan, hunyuanvideo, ltxvideo, skyreels, mochi  # noqa: E402,F401
+from . import (embedded, cogvideox, wan, hunyuanvideo, ltxvideo, skyreels, mochi,  # noqa: E402,F401
+               hunyuanvideo15, cosmos, ltx2)
