@@ -276,7 +276,7 @@ class MiniVideoPipeline(DiffusionPipeline):
         if img.dtype != np.uint8 or img.ndim != 4 or img.shape[1:] != (height, width, 3) or len(img) not in (1, batch):
             raise ValueError(f"image must be uint8 [{height}, {width}, 3] or [B={batch}, {height}, {width}, 3]; got "
                              f"{img.dtype} {img.shape}")
-        img = np.broadcast_to(img, (batch,) + img.shape[1:])
+        img = np.array(np.broadcast_to(img, (batch,) + img.shape[1:]))  # a writable copy for torch
         first = torch.cat([video_uint8_to_latents(f[None], device=device)[:, 0] for f in img])
         return image_condition(first, frames)
 
