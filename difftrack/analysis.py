@@ -199,7 +199,7 @@ class Recorder:
         self.kw = dict(tau=tau, bidirectional=bidirectional, refine=refine, radius=radius)
         self.feature_kw = dict(tau=feature_tau, bidirectional=bidirectional, refine=refine, radius=radius)
         self.scores = scores
-        self._expected = [n for n in self._shapes if n != "feat_tracks" or features]
+        self._expected = [n for n in self._shapes if features or n not in ("feat_tracks", "pub_feat_tracks")]
         if not scores:
             self._expected = [n for n in self._expected if n not in ("max_text", "sum_text", "max_frame", "sum_frame")]
         self._steps = list(range(S)) if steps is None else sorted({int(s) for s in steps})

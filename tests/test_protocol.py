@@ -10,6 +10,7 @@ import torch
 from difftrack import analysis as A
 from difftrack.backbones import TokenGrid
 from difftrack.capture import FeatureEvent, QKEvent
+from difftrack.hooks import IncompleteRunError
 
 ROOT = Path(__file__).resolve().parents[1]
 H, D, F, ROWS, COLS, TEXT, STRIDE, R = 3, 8, 4, 3, 5, 6, 16, 4  # 4 latent frames of 3x5 tokens; 4 video / latent
@@ -237,3 +238,19 @@ def test_headlines_of_both_protocols_and_not_recorded():
     assert ("published", "not recorded") in xa.headline_frame(only).index
     with pytest.raises(ValueError, match="no 'published' tables"):
         xa.summarize_tables({n: tabs[n] for n in names}, protocol="published")
+
+
+def test_recorder_without_features_expects_no_feature_table_of_either_protocol():
+    """``features=False`` (no block-feature events): neither ``feat_tracks`` nor the published ``pub_feat_tracks`` is
+    expected, so a run with query/key events only is complete; a missing query/key table still raises."""
+    g = torch.Generator().manual_seed(0)
+    N = TEXT + F * ROWS * COLS
+    q = torch.randn(1, H, N, D, generator=g)
+    grid = TokenGrid(F, ROWS, COLS, text_len=TEXT, text_first=True, stride=STRIDE)
+    rec = A.Recorder(QUERIES, STRIDE, 1, 1, F, protocols=("difftrack", "published"), features=False)
+    rec.on_qk(QKEvent(0, 0, None, q, q + 0.3 * torch.randn(1, H, N, D, generator=g), grid))
+    out = rec.rec
+    assert np.isfinite(out.pub_qk_tracks).all() and np.isnan(out.pub_feat_tracks).all()
+    empty = A.Recorder(QUERIES, STRIDE, 1, 1, F, protocols=("difftrack", "published"), features=False)
+    with pytest.raises(IncompleteRunError, match="pub_qk_tracks"):
+        empty.rec
