@@ -515,9 +515,10 @@ def initial_noise(seed: int, num_frames: int | None = None, height: int | None =
 
 def generate_videos(pipe, prompts: Sequence[str], seeds: Sequence[int], layers: Sequence[int] = (),
                     scale: float = 0.0, num_inference_steps: int = 50, guidance_scale: float = 6.0,
-                    variant: str = "renormalized", step_times: list | None = None, autocast: str | None = None
-                    ) -> np.ndarray:
-    """Generate one batch: ``uint8 [B, T, H, W, 3]`` for ``prompts`` with per-video noise :func:`initial_noise`.
+                    variant: str = "renormalized", step_times: list | None = None, autocast: str | None = None,
+                    images: np.ndarray | None = None) -> np.ndarray:
+    """Generate one batch: ``uint8 [B, T, H, W, 3]`` for ``prompts`` with per-video noise :func:`initial_noise`
+    (``images``: the first frames ``uint8 [B, H, W, 3]`` of an image-to-video model).
 
     ``scale == 0`` or no ``layers``: the plain pipeline (CFG batch ``2B``); else
     :func:`difftrack.guidance.generate_with_cag` (3-slot batch). ``step_times``, if given, receives the wall-clock
@@ -548,7 +549,7 @@ def generate_videos(pipe, prompts: Sequence[str], seeds: Sequence[int], layers: 
     with autocast_context(device, autocast):
         out = generate_with_cag(pipe, list(prompts), config, guidance_scale=guidance_scale,
                                 num_inference_steps=num_inference_steps, latents=latents, callback_on_step_end=cb,
-                                progress=False)
+                                progress=False, image=images)
     return np.asarray(out.frames)
 
 

@@ -685,7 +685,7 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
                       negative_prompt: str | list[str] | None = None, num_frames: int | None = None,
                       height: int | None = None, width: int | None = None, latents: torch.Tensor | None = None,
                       output_type: str = "np", callback_on_step_end=None, progress: bool = True,
-                      shared_prefix: bool = True):
+                      shared_prefix: bool = True, image=None):
     """Sample from a :class:`~difftrack.mini.MiniVideoPipeline` with CAG.
 
     The pipeline's own ``__call__`` runs unmodified under :func:`cag_hooks`: on steps whose CAG scale is non-zero
@@ -701,8 +701,9 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
 
     Args:
         pipe: the embedded pipeline.
-        prompt, negative_prompt, num_frames, height, width, generator, latents, callback_on_step_end, progress:
-            as ``MiniVideoPipeline.__call__`` (``None`` sizes = its defaults).
+        prompt, negative_prompt, num_frames, height, width, generator, latents, callback_on_step_end, progress,
+            image: as ``MiniVideoPipeline.__call__`` (``None`` sizes = its defaults; ``image``: the first frames of an
+            image-to-video model).
         config: the :class:`CAGConfig`, or ``None`` for no CAG.
         guidance_scale: CFG weight (> 1 enables CFG).
         output_type: ``"np"`` for ``uint8 [B, T, H, W, 3]`` or ``"latent"`` for ``[B, T, 12, H/2, W/2]``.
@@ -717,7 +718,7 @@ def generate_with_cag(pipe, prompt: str | list[str], config: CAGConfig | None, g
                   height=mini.HEIGHT if height is None else height, width=mini.WIDTH if width is None else width,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
                   latents=latents, output_type=output_type, callback_on_step_end=callback_on_step_end,
-                  progress=progress)
+                  progress=progress, image=image)
     _checks.check_guidance_scale(guidance_scale)
     if config is None:
         return pipe(prompt, **common)

@@ -85,12 +85,15 @@ def generate(a, procs):
     procs.barrier()
     t0 = time.time()
     mine = procs.indices(len(X.batches(items, a.batch)))  # this process's batches, fixed by item index
-    if mini.is_image_to_video(pipe.transformer):
-        recs = generate_image_to_video(pipe, items, d / "videos", a, mine)
-    else:
-        recs = X.generate_cached(pipe, items, d / "videos", (), 0.0, a.steps, a.cfg, batch_size=a.batch,
-                                 autocast=None if a.autocast == "none" else a.autocast, claim=False,
-                                 log=print if procs.is_main else None, only_batches=mine)
+    first_frame = None
+    if mini.is_image_to_video(pipe.transformer):  # issue 30's I2V arm: the world's own first frame of each prompt
+        from difftrack.world import World
+
+        world = World()
+        first_frame = lambda it: world.sample(it["world_seed"], it["family"], "heldout").video[0]  # noqa: E731
+    recs = X.generate_cached(pipe, items, d / "videos", (), 0.0, a.steps, a.cfg, batch_size=a.batch,
+                             autocast=None if a.autocast == "none" else a.autocast, claim=False,
+                             log=print if procs.is_main else None, only_batches=mine, first_frame=first_frame)
     recs = [dict(r, device=device_name(device)) for part in procs.gather(recs) for r in part]
     if procs.is_main:
         if recs:
@@ -98,35 +101,6 @@ def generate(a, procs):
             old = json.loads(tp.read_text()) if tp.exists() else []
             tp.write_text(json.dumps(old + recs, indent=1))
         print(f"[agreement] generated {a.videos} videos ({len(recs)} batches) in {time.time() - t0:.1f} s")
-
-
-def generate_image_to_video(pipe, items, directory: Path, a, only_batches) -> list[dict]:
-    """An image-to-video model (issue 30's I2V arm): each prompt's first frame is the world's own render of it, the
-    noise :func:`difftrack.cag_eval.initial_noise` as for the text-to-video model; videos cached one file each
-    (resumable), in the layout and fixed batches of :func:`difftrack.experiments.cag.generate_cached` (this
-    process's batches ``only_batches``)."""
-    import torch
-
-    from difftrack.cag_eval import autocast_context, initial_noise
-    from difftrack.world import World
-
-    directory.mkdir(parents=True, exist_ok=True)
-    w, device, recs = World(), pipe._execution_device, []
-    batches = X.batches(items, a.batch)
-    for chunk in (batches[b] for b in only_batches):
-        if all(X.video_path(directory, it["index"], it["noise_seed"]).exists() for it in chunk):
-            continue
-        first = np.stack([w.sample(it["world_seed"], it["family"], "heldout").video[0] for it in chunk])
-        latents = torch.cat([initial_noise(it["noise_seed"]) for it in chunk]).to(device)
-        t0 = time.perf_counter()
-        with autocast_context(device, None if a.autocast == "none" else a.autocast):
-            vids = pipe([it["prompt"] for it in chunk], image=first, latents=latents, guidance_scale=a.cfg,
-                        num_inference_steps=a.steps, progress=False).frames
-        for it, v in zip(chunk, vids):
-            np.save(X.video_path(directory, it["index"], it["noise_seed"]), v)
-        recs.append(dict(batch=len(chunk), steps=a.steps, total_seconds=time.perf_counter() - t0,
-                         image_to_video=True))
-    return recs
 
 
 def _agree(task):

@@ -195,3 +195,20 @@ def test_training_script_image_to_video_smoke(tmp_path):
     log = json.loads((out / "training_log.json").read_text())
     assert log["meta"]["i2v"] is True and np.isfinite(log["log"][0]["loss"])
     assert mini.is_image_to_video(mini.MiniVideoPipeline.from_pretrained(str(out)).transformer)
+
+
+def test_image_to_video_generation_goes_through_the_shared_video_cache(tmp_path):
+    """The agreement's I2V path is generate_cached with first frames: videos cached atomically per item; without
+    first frames an image-to-video model is refused by the pipeline's own check."""
+    from difftrack.experiments import cag as X
+
+    i2v = mini.to_image_to_video(mini.load_default())
+    items = [dict(index=i, prompt="a scene , camera panning left", noise_seed=1000 + i) for i in range(2)]
+    frames = {0: np.full((64, 64, 3), 40, np.uint8), 1: np.full((64, 64, 3), 200, np.uint8)}
+    recs = X.generate_cached(i2v, items, tmp_path / "v", num_inference_steps=1, guidance_scale=6.0, batch_size=2,
+                             log=None, first_frame=lambda it: frames[it["index"]])
+    assert len(recs) == 1
+    vids = X.load_cached(tmp_path / "v", items)
+    assert vids[0].shape == (13, 64, 64, 3) and not list((tmp_path / "v").glob("*.tmp"))
+    with pytest.raises(ValueError, match="pass image="):
+        X.generate_cached(i2v, items, tmp_path / "w", num_inference_steps=1, batch_size=2, log=None)

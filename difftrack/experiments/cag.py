@@ -130,7 +130,7 @@ def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: 
                     scale: float = 0.0, num_inference_steps: int = 50, guidance_scale: float = 6.0,
                     variant: str = "renormalized", batch_size: int = 100, log: Callable[[str], None] | None = print,
                     autocast: str | None = None, only_batches: Sequence[int] | None = None,
-                    claim: bool = True) -> list[dict]:
+                    claim: bool = True, first_frame: Callable[[dict], np.ndarray] | None = None) -> list[dict]:
     """Generate the videos of ``items`` (``{"index", "prompt", "noise_seed"}``) not cached yet under ``directory``.
 
     The pipeline calls are :func:`batches` of ``batch_size`` items, fixed by item index: a batch with any video
@@ -138,7 +138,8 @@ def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: 
     every video comes from the same batch whatever was cached). ``only_batches``: generate only these batch indices
     (one process's share, :mod:`difftrack.experiments.distributed`); ``claim``: check the folder's weights first
     (:func:`claim_cache`; several processes: rank 0 claims, the others pass ``False``). A truncated or garbled
-    cached video is named in a warning and generated again. Returns one timing record per pipeline call:
+    cached video is named in a warning and generated again. ``first_frame``: an image-to-video model's first frame
+    of an item (``uint8 [H, W, 3]``). Returns one timing record per pipeline call:
     ``{"batch", "steps", "step_seconds" (median over the steps after the first), "first_step_seconds",
     "total_seconds"}``."""
     from ..fileio import npy_intact
@@ -170,7 +171,8 @@ def generate_cached(pipe, items: Sequence[dict], directory: str | Path, layers: 
         t0 = time.perf_counter()
         vids = E.generate_videos(pipe, [it["prompt"] for it in chunk], [it["noise_seed"] for it in chunk], layers,
                                  scale, num_inference_steps, guidance_scale, variant, step_times=times,
-                                 autocast=autocast)
+                                 autocast=autocast,
+                                 images=None if first_frame is None else np.stack([first_frame(it) for it in chunk]))
         total = time.perf_counter() - t0
         keep = {id(it) for it in missing}
         for it, v in zip(chunk, vids):
