@@ -16,7 +16,8 @@ from difftrack import mini  # noqa: E402
 
 # The committed weights' lineage, oldest first: each run resumed from the one before; training_log.json is the last.
 LINEAGE = (("run 1", "training_log_run1.json"), ("run 2", "training_log_run2.json"),
-           ("round 4", "training_log_round4.json"), ("round 6", "training_log.json"))
+           ("round 4", "training_log_round4.json"), ("round 6", "training_log_round6.json"),
+           ("round 7", "training_log_round7.json"), ("round 8", "training_log.json"))
 named = [(n, json.loads((W / f).read_text())) for n, f in LINEAGE if (W / f).exists()]
 names, runs = [n for n, _ in named], [r for _, r in named]
 steps0, xs, ys = 0, [], []
