@@ -250,6 +250,14 @@ class Recorder:
             self._dev_cache[key] = self._pts_cpu.to(device)
         return self._dev_cache[key]
 
+    def _layout(self, rows: int, cols: int, device) -> M.PointLayout:
+        """The points' :class:`difftrack.matching.PointLayout` (token units, bilinear corners, ``grid_sample``
+        coordinates), made once per (grid, device) for every (layer, step) and both protocols."""
+        key = ("layout", rows, cols, str(device))
+        if key not in self._dev_cache:
+            self._dev_cache[key] = M.point_layout(self._pts(device), self._rec.stride, rows, cols, device)
+        return self._dev_cache[key]
+
     def _check(self, step: int, layer: int):
         if step >= self._rec.num_steps:
             raise ValueError(f"step {step} beyond the {self._rec.num_steps} steps the recorder was sized for")
@@ -273,15 +281,17 @@ class Recorder:
         """``[qk_tracks]`` (``[qk_tracks, pub_qk_tracks]`` with the published protocol) of one layer, ``[n, F, 2]``
         pixels each; both from one cost when the temperature and direction agree."""
         pts, stride = self._pts(q.device), self._rec.stride
+        lay = self._layout(q.shape[2], q.shape[3], q.device)
         if not self.published:
-            return [M.match_video(q, k, pts, stride, **self.kw)[0]]
+            return [M.match_video(q, k, pts, stride, layout=lay, **self.kw)[0]]
         same = (M.temperature(self.kw["tau"], q.shape[0], q.shape[-1]) == M.temperature("dim", q.shape[0], q.shape[-1])
                 and self.kw["bidirectional"] == PUBLISHED_MATCH["bidirectional"])
         if same:
             kw = {k_: v for k_, v in self.kw.items() if k_ != "refine"}
-            return [t for t, _ in M.match_video_refines(q, k, pts, stride, (self.kw["refine"], "paper"), **kw)]
-        return [M.match_video(q, k, pts, stride, **self.kw)[0],
-                M.match_video(q, k, pts, stride, radius=self.kw["radius"], **PUBLISHED_MATCH)[0]]
+            return [t for t, _ in M.match_video_refines(q, k, pts, stride, (self.kw["refine"], "paper"), layout=lay,
+                                                        **kw)]
+        return [M.match_video(q, k, pts, stride, layout=lay, **self.kw)[0],
+                M.match_video(q, k, pts, stride, radius=self.kw["radius"], layout=lay, **PUBLISHED_MATCH)[0]]
 
     def _store_scores(self, prefix: str, ev: QKEvent, tau) -> None:
         g = ev.grid
@@ -303,8 +313,9 @@ class Recorder:
         for name, tr in zip(("qk_tracks", "pub_qk_tracks"), self._qk_tracks(q, k)):
             self._store(name, ev.step, ev.layer, tr)
         if self.head_sets is not None:
+            lay = self._layout(q.shape[2], q.shape[3], q.device)
             self._store("qk_tracks_heads", ev.step, ev.layer, torch.stack(
-                [M.match_video(q, k, self._pts(q.device), self._rec.stride, heads=hs, **self.kw)[0]
+                [M.match_video(q, k, self._pts(q.device), self._rec.stride, heads=hs, layout=lay, **self.kw)[0]
                  for hs in self.head_sets]))
         if not self.scores:
             return
@@ -315,12 +326,13 @@ class Recorder:
     @torch.no_grad()
     def on_features(self, ev: FeatureEvent) -> None:
         self._check(ev.step, ev.layer)
-        f = ev.features[0]
-        tr, _ = M.match_video_features(f, self._pts(f.device), self._rec.stride, **self.feature_kw)
+        f = ev.features[0]  # [F, rows, cols, C]
+        lay = self._layout(f.shape[1], f.shape[2], f.device)
+        tr, _ = M.match_video_features(f, self._pts(f.device), self._rec.stride, layout=lay, **self.feature_kw)
         self._store("feat_tracks", ev.step, ev.layer, tr)
         if self.published:
             tr, _ = M.match_video_features(f, self._pts(f.device), self._rec.stride, radius=self.kw["radius"],
-                                           **PUBLISHED_FEATURES)
+                                           layout=lay, **PUBLISHED_FEATURES)
             self._store("pub_feat_tracks", ev.step, ev.layer, tr)
 
 

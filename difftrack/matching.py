@@ -24,6 +24,7 @@ corner convention and border hack [B4]):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -131,24 +132,100 @@ def _corners(pts: torch.Tensor, rows: int, cols: int):
     return index, fu, fv
 
 
-def _blend(r, fu: torch.Tensor, fv: torch.Tensor) -> torch.Tensor:
-    """Bilinear blend of the 4 corner rows ``r(c)`` (``c`` in the order of :func:`_corners`)."""
-    return r(0) * (1 - fu) * (1 - fv) + r(1) * fu * (1 - fv) + r(2) * (1 - fu) * fv + r(3) * fu * fv
+def _blend(r, fu: torch.Tensor, fv: torch.Tensor, gu: torch.Tensor | None = None,
+           gv: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinear blend of the 4 corner rows ``r(c)`` (``c`` in the order of :func:`_corners`); ``gu``, ``gv``: the
+    complements ``1 - fu``, ``1 - fv`` when already computed (the same values, so the same result bit for bit)."""
+    gu = 1 - fu if gu is None else gu
+    gv = 1 - fv if gv is None else gv
+    return r(0) * gu * gv + r(1) * fu * gv + r(2) * gu * fv + r(3) * fu * fv
 
 
-def _bilinear_rows(cost: torch.Tensor, rows: int, cols: int, pts: torch.Tensor) -> torch.Tensor:
+def _bilinear_rows(cost: torch.Tensor, rows: int, cols: int, pts: torch.Tensor,
+                   layout: "PointLayout | None" = None) -> torch.Tensor:
     """Blend the cost rows of the 4 source tokens around each point. cost ``[..., M_s, M_k]`` (any leading frame
-    dimensions), pts ``[n, 2]`` token units -> ``[..., n, M_k]``."""
-    index, fu, fv = _corners(pts, rows, cols)
-    return _blend(lambda c: cost[..., index[c], :], fu, fv)
+    dimensions), pts ``[n, 2]`` token units -> ``[..., n, M_k]``. ``layout``: the corners of ``pts`` computed
+    once (:func:`point_layout`); the 4 n rows are then gathered in one indexing call."""
+    if layout is None:
+        index, fu, fv = _corners(pts, rows, cols)
+        return _blend(lambda c: cost[..., index[c], :], fu, fv)
+    return _bilinear_subset(cost.index_select(-2, layout.index), pts, rows, cols, layout)
 
 
-def _bilinear_subset(cost: torch.Tensor, pts: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def _bilinear_subset(cost: torch.Tensor, pts: torch.Tensor, rows: int, cols: int,
+                     layout: "PointLayout | None" = None) -> torch.Tensor:
     """As :func:`_bilinear_rows` for a cost computed for the source rows ``_corners(...)[0].flatten()`` only
     (``[..., 4 n, M_k]``, corner-major) -> ``[..., n, M_k]``."""
-    _, fu, fv = _corners(pts, rows, cols)
     n = pts.shape[0]
-    return _blend(lambda c: cost[..., c * n:(c + 1) * n, :], fu, fv)
+    if layout is None:
+        _, fu, fv = _corners(pts, rows, cols)
+        return _blend(lambda c: cost[..., c * n:(c + 1) * n, :], fu, fv)
+    return _blend(lambda c: cost[..., c * n:(c + 1) * n, :], layout.fu, layout.fv, layout.gu, layout.gv)
+
+
+@dataclass(frozen=True)
+class PointLayout:
+    """Query points of one frame grid on one device, with everything about them that does not depend on the cost,
+    computed once by :func:`point_layout` and reused by every match of the same points (e.g. every (layer, step)
+    of :class:`difftrack.analysis.Recorder`): the per-call results are bit-identical to recomputing them.
+
+    Attributes:
+        points_px: the caller's ``[n, 2]`` pixel tensor (the layout is valid for this very tensor, unmodified).
+        version: ``points_px._version`` when the layout was made (an in-place edit invalidates it).
+        stride, rows, cols: pixels per token and the frame's token grid.
+        pts: ``float32 [n, 2]`` token units (:func:`px_to_tokens`) on the device.
+        index: ``long [4 n]`` corner tokens, corner-major (:func:`_corners`).
+        fu, fv, gu, gv: ``[n, 1]`` bilinear fractions and their complements ``1 - fu``, ``1 - fv``.
+        grid: ``[1, 1, n, 2]`` ``grid_sample`` coordinates of ``refine="paper"``.
+        ones: ``[n, 1]`` ones (the source frame's confidence).
+    """
+
+    points_px: torch.Tensor
+    version: int
+    stride: float
+    rows: int
+    cols: int
+    pts: torch.Tensor
+    index: torch.Tensor
+    fu: torch.Tensor
+    fv: torch.Tensor
+    gu: torch.Tensor
+    gv: torch.Tensor
+    grid: torch.Tensor
+    ones: torch.Tensor
+
+    def check(self, points_px: torch.Tensor, stride: float, rows: int, cols: int, device) -> None:
+        """Raise ``ValueError`` unless this layout was made for ``points_px`` (the same tensor, unmodified),
+        ``stride`` and a ``rows x cols`` grid on ``device``."""
+        want = (points_px, points_px._version, float(stride), rows, cols, torch.device(device))
+        have = (self.points_px, self.version, self.stride, self.rows, self.cols, self.pts.device)
+        if not (want[0] is have[0] and want[1:] == have[1:]):
+            raise ValueError(f"layout= was made for other points or another grid (version, stride, rows, cols, "
+                             f"device {have[1:]} vs {want[1:]}, same tensor: {want[0] is have[0]}); make it with "
+                             f"point_layout() for these points")
+
+
+def point_layout(points_px: torch.Tensor, stride: float, rows: int, cols: int, device=None) -> PointLayout:
+    """The :class:`PointLayout` of ``points_px [n, 2]`` (pixels ``(x, y)``) on a ``rows x cols`` token grid with
+    ``stride`` pixels per token, on ``device`` (default: that of ``points_px``)."""
+    if points_px.dim() != 2 or points_px.shape[-1] != 2:
+        raise ValueError(f"points_px must be [n, 2] pixels (x, y); got {tuple(points_px.shape)}")
+    device = points_px.device if device is None else torch.device(device)
+    pts = px_to_tokens(points_px.to(device).float(), stride)
+    index, fu, fv = _corners(pts, rows, cols)
+    grid = torch.stack([pts[:, 0] / max(cols - 1, 1) * 2 - 1, pts[:, 1] / max(rows - 1, 1) * 2 - 1],
+                       -1).view(1, 1, -1, 2)
+    return PointLayout(points_px, points_px._version, float(stride), rows, cols, pts, index.reshape(-1), fu, fv,
+                       1 - fu, 1 - fv, grid, torch.ones(pts.shape[0], 1, device=device))
+
+
+def _layout(layout: PointLayout | None, points_px: torch.Tensor, stride: float, rows: int, cols: int, device
+            ) -> PointLayout:
+    """``layout`` checked against the call's points and grid, or a fresh one."""
+    if layout is None:
+        return point_layout(points_px, stride, rows, cols, device)
+    layout.check(points_px, stride, rows, cols, device)
+    return layout
 
 
 def _others(x: torch.Tensor, dim: int, src: int) -> torch.Tensor:
@@ -159,13 +236,6 @@ def _others(x: torch.Tensor, dim: int, src: int) -> torch.Tensor:
     if src == n - 1:
         return x.narrow(dim, 0, n - 1)
     return torch.cat([x.narrow(dim, 0, src), x.narrow(dim, src + 1, n - src - 1)], dim)
-
-
-def _set_others(x: torch.Tensor, dim: int, src: int, value: torch.Tensor) -> None:
-    """In place: ``x`` at every index but ``src`` along ``dim`` <- ``value`` (in order)."""
-    n = x.shape[dim]
-    x.narrow(dim, 0, src).copy_(value.narrow(dim, 0, src))
-    x.narrow(dim, src + 1, n - src - 1).copy_(value.narrow(dim, src, n - src - 1))
 
 
 def refine_peak(prob: torch.Tensor, rows: int, cols: int, method: str = "softargmax", radius: int = 1,
@@ -232,16 +302,29 @@ def match_from_cost(cost: torch.Tensor, rows: int, cols: int, points_tok: torch.
         ``(positions [n, 2] token units in the target frame, confidence [n])``.
     """
     if refine == "paper":
-        peak, idx = cost.max(-1)  # per source token
-        mm = torch.stack([(idx % cols).float(), (idx // cols).float()], 0).view(1, 2, rows, cols)
-        g = torch.stack([points_tok[:, 0] / max(cols - 1, 1) * 2 - 1, points_tok[:, 1] / max(rows - 1, 1) * 2 - 1],
-                        -1).view(1, 1, -1, 2)
-        pos = F.grid_sample(mm, g, mode="bilinear", padding_mode="border", align_corners=True)[0, :, 0].T
-        conf = F.grid_sample(peak.view(1, 1, rows, cols), g, mode="bilinear", padding_mode="border",
-                             align_corners=True)[0, 0, 0]
-        return pos, conf
+        pos, conf = _paper_frames(cost.unsqueeze(0), rows, cols, points_tok)
+        return pos[:, 0], conf[:, 0]
     rows_prob = _bilinear_rows(cost, rows, cols, points_tok)
     return refine_peak(rows_prob, rows, cols, refine, radius, sharpen)
+
+
+def _paper_frames(costs: torch.Tensor, rows: int, cols: int, points_tok: torch.Tensor,
+                  grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``refine="paper"`` for several frame pairs at once: the argmax target token of every source token of each
+    cost ``[F, M_s, M_k]`` (the integer match map (u, v) and its peak value), bilinearly sampled at the query points
+    ``[n, 2]`` (token units) with border clamping. The match maps and peaks of all frames go through one
+    ``grid_sample`` call (batch ``F``, channels ``(u, v, peak)``): each output is the same per-channel bilinear
+    blend as one call per frame and quantity, bit for bit. ``grid``: the sampling coordinates of ``points_tok``
+    (:attr:`PointLayout.grid`) when already computed. Returns ``(positions [n, F, 2], peak [n, F])``."""
+    Fr = costs.shape[0]
+    peak, idx = costs.max(-1)  # [F, M_s]: per source token
+    maps = torch.stack([(idx % cols).float(), (idx // cols).float(), peak], 1).view(Fr, 3, rows, cols)
+    if grid is None:
+        grid = torch.stack([points_tok[:, 0] / max(cols - 1, 1) * 2 - 1, points_tok[:, 1] / max(rows - 1, 1) * 2 - 1],
+                           -1).view(1, 1, -1, 2)
+    out = F.grid_sample(maps, grid.expand(Fr, 1, -1, 2), mode="bilinear", padding_mode="border",
+                        align_corners=True)[:, :, 0]  # [F, 3, n]
+    return out[:, :2].permute(2, 0, 1), out[:, 2].T
 
 
 def _lse(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tensor:
@@ -373,14 +456,15 @@ def feature_cost_frames(f_src: torch.Tensor, f_tgt: torch.Tensor, tau: float = 0
 
 
 def _match_frames(costs: torch.Tensor, rows: int, cols: int, pts: torch.Tensor, refine: str, radius: int,
-                  sharpen: float, subset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  sharpen: float, subset: bool = False, layout: PointLayout | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """costs ``[F, M_s, M_k]`` (``subset``: ``[F, 4 n, M_k]``, the rows of :func:`_point_rows`) -> positions
-    ``[n, F, 2]`` token units and confidence ``[n, F]``."""
+    ``[n, F, 2]`` token units and confidence ``[n, F]``; ``layout``: that of ``pts`` (:func:`point_layout`)."""
     Fr = costs.shape[0]
     if refine == "paper":
-        res = [match_from_cost(costs[f], rows, cols, pts, refine, radius, sharpen) for f in range(Fr)]
-        return torch.stack([r[0] for r in res], 1), torch.stack([r[1] for r in res], 1)
-    blend = _bilinear_subset(costs, pts, rows, cols) if subset else _bilinear_rows(costs, rows, cols, pts)
+        return _paper_frames(costs, rows, cols, pts, None if layout is None else layout.grid)
+    blend = (_bilinear_subset(costs, pts, rows, cols, layout) if subset
+             else _bilinear_rows(costs, rows, cols, pts, layout))
     rows_prob = blend.transpose(0, 1)  # [n, F, Mk]
     n = pts.shape[0]
     pos, conf = refine_peak(rows_prob.reshape(n * Fr, -1), rows, cols, refine, radius, sharpen)
@@ -416,7 +500,8 @@ def select_heads(q: torch.Tensor, k: torch.Tensor, heads, tau: float | str | Non
 
 def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, stride: float, src_frame: int = 0,
                 tau: float | str | None = None, bidirectional: bool = True, refine: str = "softargmax",
-                radius: int = 1, sharpen: float = 1.0, heads=None) -> tuple[torch.Tensor, torch.Tensor]:
+                radius: int = 1, sharpen: float = 1.0, heads=None, layout: PointLayout | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Match points of one frame to every frame of a clip from one layer's query/key.
 
     Args:
@@ -425,17 +510,20 @@ def match_video(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, strid
         stride: pixels per token.
         heads: average the cost over these heads only (``None``: every head, the paper's head average); the
             temperature stays that of the layer (``tau`` resolved with the layer's head count and head size).
+        layout: :func:`point_layout` of ``points_px`` on this grid and device, made once for many calls (the
+            same results; ``None``: made here).
 
     Returns:
         ``(tracks [n, F, 2] pixels, confidence [n, F])``; the source frame holds the points themselves.
     """
     return match_video_refines(q, k, points_px, stride, (refine,), src_frame, tau, bidirectional, radius, sharpen,
-                               heads)[0]
+                               heads, layout)[0]
 
 
 def match_video_refines(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tensor, stride: float, refines,
                         src_frame: int = 0, tau: float | str | None = None, bidirectional: bool = True,
-                        radius: int = 1, sharpen: float = 1.0, heads=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                        radius: int = 1, sharpen: float = 1.0, heads=None, layout: PointLayout | None = None
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`match_video` with several refinements from **one** cost (e.g. the project's soft-argmax and the
     published argmax + match-map interpolation, recorded side by side): ``[(tracks, confidence)]``, one per entry of
     ``refines``. With ``"paper"`` among them the cost of every source token is computed (also on CUDA)."""
@@ -448,18 +536,19 @@ def match_video_refines(q: torch.Tensor, k: torch.Tensor, points_px: torch.Tenso
     bad = [r for r in refines if r not in REFINE]
     if bad or not refines:
         raise ValueError(f"unknown refine {bad[0] if bad else refines!r}; allowed: {REFINE}")
-    pts = px_to_tokens(points_px.to(q.device).float(), stride)
+    lay = _layout(layout, points_px, stride, rows, cols, q.device)
     q, k, tau = select_heads(q, k, heads, tau)  # the layer's temperature, not that of the subset
     H = q.shape[0]
     qf, kf = q.reshape(H, Fr, rows * cols, D), k.reshape(H, Fr, rows * cols, D)
-    src_rows = _point_rows(pts, rows, cols, refines)
+    src_rows = _point_rows(lay.pts, rows, cols, refines, lay)
     costs = qk_cost_frames(qf[:, src_frame], kf[:, src_frame], _others(qf, 1, src_frame), _others(kf, 1, src_frame),
                            tau, bidirectional, src_rows=src_rows)
-    return [_place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, r, radius, sharpen, src_rows)
+    return [_place_tracks(costs, lay.pts, src_frame, rows, cols, stride, r, radius, sharpen, src_rows, lay)
             for r in refines]
 
 
-def _point_rows(pts: torch.Tensor, rows: int, cols: int, refine) -> torch.Tensor | None:
+def _point_rows(pts: torch.Tensor, rows: int, cols: int, refine, layout: PointLayout | None = None
+                ) -> torch.Tensor | None:
     """The source rows a match needs: on CUDA, the 4 tokens around each point (``[4 n]``, corner-major) when they
     are fewer than the frame's tokens; ``None`` (every row) on the CPU, where the full cost keeps results
     bit-identical to earlier versions, and for ``refine="paper"`` (one refine or any of a tuple), which takes the
@@ -467,32 +556,35 @@ def _point_rows(pts: torch.Tensor, rows: int, cols: int, refine) -> torch.Tensor
     paper = refine == "paper" if isinstance(refine, str) else "paper" in refine
     if not pts.is_cuda or paper or 4 * pts.shape[0] >= rows * cols:
         return None
-    return _corners(pts, rows, cols)[0].reshape(-1)
+    return _corners(pts, rows, cols)[0].reshape(-1) if layout is None else layout.index
 
 
-def _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen, src_rows=None):
+def _place_tracks(costs, pts, src_frame, rows, cols, stride, refine, radius, sharpen, src_rows=None,
+                  layout: PointLayout | None = None):
     """Tracks ``[n, F, 2]`` pixels and confidence ``[n, F]`` from the costs of every frame but ``src_frame``
-    (costs ``[F - 1, M_s, M_k]``, or ``[F - 1, 4 n, M_k]`` for the rows of :func:`_point_rows`)."""
-    tracks = pts.unsqueeze(1).repeat(1, Fr, 1)
-    conf = torch.ones(pts.shape[0], Fr, device=pts.device)
-    pos, c = _match_frames(costs, rows, cols, pts, refine, radius, sharpen, subset=src_rows is not None)
-    _set_others(tracks, 1, src_frame, pos)
-    _set_others(conf, 1, src_frame, c)
+    (costs ``[F - 1, M_s, M_k]``, or ``[F - 1, 4 n, M_k]`` for the rows of :func:`_point_rows`); the source frame
+    holds the points themselves, confidence 1."""
+    pos, c = _match_frames(costs, rows, cols, pts, refine, radius, sharpen, subset=src_rows is not None,
+                           layout=layout)
+    ones = torch.ones(pts.shape[0], 1, device=pts.device) if layout is None else layout.ones
+    tracks = torch.cat([pos[:, :src_frame], pts.unsqueeze(1), pos[:, src_frame:]], 1)
+    conf = torch.cat([c[:, :src_frame], ones, c[:, src_frame:]], 1)
     return tokens_to_px(tracks, stride), conf
 
 
 def match_video_features(feat: torch.Tensor, points_px: torch.Tensor, stride: float, src_frame: int = 0,
                          tau: float = 0.05, bidirectional: bool = True, refine: str = "softargmax", radius: int = 1,
-                         sharpen: float = 1.0, similarity: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
+                         sharpen: float = 1.0, similarity: str = "cosine", layout: PointLayout | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`match_video` from block features ``feat [F, rows, cols, C]`` (cosine similarity, or the raw dot
-    product with ``similarity="dot"``, see :func:`feature_cost_frames`)."""
+    product with ``similarity="dot"``, see :func:`feature_cost_frames`); ``layout`` as there."""
     Fr, rows, cols, C = feat.shape
-    pts = px_to_tokens(points_px.to(feat.device).float(), stride)
+    lay = _layout(layout, points_px, stride, rows, cols, feat.device)
     ff = feat.reshape(Fr, rows * cols, C)
-    src_rows = _point_rows(pts, rows, cols, refine)
+    src_rows = _point_rows(lay.pts, rows, cols, refine, lay)
     costs = feature_cost_frames(ff[src_frame], _others(ff, 0, src_frame), tau, bidirectional, src_rows=src_rows,
                                 similarity=similarity)
-    return _place_tracks(costs, pts, Fr, src_frame, rows, cols, stride, refine, radius, sharpen, src_rows)
+    return _place_tracks(costs, lay.pts, src_frame, rows, cols, stride, refine, radius, sharpen, src_rows, lay)
 
 
 def attention_rows(q: torch.Tensor, k: torch.Tensor, rows_idx: torch.Tensor, tau: float | str | None = None,

@@ -254,3 +254,133 @@ def test_recorder_without_features_expects_no_feature_table_of_either_protocol()
     empty = A.Recorder(QUERIES, STRIDE, 1, 1, F, protocols=("difftrack", "published"), features=False)
     with pytest.raises(IncompleteRunError, match="pub_qk_tracks"):
         empty.rec
+
+
+# ------------------------------------------------------------------ recording cost: the same bytes (issue 32)
+def _frames_paper_reference(cost, pts):
+    """``refine="paper"`` as first written: one frame pair, separate ``grid_sample`` calls for the match map and the
+    peak. cost ``[M_s, M_k]``, pts ``[n, 2]`` token units -> ``(positions [n, 2], peak [n])``."""
+    peak, idx = cost.max(-1)
+    mm = torch.stack([(idx % COLS).float(), (idx // COLS).float()], 0).view(1, 2, ROWS, COLS)
+    g = torch.stack([pts[:, 0] / (COLS - 1) * 2 - 1, pts[:, 1] / (ROWS - 1) * 2 - 1], -1).view(1, 1, -1, 2)
+    kw = dict(mode="bilinear", padding_mode="border", align_corners=True)
+    return (torch.nn.functional.grid_sample(mm, g, **kw)[0, :, 0].T,
+            torch.nn.functional.grid_sample(peak.view(1, 1, ROWS, COLS), g, **kw)[0, 0, 0])
+
+
+def _tracks_reference(costs, pts, refine, src=0):
+    """Tracks ``[n, F, 2]`` px and confidence ``[n, F]`` from ``costs [F - 1, M, M]`` as first written: one frame at a
+    time for "paper", the 4 corner rows gathered and blended one by one otherwise, the source frame filled in."""
+    from difftrack.matching import _corners, refine_peak
+
+    n = len(pts)
+    tracks, conf = pts.unsqueeze(1).repeat(1, F, 1), torch.ones(n, F)
+    others = [f for f in range(F) if f != src]
+    for i, f in enumerate(others):
+        if refine == "paper":
+            tracks[:, f], conf[:, f] = _frames_paper_reference(costs[i], pts)
+            continue
+        index, fu, fv = _corners(pts, ROWS, COLS)
+        r = [costs[i][index[c]] for c in range(4)]
+        blend = r[0] * (1 - fu) * (1 - fv) + r[1] * fu * (1 - fv) + r[2] * (1 - fu) * fv + r[3] * fu * fv
+        tracks[:, f], conf[:, f] = refine_peak(blend, ROWS, COLS, refine, 1)
+    return (tracks + 0.5) * STRIDE, conf
+
+
+def _edge_queries():
+    """QUERIES, 24 random points and points on token centres, on the frame's edges and outside it (border
+    clamping)."""
+    extra = [[8.0, 8.0], [24.0, 40.0], [0.0, 0.0], [80.0, 48.0], [90.0, -3.0], [72.0, 24.0]]
+    rand = np.random.default_rng(7).uniform(0, [COLS * STRIDE, ROWS * STRIDE], (24, 2))
+    return np.concatenate([QUERIES, rand, extra]).astype(np.float32)
+
+
+def test_batched_paper_refine_is_the_per_frame_formula_bit_for_bit():
+    """The match maps and peaks of every frame pair go through one ``grid_sample``: the same bytes as one call per
+    frame and quantity, also with tied maxima and points on token centres, edges and outside the frame."""
+    from difftrack.matching import _match_frames, match_from_cost, px_to_tokens
+
+    g = torch.Generator().manual_seed(5)
+    pts = px_to_tokens(torch.from_numpy(_edge_queries()), STRIDE)
+    for ties in (False, True):
+        costs = torch.rand(F - 1, ROWS * COLS, ROWS * COLS, generator=g)
+        costs = (costs * 3).round() / 3 if ties else costs
+        pos, conf = _match_frames(costs, ROWS, COLS, pts, "paper", 1, 1.0)
+        ref = [_frames_paper_reference(c, pts) for c in costs]
+        assert torch.equal(pos, torch.stack([r[0] for r in ref], 1))
+        assert torch.equal(conf, torch.stack([r[1] for r in ref], 1))
+        one = match_from_cost(costs[1], ROWS, COLS, pts, "paper")
+        assert torch.equal(one[0], ref[1][0]) and torch.equal(one[1], ref[1][1])
+
+
+def test_recorded_tables_are_the_straightforward_computation_bit_for_bit():
+    """Both protocols recorded in one run (shared cost, one point layout for every call): each track table is,
+    byte for byte, the straightforward per-frame computation from the same cost (the code before the batching),
+    at the default temperature (one cost, two refinements) and at another one (two costs)."""
+    from difftrack.matching import feature_cost_frames, px_to_tokens, qk_cost_frames, temperature
+
+    g = torch.Generator().manual_seed(2)
+    N = TEXT + F * ROWS * COLS
+    q = torch.randn(1, H, N, D, generator=g)
+    k = q + 0.3 * torch.randn(1, H, N, D, generator=g)
+    feat = torch.randn(1, F, ROWS, COLS, 6, generator=g)
+    grid = TokenGrid(F, ROWS, COLS, text_len=TEXT, text_first=True, stride=STRIDE)
+    qp = _edge_queries()
+    pts = px_to_tokens(torch.from_numpy(qp), STRIDE)
+    qv = q[0, :, TEXT:].reshape(H, F, ROWS * COLS, D)
+    kv = k[0, :, TEXT:].reshape(H, F, ROWS * COLS, D)
+    fv = feat[0].reshape(F, ROWS * COLS, -1)
+    for tau in (None, 1.7):
+        rec = A.Recorder(qp, STRIDE, 2, 1, F, tau=tau, protocols=("difftrack", "published"))
+        for step in range(2):  # the second step reuses the layout made by the first
+            rec.on_qk(QKEvent(0, step, None, q, k, grid))
+            rec.on_features(FeatureEvent(0, step, None, feat, grid))
+        out = rec.rec
+        cost = {t: qk_cost_frames(qv[:, 0], kv[:, 0], qv[:, 1:], kv[:, 1:], t) for t in {tau, "dim"}}
+        want = dict(qk_tracks=_tracks_reference(cost[tau], pts, "softargmax")[0],
+                    pub_qk_tracks=_tracks_reference(cost["dim"], pts, "paper")[0],
+                    feat_tracks=_tracks_reference(feature_cost_frames(fv[0], fv[1:], 0.05), pts, "softargmax")[0],
+                    pub_feat_tracks=_tracks_reference(feature_cost_frames(fv[0], fv[1:], 1.0, False, similarity="dot"),
+                                                      pts, "paper")[0])
+        assert (temperature(tau, H, D) == temperature("dim", H, D)) == (tau is None)
+        for name, v in want.items():
+            for step in range(2):
+                assert np.array_equal(getattr(out, name)[step, 0], v.numpy()), (tau, name, step)
+
+
+def test_point_layout_reuse_is_checked_and_changes_nothing():
+    """``layout=`` (made once by ``point_layout``) gives the same bytes as without, for every refinement and source
+    frame; a layout made for other points, a modified points tensor or another grid is refused by name."""
+    from difftrack import matching as M
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(H, F, ROWS, COLS, D, generator=g)
+    k = q + 0.3 * torch.randn(H, F, ROWS, COLS, D, generator=g)
+    feat = torch.randn(F, ROWS, COLS, 6, generator=g)
+    pts = torch.from_numpy(_edge_queries())
+    lay = M.point_layout(pts, STRIDE, ROWS, COLS)
+    for src in (0, 2, F - 1):
+        for refine in M.REFINE:
+            for a, b in ((M.match_video(q, k, pts, STRIDE, src, refine=refine, layout=lay),
+                          M.match_video(q, k, pts, STRIDE, src, refine=refine)),
+                         (M.match_video_features(feat, pts, STRIDE, src, refine=refine, layout=lay),
+                          M.match_video_features(feat, pts, STRIDE, src, refine=refine))):
+                assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (src, refine)
+        if src == 0:  # tracks and confidence (the blended peak: any rounding of the blend shows) as first written
+            cost = M.qk_cost_frames(q[:, 0].flatten(1, 2), k[:, 0].flatten(1, 2), q[:, 1:].flatten(2, 3),
+                                    k[:, 1:].flatten(2, 3))
+            got = M.match_video_refines(q, k, pts, STRIDE, ("softargmax", "paper", "argmax"), layout=lay)
+            for (tr, cf), refine in zip(got, ("softargmax", "paper", "argmax")):
+                ref = _tracks_reference(cost, M.px_to_tokens(pts, STRIDE), refine)
+                assert torch.equal(tr, ref[0]) and torch.equal(cf, ref[1]), refine
+    with pytest.raises(ValueError, match="layout= was made for other points"):
+        M.match_video(q, k, pts.clone(), STRIDE, layout=lay)
+    with pytest.raises(ValueError, match="layout= was made for other points"):
+        M.match_video_features(feat[:, :2], pts, STRIDE, layout=lay)  # a 2 x 5 grid
+    with pytest.raises(ValueError, match="layout= was made for other points"):
+        M.match_video(q, k, pts, STRIDE / 2, layout=lay)
+    pts[0, 0] += 1.0  # edited in place after the layout was made
+    with pytest.raises(ValueError, match="layout= was made for other points"):
+        M.match_video(q, k, pts, STRIDE, layout=lay)
+    with pytest.raises(ValueError, match=r"points_px must be \[n, 2\]"):
+        M.point_layout(pts[:, :1], STRIDE, ROWS, COLS)
