@@ -104,3 +104,32 @@ def test_full_config_is_wan21_14b():
             "condition_embedder.time_embedder.linear_1.weight"} <= fp32
     assert sum(p.numel() for n, p in tr.named_parameters() if n in fp32) < 0.01 * 14.3e9
     assert max(bench_wan.CAG_LAYERS + bench_wan.CAPTURE_LAYERS) < tr.config.num_layers
+
+
+def test_a_run_of_some_sections_keeps_the_others_of_the_same_device(tmp_path):
+    """``--sections cag`` replaces the entry but keeps its exactness and analysis when they were measured on the
+    same device (named in ``sections_from_earlier_run``); another device's sections are not mixed in."""
+    from difftrack.provenance import device_name
+
+    here = device_name("cpu")
+    analysis = {"analysis_over_plain_50_steps": 1.1}
+    exact = {"transformer": {"capture_max_abs_diff": 0.0}}
+    out = tmp_path / "bench_gpu.json"
+    out.write_text(json.dumps({"models": {
+        KEYS[0]: {"meta": {"device": here, "commit": "aaa", "started": "t1"}, "analysis": analysis,
+                  "exactness": exact, "cag": {"cag_step_over_cfg_step": 1.5}, "by_device": {"H200": {"goals": 1}}},
+        KEYS[1]: {"meta": {"device": "NVIDIA H200", "commit": "bbb", "started": "t0"}, "analysis": analysis}}}))
+    B = bench_wan.Bench(bench_wan.parse_args(["--tiny", "--wan22", "--sections", "cag", "--out", str(out)]))
+    for key in KEYS:
+        B.entries[key] = {"meta": dict(B.meta), "cag": {"cag_step_over_cfg_step": 1.2}}
+    B.write()
+    m = json.loads(out.read_text())["models"]
+    assert m[KEYS[0]]["analysis"] == analysis and m[KEYS[0]]["exactness"] == exact
+    assert m[KEYS[0]]["cag"] == {"cag_step_over_cfg_step": 1.2}
+    assert m[KEYS[0]]["sections_from_earlier_run"] == {"exactness": {"commit": "aaa", "started": "t1"},
+                                                       "analysis": {"commit": "aaa", "started": "t1"}}
+    g = m[KEYS[0]]["goals"]
+    assert g["analysis_over_plain_50_steps"]["met"] and g["cag_step_over_cfg_step"]["met"]
+    assert g["capture_max_abs_diff"]["met"] and set(m[KEYS[0]]["by_device"]) == {"H200", here}
+    assert "analysis" not in m[KEYS[1]] and "sections_from_earlier_run" not in m[KEYS[1]]  # other device
+    assert m[KEYS[1]]["goals"]["analysis_over_plain_50_steps"]["value"] is None
