@@ -38,8 +38,10 @@ around it; peak memory from ``torch.cuda.max_memory_allocated`` (reset right bef
 
 The JSON (``--out``, default ``results/bench_gpu.json``) is merged: ``models["wan2.1-t2v-14b"]`` /
 ``models["wan2.2-t2v-a14b"]`` are replaced by this run's entries (with their own ``meta``: device, versions,
-commit), ``models[key]["by_device"]`` keeps the goals of the latest run on each device, and every other key (the
-CogVideoX entries, the top-level ``meta``) is left as it was. The file is rewritten after every measurement, so a
+commit), except for the sections this run does not measure (``--sections``), which are kept from an earlier entry
+of the same device (``sections_from_earlier_run`` names its run); ``models[key]["by_device"]`` keeps the goals of
+the latest run on each device, and every other key (the CogVideoX entries, the top-level ``meta``) is left as it
+was. The file is rewritten after every measurement, so a
 timeout leaves partial results; an error or OOM is recorded in place of the measurement (``"skipped"``, ``"error"``),
 never dropped (``--strict`` re-raises). ``--tiny`` writes to a temporary file unless ``--out`` is given, and never
 into ``results/``. See ``bench/README.md``.
@@ -110,6 +112,7 @@ TINY = dict(transformer=dict(WAN14B, num_attention_heads=2, attention_head_dim=1
 FULL = dict(transformer=WAN14B, text=UMT5_XXL_1L, vae=VAE_WAN21, size=SIZE, capture_layers=CAPTURE_LAYERS,
             cag_layers=CAG_LAYERS, steps=STEPS, cag_steps=CAG_STEPS)
 MODELS = ("wan2.1-t2v-14b", "wan2.2-t2v-a14b")
+SECTIONS = ("exactness", "analysis", "cag")
 
 T0 = time.perf_counter()
 
@@ -271,19 +274,39 @@ class Bench:
                          commit=args.commit or git_commit(), tiny=args.tiny, dtype=str(self.dtype),
                          started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=list(args.argv), budget_s=args.budget_s)
         self.entries: dict[str, dict] = {}
+        # the entries as they were before this run (sections it does not measure are kept from them)
+        self.earlier = (json.loads(self.out.read_text()).get("models") or {}) if self.out.exists() else {}
 
     def over_budget(self) -> bool:
         return time.perf_counter() - T0 > self.args.budget_s
 
+    def merged(self, key: str) -> dict:
+        """This run's entry for ``key`` as written: plus the sections this run does not measure, kept from the
+        earlier entry when that one was measured on the same device (``sections_from_earlier_run`` names their run),
+        the goals of the whole, and ``by_device`` (the goals of the latest run on each device)."""
+        entry, old = self.entries[key], self.earlier.get(key) or {}
+        out, earlier = dict(entry), {}
+        if (old.get("meta") or {}).get("device") == self.meta["device"]:
+            for sec in SECTIONS:
+                if sec not in self.args.sections and sec in old:
+                    out[sec] = old[sec]
+                    earlier[sec] = ((old.get("sections_from_earlier_run") or {}).get(sec) or
+                                    {k: old["meta"].get(k) for k in ("commit", "started")})
+        if earlier:
+            out["sections_from_earlier_run"] = earlier
+        out["goals"] = goals(out)
+        by_device = dict(old.get("by_device") or {})
+        by_device[self.meta["device"]] = dict(commit=self.meta["commit"], started=self.meta["started"],
+                                              goals=out["goals"])
+        out["by_device"] = by_device
+        return out
+
     def write(self) -> None:
-        """Merge this run's entries into ``--out`` (read fresh, written atomically)."""
+        """Merge this run's entries into ``--out`` (read fresh, written atomically); every other key stays."""
         data = json.loads(self.out.read_text()) if self.out.exists() else {}
         models = data.setdefault("models", {})
-        for key, entry in self.entries.items():
-            by_device = dict((models.get(key) or {}).get("by_device") or {})
-            by_device[self.meta["device"]] = dict(commit=self.meta["commit"], started=self.meta["started"],
-                                                  goals=entry.get("goals"))
-            models[key] = dict(entry, by_device=by_device)
+        for key in self.entries:
+            models[key] = self.merged(key)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_name(self.out.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1, default=_json_default))
@@ -501,9 +524,9 @@ def bench_model(B: Bench, key: str, pipe, sections) -> None:
         analysis_section(B, pipe, runner, M)
     if "cag" in sections:
         cag_section(B, pipe, runner, M)
-    M["goals"] = goals(M)
     B.write()
-    log(f"{key} goals: " + ", ".join(f"{k}={g['value']} ({g['target']}: {g['met']})" for k, g in M["goals"].items()))
+    log(f"{key} goals: " + ", ".join(f"{k}={g['value']} ({g['target']}: {g['met']})"
+                                     for k, g in B.merged(key)["goals"].items()))
 
 
 def _tokens(runner, size) -> dict:
@@ -620,9 +643,8 @@ def parse_args(argv=None):
     if bad or not a.models:
         ap.error(f"--models: unknown {bad or a.models}; allowed: a comma list of {list(MODELS)}")
     a.sections = [s.strip() for s in a.sections.split(",") if s.strip()]
-    allowed = ("exactness", "analysis", "cag")
-    if not a.sections or any(s not in allowed for s in a.sections):
-        ap.error(f"--sections {a.sections}; allowed: a comma list of {allowed}")
+    if not a.sections or any(s not in SECTIONS for s in a.sections):
+        ap.error(f"--sections {a.sections}; allowed: a comma list of {SECTIONS}")
     if a.steps is not None and a.steps < 1:
         ap.error(f"--steps {a.steps}; allowed: an integer >= 1")
     if a.cag_layers is not None:
