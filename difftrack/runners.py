@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import checks as _checks
-from .backbones import (adapter_for, experts, family_for, family_of_class, patch_sizes,  # noqa: F401
+from .backbones import (adapter_for, compute_dtype, experts, family_for, family_of_class, patch_sizes,  # noqa: F401
                         pipeline_families, resolve_transformer, scheduler_add_noise)
 
 PIPELINES = pipeline_families()  # {pipeline class: family}, from difftrack.backbones
@@ -164,7 +164,9 @@ class VideoRunner:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        """The transformer's compute dtype (:func:`difftrack.backbones.compute_dtype`: not the float32 of the
+        modules ``from_pretrained`` keeps in float32)."""
+        return compute_dtype(self.transformer)
 
     def default_size(self) -> tuple[int, int, int]:
         """``(frames, height, width)`` the pipeline generates by default (CogVideoX: from the transformer config;

@@ -71,8 +71,9 @@ import numpy as np
 import torch
 
 from . import checks as _checks
-from .backbones import (adapter_for, adapters, attention_heads, experts, family_of_class, frame_encoder,
-                        patch_sizes, pipeline_families, resolve_transformer, scale_vae_latents, scheduler_add_noise)
+from .backbones import (adapter_for, adapters, attention_heads, compute_dtype, experts, family_of_class,
+                        frame_encoder, patch_sizes, pipeline_families, resolve_transformer, scale_vae_latents,
+                        scheduler_add_noise)
 from .capture import capture, run_until
 from .matching import (REFINE, _bilinear_rows, check_heads, feature_cost, match_from_cost, px_to_tokens, qk_cost,
                        refine_peak, select_heads, tokens_to_px)
@@ -255,7 +256,7 @@ def vae_encode_frames(vae, frames: torch.Tensor, sample: bool = False, generator
     p = next(vae.parameters())
     out = []
     for i in range(0, frames.shape[0], batch_size):
-        x = frames[i:i + batch_size].to(device=p.device, dtype=p.dtype).unsqueeze(2)  # [b, 3, 1, H, W]
+        x = frames[i:i + batch_size].to(device=p.device, dtype=compute_dtype(vae)).unsqueeze(2)  # [b, 3, 1, H, W]
         dist = vae.encode(x).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         out.append(z[:, :, 0].float())  # [b, C, h, w]
@@ -434,7 +435,7 @@ class DiffTracker:
         self.transformer_kwargs = dict(transformer_kwargs or {})
         p0 = next(self.transformer.parameters())
         self.device = torch.device(device) if device is not None else p0.device
-        self.dtype = p0.dtype if dtype is None else _checks.as_torch_dtype(dtype)
+        self.dtype = compute_dtype(self.transformer) if dtype is None else _checks.as_torch_dtype(dtype)
         self._ehs_cache: dict[str, torch.Tensor] = {}
         self._cond_extra: dict[str, dict] = {}  # extra conditional kwargs per prompt (HunyuanVideo)
         if encoder_hidden_states is not None:
@@ -465,7 +466,7 @@ class DiffTracker:
         for name in dict.fromkeys(self.step_experts):
             m = self._experts.models[name]
             p = next(m.parameters())
-            if self.device != p.device or self.dtype != p.dtype:
+            if self.device != p.device or self.dtype != compute_dtype(m):
                 # never convert the caller's model in place: work on a private copy
                 m = copy.deepcopy(m).to(device=self.device, dtype=self.dtype)
                 m.eval()

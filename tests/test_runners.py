@@ -72,3 +72,21 @@ def test_scale_vae_latents_uses_mean_std_or_scaling_factor():
     torch.testing.assert_close(out[0, 1], (z[0, 1] - 2) / 4)
     cog = types.SimpleNamespace(config=types.SimpleNamespace(scaling_factor=0.5))
     torch.testing.assert_close(scale_vae_latents(cog, z), z * 0.5)
+
+
+def test_runner_dtype_is_the_compute_dtype_of_a_bf16_wan(tmp_path):
+    """A Wan pipeline loaded in bf16 keeps its ``_keep_in_fp32_modules`` (``scale_shift_table``, the transformer's
+    first parameter) in float32; the runner's dtype is still bf16, so inputs are cast to what the blocks compute in
+    and the tracker runs (before: float32, and DiffTracker failed on "Input type (float) and bias type (BFloat16)")."""
+    from difftrack.testing import build_tiny_pipeline
+    from difftrack.tracking import DiffTracker
+
+    build_tiny_pipeline("wan", path=tmp_path / "wan")
+    pipe = runners.load_pipeline(str(tmp_path / "wan"), dtype="bfloat16")
+    first = next(pipe.transformer.parameters())
+    assert first.dtype == torch.float32  # the kept-in-fp32 module comes first: the case this guards
+    assert runners.as_runner(pipe).dtype == torch.bfloat16
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    tracks, visible = DiffTracker(pipe, layers=(1,))(video, np.array([[0, 12.0, 20.0]], np.float32))
+    assert tracks.shape == (1, 3, 2) and np.isfinite(tracks).all()

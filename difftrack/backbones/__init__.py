@@ -313,6 +313,18 @@ def scheduler_add_noise(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch
     raise ValueError(f"scheduler {type(scheduler).__name__} has neither add_noise nor scale_noise; use noise='none'")
 
 
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a model computes in: diffusers' ``ModelMixin.dtype`` where it has one (it skips the modules
+    ``from_pretrained(torch_dtype=...)`` keeps in float32, e.g. Wan's ``scale_shift_table``, the transformer's first
+    parameter, and honours layerwise casting), else the first floating-point parameter's dtype."""
+    import torch
+
+    dt = getattr(module, "dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
 def scale_vae_latents(vae, z: torch.Tensor) -> torch.Tensor:
     """VAE latents ``z`` (channels on dim 1) in the transformer's scale, as the pipelines undo it before decoding:
     normalised by ``latents_mean`` / ``latents_std`` where the VAE config has them (Wan), else multiplied by
@@ -437,7 +449,7 @@ class PipelineFamily:
         vae = pipe.vae
         p = next(vae.parameters())
         x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, T, H, W]
-        return scale_vae_latents(vae, vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float())  # [1,C,F,h,w]
+        return scale_vae_latents(vae, vae.encode(x.to(p.device, compute_dtype(vae))).latent_dist.mode().float())  # [1,C,F,h,w]
 
     def rope_kwargs(self, pipe, transformer, x: torch.Tensor, spatial: int, device) -> dict:
         """Extra transformer keyword arguments for latents ``x`` (RoPE tables): by default those of the
