@@ -11,9 +11,12 @@ Three parts, each for ``protocols=("difftrack",)`` and ``("difftrack", "publishe
   10 x 10 query grid), in the steady state (second step); ``launching`` leaves out the view-type operations, which
   launch no kernel on a GPU. With a model this small the analysis is launch-bound on a GPU, so this count is the
   CPU-measurable proxy of its GPU cost (see ``count_ops.py``).
-* ``callbacks``: wall ms per (layer, step) of the same callbacks (12 layers x 2 steps, best of ``--reps``).
-* ``generation``: wall seconds of ``analyze_generation`` (``--steps`` steps, 10 x 10 grid, every layer) against
-  plain generation, the three interleaved, best of ``--reps``.
+* ``callbacks``: ms per (layer, step) of the same callbacks (12 layers x 2 steps, best of ``--reps``).
+* ``generation``: seconds of ``analyze_generation`` (``--steps`` steps, 10 x 10 grid, every layer) against plain
+  generation, the three interleaved, best of ``--reps``.
+
+Times are wall clock and, on the CPU, also the process's CPU time (``cpu_*``, ``time.process_time``): on a shared
+machine the CPU time of a single-threaded run (``--threads 1``) is the steadier of the two.
 
 ``--code DIR`` imports ``difftrack`` from another checkout (e.g. the commit before a change); the run is stored
 under ``runs[--label]`` of ``--out`` (other labels kept), with the commit, device and thread count.
@@ -91,18 +94,19 @@ def time_callbacks(device, reps) -> dict:
     import torch
 
     tensors, grid = _events(device)
-    best = {}
+    best = {name: dict(ms_per_layer_step=float("inf"), cpu_ms_per_layer_step=float("inf")) for name in PROTOCOLS}
     for _ in range(reps):
         for name, prot in PROTOCOLS.items():
             rec = _recorder(prot, 2, 12)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             _feed(rec, tensors, grid, [0, 1], 12)
             rec.record()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) / 24 * 1e3
-            best[name] = min(best.get(name, ms), ms)
-    return {k: dict(ms_per_layer_step=v) for k, v in best.items()}
+            b = best[name]
+            b["ms_per_layer_step"] = min(b["ms_per_layer_step"], (time.perf_counter() - t0) / 24 * 1e3)
+            b["cpu_ms_per_layer_step"] = min(b["cpu_ms_per_layer_step"], (time.process_time() - c0) / 24 * 1e3)
+    return best
 
 
 def time_generation(device, steps, reps) -> dict:
@@ -125,14 +129,18 @@ def time_generation(device, steps, reps) -> dict:
     for m in modes:
         once(m, 1)  # warm-up
     runs = {m: [] for m in modes}
+    cpu = {m: [] for m in modes}
     for _ in range(reps):
         for m in modes:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             once(m, steps)
             runs[m].append(time.perf_counter() - t0)
-    out = {m: dict(seconds=min(v), all_seconds=v) for m, v in runs.items()}
+            cpu[m].append(time.process_time() - c0)
+    out = {m: dict(seconds=min(v), all_seconds=v, cpu_seconds=min(cpu[m]), all_cpu_seconds=cpu[m])
+           for m, v in runs.items()}
     for m in PROTOCOLS:
         out[m]["extra_over_plain_s"] = out[m]["seconds"] - out["plain"]["seconds"]
+        out[m]["cpu_extra_over_plain_s"] = out[m]["cpu_seconds"] - out["plain"]["cpu_seconds"]
     out["steps"] = steps
     return out
 
