@@ -257,6 +257,9 @@ def test_recorder_without_features_expects_no_feature_table_of_either_protocol()
 
 
 # ------------------------------------------------------------------ recording cost: the same bytes (issue 32)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CI: the CPU; on a GPU box both
+
+
 def _frames_paper_reference(cost, pts):
     """``refine="paper"`` as first written: one frame pair, separate ``grid_sample`` calls for the match map and the
     peak. cost ``[M_s, M_k]``, pts ``[n, 2]`` token units -> ``(positions [n, 2], peak [n])``."""
@@ -274,7 +277,7 @@ def _tracks_reference(costs, pts, refine, src=0):
     from difftrack.matching import _corners, refine_peak
 
     n = len(pts)
-    tracks, conf = pts.unsqueeze(1).repeat(1, F, 1), torch.ones(n, F)
+    tracks, conf = pts.unsqueeze(1).repeat(1, F, 1), torch.ones(n, F, device=pts.device)
     others = [f for f in range(F) if f != src]
     for i, f in enumerate(others):
         if refine == "paper":
@@ -295,16 +298,17 @@ def _edge_queries():
     return np.concatenate([QUERIES, rand, extra]).astype(np.float32)
 
 
-def test_batched_paper_refine_is_the_per_frame_formula_bit_for_bit():
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_paper_refine_is_the_per_frame_formula_bit_for_bit(device):
     """The match maps and peaks of every frame pair go through one ``grid_sample``: the same bytes as one call per
     frame and quantity, also with tied maxima and points on token centres, edges and outside the frame."""
     from difftrack.matching import _match_frames, match_from_cost, px_to_tokens
 
     g = torch.Generator().manual_seed(5)
-    pts = px_to_tokens(torch.from_numpy(_edge_queries()), STRIDE)
+    pts = px_to_tokens(torch.from_numpy(_edge_queries()), STRIDE).to(device)
     for ties in (False, True):
         costs = torch.rand(F - 1, ROWS * COLS, ROWS * COLS, generator=g)
-        costs = (costs * 3).round() / 3 if ties else costs
+        costs = ((costs * 3).round() / 3 if ties else costs).to(device)
         pos, conf = _match_frames(costs, ROWS, COLS, pts, "paper", 1, 1.0)
         ref = [_frames_paper_reference(c, pts) for c in costs]
         assert torch.equal(pos, torch.stack([r[0] for r in ref], 1))
@@ -313,7 +317,8 @@ def test_batched_paper_refine_is_the_per_frame_formula_bit_for_bit():
         assert torch.equal(one[0], ref[1][0]) and torch.equal(one[1], ref[1][1])
 
 
-def test_recorded_tables_are_the_straightforward_computation_bit_for_bit():
+@pytest.mark.parametrize("device", DEVICES)
+def test_recorded_tables_are_the_straightforward_computation_bit_for_bit(device):
     """Both protocols recorded in one run (shared cost, one point layout for every call): each track table is,
     byte for byte, the straightforward per-frame computation from the same cost (the code before the batching),
     at the default temperature (one cost, two refinements) and at another one (two costs)."""
@@ -324,9 +329,10 @@ def test_recorded_tables_are_the_straightforward_computation_bit_for_bit():
     q = torch.randn(1, H, N, D, generator=g)
     k = q + 0.3 * torch.randn(1, H, N, D, generator=g)
     feat = torch.randn(1, F, ROWS, COLS, 6, generator=g)
+    q, k, feat = q.to(device), k.to(device), feat.to(device)
     grid = TokenGrid(F, ROWS, COLS, text_len=TEXT, text_first=True, stride=STRIDE)
     qp = _edge_queries()
-    pts = px_to_tokens(torch.from_numpy(qp), STRIDE)
+    pts = px_to_tokens(torch.from_numpy(qp), STRIDE).to(device)
     qv = q[0, :, TEXT:].reshape(H, F, ROWS * COLS, D)
     kv = k[0, :, TEXT:].reshape(H, F, ROWS * COLS, D)
     fv = feat[0].reshape(F, ROWS * COLS, -1)
@@ -345,10 +351,11 @@ def test_recorded_tables_are_the_straightforward_computation_bit_for_bit():
         assert (temperature(tau, H, D) == temperature("dim", H, D)) == (tau is None)
         for name, v in want.items():
             for step in range(2):
-                assert np.array_equal(getattr(out, name)[step, 0], v.numpy()), (tau, name, step)
+                assert np.array_equal(getattr(out, name)[step, 0], v.cpu().numpy()), (tau, name, step)
 
 
-def test_point_layout_reuse_is_checked_and_changes_nothing():
+@pytest.mark.parametrize("device", DEVICES)
+def test_point_layout_reuse_is_checked_and_changes_nothing(device):
     """``layout=`` (made once by ``point_layout``) gives the same bytes as without, for every refinement and source
     frame; a layout made for other points, a modified points tensor or another grid is refused by name."""
     from difftrack import matching as M
@@ -357,7 +364,8 @@ def test_point_layout_reuse_is_checked_and_changes_nothing():
     q = torch.randn(H, F, ROWS, COLS, D, generator=g)
     k = q + 0.3 * torch.randn(H, F, ROWS, COLS, D, generator=g)
     feat = torch.randn(F, ROWS, COLS, 6, generator=g)
-    pts = torch.from_numpy(_edge_queries())
+    q, k, feat = q.to(device), k.to(device), feat.to(device)
+    pts = torch.from_numpy(_edge_queries()).to(device)
     lay = M.point_layout(pts, STRIDE, ROWS, COLS)
     for src in (0, 2, F - 1):
         for refine in M.REFINE:
