@@ -245,7 +245,12 @@ if an and "combined" in an and an.get("num_steps", 0) >= 50:
                 f"**{t['analysis_time_ratio']:.1f}x** a plain {t['timing_steps']}-step generation "
                 f"({t['analysis_seconds']:.1f} s vs {t['plain_seconds']:.1f} s), "
                 f"{t.get('analysis_extra_peak_cuda_mib', t['analysis_extra_peak_mib']):.0f} MiB extra peak memory. "
-                "On the GPU the small model's analysis is bound by kernel launches and host reads (issue 16)."]
+                "On the GPU the small model's analysis is bound by kernel launches and host reads (issue 16). "
+                f"Measured at commit {str(an.get('commit'))[:7]}, recording "
+                + (" and ".join(f"`{p}`" for p in ["difftrack"] + (["published"] if an.get("published") else []))
+                   + (" (both protocols)" if an.get("published") else ""))
+                + "; see \"Several processes, GPUs and machines\" for what the published protocol's recording cost "
+                  "then and what has changed since."]
     if man:
         st = man["stages"]
         out += ["", f"The whole run: `python scripts/paper_scale.py` on one {man.get('device')} "
