@@ -356,7 +356,13 @@ if mm and pa:  # issue 30: the training programme's goals, each met or missed as
                         for f in ab_files)
             + "); every arm with its measures is in the model card and `results/train_rounds/`. The image-to-video "
             "arm (`difftrack.mini.to_image_to_video`, `scripts/train_mini.py --i2v`, arm `i2v` of "
-            "`scripts/ab_round.py`) is built and tested on the CPU and not yet trained.", ""]
+            "`scripts/ab_round.py`) is built and tested on the CPU and not yet trained."]
+    sessions = (load("train_rounds/rounds.json") or {}).get("sessions", [])
+    if sessions:
+        out += ["", "Programme sessions (`results/train_rounds/rounds.json`, `sessions`, with where each session's "
+                "device time went): " + "; ".join(f"{s_['session']}: {s_.get('summary', s_['note'].split(';')[0])}"
+                                                  for s_ in sessions) + "."]
+    out += [""]
 st = load("headless_stress.json")
 if st and st.get("main_job_fresh_clone_s"):
     out += ["### Headless main job (issue 14)",
