@@ -105,7 +105,6 @@ if args.suite:
     res["cpu_test_suite_machine"] = f"{os.cpu_count()} CPU cores, no GPU"
     res["cpu_test_suite_seconds"] = round(time.time() - t0, 1)
     res["cpu_test_suite_summary"] = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
-    res["cpu_test_suite_commit"] = git_commit()
     res["cpu_test_suite_failed"] = [l.split(" - ")[0] for l in r.stdout.splitlines() if l.startswith("FAILED")]
 res["commit"] = git_commit()
 Path(args.out).write_text(json.dumps(res, indent=1))

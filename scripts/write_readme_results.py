@@ -113,8 +113,8 @@ if cc:
             f"**{max(cc['max_abs_diff'].values())}** (`results/capture_check.json`)."
             + (f" The test suite (`{cc.get('cpu_test_suite_command', 'pytest')}`) took "
                f"**{cc['cpu_test_suite_seconds']:.0f} s** on {cc.get('cpu_test_suite_machine', 'the CPU')} "
-               f"({cc.get('cpu_test_suite_summary', '')}; commit "
-               f"{str(cc.get('cpu_test_suite_commit', cc.get('commit')))[:7]})." if cc.get("cpu_test_suite_seconds")
+               f"({cc.get('cpu_test_suite_summary', '')}; commit {cc['commit'][:7]}"
+               f"{'-dirty' if cc['commit'].endswith('-dirty') else ''})." if cc.get("cpu_test_suite_seconds")
                else ""), ""]
 an = load("analysis_summary.json")
 cag = load("cag.json")
