@@ -11,6 +11,9 @@
         --cpu-load 2 --out /tmp/old.json --record-in results/headless_stress.json
     # the main job on a fresh clone of HEAD, set-up included -> main_job_fresh_clone_s
     .venv/bin/python scripts/headless_stress.py --fresh-clone --out results/headless_stress.json
+    # the same for an older commit, on the same machine the same day (is a change the code or the machine?) ->
+    # main_job_fresh_clone_baselines[<commit>]
+    .venv/bin/python scripts/headless_stress.py --fresh-clone --rev 38b9e68 --out results/headless_stress.json
 
 A run "stalls" when a cell reaches the execution timeout although the kernel finished it earlier (nbclient missed
 the execute_reply: jupyter/nbclient#312); a cell that really ran that long is counted under "timeouts". Both are
@@ -187,9 +190,10 @@ def runs_of(result: dict) -> int:
     return sum(result["runs_per_notebook"].values())
 
 
-def fresh_clone(out: Path) -> int:
-    """Clone this checkout's HEAD into a temporary folder and time ``bash scripts/lab.sh run`` there (virtual
-    environment, pinned dependencies, all five notebooks with empty caches); merge the result into ``out``."""
+def fresh_clone(out: Path, rev: str | None = None) -> int:
+    """Clone this checkout's HEAD (or commit ``rev``) into a temporary folder and time ``bash scripts/lab.sh run``
+    there (virtual environment, pinned dependencies, all five notebooks with empty caches); merge the result into
+    ``out``: HEAD's as ``main_job_fresh_clone_*``, another commit's under ``main_job_fresh_clone_baselines``."""
     import re
     import shutil
 
@@ -197,6 +201,11 @@ def fresh_clone(out: Path) -> int:
     try:
         repo = tmp / "repo"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+        if rev is not None:
+            r = subprocess.run(["git", "checkout", "-q", rev], cwd=repo, capture_output=True, text=True)
+            if r.returncode:
+                print(f"--rev {rev!r}: not a commit of this checkout ({r.stderr.strip()})", file=sys.stderr)
+                return 2
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "DIFFTRACK_ROOT")}
         load_before = os.getloadavg()
         loads: list[float] = []  # 1-minute load average every 10 s during the run (other jobs on the machine show)
@@ -227,7 +236,7 @@ def fresh_clone(out: Path) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     record = json.loads(out.read_text()) if out.exists() else {}
-    record.update({
+    run = {
         "main_job_fresh_clone_s": round(wall, 1),
         "main_job_fresh_clone_notebooks_s": int(m.group(1)) if m else None,
         "main_job_fresh_clone_note": (
@@ -242,12 +251,22 @@ def fresh_clone(out: Path) -> int:
                                               "during_1min_max": round(max(loads), 2) if loads else None,
                                               "after_1_5_15min": [round(x, 2) for x in os.getloadavg()]},
         "main_job_fresh_clone_date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    })
+    }
+    if rev is None:
+        if record.get("main_job_fresh_clone_s"):  # the figure this run replaces stays in the history
+            record.setdefault("main_job_fresh_clone_history", []).append({
+                "commit": record["main_job_fresh_clone_note"].split("commit ")[1][:7],
+                "wall_s": record["main_job_fresh_clone_s"], "date": record.get("main_job_fresh_clone_date")})
+        record.update(run)
+    else:  # a baseline: kept apart, so it never stands in for HEAD's figure
+        record.setdefault("main_job_fresh_clone_baselines", {})[head[:7]] = {
+            ("wall_s" if k == "main_job_fresh_clone_s" else k.replace("main_job_fresh_clone_", "")): v
+            for k, v in run.items()}
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"[fresh] bash scripts/lab.sh run on a fresh clone: {wall:.1f} s (notebooks {m.group(1) if m else '?'} s: "
           f"{per_nb}; 1-min load during the run: mean "
-          f"{record['main_job_fresh_clone_load_average']['during_1min_mean']}, max "
-          f"{record['main_job_fresh_clone_load_average']['during_1min_max']})")
+          f"{run['main_job_fresh_clone_load_average']['during_1min_mean']}, max "
+          f"{run['main_job_fresh_clone_load_average']['during_1min_max']})")
     return 0
 
 
@@ -268,11 +287,15 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh-clone", action="store_true",
                     help="instead of stress runs: time `bash scripts/lab.sh run` (set-up included) on a fresh clone "
                          "of this checkout's HEAD and store main_job_fresh_clone_s in --out")
+    ap.add_argument("--rev", help="with --fresh-clone: time this commit instead of HEAD (a same-day baseline, stored "
+                    "under main_job_fresh_clone_baselines)")
     ap.add_argument("--keep", type=Path, help="keep the executed notebooks here (default: a temporary folder)")
     args = ap.parse_args(argv)
 
+    if args.rev is not None and not args.fresh_clone:
+        ap.error(f"--rev {args.rev!r} needs --fresh-clone (it names the commit the fresh clone times)")
     if args.fresh_clone:
-        return fresh_clone(args.out)
+        return fresh_clone(args.out, args.rev)
     t0 = time.monotonic()
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.cpu_load)]
     try:

@@ -369,9 +369,14 @@ st = load("headless_stress.json")
 if st and st.get("main_job_fresh_clone_s"):
     out += ["### Headless main job (issue 14)",
             f"`bash scripts/lab.sh run` on a fresh clone, set-up included, on the 2-core CPU: "
-            f"**{st['main_job_fresh_clone_s']:.0f} s** (goal <= 300 s; `results/headless_stress.json`, which also "
+            f"**{st['main_job_fresh_clone_s']:.0f} s** at commit {st['main_job_fresh_clone_note'].split('commit ')[1][:7]}, "
+            f"{st['main_job_fresh_clone_date'][:10]} (goal <= 300 s; `results/headless_stress.json`, which also "
             "records 10 headless papermill runs of each notebook at the stored defaults with their stalls and "
-            "slowest cells).", ""]
+            "slowest cells)."
+            + "".join(f" The same measure of commit {c} on the same machine on {b['date'][:10]}: {b['wall_s']:.0f} s"
+                      + "".join(f" (on {h['date'][:10]}: {h['wall_s']:.0f} s)"
+                                for h in st.get("main_job_fresh_clone_history", []) if h["commit"] == c) + "."
+                      for c, b in st.get("main_job_fresh_clone_baselines", {}).items()), ""]
 hs = load("heads.json")
 if hs:
     ch = hs["choice"]
