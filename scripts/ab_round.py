@@ -3,6 +3,8 @@ on the same seed, trained side by side on one GPU, then measured the same way. R
 
     python scripts/ab_round.py --name ab1 --out-dir cache/ab1            # on a CUDA GPU (about 7 minutes)
     python scripts/ab_round.py --name smoke --out-dir /tmp/ab --smoke    # a few CPU steps (plumbing check)
+    # a round too short to decide, continued: every arm from its own weights of that round, a new data seed
+    python scripts/ab_round.py --name ab3 --resume cache/ab2 --arms control,i2v --seed 9010 --out-dir cache/ab3
 
 Each arm runs ``scripts/train_mini.py --init INIT`` with the round recipe (compile, lr 2e-4, batch 48) plus its own
 flags, all for the same minutes side by side; the measures, for the starting weights ("base") and every arm:
@@ -93,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda")
     ap.add_argument("--pack", type=int, default=0, help="split the K best arms' weights into parts under 16 MB")
     ap.add_argument("--smoke", action="store_true", help="train_mini --smoke and tiny measures (CPU plumbing check)")
+    ap.add_argument("--resume", help="the out dir of an earlier round: every arm starts from its own weights there "
+                    "(DIR/<arm>/weights) instead of --init, and the starting weights are not measured again (the "
+                    "earlier round's summary has them); pass a new --seed so the arms do not replay its batches")
     a = ap.parse_args(argv)
     arms = [s for s in a.arms.split(",") if s]
     bad = [s for s in arms if s not in ARMS]
@@ -100,6 +105,26 @@ def main(argv=None) -> int:
         ap.error(f"--arms {a.arms!r}: unknown {bad}; allowed: {', '.join(ARMS)}")
     if a.steps < 1 or a.minutes <= 0:
         ap.error(f"--steps {a.steps} (>= 1) / --minutes {a.minutes} (> 0)")
+    inits = {arm: Path(a.init) for arm in arms}
+    previous = None
+    if a.resume:
+        prev_dir = Path(a.resume)
+        inits = {arm: prev_dir / arm / "weights" for arm in arms}
+        missing = [f"{arm} ({w})" for arm, w in inits.items() if not (w / "model_index.json").is_file()]
+        if missing:
+            have = sorted(f.parent.parent.name for f in prev_dir.glob("*/weights/model_index.json"))
+            ap.error(f"--resume {a.resume}: no saved weights for arm(s) {', '.join(missing)}; arms there: {have or 'none'}")
+        if (prev_dir / "summary.json").is_file():
+            prev = json.loads((prev_dir / "summary.json").read_text())
+            if prev.get("seed") == a.seed:
+                ap.error(f"--seed {a.seed} is the seed of the round in --resume {a.resume}: the arms would replay "
+                         "its batches; pass another")
+            previous = dict(dir=str(a.resume), name=prev.get("name"), seed=prev.get("seed"),
+                            arms={arm: dict(steps=prev["arms"].get(arm, {}).get("steps"),
+                                            minutes=prev["arms"].get(arm, {}).get("minutes"))
+                                  for arm in arms})
+        else:
+            previous = dict(dir=str(a.resume), name=None, note="no summary.json there")
     import torch
 
     from difftrack.provenance import device_name, git_commit
@@ -115,7 +140,7 @@ def main(argv=None) -> int:
     procs = {}
     for arm in arms:
         d = out / arm
-        cmd = [py, "scripts/train_mini.py", "--init", a.init, "--out", d / "weights", "--seed", a.seed, "--arm", arm]
+        cmd = [py, "scripts/train_mini.py", "--init", inits[arm], "--out", d / "weights", "--seed", a.seed, "--arm", arm]
         cmd += ["--smoke"] if a.smoke else RECIPE + ["--max-steps", a.steps, "--minutes", a.minutes]
         procs[arm] = run(cmd + ARMS[arm], d / "train.log")
     wait_all(procs, "training")
@@ -123,7 +148,7 @@ def main(argv=None) -> int:
 
     # 2. measure the starting weights and every arm (all folders at once: the measures are small next to the GPU)
     small = a.smoke
-    folders = {"base": a.init, **{arm: out / arm / "weights" for arm in arms}}
+    folders = {**({} if a.resume else {"base": a.init}), **{arm: out / arm / "weights" for arm in arms}}
     procs = {}
     for name, w in folders.items():
         d = out / name
@@ -145,17 +170,20 @@ def main(argv=None) -> int:
         r = dict(measures=measures(out / name))
         if name != "base":
             log = json.loads((out / name / "weights" / "training_log.json").read_text())
-            r.update(flags=ARMS[name], steps=log["meta"]["steps"], minutes=log["meta"]["minutes"],
+            r.update(flags=ARMS[name], init=str(inits[name]), steps=log["meta"]["steps"], minutes=log["meta"]["minutes"],
                      final_loss=log["meta"]["final_loss"], training_meta=log["meta"])
         rows[name] = r
     rank = sorted(arms, key=lambda k: (-rows[k]["measures"]["prompt_agreement"],
                                        -(rows[k]["measures"]["motion_share_objects_mean"] or 0)))
-    summary = dict(schema="ab_round/1", name=a.name, init=str(a.init), recipe=RECIPE, seed=a.seed, steps=a.steps,
+    summary = dict(schema="ab_round/1", name=a.name, init=str(a.init) if not a.resume else None,
+                   resumed_from=previous, recipe=RECIPE, seed=a.seed, steps=a.steps,
                    minutes_cap=a.minutes, agreement_videos=AGREEMENT_VIDEOS, device=device_name(device),
                    commit=git_commit(), torch=torch.__version__, smoke=a.smoke, train_wall_s=round(train_s, 1),
                    total_wall_s=round(time.time() - t0, 1), ranking_by_agreement=rank, arms=rows,
                    how_to_read="base = the starting weights; control = the recipe unchanged for the same steps, so "
-                               "an arm's effect is its difference to control, not to base")
+                               "an arm's effect is its difference to control, not to base"
+                               + ("; a resumed round (resumed_from) has no base: each arm continued from its own "
+                                  "weights of that round, whose summary holds the base" if a.resume else ""))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     for name, r in rows.items():
         m = r["measures"]

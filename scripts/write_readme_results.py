@@ -1,5 +1,6 @@
 """Fill the README's results section from results/*.json (re-run after any measurement)."""
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,11 +355,16 @@ if mm and pa:  # issue 30: the training programme's goals, each met or missed as
             "either.", "", "| goal | committed model | target | |", "|---|---|---|---|"]
     out += [f"| {g} | {v} | {t} | {'met' if ok else '**missed**'} |" for g, v, t, ok in goals]
     out += ["", f"Recipe A/B rounds so far: {len(ab_files)} ("
-            + ", ".join(f"`{f.parent.name}`: " + json.loads(f.read_text()).get("verdict", "").split(".")[0]
+            + "; ".join(f"`{f.parent.name}`: " + re.split(r"\. |;", json.loads(f.read_text()).get("verdict", ""))[0]
                         for f in ab_files)
             + "); every arm with its measures is in the model card and `results/train_rounds/`. The image-to-video "
             "arm (`difftrack.mini.to_image_to_video`, `scripts/train_mini.py --i2v`, arm `i2v` of "
-            "`scripts/ab_round.py`) is built and tested on the CPU and not yet trained."]
+            "`scripts/ab_round.py`) is built and tested on the CPU and "
+            + (("trained in " + ", ".join(f"`{ab['name']}` ({ab['arms']['i2v']['minutes']:.1f} minutes, "
+                                          f"{ab['arms']['i2v']['steps']} steps)" for ab in i2v_rounds)
+                + "; no image-to-video model is committed.") if (i2v_rounds := [
+                    ab for ab in map(lambda f: json.loads(f.read_text()), ab_files) if "i2v" in ab["arms"]])
+               else "not yet trained.")]
     sessions = (load("train_rounds/rounds.json") or {}).get("sessions", [])
     if sessions:
         out += ["", "Programme sessions (`results/train_rounds/rounds.json`, `sessions`, with where each session's "
