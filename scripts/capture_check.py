@@ -23,7 +23,7 @@ from test_backbones import CASES  # noqa: E402
 
 from difftrack.capture import capture  # noqa: E402
 from difftrack.provenance import git_commit  # noqa: E402
-from difftrack.testing import KINDS, build_tiny_pipeline  # noqa: E402
+from difftrack.testing import EXPERT_KINDS, KINDS, build_tiny_pipeline  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--suite", action="store_true", help="also time the CPU test suite")
@@ -58,8 +58,8 @@ with torch.no_grad():
 
 from test_real_pipelines import call_kwargs, run  # noqa: E402
 
-for kind in KINDS:
-    name = f"{kind} tiny pipeline loop (2 steps)"
+for kind in KINDS + EXPERT_KINDS:  # wan22: Wan 2.2 A14B's two experts, one step on each
+    name = f"{kind} tiny pipeline loop (2 steps)" + (", both experts" if kind in EXPERT_KINDS else "")
     if not wanted(name):
         continue
     pipe = build_tiny_pipeline(kind)

@@ -550,6 +550,56 @@ if bg:
                    "from the first CAG layer on at batch 3 instead of 2; on 5B the first CAG layer is 15 of 42, so "
                    "27 blocks run at 1.5x the batch." if missed else "All goals met.")
                 + _five_b_note(libs.get("cogvideox-5b", {})), ""]
+wans = {n: m for n, m in (bg or {}).get("models", {}).items() if m.get("meta", {}).get("script") == "bench/bench_wan.py"}
+if wans:  # issue 31: full-size random-weight Wan through the library's public entry points
+    GOAL_DEVICES = ("H100", "H200")  # the issue's goals hold on both cards
+    out += ["### Wan 2.1-14B and Wan 2.2 A14B at real scale (issue 31)",
+            "Full-size Wan transformers (the diffusers default configs: 40 blocks of width 5120) with random weights, "
+            "a UMT5 encoder cut to 1 layer, the Wan 2.1 VAE, bf16, 480x832x81 (21 latent frames of 30x52 tokens), "
+            "CFG 5, through the library's public calls (`bench/bench_wan.py`, `models[\"wan*\"]` in "
+            "`results/bench_gpu.json`). The generation and the analysis run "
+            + "/".join(sorted({str(m["settings"]["steps"]) for m in wans.values()})) + " steps and CAG "
+            + "/".join(sorted({str(m["settings"]["cag_steps"]) for m in wans.values()})) + " (the analysis ratio is "
+            "given for 50 steps: the fixed part, text encoding and decode, once, plus 50 times the per-step time); "
+            "Wan 2.2's steps are split between its experts as the pipeline splits them.", "",
+            "| measure | " + " | ".join(f"{n} ({m['meta']['device']}, commit {m['meta']['commit'][:7]})"
+                                        for n, m in wans.items()) + " | goal |",
+            "|---|" + "---|" * len(wans) + "---|"]
+
+    def _cell(m, key, fmt="{:.3f}"):
+        g = m.get("goals", {}).get(key)
+        return "-" if not g else fmt.format(g["value"]) + (" ✓" if g["met"] else " ✗")
+
+    ex_ = lambda m: m.get("exactness", {})  # noqa: E731
+    out.append("| capture exactness, max output difference in bf16 (layers "
+               + str(next(iter(ex_(next(iter(wans.values()))).values()), {}).get("layers")) + ", every expert) | "
+               + " | ".join(", ".join(f"{e}: {v['capture_max_abs_diff']:g}" for e, v in ex_(m).items()
+                                      if isinstance(v, dict) and "capture_max_abs_diff" in v) or "-"
+                            for m in wans.values()) + " | 0 |")
+    out.append("| plain CFG step, s | " + " | ".join(f"{m['analysis']['plain_s_per_step']:.2f}" if m.get("analysis")
+                                                     else "-" for m in wans.values()) + " | |")
+    out.append("| `analyze_generation` (every layer and step) / plain generation, 50 steps | "
+               + " | ".join(_cell(m, "analysis_over_plain_50_steps") for m in wans.values()) + " | <= 1.15 |")
+    out.append("| extra peak GPU memory of the analysis, GiB | " + " | ".join(
+        f"{m['analysis']['analysis_extra_peak_gib']:.2f}" if m.get("analysis") else "-" for m in wans.values())
+               + " | |")
+    out.append("| `generate_with_cag_diffusers` step / plain CFG step | "
+               + " | ".join(_cell(m, "cag_step_over_cfg_step") for m in wans.values()) + " | <= 1.3 |")
+    per_video = {n: m["analysis"]["analyze_generation"]["fixed_s"] + 50 * m["analysis"]["analysis_s_per_step"]
+                 for n, m in wans.items() if m.get("analysis")}
+    out.append("| one video's analysis at 50 steps, s (computed from the above) | "
+               + " | ".join(f"{per_video[n]:.0f}" if n in per_video else "-" for n in wans) + " | |")
+    missing = [d for d in GOAL_DEVICES if not any(d in dev for m in wans.values()
+                                                   for dev in m.get("by_device", {m["meta"]["device"]: None}))]
+    cag_layers = {n: m["cag"]["layers"] for n, m in wans.items() if m.get("cag")}
+    missed = [f"{k} of {n} ({g['value']:.3f}, goal {g['target']})" for n, m in wans.items()
+              for k, g in m.get("goals", {}).items() if g.get("met") is False]
+    out += ["", ("**Missed: " + "; ".join(missed) + ".** " if missed else "All measured goals met. ")
+            + (f"CAG layers {next(iter(cag_layers.values()))} (no layers are selected for Wan, whose weights here "
+               "are random: CogVideoX-5B's at the same relative depth), shared prefix: the blocks from the first CAG "
+               "layer on run at batch 3 instead of 2. " if cag_layers else "")
+            + ("**Not measured on an " + " or ".join(missing) + "**: the goals hold on both cards, and no "
+               + " or ".join(missing) + " ran these models." if missing else ""), ""]
 readme = (ROOT / "README.md").read_text()
 start = readme.index("## Results")
 readme = readme[:start] + "## Results\n\nFilled in from `results/*.json` by `scripts/write_readme_results.py`; every number says where " \

@@ -25,7 +25,7 @@ def call_kwargs(kind, pipe, **extra):
               output_type="pt")
     if kind == "cogvideox":
         kw.update(negative_prompt="", guidance_scale=6.0)
-    elif kind in ("wan", "wan22_ti2v", "mochi", "hunyuanvideo15"):  # HunyuanVideo 1.5: the family sets its guider's
+    elif kind in ("wan", "wan22", "wan22_ti2v", "mochi", "hunyuanvideo15"):  # HunyuanVideo 1.5: the family sets its guider's
         kw.update(negative_prompt="a blue square", guidance_scale=5.0)  # scale (run())
     elif kind.startswith("skyreels"):  # their prompt cleaning needs ftfy: embeddings instead (skyreels docstring)
         kw.update(prompt=None, prompt_embeds=encode_prompt(pipe, kw["prompt"]),
