@@ -143,7 +143,7 @@ for ab_file in sorted((ROOT / "results/train_rounds").glob("ab*/summary.json")):
                      f"{m['prompt_agreement']:.3f} | {m['object_direction_ok']:.3f} | {m['object_colour_ok']:.3f} | "
                      f"{m['scene_agreement']:.3f} | {f3(m['motion_share_objects_mean'])} | {m['qk_half_token']:.4f} | "
                      f"{m['qk_one_token']:.4f} | {'yes' if name in ab.get('kept', []) else 'no'} |")
-    lines += ([f"Verdict: {ab['verdict']}", ""] if ab.get("verdict") else [""])
+    lines += (["", f"Verdict: {ab['verdict']}", ""] if ab.get("verdict") else [""])  # a blank line ends the table
 tb_file = ROOT / "results/train_bench.json"
 if tb_file.exists():
     tb = json.loads(tb_file.read_text())
