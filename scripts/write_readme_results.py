@@ -595,9 +595,14 @@ if wans:  # issue 31: full-size random-weight Wan through the library's public e
     missed = [f"{k} of {n} ({g['value']:.3f}, goal {g['target']})" for n, m in wans.items()
               for k, g in m.get("goals", {}).items() if g.get("met") is False]
     out += ["", ("**Missed: " + "; ".join(missed) + ".** " if missed else "All measured goals met. ")
-            + (f"CAG layers {next(iter(cag_layers.values()))} (no layers are selected for Wan, whose weights here "
-               "are random: CogVideoX-5B's at the same relative depth), shared prefix: the blocks from the first CAG "
-               "layer on run at batch 3 instead of 2. " if cag_layers else "")
+            + (f"CAG layers {(cl := next(iter(cag_layers.values())))} (no layers are selected for Wan, whose weights "
+               "here are random: CogVideoX-5B's at the same relative depth), shared prefix: the blocks from the first "
+               f"CAG layer on run at batch 3 instead of 2, so counting blocks alone a CAG step costs "
+               f"({cl[0]} x 2 + {(nl := next(iter(wans.values()))['config']['transformer']['num_layers']) - cl[0]} x 3) "
+               f"/ ({nl} x 2) = {(cl[0] * 2 + (nl - cl[0]) * 3) / (2 * nl):.3f} a CFG step, which the measured ratio matches; "
+               "with this design the goal needs the first CAG layer at block "
+               f"{next(l0 for l0 in range(nl) if (l0 * 2 + (nl - l0) * 3) / (2 * nl) <= 1.3)} or later. "
+               if cag_layers else "")
             + ("**Not measured on an " + " or ".join(missing) + "**: the goals hold on both cards, and no "
                + " or ".join(missing) + " ran these models." if missing else ""), ""]
 readme = (ROOT / "README.md").read_text()
