@@ -128,7 +128,8 @@ for ab_file in sorted((ROOT / "results/train_rounds").glob("ab*/summary.json")):
     f3 = lambda v: "-" if v is None else f"{v:+.3f}" if abs(v) < 0.1 else f"{v:.3f}"  # noqa: E731
     lines += [f"## Recipe A/B round `{ab['name']}` (issue 30)",
               (f"Every arm from the same weights (`{Path(ab['init']).name}`)" if not ab.get("resumed_from") else
-               f"Every arm continued from its own weights of round `{ab['resumed_from']['name']}`")
+               f"Every arm continued from its own weights of round "
+               f"`{ab['resumed_from'].get('name') or ab['resumed_from']['dir']}`")
               + f", seed {ab['seed']}, trained side by side for "
               f"{ab['minutes_cap']:g} minutes on one {ab['device']} (commit {ab['commit'][:7]}, recipe "
               f"`{' '.join(ab['recipe'])}` plus the arm's flags); measures: prompt agreement of {ab['agreement_videos']} "

@@ -355,7 +355,7 @@ if mm and pa:  # issue 30: the training programme's goals, each met or missed as
             "either.", "", "| goal | committed model | target | |", "|---|---|---|---|"]
     out += [f"| {g} | {v} | {t} | {'met' if ok else '**missed**'} |" for g, v, t, ok in goals]
     out += ["", f"Recipe A/B rounds so far: {len(ab_files)} ("
-            + "; ".join(f"`{f.parent.name}`: " + re.split(r"\. |;", json.loads(f.read_text()).get("verdict", ""))[0]
+            + "; ".join(f"`{f.parent.name}`: " + re.split(r"\. |;", json.loads(f.read_text()).get("verdict") or "no verdict yet")[0]
                         for f in ab_files)
             + "); every arm with its measures is in the model card and `results/train_rounds/`. The image-to-video "
             "arm (`difftrack.mini.to_image_to_video`, `scripts/train_mini.py --i2v`, arm `i2v` of "
