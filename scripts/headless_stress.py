@@ -238,6 +238,7 @@ def fresh_clone(out: Path, rev: str | None = None) -> int:
     record = json.loads(out.read_text()) if out.exists() else {}
     run = {
         "main_job_fresh_clone_s": round(wall, 1),
+        "main_job_fresh_clone_commit": head,
         "main_job_fresh_clone_notebooks_s": int(m.group(1)) if m else None,
         "main_job_fresh_clone_note": (
             "wall time of `bash scripts/lab.sh run` in a fresh `git clone` of commit " + head + " on " + cpu_description()
@@ -255,7 +256,7 @@ def fresh_clone(out: Path, rev: str | None = None) -> int:
     if rev is None:
         if record.get("main_job_fresh_clone_s"):  # the figure this run replaces stays in the history
             record.setdefault("main_job_fresh_clone_history", []).append({
-                "commit": record["main_job_fresh_clone_note"].split("commit ")[1][:7],
+                "commit": record["main_job_fresh_clone_commit"][:7],
                 "wall_s": record["main_job_fresh_clone_s"], "date": record.get("main_job_fresh_clone_date")})
         record.update(run)
     else:  # a baseline: kept apart, so it never stands in for HEAD's figure

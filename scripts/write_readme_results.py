@@ -337,7 +337,7 @@ if pa:
 if mm and pa:  # issue 30: the training programme's goals, each met or missed as measured
     obj = pa["generated"]["objects"]
     hs_ = load("headless_stress.json") or {}
-    ab_files = sorted((R / "train_rounds").glob("ab*/summary.json"))
+    ab_rounds = {f.parent.name: json.loads(f.read_text()) for f in sorted((R / "train_rounds").glob("ab*/summary.json"))}
     goals = [("prompt agreement at 50 steps", f"{pa['agreement']:.3f} ({pa['n_videos']} videos)", ">= 0.6",
               pa["agreement"] >= 0.6),
              ("object motion direction right", pct(obj["direction_ok"]), ">= 60 %", obj["direction_ok"] >= 0.6),
@@ -354,17 +354,16 @@ if mm and pa:  # issue 30: the training programme's goals, each met or missed as
             "above shows the prompts' colours, not their shapes and motions, so *samples recognisable* is not met "
             "either.", "", "| goal | committed model | target | |", "|---|---|---|---|"]
     out += [f"| {g} | {v} | {t} | {'met' if ok else '**missed**'} |" for g, v, t, ok in goals]
-    out += ["", f"Recipe A/B rounds so far: {len(ab_files)} ("
-            + "; ".join(f"`{f.parent.name}`: " + re.split(r"\. |;", json.loads(f.read_text()).get("verdict") or "no verdict yet")[0]
-                        for f in ab_files)
+    i2v_rounds = [ab for ab in ab_rounds.values() if "i2v" in ab["arms"]]
+    out += ["", f"Recipe A/B rounds so far: {len(ab_rounds)} ("
+            + "; ".join(f"`{name}`: " + re.split(r"\. |;", ab.get("verdict") or "no verdict yet")[0]
+                        for name, ab in ab_rounds.items())
             + "); every arm with its measures is in the model card and `results/train_rounds/`. The image-to-video "
             "arm (`difftrack.mini.to_image_to_video`, `scripts/train_mini.py --i2v`, arm `i2v` of "
             "`scripts/ab_round.py`) is built and tested on the CPU and "
             + (("trained in " + ", ".join(f"`{ab['name']}` ({ab['arms']['i2v']['minutes']:.1f} minutes, "
                                           f"{ab['arms']['i2v']['steps']} steps)" for ab in i2v_rounds)
-                + "; no image-to-video model is committed.") if (i2v_rounds := [
-                    ab for ab in map(lambda f: json.loads(f.read_text()), ab_files) if "i2v" in ab["arms"]])
-               else "not yet trained.")]
+                + "; no image-to-video model is committed.") if i2v_rounds else "not yet trained.")]
     sessions = (load("train_rounds/rounds.json") or {}).get("sessions", [])
     if sessions:
         out += ["", "Programme sessions (`results/train_rounds/rounds.json`, `sessions`, with where each session's "
@@ -375,7 +374,7 @@ st = load("headless_stress.json")
 if st and st.get("main_job_fresh_clone_s"):
     out += ["### Headless main job (issue 14)",
             f"`bash scripts/lab.sh run` on a fresh clone, set-up included, on the 2-core CPU: "
-            f"**{st['main_job_fresh_clone_s']:.0f} s** at commit {st['main_job_fresh_clone_note'].split('commit ')[1][:7]}, "
+            f"**{st['main_job_fresh_clone_s']:.0f} s** at commit {st['main_job_fresh_clone_commit'][:7]}, "
             f"{st['main_job_fresh_clone_date'][:10]} (goal <= 300 s; `results/headless_stress.json`, which also "
             "records 10 headless papermill runs of each notebook at the stored defaults with their stalls and "
             "slowest cells)."
@@ -566,16 +565,19 @@ if wans:  # issue 31: full-size random-weight Wan through the library's public e
                                         for n, m in wans.items()) + " | goal |",
             "|---|" + "---|" * len(wans) + "---|"]
 
-    def _cell(m, key, fmt="{:.3f}"):
+    def _cell(m, key):
         g = m.get("goals", {}).get(key)
-        return "-" if not g else fmt.format(g["value"]) + (" ✓" if g["met"] else " ✗")
+        return "-" if not g else f"{g['value']:.3f}" + (" ✓" if g["met"] else " ✗")
 
-    ex_ = lambda m: m.get("exactness", {})  # noqa: E731
+    def _cag_blocks_over_cfg(first: int, n: int) -> float:
+        """A CAG step over a CFG step counting blocks alone: batch 2 before the first CAG layer, 3 from it on."""
+        return (first * 2 + (n - first) * 3) / (2 * n)
+
+    first_wan = next(iter(wans.values()))
     out.append("| capture exactness, max output difference in bf16 (layers "
-               + str(next(iter(ex_(next(iter(wans.values()))).values()), {}).get("layers")) + ", every expert) | "
-               + " | ".join(", ".join(f"{e}: {v['capture_max_abs_diff']:g}" for e, v in ex_(m).items()
-                                      if isinstance(v, dict) and "capture_max_abs_diff" in v) or "-"
-                            for m in wans.values()) + " | 0 |")
+               + str(first_wan["settings"]["capture_layers"]) + ", every expert) | "
+               + " | ".join(", ".join(f"{e}: {v['capture_max_abs_diff']:g}" for e, v in m.get("exactness", {}).items()
+                                      if "capture_max_abs_diff" in v) or "-" for m in wans.values()) + " | 0 |")
     out.append("| plain CFG step, s | " + " | ".join(f"{m['analysis']['plain_s_per_step']:.2f}" if m.get("analysis")
                                                      else "-" for m in wans.values()) + " | |")
     out.append("| `analyze_generation` (every layer and step) / plain generation, 50 steps | "
@@ -594,15 +596,16 @@ if wans:  # issue 31: full-size random-weight Wan through the library's public e
     cag_layers = {n: m["cag"]["layers"] for n, m in wans.items() if m.get("cag")}
     missed = [f"{k} of {n} ({g['value']:.3f}, goal {g['target']})" for n, m in wans.items()
               for k, g in m.get("goals", {}).items() if g.get("met") is False]
-    out += ["", ("**Missed: " + "; ".join(missed) + ".** " if missed else "All measured goals met. ")
-            + (f"CAG layers {(cl := next(iter(cag_layers.values())))} (no layers are selected for Wan, whose weights "
-               "here are random: CogVideoX-5B's at the same relative depth), shared prefix: the blocks from the first "
-               f"CAG layer on run at batch 3 instead of 2, so counting blocks alone a CAG step costs "
-               f"({cl[0]} x 2 + {(nl := next(iter(wans.values()))['config']['transformer']['num_layers']) - cl[0]} x 3) "
-               f"/ ({nl} x 2) = {(cl[0] * 2 + (nl - cl[0]) * 3) / (2 * nl):.3f} a CFG step, which the measured ratio matches; "
-               "with this design the goal needs the first CAG layer at block "
-               f"{next(l0 for l0 in range(nl) if (l0 * 2 + (nl - l0) * 3) / (2 * nl) <= 1.3)} or later. "
-               if cag_layers else "")
+    cag_note = ""
+    if cag_layers:
+        cl, nl = next(iter(cag_layers.values())), first_wan["config"]["transformer"]["num_layers"]
+        cag_note = (f"CAG layers {cl} (no layers are selected for Wan, whose weights here are random: CogVideoX-5B's "
+                    "at the same relative depth), shared prefix: the blocks from the first CAG layer on run at batch "
+                    f"3 instead of 2, so counting blocks alone a CAG step costs ({cl[0]} x 2 + {nl - cl[0]} x 3) / "
+                    f"({nl} x 2) = {_cag_blocks_over_cfg(cl[0], nl):.3f} a CFG step, which the measured ratio "
+                    "matches; with this design the goal needs the first CAG layer at block "
+                    f"{next(f for f in range(nl) if _cag_blocks_over_cfg(f, nl) <= 1.3)} or later. ")
+    out += ["", ("**Missed: " + "; ".join(missed) + ".** " if missed else "All measured goals met. ") + cag_note
             + ("**Not measured on an " + " or ".join(missing) + "**: the goals hold on both cards, and no "
                + " or ".join(missing) + " ran these models." if missing else ""), ""]
 readme = (ROOT / "README.md").read_text()
