@@ -72,10 +72,16 @@ if args.cpu_forward == "only":
     load_before = os.getloadavg()[0]  # other work on the machine slows this timing down: record it
     fmin, fmed = cpu_forward_seconds(mini.load_default())
     res = json.loads(Path(args.out).read_text())
+    if res.get("cpu_forward_s_cfg2") is not None:  # the machine's speed varies from day to day: keep earlier timings
+        res.setdefault("cpu_forward_history", []).append({k: res.get(k) for k in (
+            "cpu_forward_s_cfg2", "cpu_forward_s_cfg2_median", "cpu_forward_commit", "cpu_forward_load_avg_1min",
+            "cpu_forward_date", "cpu_forward_note")})
+        res.pop("cpu_forward_note", None)  # it spoke of the timing now in the history
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
     res.update(cpu_forward_s_cfg2=round(fmin, 3), cpu_forward_s_cfg2_median=round(fmed, 3), cpu=cpu,
                cpu_threads=torch.get_num_threads(), cpu_forward_torch=torch.__version__,
-               cpu_forward_commit=git_commit(), cpu_forward_load_avg_1min=round(load_before, 2))
+               cpu_forward_commit=git_commit(), cpu_forward_load_avg_1min=round(load_before, 2),
+               cpu_forward_date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     sys.exit(0)

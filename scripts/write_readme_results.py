@@ -361,7 +361,8 @@ if mm and pa:  # issue 30: the training programme's goals, each met or missed as
             + "); every arm with its measures is in the model card and `results/train_rounds/`. The image-to-video "
             "arm (`difftrack.mini.to_image_to_video`, `scripts/train_mini.py --i2v`, arm `i2v` of "
             "`scripts/ab_round.py`) is built and tested on the CPU and "
-            + (("trained in " + ", ".join(f"`{ab['name']}` ({ab['arms']['i2v']['minutes']:.1f} minutes, "
+            + (("trained in " + ", ".join(f"`{ab['name']}` ({'continued: ' if ab.get('resumed_from') else ''}"
+                                          f"{ab['arms']['i2v']['minutes']:.1f} minutes, "
                                           f"{ab['arms']['i2v']['steps']} steps)" for ab in i2v_rounds)
                 + "; no image-to-video model is committed.") if i2v_rounds else "not yet trained.")]
     sessions = (load("train_rounds/rounds.json") or {}).get("sessions", [])
