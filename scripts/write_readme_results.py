@@ -372,6 +372,22 @@ if mm and pa:  # issue 30: the training programme's goals, each met or missed as
                                           f"{ab['arms']['i2v']['minutes']:.1f} minutes, "
                                           f"{ab['arms']['i2v']['steps']} steps)" for ab in i2v_rounds)
                 + "; no image-to-video model is committed.") if i2v_rounds else "not yet trained.")]
+    tr = load("train_rounds/trend.json")
+    if tr:  # the committed recipe's matching against its GPU minutes, and where the trend meets the goals
+        fh, fo = tr["fits"]["qk_half"], tr["fits"]["qk_one"]
+        p0, p1 = tr["points"][0], tr["points"][-1]
+        over = all(f["last_left_out"]["predicted"] > f["last_left_out"]["measured"] for f in (fh, fo))
+        out += ["", f"Trend of the text-to-video recipe (`scripts/training_trend.py`, `results/train_rounds/trend.json`, "
+                f"{len(tr['points'])} points from {p0['label']} at {p0['minutes']:g} GPU minutes to {p1['label']} at "
+                f"{p1['minutes']:g}): held-out query-key grows by {fh['points_per_doubling']:.1f} points (half a token) and "
+                f"{fo['points_per_doubling']:.1f} points (one token) per doubling of the training minutes. A log fit "
+                f"reaches {fh['goal']} at about {fh['total_minutes_to_goal']:.0f} minutes "
+                f"({fh['more_minutes_to_goal']:.0f} more) and {fo['goal']} at about {fo['total_minutes_to_goal']:.0f} "
+                f"({fo['more_minutes_to_goal']:.0f} more, {fo['sessions_of_training']} sessions of "
+                f"{tr['session_training_minutes']} training minutes). Fitted without the newest point, it predicted "
+                f"{fh['last_left_out']['predicted']:.3f} / {fo['last_left_out']['predicted']:.3f} for it, measured "
+                f"{fh['last_left_out']['measured']:.3f} / {fo['last_left_out']['measured']:.3f}"
+                + (": the growth slows faster than the fit, so these minutes are optimistic." if over else ".")]
     sessions = (load("train_rounds/rounds.json") or {}).get("sessions", [])
     if sessions:
         out += ["", "Programme sessions (`results/train_rounds/rounds.json`, `sessions`, with where each session's "
