@@ -31,8 +31,12 @@ p.add_argument("--out", default="results/mini_model.json")
 p.add_argument("--device", default="cpu")
 p.add_argument("--weights", help="a saved pipeline folder to evaluate instead of the committed weights")
 p.add_argument("--cpu-forward", choices=["measure", "skip", "only"], default="measure",
-               help="time one CFG-batch-2 forward on this machine's CPU (skip on a GPU box; 'only' merges it into --out)")
+               help="time one CFG-batch-2 forward of the evaluated weights (--weights, else the committed model) on this "
+                    "machine's CPU (skip on a GPU box; 'only' merges it into --out)")
 args = p.parse_args()
+if args.cpu_forward == "only" and args.weights and Path(args.out).resolve() == Path("results/mini_model.json").resolve():
+    p.error(f"--cpu-forward only --weights {args.weights}: --out {args.out} is the committed model's record; "
+            "pass another --out (an existing JSON file the timing is merged into)")
 
 
 def evaluate(pipe, n):
@@ -54,7 +58,7 @@ def evaluate(pipe, n):
 
 
 def cpu_forward_seconds(pipe, reps=3):
-    x = torch.randn(2, mini.FRAMES, 12, mini.HEIGHT // 2, mini.WIDTH // 2)
+    x = torch.randn(2, mini.FRAMES, pipe.transformer.config.in_channels, mini.HEIGHT // 2, mini.WIDTH // 2)  # i2v: 24
     e = torch.randn(2, mini.TEXT_LEN, pipe.transformer.config.text_embed_dim)
     t = torch.tensor([500, 500])
     with torch.no_grad():
@@ -70,7 +74,7 @@ def cpu_forward_seconds(pipe, reps=3):
 t0 = time.time()
 if args.cpu_forward == "only":
     load_before = os.getloadavg()[0]  # other work on the machine slows this timing down: record it
-    fmin, fmed = cpu_forward_seconds(mini.load_default())
+    fmin, fmed = cpu_forward_seconds(mini.load_default(weights=args.weights))
     res = json.loads(Path(args.out).read_text())
     if res.get("cpu_forward_s_cfg2") is not None:  # the machine's speed varies from day to day: keep earlier timings
         res.setdefault("cpu_forward_history", []).append({k: res.get(k) for k in (
@@ -81,7 +85,8 @@ if args.cpu_forward == "only":
     res.update(cpu_forward_s_cfg2=round(fmin, 3), cpu_forward_s_cfg2_median=round(fmed, 3), cpu=cpu,
                cpu_threads=torch.get_num_threads(), cpu_forward_torch=torch.__version__,
                cpu_forward_commit=git_commit(), cpu_forward_load_avg_1min=round(load_before, 2),
-               cpu_forward_date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+               cpu_forward_date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               **({"cpu_forward_weights": args.weights} if args.weights else {}))
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     sys.exit(0)
@@ -89,7 +94,7 @@ pipe = (mini.MiniVideoPipeline.from_pretrained(args.weights, dtype=torch.float32
         else mini.load_default()).to(args.device)
 trained, n_pts = evaluate(pipe, args.videos)
 untrained, _ = evaluate(mini.build_untrained(0).to(args.device), args.videos)
-fmin, fmed = cpu_forward_seconds(mini.load_default()) if args.cpu_forward == "measure" else (float("nan"),) * 2
+fmin, fmed = cpu_forward_seconds(mini.load_default(weights=args.weights)) if args.cpu_forward == "measure" else (float("nan"),) * 2
 L = int(np.argmax(trained["qk_half"]))
 sched = pipe.scheduler
 sched.set_timesteps(args.steps)
