@@ -87,14 +87,14 @@ def trend(pts: list[dict]) -> dict:
         a, b = fit_log(m, v)
         a1, b1 = fit_log(m[:-1], v[:-1])
         need = minutes_to_reach(a, b, goal)
+        more = need - m[-1] if math.isfinite(need) else None  # None: the fit never reaches the goal
         out[key] = dict(goal=goal, a=round(a, 5), b_per_ln_minute=round(b, 5),
                         points_per_doubling=round(100 * b * math.log(2), 2),
                         residual_max=round(float(max(abs(a + b * math.log(x) - y) for x, y in zip(m, v))), 4),
                         last_left_out=dict(predicted=round(a1 + b1 * math.log(m[-1]), 4), measured=v[-1]),
-                        total_minutes_to_goal=round(need, 1) if math.isfinite(need) else None,
-                        more_minutes_to_goal=round(need - m[-1], 1) if math.isfinite(need) else None,
-                        sessions_of_training=(math.ceil(max(0.0, need - m[-1]) / SESSION_TRAIN_MINUTES)
-                                              if math.isfinite(need) else None))
+                        total_minutes_to_goal=None if more is None else round(need, 1),
+                        more_minutes_to_goal=None if more is None else round(more, 1),
+                        sessions_of_training=None if more is None else math.ceil(max(0.0, more) / SESSION_TRAIN_MINUTES))
     return out
 
 
